@@ -1,0 +1,49 @@
+"""Loading checkpoint files without executing code.
+
+Every checkpoint is read with ``torch.load(weights_only=True)``. Official SimMIM checkpoints pickle
+their yacs ``CfgNode`` config; the weights-only unpickler cannot rebuild that class, so it is read
+as a plain ``OrderedDict`` through an explicit alias (the only non-tensor class we admit). Any other
+pickled object makes the load fail with a message, and its code never runs.
+"""
+import collections
+import os
+import pickle
+
+import torch
+
+# Classes official checkpoints pickle, mapped to the harmless type that stands in for them.
+_ALLOWED_ALIASES = [(collections.OrderedDict, 'yacs.config.CfgNode')]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used; the message names the file and the fix."""
+
+
+def load_checkpoint_file(path, purpose='checkpoint'):
+    """Return the object stored in `path`, read on the CPU with weights_only=True.
+
+    `purpose` names the flag or key the path came from, for the error message.
+    """
+    if not path:
+        raise CheckpointError(f"No {purpose} path given.")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{purpose}: file not found: {path}. Check the path.")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{purpose}: {path} is empty (0 bytes), probably left by a write "
+                              f"that was interrupted. Use an earlier checkpoint.")
+    try:
+        with torch.serialization.safe_globals(_ALLOWED_ALIASES):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [l for l in str(e).splitlines() if 'global' in l.lower() or 'Unpickler' in l]
+        first_line = lines[0].strip() if lines else 'unsupported pickled object'
+        raise CheckpointError(
+            f"{purpose}: refused to load {path}: it contains a pickled object that is neither a "
+            f"tensor, a container of tensors and numbers, nor an official SimMIM config, so "
+            f"loading it could run arbitrary code. ({first_line}) Re-save the weights alone "
+            f"(e.g. torch.save({{'model': state_dict}}, path)) from a trusted environment.") from None
+    except Exception as e:  # truncated zip, plain text, old format with garbage, ...
+        raise CheckpointError(
+            f"{purpose}: {path} is not a readable PyTorch checkpoint (truncated or not a "
+            f"checkpoint at all: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"Use an earlier checkpoint or re-download the file.") from None
