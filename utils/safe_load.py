@@ -35,15 +35,22 @@ def load_checkpoint_file(path, purpose='checkpoint'):
         with torch.serialization.safe_globals(_ALLOWED_ALIASES):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [l for l in str(e).splitlines() if 'global' in l.lower() or 'Unpickler' in l]
-        first_line = lines[0].strip() if lines else 'unsupported pickled object'
+        blocked = [line.strip() for line in str(e).splitlines() if 'GLOBAL' in line]
+        if not blocked:  # garbage the unpickler choked on, not a forbidden object
+            raise _unreadable(path, purpose, e) from None
+        first_line = blocked[0]
         raise CheckpointError(
             f"{purpose}: refused to load {path}: it contains a pickled object that is neither a "
             f"tensor, a container of tensors and numbers, nor an official SimMIM config, so "
             f"loading it could run arbitrary code. ({first_line}) Re-save the weights alone "
             f"(e.g. torch.save({{'model': state_dict}}, path)) from a trusted environment.") from None
     except Exception as e:  # truncated zip, plain text, old format with garbage, ...
-        raise CheckpointError(
-            f"{purpose}: {path} is not a readable PyTorch checkpoint (truncated or not a "
-            f"checkpoint at all: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            f"Use an earlier checkpoint or re-download the file.") from None
+        raise _unreadable(path, purpose, e) from None
+
+
+def _unreadable(path, purpose, error):
+    detail = str(error).splitlines()[0] if str(error) else ''
+    return CheckpointError(
+        f"{purpose}: {path} is not a readable PyTorch checkpoint (truncated or not a checkpoint "
+        f"at all: {type(error).__name__}: {detail}). Use an earlier checkpoint or re-download "
+        f"the file.")

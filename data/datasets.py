@@ -1,0 +1,156 @@
+"""Image-folder dataset and the wrappers that make each training sample a pure function of
+(seed, epoch, index)."""
+import logging
+import os
+
+import torch
+from PIL import Image
+
+from .seeding import sample_seed, seeded_global_rngs
+from .transforms import to_rgb
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.pgm', '.pbm', '.bmp', '.tif', '.tiff', '.webp',
+                  '.gif')
+logger = logging.getLogger('simmim.data')
+
+_skipped_paths = set()  # unreadable files met by this process (each worker has its own)
+
+
+class BadImageError(RuntimeError):
+    """An image file that cannot be decoded (with DATA.ON_BAD_IMAGE error)."""
+
+
+def _expected_layout(root, problem):
+    return (f"{problem}: {root}. Expected a folder of images: class sub-folders "
+            f"(ROOT/CLASS/NAME.jpg, one class per sub-folder) or image files directly "
+            f"(ROOT/NAME.jpg), searched recursively, with extensions {' '.join(IMG_EXTENSIONS)}. "
+            f"Fix: pass the right folder with --data-path DIR (DATA.DATA_PATH), or use the built-in "
+            f"dataset with --opts DATA.DATASET synthetic.")
+
+
+def _is_image(name):
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith('.')
+
+
+def _scan_images(folder):
+    """Sorted paths of the image files under `folder`, recursively (hidden entries skipped)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+    return found
+
+
+def load_image(path):
+    """The image at `path` as RGB, fully decoded (so a truncated file fails here, not later)."""
+    with open(path, 'rb') as f:
+        img = Image.open(f)
+        img.load()  # PIL decodes lazily; ImageFile.LOAD_TRUNCATED_IMAGES stays False
+    return to_rgb(img)
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images under `root`, returned as (PIL RGB image, label).
+
+    Layouts: class sub-folders (labels = index in the sorted class list; sub-folders without images
+    are left out), or images directly in `root` (every file under it gets label 0 and `classes` is
+    empty; pre-training needs no classes). Files that cannot be decoded are, with
+    on_bad_image='skip', replaced by the next readable image (with a warning on logger
+    'simmim.data'), or with 'error' raise BadImageError.
+    """
+
+    def __init__(self, root, on_bad_image='skip'):
+        if on_bad_image not in ('skip', 'error'):
+            raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}.")
+        root = os.path.expanduser(root)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(_expected_layout(root, 'Data folder not found'))
+        self.root, self.on_bad_image = root, on_bad_image
+        self.classes, self.samples = [], []
+        with os.scandir(root) as entries:
+            entries = sorted(entries, key=lambda e: e.name)
+        if any(e.is_file() and _is_image(e.name) for e in entries):
+            self.samples = [(path, 0) for path in _scan_images(root)]
+        else:
+            for entry in entries:
+                if not entry.is_dir() or entry.name.startswith('.'):
+                    continue
+                paths = _scan_images(entry.path)
+                if paths:
+                    self.samples += [(path, len(self.classes)) for path in paths]
+                    self.classes.append(entry.name)
+        if not self.samples:
+            raise FileNotFoundError(_expected_layout(root, 'No images found in data folder'))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        if not -len(self.samples) <= index < len(self.samples):
+            raise IndexError(f"index {index} out of range for {len(self.samples)} images")
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                return load_image(path), label
+            except Exception as err:  # PIL raises many exception types for broken files
+                if self.on_bad_image == 'error':
+                    raise BadImageError(
+                        f"Cannot read image {path}: {type(err).__name__}: {err}. Fix or remove the "
+                        f"file, or skip unreadable images with a warning: --opts DATA.ON_BAD_IMAGE "
+                        f"skip.") from err
+                _skipped_paths.add(path)
+                logger.warning("Skipping unreadable image %s (%s: %s); using the next image "
+                               "instead. %d unreadable image(s) skipped so far in this process.",
+                               path, type(err).__name__, err, len(_skipped_paths))
+        raise BadImageError(f"None of the {len(self.samples)} images under {self.root} can be read.")
+
+
+def _split_key(key):
+    """(epoch, index) from a sampler key; a plain index means epoch 0."""
+    if isinstance(key, (tuple, list)):
+        epoch, index = key
+        return int(epoch), int(index)
+    return 0, int(key)
+
+
+class SeededTransformDataset(torch.utils.data.Dataset):
+    """(transform(image), label) from `base`, the random transform seeded by (seed, epoch, index).
+
+    Keys are (epoch, index) tuples (see data.sampler) or plain indices (epoch 0), so a sample is the
+    same in any worker, on any rank and after a resume; the global RNGs are left as they were.
+    """
+
+    def __init__(self, base, transform, seed=0):
+        self.base, self.transform, self.seed = base, transform, seed
+
+    @property
+    def classes(self):
+        return self.base.classes
+
+    def __len__(self):
+        return len(self.base)
+
+    def _transformed(self, key):
+        epoch, index = _split_key(key)
+        img, label = self.base[index]
+        with seeded_global_rngs(sample_seed(self.seed, epoch, index, 'augment')):
+            img = self.transform(img)
+        return img, label, epoch, index
+
+    def __getitem__(self, key):
+        img, label, _, _ = self._transformed(key)
+        return img, label
+
+
+class MaskedImageDataset(SeededTransformDataset):
+    """Pre-training samples (image tensor, mask, label); the mask is drawn from its own generator
+    seeded by (seed, epoch, index), independent of the image augmentation."""
+
+    def __init__(self, base, transform, mask_generator, seed=0):
+        super().__init__(base, transform, seed)
+        self.mask_generator = mask_generator
+
+    def __getitem__(self, key):
+        img, label, epoch, index = self._transformed(key)
+        mask_rng = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index, 'mask'))
+        return img, self.mask_generator(mask_rng), label

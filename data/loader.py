@@ -1,0 +1,149 @@
+"""`build_loader`: datasets, samplers and DataLoaders for pre-training and fine-tuning."""
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.data import Mixup
+
+from config import ConfigError
+from .datasets import ImageFolderDataset, MaskedImageDataset, SeededTransformDataset
+from .masking import build_mask_generator
+from .sampler import EvalDistributedSampler, ResumableDistributedSampler
+from .seeding import sample_seed
+from .synthetic import SyntheticShapes
+from .transforms import build_finetune_transform, build_pretrain_transform
+
+
+def rank_and_world_size():
+    """(rank, world size) from torch.distributed when initialised, else RANK/WORLD_SIZE, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+
+
+def seed_worker(worker_id):
+    """Seed a worker's global RNGs from its torch seed (loader generator + worker id), for anything
+    drawn outside the per-sample seeding."""
+    seed = torch.initial_seed()
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _image_folder(config, subfolder=''):
+    data = config.DATA
+    if not data.DATA_PATH:
+        raise ConfigError(f"DATA.DATA_PATH is empty but DATA.DATASET is '{data.DATASET}': pass "
+                          f"--data-path DIR (a folder of images) or use the built-in dataset with "
+                          f"--opts DATA.DATASET synthetic.")
+    return ImageFolderDataset(os.path.join(data.DATA_PATH, subfolder), data.ON_BAD_IMAGE)
+
+
+def _synthetic(config, split):
+    syn = config.DATA.SYNTHETIC
+    num_images = syn.TRAIN_SIZE if split == 'train' else syn.VAL_SIZE
+    return SyntheticShapes(num_images, syn.NUM_CLASSES, config.DATA.IMG_SIZE, syn.SEED, split)
+
+
+def _check_batch_size(config, sampler):
+    per_rank = sampler.num_samples  # this rank's training samples per epoch
+    if config.DATA.BATCH_SIZE > per_rank:
+        raise ConfigError(
+            f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is larger than each process's share of the "
+            f"training data ({sampler.dataset_len} images over world size {sampler.num_replicas} = "
+            f"{per_rank} per process), so drop_last would leave no batch. Lower --batch-size to at "
+            f"most {per_rank}, or use more data (DATA.SYNTHETIC.TRAIN_SIZE for the synthetic set).")
+
+
+def _check_classes(config, train_set, val_set):
+    train_classes, val_classes = list(train_set.classes), list(val_set.classes)
+    if not train_classes:
+        raise ValueError(f"Fine-tuning needs class sub-folders (DATA_PATH/train/CLASS/NAME.jpg), "
+                         f"but {train_set.root} holds images directly.")
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise ValueError(
+            f"The train and val folders must have the same class sub-folders: train has "
+            f"{len(train_classes)}, val {len(val_classes)}; only in train: {only_train[:10]}, only "
+            f"in val: {only_val[:10]}. (Class sub-folders without images do not count.)")
+    num_classes = len(train_classes)
+    if config.MODEL.NUM_CLASSES not in (0, num_classes):
+        raise ConfigError(
+            f"MODEL.NUM_CLASSES is {config.MODEL.NUM_CLASSES} but the data has {num_classes} "
+            f"classes. Set --opts MODEL.NUM_CLASSES {num_classes}, or MODEL.NUM_CLASSES 0 to take "
+            f"the count from the data.")
+    return num_classes
+
+
+def _data_loader(config, dataset, sampler, rank, drop_last):
+    data = config.DATA
+    return torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=data.BATCH_SIZE, num_workers=data.NUM_WORKERS,
+        pin_memory=data.PIN_MEMORY and torch.cuda.is_available(), drop_last=drop_last,
+        persistent_workers=data.PERSISTENT_WORKERS and data.NUM_WORKERS > 0,
+        worker_init_fn=seed_worker,
+        # Its own generator: worker seeds do not consume (or depend on) the training RNG.
+        generator=torch.Generator().manual_seed(sample_seed(config.SEED, 0, rank, 'loader')),
+    )
+
+
+def build_loader(config, logger=None, is_pretrain=True):
+    """Pre-training: (dataset_train, data_loader_train), batches [img (B,3,H,W) float,
+    mask (B,H/p,W/p) int64 with 1 = masked, label (B,) int64].
+
+    Fine-tuning: (dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn,
+    num_classes), batches [img (B,3,H,W), label (B,)]; mixup_fn is a timm Mixup or None.
+    """
+    logger = logger or logging.getLogger('simmim.data')
+    rank, world_size = rank_and_world_size()
+    synthetic = config.DATA.DATASET == 'synthetic'
+    source = 'the synthetic dataset' if synthetic else config.DATA.DATA_PATH
+
+    if is_pretrain:
+        base = _synthetic(config, 'train') if synthetic else _image_folder(config)
+        if {'train', 'val'} <= set(base.classes):
+            logger.warning(f"DATA.DATA_PATH {config.DATA.DATA_PATH} holds train/ and val/ "
+                           f"sub-folders, so pre-training reads both (every image under it). "
+                           f"Pass DATA_PATH/train to pre-train on the training split only.")
+        sampler = ResumableDistributedSampler(len(base), world_size, rank, True, config.SEED)
+        _check_batch_size(config, sampler)
+        mask_generator = build_mask_generator(config)
+        dataset_train = MaskedImageDataset(base, build_pretrain_transform(config), mask_generator,
+                                           config.SEED)
+        logger.info(f"Pre-training data: {len(base)} images from {source}; {mask_generator}")
+        return dataset_train, _data_loader(config, dataset_train, sampler, rank, drop_last=True)
+
+    if synthetic:
+        train_base, val_base = _synthetic(config, 'train'), _synthetic(config, 'val')
+    else:
+        train_base, val_base = _image_folder(config, 'train'), _image_folder(config, 'val')
+    num_classes = _check_classes(config, train_base, val_base)
+    train_sampler = ResumableDistributedSampler(len(train_base), world_size, rank, True, config.SEED)
+    _check_batch_size(config, train_sampler)
+    dataset_train = SeededTransformDataset(train_base, build_finetune_transform(config, True),
+                                           config.SEED)
+    dataset_val = SeededTransformDataset(val_base, build_finetune_transform(config, False),
+                                         config.SEED)
+    val_sampler = EvalDistributedSampler(len(val_base), world_size, rank)
+    logger.info(f"Fine-tuning data from {source}: {len(train_base)} train / {len(val_base)} val "
+                f"images, {num_classes} classes")
+
+    aug = config.AUG
+    mixup_fn = None
+    if aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None:
+        mixup_fn = Mixup(mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX,
+                         cutmix_minmax=aug.CUTMIX_MINMAX, prob=aug.MIXUP_PROB,
+                         switch_prob=aug.MIXUP_SWITCH_PROB, mode=aug.MIXUP_MODE,
+                         label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=num_classes)
+        if config.DATA.BATCH_SIZE % 2:  # timm Mixup mixes each sample with its mirror in the batch
+            raise ConfigError(f"Mixup/CutMix needs an even DATA.BATCH_SIZE, got "
+                              f"{config.DATA.BATCH_SIZE}; change --batch-size, or turn them off with "
+                              f"--opts AUG.MIXUP 0 AUG.CUTMIX 0.")
+    return (dataset_train, dataset_val,
+            _data_loader(config, dataset_train, train_sampler, rank, drop_last=True),
+            _data_loader(config, dataset_val, val_sampler, rank, drop_last=False),
+            mixup_fn, num_classes)

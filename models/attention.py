@@ -1,0 +1,99 @@
+"""Attention and position-index helpers shared by the Swin, SwinV2 and ViT encoders.
+
+All attention goes through `attention`, which calls torch's fused
+`scaled_dot_product_attention` with position biases and window masks as an additive float mask.
+`eager_attention()` switches to the textbook softmax(QK^T * scale + bias) V for tests and debugging.
+"""
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_use_eager = False
+
+
+@contextlib.contextmanager
+def eager_attention(enabled=True):
+    """Within this context `attention` computes softmax(QK^T * scale + bias) V explicitly."""
+    global _use_eager
+    previous, _use_eager = _use_eager, enabled
+    try:
+        yield
+    finally:
+        _use_eager = previous
+
+
+def attention(q, k, v, bias=None, scale=None, dropout_p=0.0):
+    """softmax(q @ k^T * scale + bias) @ v.
+
+    q, k, v: (B, heads, N, head_dim); bias: additive float, broadcastable to (B, heads, N, N);
+    scale: None means head_dim ** -0.5. Returns (B, heads, N, head_dim).
+    """
+    if bias is not None:
+        bias = bias.to(q.dtype)  # SDPA wants the mask in the query's dtype (e.g. under autocast)
+    if not _use_eager:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p,
+                                              scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    weights = F.dropout(logits.softmax(dim=-1), p=dropout_p)
+    return weights @ v
+
+
+def add_qv_bias(module, dim, enabled):
+    """Give `module` zero-initialised `q_bias` and `v_bias` Parameters (dim,), or None for both."""
+    if enabled:
+        module.q_bias = nn.Parameter(torch.zeros(dim))
+        module.v_bias = nn.Parameter(torch.zeros(dim))
+    else:
+        module.q_bias = module.v_bias = None
+
+
+def qkv_with_qv_bias(x, qkv, q_bias, v_bias):
+    """The fused q/k/v projection with learnable q and v biases and a fixed zero k bias
+    (BEiT, SwinV2). x: (..., C) -> (..., 3 * C'); biases may be None (no bias at all)."""
+    bias = None
+    if q_bias is not None:
+        bias = torch.cat((q_bias, torch.zeros_like(v_bias, requires_grad=False), v_bias))
+    return F.linear(x, qkv.weight, bias)
+
+
+def relative_position_index(window_size):
+    """Index into a ((2Wh-1)(2Ww-1), heads) bias table for every pair of positions in a window.
+
+    window_size: (Wh, Ww). Returns a LongTensor (Wh*Ww, Wh*Ww).
+    """
+    wh, ww = window_size
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing='ij'))
+    coords = coords.flatten(1)  # (2, Wh*Ww)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
+    relative[:, :, 0] += wh - 1  # shift offsets to start at 0
+    relative[:, :, 1] += ww - 1
+    relative[:, :, 0] *= 2 * ww - 1  # row-major over the (2Wh-1, 2Ww-1) offset grid
+    return relative.sum(-1)
+
+
+def gather_position_bias(table, index):
+    """Look a (num_offsets, heads) bias table up at an (N, N) index: returns (heads, N, N)."""
+    n = index.shape[0]
+    # Contiguous: the fused GPU kernels need a mask with unit stride in its last dimension.
+    return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
+
+
+def register_derived_buffer(module, name, tensor):
+    """Register a buffer that is a pure function of the config (index tables, shift masks,
+    coordinate tables).
+
+    It is not saved (persistent=False), and the copy that official checkpoints carry is dropped when
+    loading, so official checkpoints load strictly and windows may change between pre-training and
+    fine-tuning.
+    """
+    module.register_buffer(name, tensor, persistent=False)
+
+    def drop_saved_copy(module, state_dict, prefix, *args):
+        state_dict.pop(prefix + name, None)
+
+    module.register_load_state_dict_pre_hook(drop_saved_copy)

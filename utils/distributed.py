@@ -1,0 +1,84 @@
+"""Process-group set-up for a single process or torchrun (NCCL on GPU, gloo on CPU)."""
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def init_distributed(local_rank=0):
+    """Join the process group torchrun describes in the environment, or run as one process.
+
+    RANK, WORLD_SIZE and LOCAL_RANK come from the environment as torchrun sets them (multi-node
+    rendezvous included); without them this is a single process and no group is created.
+    """
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    rank = int(os.environ.get('RANK', 0))
+    local_rank = int(os.environ.get('LOCAL_RANK', local_rank))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device('cuda', torch.cuda.current_device())
+    else:
+        device = torch.device('cpu')
+    if world_size > 1 and not dist.is_initialized():
+        backend = 'nccl' if device.type == 'cuda' else 'gloo'
+        dist.init_process_group(backend, init_method='env://', world_size=world_size, rank=rank,
+                                device_id=device if device.type == 'cuda' else None)
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def seed_everything(seed):
+    """Seed the global RNGs of this process (dropout, drop path, Mixup)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """Sum `tensor` over ranks in place (a no-op for a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_objects(obj):
+    """List of `obj` from every rank (just [obj] for a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj)
+        return gathered
+    return [obj]
+
+
+def cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

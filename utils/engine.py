@@ -1,0 +1,375 @@
+"""The training loop, shared by pre-training and fine-tuning.
+
+Pre-training and fine-tuning differ only in the task that turns a batch into a loss (`PretrainTask`,
+`ClassificationTask`); autocast, gradient accumulation, clipping, skipping of non-finite steps, the
+schedule, logging, checkpoints and preemption live here once.
+
+No step forces a host-device sync: loss and gradient-norm statistics accumulate on the device and
+are read every PRINT_FREQ steps, and a non-finite step is skipped inside the fused optimizer kernel
+(its `found_inf` input) rather than by an `if` on the host.
+"""
+import contextlib
+import datetime
+import math
+import resource
+import time
+
+import torch
+
+from config import amp_enabled
+from optimizer import supports_found_inf
+from utils.checkpoint import (atomic_save, build_checkpoint, capture_rng_state,
+                              epoch_checkpoint_path, find_resume_checkpoint, load_training_state,
+                              prune_step_checkpoints, step_checkpoint_path, verify_checkpoint)
+from utils.distributed import all_gather_objects, all_reduce_max, barrier
+from utils.preemption import Preempted, PreemptionHandler
+
+EXIT_NONFINITE = 3
+
+
+class NonFiniteLossError(RuntimeError):
+    exit_code = EXIT_NONFINITE
+
+
+class PretrainTask:
+    """SimMIM: the model maps (images, mask) to the reconstruction loss."""
+
+    def __call__(self, model, batch, device):
+        images, mask = batch[0], batch[1]
+        images = images.to(device, non_blocking=True)
+        mask = mask.to(device, non_blocking=True)
+        return model(images, mask), images.shape[0]
+
+
+class ClassificationTask:
+    """Fine-tuning / linear probing: (images, labels) -> criterion(model(images), targets)."""
+
+    def __init__(self, criterion, mixup_fn=None):
+        self.criterion = criterion
+        self.mixup_fn = mixup_fn
+
+    def __call__(self, model, batch, device):
+        images = batch[0].to(device, non_blocking=True)
+        targets = batch[1].to(device, non_blocking=True)
+        if self.mixup_fn is not None:
+            images, targets = self.mixup_fn(images, targets)
+        return self.criterion(model(images), targets), images.shape[0]
+
+
+def autocast_dtype(config, device):
+    """The autocast dtype for this run, or None for full precision (always None on the CPU)."""
+    if device.type != 'cuda' or not amp_enabled(config):
+        return None
+    if config.AMP_DTYPE == 'auto':
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, config.AMP_DTYPE)
+
+
+def build_grad_scaler(dtype):
+    """fp16 needs loss scaling; bf16 and fp32 do not."""
+    return torch.amp.GradScaler('cuda') if dtype == torch.float16 else None
+
+
+def peak_memory_mb(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS on Linux (KiB)
+
+
+class Trainer:
+    """Runs epochs of `task` over `data_loader`, saving and resuming exactly.
+
+    `model` may be DDP-wrapped; `model_without_ddp` is what gets saved. `after_epoch(epoch)` (e.g.
+    validation) runs after each epoch and may update `self.max_accuracy` before the checkpoint.
+    """
+
+    def __init__(self, config, model, model_without_ddp, optimizer, lr_scheduler, scaler,
+                 data_loader, task, logger, dist_info, writer=None, amp_dtype=None):
+        self.config = config
+        self.model = model
+        self.model_without_ddp = model_without_ddp
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.scaler = scaler
+        self.data_loader = data_loader
+        self.task = task
+        self.logger = logger
+        self.dist = dist_info
+        self.device = dist_info.device
+        self.writer = writer
+        self.amp_dtype = amp_dtype
+        self.accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
+        self.max_accuracy = 0.0
+        self.global_update = 0  # optimizer steps taken (skipped non-finite steps included)
+        self.skipped_total = 0
+        self.last_checkpoint = None
+        self.sampler = data_loader.sampler
+        self.sampler.set_epoch(0, start_index=0)
+        self.steps_per_epoch = len(data_loader)
+        self.params = [p for p in model_without_ddp.parameters() if p.requires_grad]
+        self._skip_in_kernel = scaler is None and supports_found_inf(optimizer)
+        self._nonfinite = _NonFiniteCounter(self.device)
+        self.preemption = PreemptionHandler()
+
+    # ------------------------------------------------------------------ resume bookkeeping
+    def train_state(self):
+        return {'global_update': self.global_update, 'skipped_total': self.skipped_total}
+
+    def load_train_state(self, state, max_accuracy):
+        self.global_update = int(state.get('global_update', 0))
+        self.skipped_total = int(state.get('skipped_total', 0))
+        self.max_accuracy = float(max_accuracy)
+
+    def resume(self):
+        """Load the checkpoint to continue from (auto-resume from OUTPUT wins over MODEL.RESUME, as
+        in the official code, so a requeued job picks up its newest file); return (epoch, step)."""
+        config, logger = self.config, self.logger
+        path, checkpoint = None, None
+        if config.TRAIN.AUTO_RESUME:
+            path, checkpoint = find_resume_checkpoint(config.OUTPUT, logger)
+            if path and config.MODEL.RESUME and path != config.MODEL.RESUME:
+                logger.warning(f'auto-resume: using {path} instead of MODEL.RESUME {config.MODEL.RESUME}')
+        if path is None and config.MODEL.RESUME:
+            path, checkpoint = config.MODEL.RESUME, verify_checkpoint(config.MODEL.RESUME)
+        if path is None:
+            logger.info(f'no checkpoint found in {config.OUTPUT}, training from the start')
+            return config.TRAIN.START_EPOCH, 0
+        epoch, step, max_accuracy, train_state = load_training_state(
+            checkpoint, self.model_without_ddp, self.optimizer, self.lr_scheduler, self.scaler,
+            logger, self.dist.rank, self.dist.world_size)
+        self.load_train_state(train_state, max_accuracy)
+        self.last_checkpoint = path
+        logger.info(f'resumed from {path}: continuing at epoch {epoch}, step {step}')
+        return epoch, step
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, start_epoch, start_step=0, after_epoch=None):
+        """Train from (start_epoch, start_step) to TRAIN.EPOCHS, checkpointing as configured."""
+        config = self.config
+        self.preemption.install()
+        try:
+            start_time = time.time()
+            for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+                self.train_epoch(epoch, start_step if epoch == start_epoch else 0)
+                if after_epoch is not None:
+                    after_epoch(epoch)
+                if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
+                    self.save_checkpoint(epoch + 1, 0, epoch_checkpoint_path(config.OUTPUT, epoch))
+            total = datetime.timedelta(seconds=int(time.time() - start_time))
+            self.logger.info(f'Training time {total}')
+        finally:
+            self.preemption.uninstall()
+
+    def train_epoch(self, epoch, start_step=0):
+        config, device = self.config, self.device
+        num_steps = self.steps_per_epoch
+        self.model.train()
+        self.sampler.set_epoch(epoch, start_index=start_step * config.DATA.BATCH_SIZE)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = _EpochStats(device)
+        epoch_start = window_start = time.perf_counter()
+        data_time = 0.0
+        window_steps = 0
+        loss_since_update = torch.zeros((), device=device)
+        data_iter = iter(self.data_loader)
+        for idx in range(start_step, num_steps):
+            fetch_start = time.perf_counter()
+            batch = next(data_iter)
+            data_time += time.perf_counter() - fetch_start
+
+            is_update = (idx + 1) % self.accumulation == 0
+            no_sync = (self.model.no_sync if self.dist.distributed and not is_update
+                       else contextlib.nullcontext)
+            with no_sync():
+                with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    loss, batch_size = self.task(self.model, batch, device)
+                scaled = loss / self.accumulation
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss = loss.detach().float()
+            stats.add_loss(loss, batch_size)
+            loss_since_update = loss_since_update + loss  # non-finite anywhere poisons the sum
+            window_steps += 1
+
+            if is_update:
+                grad_norm, skipped = self._optimizer_step(loss_since_update)
+                stats.add_update(grad_norm, skipped)
+                loss_since_update = torch.zeros((), device=device)
+                self.lr_scheduler.step_update(epoch * num_steps + idx)
+                self.global_update += 1
+                self._after_update(epoch, idx, stats)
+
+            if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
+                elapsed = time.perf_counter() - window_start
+                self._log_progress(epoch, idx, num_steps, stats, elapsed, window_steps, data_time)
+                window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
+        self.skipped_total += stats.skipped_in_epoch()
+        took = datetime.timedelta(seconds=int(time.perf_counter() - epoch_start))
+        self.logger.info(f'EPOCH {epoch} training takes {took}')
+
+    def _optimizer_step(self, loss_since_update):
+        """Clip, step unless non-finite, zero the gradients; return the pre-clip gradient norm and
+        a 0/1 device flag telling whether the step was skipped."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.config.TRAIN.CLIP_GRAD
+        if clip:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params
+                                                       if p.grad is not None], foreach=True)
+        bad = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_since_update))
+        bad = all_reduce_max(bad.to(torch.int32)).float()  # every rank skips the same steps
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # fp16: the scaler skips inf/NaN steps itself
+            self.scaler.update()
+        elif self._skip_in_kernel:
+            self.optimizer.found_inf = bad.reshape(())
+            self.optimizer.step()
+        elif not bad.item():  # optimizers without the fused kernel (e.g. LARS) pay one sync
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._nonfinite.update(bad, self.global_update)
+        return grad_norm.detach().float(), bad.reshape(())
+
+    def _after_update(self, epoch, idx, stats):
+        config = self.config
+        check_every = min(config.PRINT_FREQ, config.TRAIN.MAX_NONFINITE_STEPS)
+        if self.global_update % check_every == 0:
+            self._check_nonfinite(epoch)
+        freq = config.CHECKPOINT.STEP_FREQ
+        if freq and self.global_update % freq == 0:
+            self.save_checkpoint(epoch, idx + 1, step_checkpoint_path(config.OUTPUT, epoch, idx + 1))
+            if self.dist.is_main:
+                prune_step_checkpoints(config.OUTPUT, config.CHECKPOINT.KEEP_STEP_CKPTS)
+        if self.preemption.stop_requested():
+            path = step_checkpoint_path(config.OUTPUT, epoch, idx + 1)
+            self.save_checkpoint(epoch, idx + 1, path)
+            raise Preempted(f"Stopped by {self.preemption.signal_name} after step {idx + 1} of "
+                            f"epoch {epoch}; checkpoint written to {path}. Run the same command "
+                            f"again (TRAIN.AUTO_RESUME) or pass --resume {path} to continue.")
+
+    def _check_nonfinite(self, epoch):
+        consecutive, streak_start = self._nonfinite.read()
+        if consecutive >= self.config.TRAIN.MAX_NONFINITE_STEPS:
+            last = self.last_checkpoint or 'none written yet'
+            raise NonFiniteLossError(
+                f"{consecutive} consecutive optimizer steps (since update {streak_start}, epoch "
+                f"{epoch}) had a non-finite loss or gradient norm; each was skipped without touching "
+                f"the parameters, and TRAIN.MAX_NONFINITE_STEPS is "
+                f"{self.config.TRAIN.MAX_NONFINITE_STEPS}. Last good checkpoint: {last}. Usual "
+                f"remedies: lower TRAIN.BASE_LR or lengthen TRAIN.WARMUP_EPOCHS, keep TRAIN.CLIP_GRAD "
+                f"on, train in bfloat16 (AMP_DTYPE bfloat16) or fp32 (--disable-amp) instead of "
+                f"float16, then resume from that checkpoint.")
+
+    # ------------------------------------------------------------------ logging
+    def _log_progress(self, epoch, idx, num_steps, stats, elapsed, window_steps, data_time):
+        values = stats.read()  # the only host-device sync of the window
+        self._check_nonfinite(epoch)
+        config = self.config
+        step_time = elapsed / max(window_steps, 1)
+        stats.step_time_sum += elapsed
+        stats.step_time_count += window_steps
+        avg_time = stats.step_time_sum / max(stats.step_time_count, 1)
+        eta = datetime.timedelta(seconds=int(avg_time * (num_steps - idx - 1)))
+        lr = self.optimizer.param_groups[-1]['lr']
+        images_per_sec = window_steps * config.DATA.BATCH_SIZE * self.dist.world_size / max(elapsed, 1e-9)
+        data_fraction = data_time / max(elapsed, 1e-9)
+        memory = peak_memory_mb(self.device)
+        skipped = f'\tskipped {values["skipped"]:.0f}' if values['skipped'] else ''
+        self.logger.info(
+            f'Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t'
+            f'eta {eta} lr {lr:.6f}\t'
+            f'time {step_time:.4f} ({avg_time:.4f})\t'
+            f'loss {values["loss"]:.4f} ({values["loss_avg"]:.4f})\t'
+            f'grad_norm {values["grad_norm"]:.4f} ({values["grad_norm_avg"]:.4f})\t'
+            f'data {data_fraction:.0%}\t{images_per_sec:.1f} img/s\t'
+            f'mem {memory:.0f}MB{skipped}')
+        if self.writer is not None:
+            step = epoch * num_steps + idx
+            for name, value in (('loss', values['loss']), ('lr', lr),
+                                ('grad_norm', values['grad_norm']),
+                                ('images_per_sec', images_per_sec),
+                                ('data_wait_fraction', data_fraction),
+                                ('skipped_steps', self.skipped_total + values['skipped'])):
+                self.writer.add_scalar(f'train/{name}', value, step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, epoch, step, path):
+        """Write the state for continuing at (epoch, step). Called on every rank (RNG states are
+        gathered); rank 0 writes. A failed write raises on every rank and keeps older files."""
+        rng_states = all_gather_objects(capture_rng_state())
+        failed = torch.zeros(1, device=self.device)
+        error = None
+        if self.dist.is_main:
+            checkpoint = build_checkpoint(self.config, self.model_without_ddp, self.optimizer,
+                                          self.lr_scheduler, self.scaler, (epoch, step),
+                                          self.max_accuracy, rng_states, self.train_state())
+            try:
+                atomic_save(checkpoint, path)
+                self.logger.info(f'{path} saved')
+            except Exception as e:  # noqa: BLE001 -- re-raised below after telling the other ranks
+                error = e
+                failed.fill_(1)
+        all_reduce_max(failed)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise RuntimeError(f'Rank 0 failed to write {path}; see its log.')
+        self.last_checkpoint = path
+        barrier()
+
+
+class _NonFiniteCounter:
+    """Device-side count of consecutive skipped steps and where the streak started."""
+
+    def __init__(self, device):
+        self.consecutive = torch.zeros((), device=device)
+        self.streak_start = torch.zeros((), device=device)
+
+    def update(self, bad, update_index):
+        bad = bad.reshape(())
+        self.consecutive = (self.consecutive + bad) * bad
+        starts = (bad > 0) & (self.consecutive == 1)
+        self.streak_start = torch.where(starts, torch.full_like(self.streak_start, update_index),
+                                        self.streak_start)
+
+    def read(self):
+        consecutive, start = torch.stack([self.consecutive, self.streak_start]).tolist()
+        return int(consecutive), int(start)
+
+
+class _EpochStats:
+    """Running loss / gradient-norm statistics kept on the device until a log line reads them."""
+
+    def __init__(self, device):
+        zero = lambda: torch.zeros((), device=device)  # noqa: E731
+        self.loss_sum, self.loss_count, self.last_loss = zero(), zero(), zero()
+        self.norm_sum, self.norm_count, self.last_norm = zero(), zero(), zero()
+        self.skipped = zero()
+        self.step_time_sum, self.step_time_count = 0.0, 0
+
+    def add_loss(self, loss, batch_size):
+        finite = torch.isfinite(loss)
+        self.loss_sum += torch.where(finite, loss * batch_size, 0.0)
+        self.loss_count += finite * batch_size
+        self.last_loss = loss
+
+    def add_update(self, grad_norm, skipped):
+        finite = torch.isfinite(grad_norm)
+        self.norm_sum += torch.where(finite, grad_norm, 0.0)
+        self.norm_count += finite
+        self.skipped += skipped
+        self.last_norm = grad_norm
+
+    def read(self):
+        values = torch.stack([self.last_loss, self.loss_sum, self.loss_count, self.last_norm,
+                              self.norm_sum, self.norm_count, self.skipped]).tolist()
+        last_loss, loss_sum, loss_count, last_norm, norm_sum, norm_count, skipped = values
+        return {'loss': last_loss, 'loss_avg': loss_sum / loss_count if loss_count else math.nan,
+                'grad_norm': last_norm,
+                'grad_norm_avg': norm_sum / norm_count if norm_count else math.nan,
+                'skipped': skipped}
+
+    def skipped_in_epoch(self):
+        return int(self.skipped.item())

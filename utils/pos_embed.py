@@ -1,0 +1,85 @@
+"""Resizing position encodings of a checkpoint to a model with another window or image size.
+
+    resize_rel_pos_bias_table(table, dst_side, num_extra_tokens=0)   geometric interpolation
+    geometric_ratio(src_side, dst_side)                              its ratio q
+    geometric_positions(src_side, q)                                 its source sample positions
+    resize_abs_pos_embed(pos_embed, dst_grid, num_extra_tokens=0)    bicubic on the patch grid
+
+Relative-position-bias tables (Swin, BEiT-style ViT) hold one row per offset of a
+(2W-1) x (2W-1) grid ("side" below is 2W-1). They are resized as in BEiT / the official SimMIM
+load_pretrained (reference 6.3): the source offsets are placed at geometrically growing distances
+1, 1+q, 1+q+q^2, ... from 0 (mirrored), with q chosen so that the outermost source offset lands
+on the outermost target offset; a bicubic spline through each head's grid is then evaluated at
+the integer target offsets. Near offsets therefore keep their values and far ones are stretched.
+SciPy removed the interp2d the official code used; RectBivariateSpline(x, y, z.T, kx=3, ky=3,
+s=0) evaluated and transposed is its exact replacement (SciPy's migration guide). That spline is
+the not-a-knot bicubic interpolant, and FITPACK evaluates targets outside the source range (e.g.
++-13 when the outermost source offset is 12.99994) at the nearest end of the range.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.interpolate import RectBivariateSpline
+
+GEOMETRIC_Q_BOUNDS = (1.01, 1.5)  # bisection interval of the official code
+GEOMETRIC_Q_TOLERANCE = 1e-6
+
+
+def geometric_ratio(src_side, dst_side):
+    """q with 1 + q + ... + q^(src_side//2 - 1) ~= dst_side // 2, by the official bisection."""
+    left, right = GEOMETRIC_Q_BOUNDS
+    n = src_side // 2
+    while right - left > GEOMETRIC_Q_TOLERANCE:
+        q = (left + right) / 2.0
+        if (1.0 - q ** n) / (1.0 - q) > dst_side // 2:
+            right = q
+        else:
+            left = q
+    return q
+
+
+def geometric_positions(src_side, q):
+    """The src_side source offsets: 0 and the cumulative sums 1, 1+q, ... mirrored around 0."""
+    distances = np.cumsum(q ** np.arange(src_side // 2))
+    return np.concatenate([-distances[::-1], [0.0], distances])
+
+
+def resize_rel_pos_bias_table(table, dst_side, num_extra_tokens=0):
+    """Resize a (src_side**2 + num_extra_tokens, num_heads) table to (dst_side**2 +
+    num_extra_tokens, num_heads). The extra rows (ViT: cls-to-token, token-to-cls, cls-to-cls)
+    are kept unchanged at the end."""
+    num_rows, num_heads = table.shape
+    grid_rows = num_rows - num_extra_tokens
+    src_side = int(round(grid_rows ** 0.5))
+    if src_side * src_side != grid_rows:
+        raise ValueError(f"A relative position bias table with {num_rows} rows and "
+                         f"{num_extra_tokens} extra rows is not a square grid of offsets.")
+    if src_side == dst_side:
+        return table.clone()
+    grid, extra = table[:grid_rows], table[grid_rows:]
+    q = geometric_ratio(src_side, dst_side)
+    src_pos = geometric_positions(src_side, q)
+    half = dst_side // 2
+    dst_pos = np.arange(-half, half + 0.1, 1.0)
+    heads = []
+    for h in range(num_heads):
+        z = grid[:, h].reshape(src_side, src_side).double().cpu().numpy()
+        spline = RectBivariateSpline(src_pos, src_pos, z.T, kx=3, ky=3, s=0)
+        heads.append(torch.from_numpy(spline(dst_pos, dst_pos).T.copy()).reshape(-1))
+    resized = torch.stack(heads, dim=1).to(device=table.device, dtype=table.dtype)
+    return torch.cat([resized, extra], dim=0)
+
+
+def resize_abs_pos_embed(pos_embed, dst_grid, num_extra_tokens=0):
+    """Resize a (1, num_extra_tokens + side**2, C) absolute position embedding to the patch grid
+    dst_grid = (h, w) by bicubic interpolation; the leading extra tokens (ViT cls) are kept."""
+    extra, grid = pos_embed[:, :num_extra_tokens], pos_embed[:, num_extra_tokens:]
+    src_side = int(round(grid.shape[1] ** 0.5))
+    if src_side * src_side != grid.shape[1]:
+        raise ValueError(f"A position embedding of {grid.shape[1]} patch tokens is not a square "
+                         f"grid.")
+    dim = grid.shape[-1]
+    grid = grid.reshape(1, src_side, src_side, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(dst_grid), mode='bicubic', align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
+    return torch.cat([extra, grid], dim=1)

@@ -1,0 +1,81 @@
+"""Reconstruction grids: original | masked input | prediction | prediction pasted into the visible
+pixels, one row per image, de-normalised back to RGB."""
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision.utils import make_grid
+
+MASK_GRAY = 0.5  # masked pixels are shown mid-grey in the "masked input" column
+
+
+def denormalize(images, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+    """(B, 3, H, W) ImageNet-normalised tensors -> RGB in [0, 1]."""
+    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
+def mask_to_pixels(mask, size):
+    """(B, h, w) patch mask (1 = masked) -> (B, 1, H, W) float pixel mask for an H = `size` image."""
+    scale = size // mask.shape[-1]
+    return mask.repeat_interleave(scale, 1).repeat_interleave(scale, 2).unsqueeze(1).float()
+
+
+def reconstruction_grid(images, mask, prediction):
+    """uint8 (3, H', W') grid from normalised `images` and `prediction` (B, 3, H, W) and the patch
+    `mask` (B, h, w). Columns: original, masked input, prediction, prediction pasted."""
+    original = denormalize(images.float())
+    predicted = denormalize(prediction.float())
+    m = mask_to_pixels(mask, images.shape[-1]).to(original.device)
+    masked = original * (1 - m) + MASK_GRAY * m
+    pasted = original * (1 - m) + predicted * m
+    rows = torch.stack([original, masked, predicted, pasted], dim=1).flatten(0, 1)
+    grid = make_grid(rows.cpu(), nrow=4, padding=2, pad_value=1.0)
+    return (grid * 255).round().to(torch.uint8)
+
+
+def save_png(grid, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy().astype(np.uint8)).save(path)
+
+
+@torch.no_grad()
+def reconstruct_images(model, images, mask):
+    """The model's prediction in image (normalised-pixel) space for (images, mask)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return model.reconstruct(images, mask)
+    finally:
+        model.train(was_training)
+
+
+class ReconstructionLogger:
+    """Writes the grid of a fixed batch every VIS_FREQ epochs (and after the last epoch), as
+    OUTPUT/reconstructions/epoch_{e}.png and to TensorBoard."""
+
+    def __init__(self, config, dataset, model, device, writer=None):
+        self.config = config
+        self.model = model
+        self.writer = writer
+        count = min(config.VIS_NUM_IMAGES, len(dataset))
+        # Fixed samples: key (epoch 0, index i), so the same crops and masks every time.
+        samples = [dataset[(0, i)] for i in range(count)]
+        self.images = torch.stack([s[0] for s in samples]).to(device)
+        self.mask = torch.stack([s[1] for s in samples]).to(device)
+
+    def __call__(self, epoch, is_main=True):
+        config = self.config
+        last = epoch == config.TRAIN.EPOCHS - 1
+        if not config.VIS_FREQ or not (epoch % config.VIS_FREQ == 0 or last) or not is_main:
+            return None
+        prediction = reconstruct_images(self.model, self.images, self.mask)
+        grid = reconstruction_grid(self.images, self.mask, prediction)
+        path = os.path.join(config.OUTPUT, 'reconstructions', f'epoch_{epoch}.png')
+        save_png(grid, path)
+        if self.writer is not None:
+            self.writer.add_image('reconstruction', grid, epoch)
+        return path
