@@ -43,6 +43,13 @@ _C.DATA.ON_BAD_IMAGE = 'skip'
 # [SimMIM] masking
 _C.DATA.MASK_PATCH_SIZE = 32  # side of one mask patch in pixels (Table 1)
 _C.DATA.MASK_RATIO = 0.6  # fraction of mask patches masked (Table 1)
+# Which mask patches are masked (Table 1, Figure 2; data/masking.py): random | square | blockwise.
+_C.DATA.MASK_STRATEGY = 'random'
+# BEiT block-wise masking (MASK_STRATEGY blockwise); block sizes count mask patches.
+_C.DATA.BLOCKWISE = CN()
+_C.DATA.BLOCKWISE.MIN_PATCHES_PER_BLOCK = 0  # 0 = BEiT's minimum block, 16 patches of 16x16 px
+_C.DATA.BLOCKWISE.MAX_PATCHES_PER_BLOCK = 0  # 0 = no cap but the patches still to mask (BEiT)
+_C.DATA.BLOCKWISE.ASPECT_RATIO_RANGE = [0.3, 1 / 0.3]  # block height / width, drawn log-uniformly
 # Accepted for Swin-Transformer YAML compatibility; not used by the SimMIM loaders.
 _C.DATA.ZIP_MODE = False
 _C.DATA.CACHE_MODE = 'part'
@@ -114,6 +121,35 @@ _C.MODEL.SIMMIM = CN()
 _C.MODEL.SIMMIM.NORM_TARGET = CN()
 _C.MODEL.SIMMIM.NORM_TARGET.ENABLE = False
 _C.MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE = 47
+# Prediction head (section 3.3, Table 2; models/heads.py): linear | mlp | inverse_swin.
+_C.MODEL.SIMMIM.HEAD = CN()
+_C.MODEL.SIMMIM.HEAD.NAME = 'linear'
+_C.MODEL.SIMMIM.HEAD.MLP_HIDDEN_DIM = 0  # mlp: hidden width; 0 = the encoder's output width
+# inverse_swin: Swin stages from the encoder's feature map up, coarsest first, each but the last
+# followed by patch expanding (2x resolution, half the width); defaults: inverse Swin-T.
+_C.MODEL.SIMMIM.HEAD.INVERSE_SWIN = CN()
+_C.MODEL.SIMMIM.HEAD.INVERSE_SWIN.EMBED_DIM = 96  # width of the last (finest) stage
+_C.MODEL.SIMMIM.HEAD.INVERSE_SWIN.DEPTHS = [2, 6, 2, 2]
+_C.MODEL.SIMMIM.HEAD.INVERSE_SWIN.NUM_HEADS = [24, 12, 6, 3]
+_C.MODEL.SIMMIM.HEAD.INVERSE_SWIN.WINDOW_SIZE = 6
+_C.MODEL.SIMMIM.HEAD.INVERSE_SWIN.MLP_RATIO = 4.
+# Prediction target (section 3.4, Tables 3 and 5; models/targets.py): pixel | color_bins |
+# color_clusters.
+_C.MODEL.SIMMIM.TARGET = CN()
+_C.MODEL.SIMMIM.TARGET.NAME = 'pixel'
+# Prediction resolution IMG_SIZE / DOWNSAMPLE (Table 3: 1 ... 32): the target image is average-pooled
+# by DOWNSAMPLE and the head predicts at that resolution.
+_C.MODEL.SIMMIM.TARGET.DOWNSAMPLE = 1
+_C.MODEL.SIMMIM.TARGET.NUM_BINS = 8  # color_bins: equal-width bins per RGB channel (8 or 256)
+_C.MODEL.SIMMIM.TARGET.NUM_CLUSTERS = 512  # color_clusters: palette size (iGPT's 512)
+# color_clusters: the palette file, (NUM_CLUSTERS, 3) RGB in [0, 1] (.pt or .npy; iGPT's [-1, 1]
+# centres are accepted too), written by tools/build_color_palette.py.
+_C.MODEL.SIMMIM.TARGET.PALETTE = ''
+# Loss (Tables 4 and 5). TYPE is for the pixel target; the colour targets use cross-entropy.
+_C.MODEL.SIMMIM.LOSS = CN()
+_C.MODEL.SIMMIM.LOSS.TYPE = 'l1'  # l1 | l2 | smooth_l1
+_C.MODEL.SIMMIM.LOSS.SMOOTH_L1_BETA = 1.0  # smooth_l1: quadratic below this error
+_C.MODEL.SIMMIM.LOSS.SCOPE = 'masked'  # masked: masked pixels only (prediction); all: whole image
 
 # -----------------------------------------------------------------------------------------------
 # Training
@@ -339,6 +375,14 @@ def model_patch_size(config):
     return config.MODEL[_arch_key(config)].PATCH_SIZE
 
 
+def encoder_stride(config):
+    """Side, in pixels, of one position of the encoder's output feature map."""
+    if config.MODEL.TYPE == 'vit':
+        return config.MODEL.VIT.PATCH_SIZE
+    arch = config.MODEL[_arch_key(config)]
+    return arch.PATCH_SIZE * 2 ** (len(arch.DEPTHS) - 1)
+
+
 def _arch_key(config):
     return {'swin': 'SWIN', 'swinv2': 'SWINV2', 'vit': 'VIT'}[config.MODEL.TYPE]
 
@@ -440,6 +484,81 @@ def validate_config(config, is_pretrain=True):
         norm = config.MODEL.SIMMIM.NORM_TARGET
         _check(not norm.ENABLE or norm.PATCH_SIZE % 2 == 1,
                f"MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE must be odd, got {norm.PATCH_SIZE}.")
+        _validate_mask_strategy(config)
+        _validate_head_and_target(config)
+
+
+def _validate_mask_strategy(config):
+    from data.masking import MASK_GENERATORS  # the registry is the one list of names
+    data = config.DATA
+    _check(data.MASK_STRATEGY in MASK_GENERATORS,
+           f"DATA.MASK_STRATEGY '{data.MASK_STRATEGY}' is not one of {sorted(MASK_GENERATORS)}.")
+    if data.MASK_STRATEGY == 'square':
+        _check(data.IMG_SIZE // data.MASK_PATCH_SIZE >= 2,
+               f"DATA.MASK_STRATEGY square needs a mask grid of at least 2x2; DATA.IMG_SIZE "
+               f"{data.IMG_SIZE} / DATA.MASK_PATCH_SIZE {data.MASK_PATCH_SIZE} is 1. Use a smaller "
+               f"mask patch size.")
+    block = data.BLOCKWISE
+    aspect = list(block.ASPECT_RATIO_RANGE)
+    _check(block.MIN_PATCHES_PER_BLOCK >= 0 and block.MAX_PATCHES_PER_BLOCK >= 0,
+           "DATA.BLOCKWISE.MIN_PATCHES_PER_BLOCK and MAX_PATCHES_PER_BLOCK must be >= 0 (0: the "
+           "default).")
+    _check(len(aspect) == 2 and 0 < aspect[0] <= aspect[1],
+           f"DATA.BLOCKWISE.ASPECT_RATIO_RANGE must be [low, high] with 0 < low <= high, got "
+           f"{aspect}.")
+
+
+def _validate_head_and_target(config):
+    from models.heads import HEADS  # the registries are the one list of names
+    from models.targets import LOSS_SCOPES, REGRESSION_LOSSES, TARGETS
+    simmim = config.MODEL.SIMMIM
+    head, target, loss = simmim.HEAD, simmim.TARGET, simmim.LOSS
+    for key, value, known in (('HEAD.NAME', head.NAME, HEADS), ('TARGET.NAME', target.NAME, TARGETS),
+                              ('LOSS.TYPE', loss.TYPE, REGRESSION_LOSSES),
+                              ('LOSS.SCOPE', loss.SCOPE, LOSS_SCOPES)):
+        _check(value in known, f"MODEL.SIMMIM.{key} '{value}' is not one of {sorted(known)}.")
+    stride = encoder_stride(config)
+    divisors = [d for d in range(1, stride + 1) if stride % d == 0]
+    _check(target.DOWNSAMPLE in divisors,
+           f"MODEL.SIMMIM.TARGET.DOWNSAMPLE {target.DOWNSAMPLE} must divide the encoder stride "
+           f"{stride}: the head up-samples the feature map by stride / DOWNSAMPLE. Use one of "
+           f"{divisors}.")
+    _check(target.NUM_BINS >= 2 and target.NUM_CLUSTERS >= 2,
+           "MODEL.SIMMIM.TARGET.NUM_BINS and NUM_CLUSTERS must be >= 2.")
+    _check(target.NAME != 'color_clusters' or target.PALETTE,
+           "MODEL.SIMMIM.TARGET.PALETTE is empty but TARGET.NAME is color_clusters. Build a palette "
+           "with `python tools/build_color_palette.py --cfg FILE --output PATH` and set the key to "
+           "PATH.")
+    _check(not simmim.NORM_TARGET.ENABLE or target.NAME == 'pixel',
+           f"MODEL.SIMMIM.NORM_TARGET normalises pixel values; it cannot be combined with "
+           f"TARGET.NAME {target.NAME}. Turn NORM_TARGET.ENABLE off or use the pixel target.")
+    _check(loss.SMOOTH_L1_BETA > 0, "MODEL.SIMMIM.LOSS.SMOOTH_L1_BETA must be > 0.")
+    if head.NAME == 'inverse_swin':
+        _validate_inverse_swin(config, upscale=stride // target.DOWNSAMPLE)
+
+
+def _validate_inverse_swin(config, upscale):
+    inv = config.MODEL.SIMMIM.HEAD.INVERSE_SWIN
+    num_stages = len(inv.DEPTHS)
+    key = 'MODEL.SIMMIM.HEAD.INVERSE_SWIN'
+    _check(num_stages >= 1 and len(inv.NUM_HEADS) == num_stages,
+           f"{key}.DEPTHS {list(inv.DEPTHS)} and NUM_HEADS {list(inv.NUM_HEADS)} must have the same "
+           f"length (one entry per stage).")
+    _check(upscale % 2 ** (num_stages - 1) == 0,
+           f"The inverse_swin head doubles the resolution {num_stages - 1} times, but the prediction "
+           f"is only {upscale}x finer than the encoder's feature map (encoder stride / "
+           f"MODEL.SIMMIM.TARGET.DOWNSAMPLE). Lower TARGET.DOWNSAMPLE, use fewer stages in "
+           f"{key}.DEPTHS, or use the linear head.")
+    feature_map = config.DATA.IMG_SIZE // encoder_stride(config)
+    for i, heads in enumerate(inv.NUM_HEADS):
+        dim = inv.EMBED_DIM * 2 ** (num_stages - 1 - i)
+        resolution = feature_map * 2 ** i
+        window = min(inv.WINDOW_SIZE, resolution)
+        _check(dim % heads == 0, f"{key} stage {i} width {dim} is not divisible by NUM_HEADS[{i}] "
+                                 f"= {heads}.")
+        _check(resolution % window == 0,
+               f"{key}.WINDOW_SIZE {inv.WINDOW_SIZE} does not tile stage {i}'s {resolution}x"
+               f"{resolution} map; pick a window that divides every stage's map.")
 
 
 def _scale_learning_rates(config, world_size):

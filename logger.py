@@ -23,7 +23,7 @@ def create_logger(output_dir, dist_rank=0, name=''):
                           + colored('(%(filename)s %(lineno)d)', 'yellow')
                           + ': %(levelname)s %(message)s')
         console = logging.StreamHandler(sys.stdout)
-        console.setLevel(logging.DEBUG)
+        console.setLevel(logging.INFO)  # DEBUG details (model, parameter lists) go to the file
         console.setFormatter(logging.Formatter(console_format, datefmt=_DATE_FORMAT))
         logger.addHandler(console)
 

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from data import build_loader
 from lr_scheduler import build_scheduler
 from models import build_model
+from models.linear_probe import build_linear_probe
 from optimizer import build_optimizer
 from utils.checkpoint import atomic_save
 from utils.engine import ClassificationTask, Trainer, autocast_dtype, build_grad_scaler
@@ -62,8 +63,12 @@ def main(config, dist_info, logger, writer):
     config.MODEL.NUM_CLASSES = num_classes
     config.freeze()
 
-    model = build_model(config, is_pretrain=False).to(device)
-    logger.info(str(model))
+    if config.LINEAR_PROBE.ENABLE:
+        model = build_linear_probe(config).to(device)
+        backbone = model.encoder  # pre-trained weights go here; only model.head trains
+    else:
+        model = backbone = build_model(config, is_pretrain=False).to(device)
+    logger.debug(str(model))
     logger.info(f'number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}')
     amp_dtype = autocast_dtype(config, device)
 
@@ -82,7 +87,7 @@ def main(config, dist_info, logger, writer):
     if dist_info.distributed:
         model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None,
-            broadcast_buffers=False)
+            forward_sync_buffers=False)  # the official broadcast_buffers=False
     lr_scheduler = build_scheduler(config, optimizer, len(data_loader_train))
     task = ClassificationTask(build_criterion(config, mixup_fn), mixup_fn)
     trainer = Trainer(config, model, model_without_ddp, optimizer, lr_scheduler, scaler,
@@ -91,7 +96,7 @@ def main(config, dist_info, logger, writer):
     start_epoch, start_step = trainer.resume()
     resumed = trainer.last_checkpoint is not None
     if not resumed and config.MODEL.PRETRAINED:
-        load_pretrained(config, model_without_ddp, logger)
+        load_pretrained(config, backbone, logger)
     if config.THROUGHPUT_MODE:
         throughput(model_without_ddp, data_loader_val, device, logger)
         return

@@ -21,7 +21,7 @@ def main(config, dist_info, logger, writer):
     dataset, data_loader = build_loader(config, logger, is_pretrain=True)
 
     model = build_model(config, is_pretrain=True).to(device)
-    logger.info(str(model))
+    logger.debug(str(model))
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(f'number of params: {num_params}')
     optimizer = build_optimizer(config, model, logger, is_pretrain=True)
@@ -32,7 +32,7 @@ def main(config, dist_info, logger, writer):
     if dist_info.distributed:
         model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None,
-            broadcast_buffers=False)
+            forward_sync_buffers=False)  # the official broadcast_buffers=False
     lr_scheduler = build_scheduler(config, optimizer, len(data_loader))
 
     trainer = Trainer(config, model, model_without_ddp, optimizer, lr_scheduler, scaler,

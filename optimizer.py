@@ -22,7 +22,8 @@ Choices (reference section 5):
 - AdamW and SGD use the fused kernels whenever every parameter is a floating-point tensor on CPU
   or CUDA (else foreach). The fused kernels skip a step on device when the training loop sets
   ``optimizer.found_inf`` to a non-zero tensor, without a host sync; ``supports_found_inf`` says
-  whether that is available. LARS (timm, for linear probing) adapts only groups with weight decay.
+  whether that is available. LARS (timm, for linear probing) adapts the decay groups (weight
+  matrices) whatever the weight decay, and never the no-decay groups, as MAE's LARS.
 """
 import re
 from typing import Callable, NamedTuple
@@ -193,6 +194,10 @@ def build_optimizer(config, model, logger=None, is_pretrain=True):
         optimizer = torch.optim.SGD(groups, lr=lr, momentum=opt.MOMENTUM, nesterov=True,
                                     weight_decay=wd, **fast)
     elif name == 'lars':
+        # MAE's LARS: the trust ratio scales every weight matrix, even with weight decay 0 (the
+        # linear-probe recipe), while biases and other 1-D parameters get neither.
+        for group in groups:
+            group['always_adapt'] = not group['group_name'].endswith('no_decay')
         optimizer = Lars(groups, lr=lr, momentum=opt.MOMENTUM, weight_decay=wd)
     else:
         raise ValueError(f"TRAIN.OPTIMIZER.NAME '{opt.NAME}' is not one of adamw, sgd, lars.")

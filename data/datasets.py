@@ -14,9 +14,14 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.pgm', '.pbm', '.bmp', '.tif
 logger = logging.getLogger('simmim.data')
 
 _skipped_paths = set()  # unreadable files met by this process (each worker has its own)
+_small_images = [0]  # images smaller than the crop met by this process
 
 
-class BadImageError(RuntimeError):
+class DataError(RuntimeError):
+    """The data on disk cannot be used as configured; the message names the path and the fix."""
+
+
+class BadImageError(DataError):
     """An image file that cannot be decoded (with DATA.ON_BAD_IMAGE error)."""
 
 
@@ -59,13 +64,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     'simmim.data'), or with 'error' raise BadImageError.
     """
 
-    def __init__(self, root, on_bad_image='skip'):
+    def __init__(self, root, on_bad_image='skip', min_size=0):
         if on_bad_image not in ('skip', 'error'):
             raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}.")
         root = os.path.expanduser(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(_expected_layout(root, 'Data folder not found'))
-        self.root, self.on_bad_image = root, on_bad_image
+        self.root, self.on_bad_image, self.min_size = root, on_bad_image, min_size
         self.classes, self.samples = [], []
         with os.scandir(root) as entries:
             entries = sorted(entries, key=lambda e: e.name)
@@ -91,7 +96,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
-                return load_image(path), label
+                image = load_image(path)
             except Exception as err:  # PIL raises many exception types for broken files
                 if self.on_bad_image == 'error':
                     raise BadImageError(
@@ -102,7 +107,20 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 logger.warning("Skipping unreadable image %s (%s: %s); using the next image "
                                "instead. %d unreadable image(s) skipped so far in this process.",
                                path, type(err).__name__, err, len(_skipped_paths))
+                continue
+            self._warn_if_small(path, image)
+            return image, label
         raise BadImageError(f"None of the {len(self.samples)} images under {self.root} can be read.")
+
+
+    def _warn_if_small(self, path, image):
+        if min(image.size) >= self.min_size:
+            return
+        _small_images[0] += 1
+        if _small_images[0] == 1:  # one warning per process; the crop handles them anyway
+            logger.warning("Image %s is %dx%d, smaller than the %d-pixel crop (DATA.IMG_SIZE): its "
+                           "crops are upsampled, which blurs the reconstruction targets. Further "
+                           "small images are not reported.", path, *image.size, self.min_size)
 
 
 def _split_key(key):

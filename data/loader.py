@@ -9,7 +9,8 @@ import torch.distributed as dist
 from timm.data import Mixup
 
 from config import ConfigError
-from .datasets import ImageFolderDataset, MaskedImageDataset, SeededTransformDataset
+from utils.preemption import ignore_signals_in_worker
+from .datasets import DataError, ImageFolderDataset, MaskedImageDataset, SeededTransformDataset
 from .masking import build_mask_generator
 from .sampler import EvalDistributedSampler, ResumableDistributedSampler
 from .seeding import sample_seed
@@ -26,7 +27,9 @@ def rank_and_world_size():
 
 def seed_worker(worker_id):
     """Seed a worker's global RNGs from its torch seed (loader generator + worker id), for anything
-    drawn outside the per-sample seeding."""
+    drawn outside the per-sample seeding; leave SIGTERM/SIGINT to the main process, which stops
+    cleanly (see utils/preemption.py)."""
+    ignore_signals_in_worker()
     seed = torch.initial_seed()
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -39,7 +42,8 @@ def _image_folder(config, subfolder=''):
         raise ConfigError(f"DATA.DATA_PATH is empty but DATA.DATASET is '{data.DATASET}': pass "
                           f"--data-path DIR (a folder of images) or use the built-in dataset with "
                           f"--opts DATA.DATASET synthetic.")
-    return ImageFolderDataset(os.path.join(data.DATA_PATH, subfolder), data.ON_BAD_IMAGE)
+    return ImageFolderDataset(os.path.join(data.DATA_PATH, subfolder), data.ON_BAD_IMAGE,
+                              min_size=data.IMG_SIZE)
 
 
 def _synthetic(config, split):
@@ -61,12 +65,12 @@ def _check_batch_size(config, sampler):
 def _check_classes(config, train_set, val_set):
     train_classes, val_classes = list(train_set.classes), list(val_set.classes)
     if not train_classes:
-        raise ValueError(f"Fine-tuning needs class sub-folders (DATA_PATH/train/CLASS/NAME.jpg), "
+        raise DataError(f"Fine-tuning needs class sub-folders (DATA_PATH/train/CLASS/NAME.jpg), "
                          f"but {train_set.root} holds images directly.")
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(train_classes))
-        raise ValueError(
+        raise DataError(
             f"The train and val folders must have the same class sub-folders: train has "
             f"{len(train_classes)}, val {len(val_classes)}; only in train: {only_train[:10]}, only "
             f"in val: {only_val[:10]}. (Class sub-folders without images do not count.)")

@@ -1,20 +1,46 @@
-"""Mask generators: which model patches of an image are masked.
+"""Mask generators: which model patches of an image are masked (§3.2, Table 1, Figure 2).
 
 A generator chooses mask patches (``mask_patch_size`` pixels, 32 in the paper) on a coarse grid and
 upsamples that grid to the encoder's patch grid (``model_patch_size`` pixels, 4 for Swin, 16 for
 ViT). The two sizes are independent because SimMIM predicts raw pixels (Table 1, §3.1 of the
-reference). A new strategy is a subclass overriding `choose_mask_patches` plus an entry in
-`MASK_GENERATORS`.
+reference). Every strategy returns the same format: an int64 (input_size / model_patch_size)^2 grid,
+1 = masked, drawn only from the torch.Generator it is given, so a mask is a pure function of
+(seed, epoch, index) in the dataset.
+
+A new strategy is a subclass overriding `choose_mask_patches` (and `config_kwargs` if it has
+parameters of its own) plus an entry in `MASK_GENERATORS`; DATA.MASK_STRATEGY picks it.
 """
 import math
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from config import model_patch_size
 
 
+def upsample_mask(mask, scale):
+    """(..., h, w) -> (..., h * scale, w * scale): each cell repeated `scale` x `scale` times."""
+    return mask.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+
+
+def pixel_mask_to_patches(pixel_mask, model_patch_size):
+    """(..., H, W) pixel mask (nonzero = masked) -> (..., H/p, W/p) int64 mask at the model patch size
+    p: a patch is masked when at least half of its pixels are (for masks drawn by hand)."""
+    masked = (torch.as_tensor(pixel_mask) != 0).float()
+    pooled = F.avg_pool2d(masked.view(-1, 1, *masked.shape[-2:]), model_patch_size)
+    return (pooled >= 0.5).long().view(*masked.shape[:-2], *pooled.shape[-2:])
+
+
+def _numpy_rng(generator):
+    """A numpy Generator seeded from `generator` (torch's global RNG if None), for strategies that
+    draw many scalars; numpy's global RNG is left alone."""
+    return np.random.default_rng(int(torch.randint(0, 2 ** 62, (), generator=generator)))
+
+
 class MaskGenerator:
-    """Uniformly random masking, as in the official SimMIM code.
+    """Uniformly random patch-aligned masking, as in the official SimMIM code: ceil(ratio * N) of
+    the N mask patches.
 
     ``__call__(generator)`` returns an int64 tensor of shape
     (input_size / model_patch_size, input_size / model_patch_size), 1 = masked.
@@ -39,6 +65,11 @@ class MaskGenerator:
         self.num_masked = int(math.ceil(self.num_mask_patches * mask_ratio))
         self.output_size = self.mask_grid_size * self.scale  # model patches per side
 
+    @classmethod
+    def config_kwargs(cls, config):
+        """Constructor arguments of this strategy beyond the four common ones, from the config."""
+        return {}
+
     def choose_mask_patches(self, generator):
         """(mask_grid_size, mask_grid_size) int64 grid of mask patches, 1 = masked."""
         order = torch.randperm(self.num_mask_patches, generator=generator)
@@ -48,8 +79,7 @@ class MaskGenerator:
 
     def __call__(self, generator=None):
         """The mask at model-patch resolution, drawn from `generator` (torch's global RNG if None)."""
-        grid = self.choose_mask_patches(generator)
-        return grid.repeat_interleave(self.scale, 0).repeat_interleave(self.scale, 1)
+        return upsample_mask(self.choose_mask_patches(generator), self.scale)
 
     def __repr__(self):
         return (f"{type(self).__name__}(input_size={self.input_size}, mask_patch_size="
@@ -58,21 +88,134 @@ class MaskGenerator:
                 f"{self.output_size}x{self.output_size})")
 
 
+class SquareMaskGenerator(MaskGenerator):
+    """One square of mask patches at a uniformly random position: the central-region masking of
+    Pathak et al., relaxed to move anywhere (§3.2; Table 1 rows 0.11 (2x2), 0.25 (3x3), 0.44 (4x4)
+    on the 6x6 grid of 32-px patches).
+
+    The side s is the one whose area s^2 is closest to ratio * N (ties: the larger), kept between 1
+    and mask_grid_size - 1 so that some pixels stay visible; the masked fraction is s^2 / N.
+    """
+
+    def __init__(self, input_size=192, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6):
+        super().__init__(input_size, mask_patch_size, model_patch_size, mask_ratio)
+        grid = self.mask_grid_size
+        if grid < 2:
+            raise ValueError(f"square masking needs a mask grid of at least 2x2, but input size "
+                             f"{input_size} / mask patch size {mask_patch_size} = {grid}; use a "
+                             f"smaller mask patch size.")
+        wanted = mask_ratio * self.num_mask_patches
+        self.side = min(range(1, grid), key=lambda s: (abs(s * s - wanted), -s))
+        self.num_masked = self.side ** 2
+
+    def choose_mask_patches(self, generator):
+        top, left = torch.randint(0, self.mask_grid_size - self.side + 1, (2,),
+                                  generator=generator).tolist()
+        grid = torch.zeros(self.mask_grid_size, self.mask_grid_size, dtype=torch.int64)
+        grid[top:top + self.side, left:left + self.side] = 1
+        return grid
+
+
+class BlockwiseMaskGenerator(MaskGenerator):
+    """Block-wise masking of BEiT (§3.2, Table 1): rectangles of random area and aspect ratio are
+    added until ceil(ratio * N) mask patches are masked.
+
+    Each block: area uniform between `min_patches_per_block` and the patches still to mask (capped
+    by `max_patches_per_block`), aspect ratio h/w log-uniform in `aspect_ratio_range`,
+    h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect)), h and w smaller than the grid,
+    top-left uniform. A block is kept if it masks at least one new patch and no more than are still
+    to mask; after `max_attempts` rejected draws in a row the blocks stop, and (as in BEiT v2) the
+    count is completed with uniformly random unmasked patches, so it is exact, as for random masking.
+
+    min_patches_per_block=None keeps BEiT's minimum block of 16 16-px patches (64x64 pixels) in this
+    mask patch size; max_patches_per_block=None means no cap (BEiT's default).
+    """
+    reference_min_block_pixels = 16 * 16 * 16  # BEiT: 16 patches of 16x16 pixels
+
+    def __init__(self, input_size=192, mask_patch_size=16, model_patch_size=4, mask_ratio=0.6,
+                 min_patches_per_block=None, max_patches_per_block=None,
+                 aspect_ratio_range=(0.3, 1 / 0.3), max_attempts=10):
+        super().__init__(input_size, mask_patch_size, model_patch_size, mask_ratio)
+        if min_patches_per_block is None:
+            min_patches_per_block = max(
+                1, round(self.reference_min_block_pixels / mask_patch_size ** 2))
+        low, high = aspect_ratio_range
+        if min_patches_per_block < 1 or not 0 < low <= high:
+            raise ValueError(f"block-wise masking needs min_patches_per_block >= 1 and an aspect "
+                             f"ratio range 0 < low <= high; got {min_patches_per_block} and "
+                             f"{tuple(aspect_ratio_range)}.")
+        self.min_patches_per_block = min_patches_per_block
+        self.max_patches_per_block = max_patches_per_block or self.num_mask_patches
+        self.log_aspect_range = (math.log(low), math.log(high))
+        self.max_attempts = max_attempts
+
+    @classmethod
+    def config_kwargs(cls, config):
+        block = config.DATA.BLOCKWISE
+        return dict(min_patches_per_block=block.MIN_PATCHES_PER_BLOCK or None,
+                    max_patches_per_block=block.MAX_PATCHES_PER_BLOCK or None,
+                    aspect_ratio_range=tuple(block.ASPECT_RATIO_RANGE))
+
+    def _place_block(self, grid, rng, budget):
+        """Try to add one block masking 1..budget new patches; return (top, left, h, w) or None."""
+        side = self.mask_grid_size
+        for _ in range(self.max_attempts):
+            area = rng.uniform(*sorted((self.min_patches_per_block, budget)))  # as BEiT
+            aspect = math.exp(rng.uniform(*self.log_aspect_range))
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if not (h < side and w < side):
+                continue
+            top, left = rng.integers(0, side - h + 1), rng.integers(0, side - w + 1)
+            block = grid[top:top + h, left:left + w]
+            new = h * w - int(block.sum())
+            if 0 < new <= budget:
+                block[...] = 1
+                return int(top), int(left), h, w
+        return None
+
+    def draw_blocks(self, rng):
+        """The blocks drawn from numpy Generator `rng`, before the count is completed: (grid of mask
+        patches they cover, at most num_masked of them; list of blocks (top, left, h, w))."""
+        grid = np.zeros((self.mask_grid_size, self.mask_grid_size), dtype=np.int64)
+        blocks, count = [], 0
+        while count < self.num_masked:
+            budget = min(self.num_masked - count, self.max_patches_per_block)
+            block = self._place_block(grid, rng, budget)
+            if block is None:
+                break
+            blocks.append(block)
+            count = int(grid.sum())
+        return grid, blocks
+
+    def choose_mask_patches(self, generator):
+        rng = _numpy_rng(generator)
+        grid, _ = self.draw_blocks(rng)
+        missing = self.num_masked - int(grid.sum())
+        if missing:
+            free = np.flatnonzero(grid == 0)
+            grid.flat[rng.choice(free, missing, replace=False)] = 1
+        return torch.from_numpy(grid)
+
+
 MASK_GENERATORS = {
     'random': MaskGenerator,
+    'square': SquareMaskGenerator,
+    'blockwise': BlockwiseMaskGenerator,
 }
 
 
-def build_mask_generator(config, strategy='random'):
-    """The mask generator for a (pre-training) config.
-
-    `strategy` is a key of MASK_GENERATORS; it becomes a config key when a second strategy lands.
-    """
+def build_mask_generator(config, strategy=None, mask_patch_size=None, mask_ratio=None):
+    """The mask generator for a (pre-training) config: DATA.MASK_STRATEGY with DATA.MASK_PATCH_SIZE,
+    DATA.MASK_RATIO and the strategy's own keys; arguments given here override those three."""
+    strategy = strategy or config.DATA.MASK_STRATEGY
     if strategy not in MASK_GENERATORS:
-        raise ValueError(f"Unknown mask strategy '{strategy}'; known: {sorted(MASK_GENERATORS)}.")
-    return MASK_GENERATORS[strategy](
+        raise ValueError(f"Unknown mask strategy '{strategy}' (DATA.MASK_STRATEGY); known: "
+                         f"{sorted(MASK_GENERATORS)}.")
+    generator_class = MASK_GENERATORS[strategy]
+    return generator_class(
         input_size=config.DATA.IMG_SIZE,
-        mask_patch_size=config.DATA.MASK_PATCH_SIZE,
+        mask_patch_size=mask_patch_size or config.DATA.MASK_PATCH_SIZE,
         model_patch_size=model_patch_size(config),
-        mask_ratio=config.DATA.MASK_RATIO,
+        mask_ratio=mask_ratio or config.DATA.MASK_RATIO,
+        **generator_class.config_kwargs(config),
     )

@@ -1,19 +1,20 @@
-"""SimMIM (Xie et al., CVPR 2022): encoders with a mask token, the prediction head, the target and
-loss, and the wrapper that ties them together.
+"""SimMIM (Xie et al., CVPR 2022): encoders with a mask token and the wrapper that ties encoder,
+prediction head and target/loss together.
 
     loss = SimMIM(encoder, decoder, criterion)(x, mask)
 
 x: images (B, in_chans, H, W); mask: (B, H/p, W/p) at the model patch size p, 1 = masked.
-The decoder (`build_decoder`) and the target/loss (`build_criterion`) are separate units so that
-other heads and targets can be added as new factories without touching the encoders.
+The heads (`build_decoder`, models/heads.py) and the targets/losses (`build_criterion`,
+models/targets.py) are separate units picked from the config.
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from .heads import build_decoder  # noqa: F401  (re-exported: models.build imports it here)
 from .swin_transformer import SwinTransformer
 from .swin_transformer_v2 import SwinTransformerV2
+from .targets import MaskedPixelL1Loss, build_criterion, local_norm_target  # noqa: F401  (same)
 from .vision_transformer import VisionTransformer
 
 
@@ -92,68 +93,11 @@ class VisionTransformerForSimMIM(VisionTransformer):
 
 
 # -----------------------------------------------------------------------------------------------
-# Prediction head and target/loss
-# -----------------------------------------------------------------------------------------------
-def build_decoder(config, encoder):
-    """The paper's linear head (Sec. 3.3): a 1x1 conv to stride**2 * in_chans values per feature-map
-    position, rearranged to full resolution by PixelShuffle.
-    (B, C, H/s, W/s) -> (B, in_chans, H, W). Official code writes 3 for in_chans (same for RGB)."""
-    stride = encoder.encoder_stride
-    return nn.Sequential(
-        nn.Conv2d(encoder.num_features, stride ** 2 * encoder.in_chans, kernel_size=1),
-        nn.PixelShuffle(stride))
-
-
-def local_norm_target(x, window):
-    """Normalise each pixel and channel by the mean and unbiased std of its `window` x `window`
-    neighbourhood (zero padding excluded), as the Swin-repo SwinV2 config does (reference 3.4).
-    (B, C, H, W) -> (B, C, H, W); `window` must be odd."""
-    assert window % 2 == 1, f'the target normalisation window must be odd, got {window}'
-    pool = dict(kernel_size=window, stride=1, padding=window // 2)
-    mean = F.avg_pool2d(x, count_include_pad=False, **pool)
-    mean_of_squares = F.avg_pool2d(x ** 2, count_include_pad=False, **pool)
-    count = F.avg_pool2d(torch.ones_like(x), count_include_pad=True, **pool) * window ** 2
-    var = ((mean_of_squares - mean ** 2) * (count / (count - 1))).clamp(min=0.)
-    return (x - mean) / (var + 1e-6) ** 0.5
-
-
-class MaskedPixelL1Loss(nn.Module):
-    """l1 between prediction and target over the masked pixels only (Table 4), averaged over masked
-    pixel-channels of the whole batch.
-
-    forward(x (B, C, H, W), x_rec (B, C, H, W), mask (B, H/p, W/p)) -> scalar.
-    norm_target_window: None for raw pixels, or the odd window of `local_norm_target`.
-    """
-
-    def __init__(self, patch_size, in_chans, norm_target_window=None):
-        super().__init__()
-        self.patch_size, self.in_chans = patch_size, in_chans
-        self.norm_target_window = norm_target_window
-
-    def target(self, x):
-        if self.norm_target_window is None:
-            return x
-        return local_norm_target(x, self.norm_target_window)
-
-    def forward(self, x, x_rec, mask):
-        p = self.patch_size
-        # fp32 even under autocast: a bf16 sum of ~1e6 masked pixels would be off by ~0.4%.
-        mask_pixels = mask.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1).float()
-        error = (self.target(x.float()) - x_rec.float()).abs()
-        return (error * mask_pixels).sum() / (mask_pixels.sum() + 1e-5) / self.in_chans
-
-
-def build_criterion(config, encoder):
-    norm = config.MODEL.SIMMIM.NORM_TARGET
-    return MaskedPixelL1Loss(encoder.patch_size, encoder.in_chans,
-                             norm_target_window=norm.PATCH_SIZE if norm.ENABLE else None)
-
-
-# -----------------------------------------------------------------------------------------------
 # Wrapper
 # -----------------------------------------------------------------------------------------------
 class SimMIM(nn.Module):
-    """forward(x, mask) -> scalar loss; reconstruct(x, mask) -> x_rec (B, in_chans, H, W)."""
+    """forward(x, mask) -> scalar loss; reconstruct(x, mask) -> the head's raw output (B, k, H/d,
+    W/d); predict_image(x, mask) -> that prediction as a normalised image (B, in_chans, H, W)."""
 
     def __init__(self, encoder, decoder, criterion):
         super().__init__()
@@ -166,6 +110,9 @@ class SimMIM(nn.Module):
 
     def forward(self, x, mask):
         return self.criterion(x, self.reconstruct(x, mask), mask)
+
+    def predict_image(self, x, mask):
+        return self.criterion.prediction_to_image(self.reconstruct(x, mask), x)
 
     def no_weight_decay(self):
         return {'encoder.' + name for name in self.encoder.no_weight_decay()}

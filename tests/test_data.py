@@ -9,7 +9,7 @@ from PIL import Image
 
 from config import ConfigError, load_config
 from data import build_loader
-from data.datasets import BadImageError, ImageFolderDataset, MaskedImageDataset
+from data.datasets import BadImageError, DataError, ImageFolderDataset, MaskedImageDataset
 from data.masking import MaskGenerator
 from data.synthetic import SHAPES, SyntheticShapes
 from data.transforms import build_pretrain_transform, to_rgb
@@ -254,7 +254,7 @@ def test_finetune_train_and_val_class_lists_must_match(tmp_path):
         _write_rgb(tmp_path / 'data' / split / cls / 'x.png')
     config = _config(tmp_path, is_pretrain=False, DATA__DATASET='folder',
                      DATA__DATA_PATH=str(tmp_path / 'data'), DATA__BATCH_SIZE=1)
-    with pytest.raises(ValueError, match=r"only in train: \['dog'\], only in val: \['emu'\]"):
+    with pytest.raises(DataError, match=r"only in train: \['dog'\], only in val: \['emu'\]"):
         build_loader(config, is_pretrain=False)
 
 

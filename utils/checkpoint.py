@@ -67,25 +67,32 @@ def atomic_save(obj, path):
 
 
 def capture_rng_state():
-    """This process's RNG states, as tensors and plain numbers (weights_only-loadable)."""
+    """This process's RNG states as plain Python values (bytes, ints, tuples), so they can be
+    gathered across ranks with all_gather_object and stored in a weights_only-loadable file."""
     np_state = np.random.get_state()
     state = {
         'python': random.getstate(),
-        'numpy': (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        'torch': torch.get_rng_state(),
+        'numpy': (np_state[0], np_state[1].tolist(), *(v.item() if hasattr(v, 'item') else v
+                                                      for v in np_state[2:])),
+        'torch': torch.get_rng_state().numpy().tobytes(),
     }
     if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+        state['cuda'] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def restore_rng_state(state):
     random.setstate(_as_tuples(state['python']))
     name, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_byte_tensor(state['torch']))
+    cuda = state.get('cuda')
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([_byte_tensor(s) for s in cuda])
+
+
+def _byte_tensor(data):
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def _as_tuples(value):

@@ -9,8 +9,10 @@ from config import ConfigError, build_arg_parser, get_config
 from logger import create_logger
 from utils.checkpoint import CheckpointWriteError
 from utils.distributed import cleanup, init_distributed, seed_everything
+from data.datasets import DataError
 from utils.engine import NonFiniteLossError
 from utils.preemption import Preempted
+from utils.pretrained import IncompatibleCheckpointError
 from utils.safe_load import CheckpointError
 
 EXIT_CONFIG = 2
@@ -50,7 +52,7 @@ def setup(argv, is_pretrain):
         with open(path, 'w') as f:
             f.write(config.dump())
         logger.info(f'Full config saved to {path}')
-        logger.info(config.dump())
+        logger.debug(config.dump())
         if config.TENSORBOARD:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(log_dir=os.path.join(config.OUTPUT, 'tensorboard'))
@@ -58,8 +60,18 @@ def setup(argv, is_pretrain):
 
 
 # Failures that have a clear message of their own: shown without a traceback.
-_KNOWN = (ConfigError, CheckpointError, CheckpointWriteError, NonFiniteLossError, Preempted,
-          FileNotFoundError, NotADirectoryError)
+_KNOWN = (ConfigError, CheckpointError, CheckpointWriteError, IncompatibleCheckpointError,
+          DataError, NonFiniteLossError, Preempted, FileNotFoundError, NotADirectoryError)
+
+
+def _message(error):
+    """The error's own message; for one re-raised from a DataLoader worker, without the worker's
+    traceback (its last line holds the original message)."""
+    text = str(error)
+    if 'Original Traceback' in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(': ', 1)[1] if ': ' in last else last
+    return text
 
 
 def run(main_fn, argv=None, is_pretrain=True):
@@ -74,7 +86,7 @@ def run(main_fn, argv=None, is_pretrain=True):
     except _KNOWN as e:
         code = getattr(e, 'exit_code', EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_FAILURE)
         title = {EXIT_CONFIG: 'Configuration error', 75: 'Preempted'}.get(code, 'Error')
-        message = f'{title}: {e}'
+        message = f'{title}: {_message(e)}'
         if logger is not None:
             (logger.warning if code == 75 else logger.error)(message)
         if logger is None or os.environ.get('RANK', '0') != '0':

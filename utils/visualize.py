@@ -1,34 +1,30 @@
-"""Reconstruction grids: original | masked input | prediction | prediction pasted into the visible
-pixels, one row per image, de-normalised back to RGB."""
+"""Reconstruction grids (Figures 4-6): original | masked input | prediction | prediction pasted into
+the visible pixels, one row per image, de-normalised back to RGB. The prediction is turned into an
+image by the model's target (`SimMIM.predict_image`), so the grid is right for every target."""
 import os
 
 import numpy as np
 import torch
 from PIL import Image
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.utils import make_grid
+
+from data.masking import upsample_mask
+from models.targets import normalized_to_rgb
 
 MASK_GRAY = 0.5  # masked pixels are shown mid-grey in the "masked input" column
 
 
-def denormalize(images, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
-    """(B, 3, H, W) ImageNet-normalised tensors -> RGB in [0, 1]."""
-    mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images * std + mean).clamp(0, 1)
-
-
 def mask_to_pixels(mask, size):
     """(B, h, w) patch mask (1 = masked) -> (B, 1, H, W) float pixel mask for an H = `size` image."""
-    scale = size // mask.shape[-1]
-    return mask.repeat_interleave(scale, 1).repeat_interleave(scale, 2).unsqueeze(1).float()
+    return upsample_mask(mask, size // mask.shape[-1]).unsqueeze(1).float()
 
 
 def reconstruction_grid(images, mask, prediction):
-    """uint8 (3, H', W') grid from normalised `images` and `prediction` (B, 3, H, W) and the patch
-    `mask` (B, h, w). Columns: original, masked input, prediction, prediction pasted."""
-    original = denormalize(images.float())
-    predicted = denormalize(prediction.float())
+    """uint8 (3, H', W') grid from normalised `images` and predicted image `prediction` (both
+    (B, 3, H, W)) and the patch `mask` (B, h, w). Columns: original, masked input, prediction,
+    prediction pasted."""
+    original = normalized_to_rgb(images.float())
+    predicted = normalized_to_rgb(prediction.float())
     m = mask_to_pixels(mask, images.shape[-1]).to(original.device)
     masked = original * (1 - m) + MASK_GRAY * m
     pasted = original * (1 - m) + predicted * m
@@ -44,11 +40,11 @@ def save_png(grid, path):
 
 @torch.no_grad()
 def reconstruct_images(model, images, mask):
-    """The model's prediction in image (normalised-pixel) space for (images, mask)."""
+    """The model's prediction as a normalised image (B, 3, H, W) for (images, mask), in eval mode."""
     was_training = model.training
     model.eval()
     try:
-        return model.reconstruct(images, mask)
+        return model.predict_image(images, mask)
     finally:
         model.train(was_training)
 

@@ -1,0 +1,166 @@
+"""Every bad input gets one clear paragraph naming the problem and the fix (or a logged skip where
+that is the configured behaviour), an exit code, and no traceback wall."""
+import os
+
+import pytest
+import torch
+
+import main_finetune
+import main_simmim
+from tests.conftest import ROOT
+from utils.launch import run
+
+pytestmark = pytest.mark.slow
+
+TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')
+
+
+def pretrain(capsys, tmp_path, *args, opts=()):
+    code = run(main_simmim.main, ['--cfg', TINY, '--output', str(tmp_path / 'out'), *args,
+                                  '--opts', 'TRAIN.EPOCHS', '1', *map(str, opts)])
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
+    assert 'Traceback' not in output
+    return code, output
+
+
+def image_folder(root, count=16, size=64):
+    from data.synthetic import SyntheticShapes
+    images = SyntheticShapes(count, 2, size, seed=0)
+    os.makedirs(root, exist_ok=True)
+    for i in range(count):
+        images[i][0].save(os.path.join(root, f'{i:03d}.png'))
+    return str(root)
+
+
+def folder_opts(path, *more):
+    return ['DATA.DATASET', 'folder', 'DATA.DATA_PATH', path, *more]
+
+
+def test_missing_data_path(capsys, tmp_path):
+    code, out = pretrain(capsys, tmp_path, opts=folder_opts(str(tmp_path / 'nowhere')))
+    assert code == 1 and 'Data folder not found' in out and '--data-path' in out
+
+
+def test_data_path_not_given_for_an_image_folder_config(capsys, tmp_path):
+    code, out = pretrain(capsys, tmp_path, opts=['DATA.DATASET', 'imagenet'])
+    assert code == 2 and 'pass --data-path DIR' in out and 'DATA.DATASET synthetic' in out
+
+
+@pytest.mark.parametrize('content', [None, 'notes.txt'])
+def test_empty_folder_or_no_images(capsys, tmp_path, content):
+    folder = tmp_path / 'data'
+    folder.mkdir()
+    if content:
+        (folder / content).write_text('not an image')
+    code, out = pretrain(capsys, tmp_path, opts=folder_opts(str(folder)))
+    assert code == 1 and 'No images found in data folder' in out and '.jpg' in out
+
+
+def _add_bad_files(folder):
+    (folder / 'zero.png').write_bytes(b'')
+    good = (folder / '000.png').read_bytes()
+    (folder / 'truncated.png').write_bytes(good[:len(good) // 2])
+    (folder / 'text.jpg').write_text('this is not a jpeg')
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_bad_image_files_are_skipped_and_counted(capsys, tmp_path, workers):
+    folder = tmp_path / 'data'
+    image_folder(folder)
+    _add_bad_files(folder)
+    code, out = pretrain(capsys, tmp_path, opts=folder_opts(str(folder), 'DATA.NUM_WORKERS', workers,
+                                                            'DATA.BATCH_SIZE', 19))
+    assert code == 0
+    log = open(os.path.join(str(tmp_path / 'out'), 'simmim_pretrain', 'tiny', 'log_rank0.txt')).read()
+    for name in ('zero.png', 'truncated.png', 'text.jpg'):
+        assert f'Skipping unreadable image {folder / name}' in log
+    assert 'unreadable image(s) skipped so far' in log
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_bad_image_file_is_fatal_when_configured(capsys, tmp_path, workers):
+    folder = tmp_path / 'data'
+    image_folder(folder)
+    _add_bad_files(folder)
+    code, out = pretrain(capsys, tmp_path, opts=folder_opts(
+        str(folder), 'DATA.ON_BAD_IMAGE', 'error', 'DATA.NUM_WORKERS', workers, 'DATA.BATCH_SIZE', 19))
+    assert code == 1 and 'Cannot read image' in out and 'DATA.ON_BAD_IMAGE skip' in out
+    assert 'Original Traceback' not in out
+
+
+def test_images_smaller_than_the_crop_are_upsampled_with_a_warning(capsys, tmp_path):
+    folder = image_folder(tmp_path / 'data', size=24)
+    code, out = pretrain(capsys, tmp_path, opts=folder_opts(folder))
+    assert code == 0 and 'smaller than the 64-pixel crop (DATA.IMG_SIZE)' in out
+
+
+def test_batch_larger_than_a_ranks_share(capsys, tmp_path):
+    code, out = pretrain(capsys, tmp_path, '--batch-size', '64')
+    assert code == 2 and 'DATA.BATCH_SIZE 64 is larger than each process' in out and '48' in out
+
+
+@pytest.mark.parametrize('content, expected', [
+    (b'', 'is empty (0 bytes)'),
+    (b'PK\x03\x04 truncated zip', 'not a readable PyTorch checkpoint'),
+    (b'{"model": "json"}', 'not a readable PyTorch checkpoint'),
+])
+def test_broken_file_passed_to_resume(capsys, tmp_path, content, expected):
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(content)
+    code, out = pretrain(capsys, tmp_path, '--resume', str(bad))
+    assert code == 1 and expected in out and str(bad) in out
+
+
+def test_broken_file_passed_to_pretrained(capsys, tmp_path):
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(b'garbage')
+    code = run(main_finetune.main, ['--cfg', TINY, '--output', str(tmp_path / 'out'),
+                                    '--pretrained', str(bad), '--opts', 'TRAIN.EPOCHS', '1',
+                                    'AUG.MIXUP', '0', 'AUG.CUTMIX', '0'], is_pretrain=False)
+    captured = capsys.readouterr()
+    assert code == 1 and 'not a readable PyTorch checkpoint' in captured.out + captured.err
+
+
+def test_checkpoint_of_another_size_names_the_mismatching_keys(capsys, tmp_path):
+    assert pretrain(capsys, tmp_path / 'small')[0] == 0
+    small = os.path.join(str(tmp_path / 'small' / 'out'), 'simmim_pretrain', 'tiny', 'ckpt_epoch_0.pth')
+    code, out = pretrain(capsys, tmp_path, '--resume', small, opts=['MODEL.SWIN.EMBED_DIM', 32])
+    assert code == 1 and 'does not fit the model' in out
+    assert "('encoder.mask_token', (1, 1, 16), (1, 1, 32))" in out
+
+
+def test_pretrained_checkpoint_of_another_architecture(capsys, tmp_path):
+    assert pretrain(capsys, tmp_path / 'swin')[0] == 0
+    swin = os.path.join(str(tmp_path / 'swin' / 'out'), 'simmim_pretrain', 'tiny', 'ckpt_epoch_0.pth')
+    code = run(main_finetune.main, ['--cfg', TINY, '--output', str(tmp_path / 'out'), '--pretrained',
+                                    swin, '--opts', 'MODEL.TYPE', 'vit', 'MODEL.VIT.EMBED_DIM', '32',
+                                    'MODEL.VIT.DEPTH', '2', 'MODEL.VIT.NUM_HEADS', '2',
+                                    'MODEL.VIT.PATCH_SIZE', '16', 'AUG.MIXUP', '0', 'AUG.CUTMIX', '0'],
+               is_pretrain=False)
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert code == 1 and 'another architecture' in out.lower() and 'Traceback' not in out
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['--opts', 'TRAIN.EPOCS', '1'], 'Did you mean TRAIN.EPOCHS'),
+    (['--opts', 'DATA.MASK_RATIO', '1.2'], 'DATA.MASK_RATIO must lie in (0, 1)'),
+])
+def test_unknown_or_mistyped_config_key(capsys, tmp_path, args, expected):
+    code = run(main_simmim.main, ['--cfg', TINY, '--output', str(tmp_path), *args])
+    assert code == 2 and expected in capsys.readouterr().err
+
+
+def test_mistyped_flag(capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        run(main_simmim.main, ['--cfg', TINY, '--ouput', str(tmp_path)])
+    assert info.value.code == 2 and 'did you mean --output' in capsys.readouterr().err
+
+
+def test_output_folder_that_cannot_be_written(capsys, tmp_path):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('x')
+    code = run(main_simmim.main, ['--cfg', TINY, '--output', str(blocker / 'sub')])
+    err = capsys.readouterr().err
+    assert code == 2 and 'Cannot write to the output folder' in err and '--output' in err

@@ -1,0 +1,108 @@
+"""main_finetune.py end to end: an official fine-tune YAML (shrunk by --opts) from a checkpoint that
+main_simmim.py wrote at window 6, fine-tuned at window 7 on an image folder; --eval reproduces the
+logged accuracy; --throughput; linear probing; clear errors for bad class counts."""
+import os
+import re
+
+import pytest
+
+import main_finetune
+import main_simmim
+from data.synthetic import SyntheticShapes
+from tests.conftest import ROOT
+from utils.launch import run
+from utils.safe_load import load_checkpoint_file
+
+pytestmark = pytest.mark.slow
+
+PRETRAIN_YAML = os.path.join(ROOT, 'configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml')
+FINETUNE_YAML = os.path.join(ROOT, 'configs/swin_base__800ep/simmim_finetune__swin_base__img224_window7__800ep.yaml')
+LINPROBE_YAML = os.path.join(ROOT, 'configs/swin_base__800ep/simmim_linprobe__swin_base__img224_window7__800ep.yaml')
+TINY_SWIN = ['MODEL.SWIN.EMBED_DIM', '16', 'MODEL.SWIN.DEPTHS', '[1,1,1,1]',
+             'MODEL.SWIN.NUM_HEADS', '[1,1,2,2]', 'DATA.NUM_WORKERS', '0', 'PRINT_FREQ', '1',
+             'TENSORBOARD', 'False']
+
+
+def write_image_folder(root, per_class=6, num_classes=3):
+    for split in ('train', 'val'):
+        images = SyntheticShapes(per_class * num_classes, num_classes, 96, seed=1, split=split)
+        for i in range(len(images)):
+            image, label = images[i]
+            folder = os.path.join(root, split, f'class_{label}')
+            os.makedirs(folder, exist_ok=True)
+            image.save(os.path.join(folder, f'{i}.png'))
+    return str(root)
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+    """A checkpoint of the official Swin-B pre-training YAML (window 6 at 192), shrunk."""
+    out = tmp_path_factory.mktemp('pretrain')
+    code = run(main_simmim.main, ['--cfg', PRETRAIN_YAML, '--output', str(out), '--batch-size', '4',
+                                  '--opts', 'DATA.DATASET', 'synthetic', 'DATA.SYNTHETIC.TRAIN_SIZE',
+                                  '8', 'TRAIN.EPOCHS', '1', *TINY_SWIN])
+    assert code == 0
+    return os.path.join(str(out), 'simmim_pretrain',
+                        'simmim_pretrain__swin_base__img192_window6__800ep', 'ckpt_epoch_0.pth')
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp('images'))
+
+
+def finetune(out, data_path, *flags, opts=(), cfg=FINETUNE_YAML):
+    return run(main_finetune.main, ['--cfg', cfg, '--data-path', data_path, '--output', str(out),
+                                    '--batch-size', '6', *flags, '--opts', 'TRAIN.EPOCHS', '2',
+                                    *TINY_SWIN, *opts], is_pretrain=False)
+
+
+def read_log(out, tag):
+    return open(os.path.join(str(out), 'simmim_finetune', tag, 'log_rank0.txt')).read()
+
+
+FT_TAG = 'simmim_finetune__swin_base__img224_window7__800ep'
+
+
+def test_finetune_from_our_pretraining_then_eval_reproduces_accuracy(tmp_path, pretrained, image_folder):
+    assert finetune(tmp_path, image_folder, '--pretrained', pretrained) == 0
+    log = read_log(tmp_path, FT_TAG)
+    assert 'from 121 to 169 rows' in log  # window 6 -> 7: relative position tables resized
+    assert 'Newly initialised (not in checkpoint): head.*' in log
+    assert 'Fine-tuning data from' in log and '3 classes' in log
+    logged = [float(a) for a in re.findall(r'Accuracy of the network on the 18 test images: ([\d.]+)%', log)]
+    assert len(logged) == 2
+    best = load_checkpoint_file(os.path.join(str(tmp_path), 'simmim_finetune', FT_TAG, 'model_best.pth'))
+    assert best['accuracy'] == pytest.approx(max(logged), abs=1e-3)
+
+    eval_out = tmp_path / 'eval'
+    best_path = os.path.join(str(tmp_path), 'simmim_finetune', FT_TAG, 'model_best.pth')
+    assert finetune(eval_out, image_folder, '--eval', '--resume', best_path) == 0
+    reproduced = re.findall(r'Accuracy of the network on the 18 test images: ([\d.]+)%',
+                            read_log(eval_out, FT_TAG))
+    assert float(reproduced[0]) == pytest.approx(best['accuracy'], abs=1e-3)
+
+
+def test_throughput_mode_reports_images_per_second(tmp_path, image_folder):
+    assert finetune(tmp_path, image_folder, '--throughput') == 0
+    assert re.search(r'batch_size 6 throughput [\d.]+', read_log(tmp_path, FT_TAG))
+
+
+def test_linear_probe_trains_only_the_head(tmp_path, pretrained, image_folder):
+    assert finetune(tmp_path, image_folder, '--pretrained', pretrained, cfg=LINPROBE_YAML) == 0
+    run_dir = os.path.join(str(tmp_path), 'simmim_linprobe',
+                           'simmim_linprobe__swin_base__img224_window7__800ep')
+    log = open(os.path.join(run_dir, 'log_rank0.txt')).read()
+    assert 'Optimizer Lars' in log
+    final = load_checkpoint_file(os.path.join(run_dir, 'ckpt_epoch_1.pth'))['model']
+    loaded = load_checkpoint_file(pretrained)['model']
+    # The frozen encoder still holds the pre-trained weights; the head is new.
+    assert (final['encoder.layers.0.blocks.0.mlp.fc1.weight']
+            == loaded['encoder.layers.0.blocks.0.mlp.fc1.weight']).all()
+    assert 'head.1.weight' in final and 'head.0.running_mean' in final
+
+
+def test_class_count_mismatch_names_both_numbers(tmp_path, image_folder, capsys):
+    assert finetune(tmp_path, image_folder, opts=['MODEL.NUM_CLASSES', '1000']) == 2
+    captured = capsys.readouterr()
+    assert 'MODEL.NUM_CLASSES is 1000 but the data has 3 classes' in captured.out + captured.err

@@ -1,0 +1,174 @@
+"""Fault injection on real training processes: SIGKILL, a kill while writing a checkpoint, SIGTERM,
+non-finite losses and a full disk. Each fault is injected by a small wrapper script that patches
+one function and then runs main_simmim exactly as the command line does."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import main_simmim
+from tests.conftest import ROOT
+from utils.launch import run
+from utils.preemption import EXIT_PREEMPTED
+from utils.safe_load import load_checkpoint_file
+
+pytestmark = pytest.mark.slow
+
+TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')
+
+WRAPPER = r'''
+import errno, os, sys, time
+sys.path.insert(0, {root!r})
+import torch
+import main_simmim
+from utils import engine
+from utils.launch import run
+
+fault, _, arg = os.environ.get('FAULT', '').partition(':')
+calls = [0]
+task = engine.PretrainTask.__call__
+
+def faulty_task(self, model, batch, device):
+    calls[0] += 1
+    loss, batch_size = task(self, model, batch, device)
+    if fault == 'slow':
+        time.sleep(float(arg))
+    if fault == 'nan' and calls[0] in {{int(s) for s in arg.split(',')}}:
+        loss = loss * float('nan')
+    return loss, batch_size
+
+engine.PretrainTask.__call__ = faulty_task
+saves = [0]
+real_save = torch.save
+
+def faulty_save(obj, f, *args, **kwargs):
+    saves[0] += 1
+    if fault in ('kill_in_save', 'disk_full') and saves[0] == int(arg):
+        f.write(b'the first bytes of a checkpoint')
+        f.flush()
+        if fault == 'kill_in_save':
+            os.kill(os.getpid(), 9)
+        if fault == 'disk_full':
+            raise OSError(errno.ENOSPC, 'No space left on device')
+    return real_save(obj, f, *args, **kwargs)
+
+torch.save = faulty_save
+sys.exit(run(main_simmim.main, sys.argv[1:]))
+'''
+
+
+def command(tmp_path, *opts):
+    script = tmp_path / 'faulty_main.py'
+    script.write_text(WRAPPER.format(root=ROOT))
+    return [sys.executable, str(script), '--cfg', TINY, '--output', str(tmp_path / 'out'),
+            *(['--opts', *map(str, opts)] if opts else [])]
+
+
+def run_dir(tmp_path):
+    return os.path.join(str(tmp_path / 'out'), 'simmim_pretrain', 'tiny')
+
+
+def launch(tmp_path, fault='', *opts, wait=True):
+    env = {**os.environ, 'FAULT': fault, 'PYTHONUNBUFFERED': '1'}
+    proc = subprocess.Popen(command(tmp_path, *opts), cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if wait:
+        out, _ = proc.communicate(timeout=240)
+        return proc.returncode, out
+    return proc
+
+
+def wait_for(proc, path, text, count=1, timeout=120):
+    """Wait until `text` appears `count` times in the file at `path` (the training log)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path) and open(path).read().count(text) >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f'{text!r} never appeared in {path}; output: {proc.communicate()[0][-2000:]}')
+
+
+@pytest.fixture(scope='module')
+def reference_weights(tmp_path_factory):
+    """Final weights of the uninterrupted 2-epoch run (in-process, same code path)."""
+    out = tmp_path_factory.mktemp('reference')
+    assert run(main_simmim.main, ['--cfg', TINY, '--output', str(out)]) == 0
+    path = os.path.join(str(out), 'simmim_pretrain', 'tiny', 'ckpt_epoch_1.pth')
+    return load_checkpoint_file(path)['model']
+
+
+def assert_same_weights(a, b):
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert a.keys() == b.keys() and not different, f'differ: {different[:3]}'
+
+
+def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(tmp_path, reference_weights):
+    kill_after = random.Random().randint(1, 10)  # any of the 12 steps but the last
+    proc = launch(tmp_path, 'slow:0.1', 'CHECKPOINT.STEP_FREQ', 1, wait=False)
+    wait_for(proc, os.path.join(run_dir(tmp_path), 'log_rank0.txt'), '.pth saved', count=kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    code, out = launch(tmp_path, '', 'CHECKPOINT.STEP_FREQ', 1)
+    assert code == 0, out[-2000:]
+    assert 'resumed from' in out
+    final = load_checkpoint_file(os.path.join(run_dir(tmp_path), 'ckpt_epoch_1.pth'))['model']
+    assert_same_weights(reference_weights, final)
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, reference_weights):
+    # Saves: 1 = epoch-0 checkpoint, 2 = the epoch-1 one, killed half-way through its write.
+    code, out = launch(tmp_path, 'kill_in_save:2')
+    assert code == -signal.SIGKILL
+    names = os.listdir(run_dir(tmp_path))
+    assert 'ckpt_epoch_1.pth.tmp' in names and 'ckpt_epoch_1.pth' not in names
+    assert load_checkpoint_file(os.path.join(run_dir(tmp_path), 'ckpt_epoch_0.pth'))['epoch'] == 0
+    code, out = launch(tmp_path)
+    assert code == 0, out[-2000:]
+    assert 'ckpt_epoch_0.pth: continuing at epoch 1, step 0' in out
+    final = load_checkpoint_file(os.path.join(run_dir(tmp_path), 'ckpt_epoch_1.pth'))['model']
+    assert_same_weights(reference_weights, final)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_with_the_requeue_code(tmp_path, reference_weights):
+    proc = launch(tmp_path, 'slow:0.1', wait=False)
+    wait_for(proc, os.path.join(run_dir(tmp_path), 'log_rank0.txt'), 'Train: [0/2][2/6]')
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, out[-2000:]
+    assert 'Preempted: Stopped by SIGTERM after step' in out
+    assert 'Traceback' not in out
+    step_files = [n for n in os.listdir(run_dir(tmp_path)) if '_step_' in n]
+    assert len(step_files) == 1
+    code, out = launch(tmp_path)
+    assert code == 0 and f'resumed from {os.path.join(run_dir(tmp_path), step_files[0])}' in out
+    final = load_checkpoint_file(os.path.join(run_dir(tmp_path), 'ckpt_epoch_1.pth'))['model']
+    assert_same_weights(reference_weights, final)
+
+
+def test_a_nan_loss_is_skipped_and_counted(tmp_path):
+    code, out = launch(tmp_path, 'nan:3', 'PRINT_FREQ', 1)
+    assert code == 0, out[-2000:]
+    assert 'skipped 1' in out
+
+
+def test_consecutive_nan_losses_stop_the_run_with_remedies(tmp_path):
+    code, out = launch(tmp_path, 'nan:' + ','.join(map(str, range(4, 13))),
+                       'TRAIN.MAX_NONFINITE_STEPS', 3, 'PRINT_FREQ', 100)
+    assert code == 3, out[-2000:]
+    assert '3 consecutive optimizer steps (since update 3, epoch 0)' in out
+    assert 'Last good checkpoint: none written yet' in out and 'lower TRAIN.BASE_LR' in out
+    assert 'Traceback' not in out
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    code, out = launch(tmp_path, 'disk_full:2')
+    assert code == 1
+    assert 'the disk is full' in out and 'earlier checkpoints' in out and 'Traceback' not in out
+    names = os.listdir(run_dir(tmp_path))
+    assert 'ckpt_epoch_0.pth' in names and not any(n.endswith('.tmp') for n in names)
+    assert load_checkpoint_file(os.path.join(run_dir(tmp_path), 'ckpt_epoch_0.pth'))['epoch'] == 0

@@ -1,0 +1,146 @@
+"""Reconstruction figures (Figures 4-6) from a pre-training checkpoint: one PNG grid per mask setting,
+one row per image: original | masked input | prediction | prediction pasted into the visible pixels.
+
+    # Figure 6: random masks of several mask patch sizes at ratio 0.6, on the synthetic images
+    python tools/visualize_reconstruction.py --checkpoint output/.../ckpt_epoch_99.pth \
+        --mask-patch-size 4 8 16 32 64 --mask-ratio 0.6
+    # Figure 4: hand-made masks on your own images (white = masked), or a box in pixels
+    python tools/visualize_reconstruction.py --checkpoint CKPT --images DIR --mask-image mask.png
+    python tools/visualize_reconstruction.py --checkpoint CKPT --images DIR --box 40 40 150 150
+
+The config comes from the checkpoint (or --cfg, plus --opts). Images are resized (shorter side) and
+centre-cropped to DATA.IMG_SIZE; without --images the synthetic validation images are used.
+Hand-made masks are moved to the model patch grid (a patch is masked when half of it is), which is
+what the model sees and what the grid shows.
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms as T
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from config import load_config, model_patch_size  # noqa: E402
+from data import ImageFolderDataset, SyntheticShapes, sample_seed  # noqa: E402
+from data.masking import (MASK_GENERATORS, build_mask_generator,  # noqa: E402
+                          pixel_mask_to_patches)
+from models import build_model  # noqa: E402
+from utils.pretrained import drop_rebuilt_buffers, unwrap_state_dict  # noqa: E402
+from utils.safe_load import load_checkpoint_file  # noqa: E402
+from utils.visualize import reconstruct_images, reconstruction_grid, save_png  # noqa: E402
+
+
+def load_model(checkpoint_path, cfg=None, opts=()):
+    """(config, SimMIM model with the checkpoint's weights) for `checkpoint_path`; the config is
+    `cfg` if given, else the one stored in the checkpoint."""
+    checkpoint = load_checkpoint_file(checkpoint_path, '--checkpoint')
+    if cfg is None:
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('config'), str):
+            raise SystemExit(f"{checkpoint_path} stores no config; pass the pre-training --cfg.")
+        with tempfile.NamedTemporaryFile('w', suffix='.yaml', delete=False) as f:
+            f.write(checkpoint['config'])
+        try:
+            config = load_config(f.name, opts)
+        finally:
+            os.remove(f.name)
+    else:
+        config = load_config(cfg, opts)
+    state_dict = drop_rebuilt_buffers(unwrap_state_dict(checkpoint))
+    model = build_model(config, is_pretrain=True)
+    model.load_state_dict({k.removeprefix('module.'): v for k, v in state_dict.items()})
+    return config, model
+
+
+def load_images(config, folder=None, num_images=8):
+    """(N, 3, IMG_SIZE, IMG_SIZE) normalised images: the first `num_images` of `folder` (sorted), or
+    of the synthetic validation set, resized (shorter side) and centre-cropped."""
+    if folder:
+        dataset = ImageFolderDataset(folder)
+    else:
+        syn = config.DATA.SYNTHETIC
+        dataset = SyntheticShapes(num_images, syn.NUM_CLASSES, config.DATA.IMG_SIZE, syn.SEED, 'val')
+    size = config.DATA.IMG_SIZE
+    transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
+                           T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    return torch.stack([transform(dataset[i][0]) for i in range(min(num_images, len(dataset)))])
+
+
+def random_masks(config, strategy, mask_patch_size, mask_ratio, count, seed):
+    """(count, h, w) masks of a strategy at one mask patch size and ratio, mask i drawn from
+    (seed, i)."""
+    generator = build_mask_generator(config, strategy, mask_patch_size, mask_ratio)
+    return torch.stack([generator(torch.Generator().manual_seed(sample_seed(seed, 0, i, 'mask')))
+                        for i in range(count)])
+
+
+def mask_from_image(path, config):
+    """(h, w) model-patch mask from a black-and-white image (white = masked), resized to the input."""
+    size = config.DATA.IMG_SIZE
+    grey = Image.open(path).convert('L').resize((size, size), Image.NEAREST)
+    return pixel_mask_to_patches(np.asarray(grey) > 127, model_patch_size(config))
+
+
+def mask_from_box(box, config):
+    """(h, w) model-patch mask of the pixel box (x0, y0, x1, y1), x1/y1 exclusive."""
+    x0, y0, x1, y1 = box
+    size = config.DATA.IMG_SIZE
+    pixels = torch.zeros(size, size)
+    pixels[max(y0, 0):y1, max(x0, 0):x1] = 1
+    return pixel_mask_to_patches(pixels, model_patch_size(config))
+
+
+def mask_settings(args, config, count):
+    """[(file stem, (count, h, w) masks)] for the masks asked for."""
+    if args.mask_image:
+        return [('mask_image', mask_from_image(args.mask_image, config).expand(count, -1, -1))]
+    if args.box:
+        return [('box', mask_from_box(args.box, config).expand(count, -1, -1))]
+    strategy = args.mask_strategy or config.DATA.MASK_STRATEGY
+    return [(f'{strategy}_mask{size}_ratio{ratio:g}',
+             random_masks(config, strategy, size, ratio, count, args.seed))
+            for size in args.mask_patch_size or [config.DATA.MASK_PATCH_SIZE]
+            for ratio in args.mask_ratio or [config.DATA.MASK_RATIO]]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--checkpoint', required=True, help='SimMIM pre-training checkpoint')
+    parser.add_argument('--cfg', help='config (default: the one stored in the checkpoint)')
+    parser.add_argument('--opts', nargs='+', default=[], metavar='KEY VALUE')
+    parser.add_argument('--images', help='image folder (default: synthetic validation images)')
+    parser.add_argument('--num-images', type=int, default=8)
+    parser.add_argument('--mask-strategy', choices=sorted(MASK_GENERATORS),
+                        help='default: DATA.MASK_STRATEGY')
+    parser.add_argument('--mask-patch-size', type=int, nargs='+',
+                        help='one grid per size (default: DATA.MASK_PATCH_SIZE)')
+    parser.add_argument('--mask-ratio', type=float, nargs='+',
+                        help='one grid per ratio (default: DATA.MASK_RATIO)')
+    given = parser.add_mutually_exclusive_group()
+    given.add_argument('--mask-image', help='black-and-white mask image, white = masked')
+    given.add_argument('--box', type=int, nargs=4, metavar=('X0', 'Y0', 'X1', 'Y1'),
+                       help='mask this pixel box (x1, y1 exclusive)')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--output', default='output/reconstructions', help='folder for the PNGs')
+    args = parser.parse_args(argv)
+
+    config, model = load_model(args.checkpoint, args.cfg, args.opts)
+    model.to(args.device)
+    images = load_images(config, args.images, args.num_images).to(args.device)
+    for stem, masks in mask_settings(args, config, images.shape[0]):
+        masks = masks.to(args.device)
+        prediction = reconstruct_images(model, images, masks)
+        path = os.path.join(args.output, f'{stem}.png')
+        save_png(reconstruction_grid(images, masks, prediction), path)
+        print(f'{path}: {masks.float().mean():.2f} of the patches masked')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
