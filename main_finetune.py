@@ -10,15 +10,12 @@ import sys
 
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from torch.nn.parallel import DistributedDataParallel
 
 from data import build_loader
-from lr_scheduler import build_scheduler
 from models import build_model
 from models.linear_probe import build_linear_probe
-from optimizer import build_optimizer
 from utils.checkpoint import atomic_save
-from utils.engine import ClassificationTask, Trainer, autocast_dtype, build_grad_scaler
+from utils.engine import ClassificationTask, autocast_dtype, build_trainer
 from utils.evaluation import evaluate, throughput
 from utils.launch import run
 from utils.pretrained import load_pretrained
@@ -69,45 +66,36 @@ def main(config, dist_info, logger, writer):
     else:
         model = backbone = build_model(config, is_pretrain=False).to(device)
     logger.debug(str(model))
-    logger.info(f'number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}')
-    amp_dtype = autocast_dtype(config, device)
 
     if config.EVAL_MODE:
         checkpoint = load_weights_for_eval(config, model, logger)
-        acc1, acc5, loss, count = evaluate(model, data_loader_val, device, amp_dtype, logger)
+        acc1, acc5, loss, count = evaluate(model, data_loader_val, device,
+                                           autocast_dtype(config, device), logger)
         logger.info(f' * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.4f}')
         logger.info(f'Accuracy of the network on the {count} test images: {acc1:.3f}%')
         if isinstance(checkpoint, dict) and 'accuracy' in checkpoint:
             logger.info(f'(the checkpoint recorded {checkpoint["accuracy"]:.3f}% when it was saved)')
         return
 
-    optimizer = build_optimizer(config, model, logger, is_pretrain=False)
-    scaler = build_grad_scaler(amp_dtype)
-    model_without_ddp = model
-    if dist_info.distributed:
-        model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None,
-            forward_sync_buffers=False)  # the official broadcast_buffers=False
-    lr_scheduler = build_scheduler(config, optimizer, len(data_loader_train))
     task = ClassificationTask(build_criterion(config, mixup_fn), mixup_fn)
-    trainer = Trainer(config, model, model_without_ddp, optimizer, lr_scheduler, scaler,
-                      data_loader_train, task, logger, dist_info, writer, amp_dtype)
+    trainer = build_trainer(config, model, data_loader_train, task, logger, dist_info, writer,
+                            is_pretrain=False)
 
     start_epoch, start_step = trainer.resume()
     resumed = trainer.last_checkpoint is not None
     if not resumed and config.MODEL.PRETRAINED:
         load_pretrained(config, backbone, logger)
     if config.THROUGHPUT_MODE:
-        throughput(model_without_ddp, data_loader_val, device, logger)
+        throughput(model, data_loader_val, device, logger)
         return
 
     def validate(epoch):
-        acc1, acc5, loss, count = evaluate(model_without_ddp, data_loader_val, device, amp_dtype)
+        acc1, acc5, loss, count = evaluate(model, data_loader_val, device, trainer.amp_dtype)
         logger.info(f' * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}')
         logger.info(f'Accuracy of the network on the {count} test images: {acc1:.3f}%')
         if acc1 > trainer.max_accuracy and dist_info.is_main:
             path = os.path.join(config.OUTPUT, BEST_CHECKPOINT)
-            atomic_save({'model': model_without_ddp.state_dict(), 'epoch': epoch, 'accuracy': acc1,
+            atomic_save({'model': model.state_dict(), 'epoch': epoch, 'accuracy': acc1,
                          'acc5': acc5, 'max_accuracy': acc1, 'config': config.dump()}, path)
             logger.info(f'{path} saved (best so far)')
         trainer.max_accuracy = max(trainer.max_accuracy, acc1)
@@ -116,7 +104,6 @@ def main(config, dist_info, logger, writer):
             writer.add_scalar('val/acc1', acc1, epoch)
             writer.add_scalar('val/acc5', acc5, epoch)
             writer.add_scalar('val/loss', loss, epoch)
-        model.train()
 
     logger.info('Start training')
     trainer.fit(start_epoch, start_step, after_epoch=validate)

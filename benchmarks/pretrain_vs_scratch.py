@@ -7,7 +7,7 @@
 Reports both top-1 accuracies and the wall times, and appends them to benchmarks/RESULTS.md with
 the machine they ran on. Not a test: it takes minutes.
 
-    python benchmarks/pretrain_vs_scratch.py [--pretrain-epochs 30] [--finetune-epochs 15]
+    python benchmarks/pretrain_vs_scratch.py [--pretrain-epochs 16] [--finetune-epochs 15]
 """
 import argparse
 import datetime
@@ -57,7 +57,7 @@ def best_accuracy(output, tag):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--pretrain-epochs', type=int, default=30)
+    parser.add_argument('--pretrain-epochs', type=int, default=16)
     parser.add_argument('--finetune-epochs', type=int, default=15)
     parser.add_argument('--output', default=os.path.join(ROOT, 'output', 'benchmark'))
     parser.add_argument('--results', default=os.path.join(ROOT, 'benchmarks', 'RESULTS.md'))

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from timm.data import Mixup
 
 from config import ConfigError
-from utils.preemption import ignore_signals_in_worker
+from utils.preemption import ignore_interrupt_in_worker
 from .datasets import DataError, ImageFolderDataset, MaskedImageDataset, SeededTransformDataset
 from .masking import build_mask_generator
 from .sampler import EvalDistributedSampler, ResumableDistributedSampler
@@ -27,9 +27,9 @@ def rank_and_world_size():
 
 def seed_worker(worker_id):
     """Seed a worker's global RNGs from its torch seed (loader generator + worker id), for anything
-    drawn outside the per-sample seeding; leave SIGTERM/SIGINT to the main process, which stops
-    cleanly (see utils/preemption.py)."""
-    ignore_signals_in_worker()
+    drawn outside the per-sample seeding; leave Ctrl-C to the main process, which stops cleanly
+    (see utils/preemption.py)."""
+    ignore_interrupt_in_worker()
     seed = torch.initial_seed()
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)

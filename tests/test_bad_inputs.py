@@ -164,3 +164,25 @@ def test_output_folder_that_cannot_be_written(capsys, tmp_path):
     code = run(main_simmim.main, ['--cfg', TINY, '--output', str(blocker / 'sub')])
     err = capsys.readouterr().err
     assert code == 2 and 'Cannot write to the output folder' in err and '--output' in err
+
+
+def test_an_unexpected_error_in_a_worker_process_exits_instead_of_hanging(tmp_path):
+    """An unforeseen exception inside a persistent DataLoader worker propagates out of the script;
+    the process must then end with its traceback, not wait forever at exit for its workers."""
+    import subprocess
+    import sys
+    script = (
+        "import sys; sys.path.insert(0, %r)\n"
+        "import data.loader\n"
+        "def broken(config):\n"
+        "    def transform(image):\n"
+        "        raise ValueError('a transform bug')\n"
+        "    return transform\n"
+        "data.loader.build_pretrain_transform = broken\n"
+        "import main_simmim\n"
+        "from utils.launch import run\n"
+        "sys.exit(run(main_simmim.main, sys.argv[1:]))\n" % ROOT)
+    result = subprocess.run(
+        [sys.executable, '-c', script, '--cfg', TINY, '--output', str(tmp_path / 'out'),
+         '--opts', 'DATA.NUM_WORKERS', '2'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and 'a transform bug' in result.stderr

@@ -266,3 +266,11 @@ def test_batch_larger_than_a_ranks_share_is_an_error(tmp_path, monkeypatch):
         build_loader(config, is_pretrain=True)
     for words in ('DATA.BATCH_SIZE 8', '16 images', 'world size 4', '4 per process', '--batch-size'):
         assert words in str(info.value)
+
+
+def test_randaugment_posterize_at_top_magnitude_works():
+    """The official fine-tuning RandAugment (increasing magnitude, mstd 0.5) can ask posterize to
+    keep 0 bits; Pillow 13 raises on that, which would kill fine-tuning mid-epoch (hence the pin)."""
+    from timm.data.auto_augment import posterize
+    image = Image.new('RGB', (8, 8), (200, 100, 50))
+    assert posterize(image, 0).getpixel((0, 0)) == (0, 0, 0)

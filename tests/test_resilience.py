@@ -172,3 +172,24 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     names = os.listdir(run_dir(tmp_path))
     assert 'ckpt_epoch_0.pth' in names and not any(n.endswith('.tmp') for n in names)
     assert load_checkpoint_file(os.path.join(run_dir(tmp_path), 'ckpt_epoch_0.pth'))['epoch'] == 0
+
+
+def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step(tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
+    out = tmp_path / 'out'
+    proc = subprocess.Popen(
+        [torchrun, '--nproc_per_node', '2', '--master_port', '29541', os.path.join(ROOT, 'main_simmim.py'),
+         '--cfg', TINY, '--output', str(out), '--opts', 'TRAIN.EPOCHS', '50', 'DATA.BATCH_SIZE', '4'],
+        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'})
+    logs = os.path.join(str(out), 'simmim_pretrain', 'tiny')
+    wait_for(proc, os.path.join(logs, 'log_rank0.txt'), 'ckpt_epoch_1.pth saved')
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+    proc.communicate(timeout=120)
+    messages = [open(os.path.join(logs, f'log_rank{r}.txt')).read().split('Preempted: ')[-1].split('\n')[0]
+                for r in (0, 1)]
+    assert all(m.startswith('Stopped by') for m in messages)
+    # Both ranks stopped after the same step, and name the same checkpoint.
+    assert messages[0].split(' after ', 1)[1] == messages[1].split(' after ', 1)[1]
+    step_files = [n for n in os.listdir(logs) if '_step_' in n]
+    assert len(step_files) == 1 and step_files[0] in messages[0]

@@ -175,7 +175,10 @@ def load_training_state(checkpoint, model, optimizer, lr_scheduler, scaler, logg
             f"The resume checkpoint does not match the model (another architecture or size?): "
             f"missing {missing[:5]}, unexpected {incompatible.unexpected_keys[:5]}.")
     optimizer.load_state_dict(checkpoint['optimizer'])
-    lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+    changes = lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+    if changes:
+        logger.warning('The LR schedule of this config differs from the checkpoint\'s; the config '
+                       'wins: ' + '; '.join(changes))
     if scaler is not None and checkpoint.get('scaler'):
         scaler.load_state_dict(checkpoint['scaler'])
     position = checkpoint.get('position') or {'epoch': checkpoint['epoch'] + 1, 'step': 0}

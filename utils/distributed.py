@@ -1,4 +1,5 @@
 """Process-group set-up for a single process or torchrun (NCCL on GPU, gloo on CPU)."""
+import inspect
 import os
 import random
 from dataclasses import dataclass
@@ -6,6 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,13 @@ def init_distributed(local_rank=0):
     rank = int(os.environ.get('RANK', 0))
     local_rank = int(os.environ.get('LOCAL_RANK', local_rank))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        local_world_size = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+        if local_world_size > torch.cuda.device_count():
+            # NCCL refuses two ranks on one GPU ("Duplicate GPU detected") after a long start-up.
+            raise ConfigError(f"torchrun started {local_world_size} processes on this node but it "
+                              f"has {torch.cuda.device_count()} GPU(s); use --nproc_per_node "
+                              f"{torch.cuda.device_count()} (one process per GPU).")
+        torch.cuda.set_device(local_rank)
         device = torch.device('cuda', torch.cuda.current_device())
     else:
         device = torch.device('cpu')
@@ -43,6 +53,17 @@ def init_distributed(local_rank=0):
         dist.init_process_group(backend, init_method='env://', world_size=world_size, rank=rank,
                                 device_id=device if device.type == 'cuda' else None)
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def wrap_ddp(model, device):
+    """DistributedDataParallel without per-forward buffer broadcasts (the official
+    broadcast_buffers=False; buffers here are derived index tables). torch >= 2.14 spells it
+    forward_sync_buffers, older versions broadcast_buffers."""
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in params
+               else {'broadcast_buffers': False})
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
+                                   **no_sync)
 
 
 def seed_everything(seed):

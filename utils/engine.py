@@ -17,11 +17,12 @@ import time
 import torch
 
 from config import amp_enabled
-from optimizer import supports_found_inf
+from lr_scheduler import build_scheduler
+from optimizer import build_optimizer, supports_found_inf
 from utils.checkpoint import (atomic_save, build_checkpoint, capture_rng_state,
                               epoch_checkpoint_path, find_resume_checkpoint, load_training_state,
                               prune_step_checkpoints, step_checkpoint_path, verify_checkpoint)
-from utils.distributed import all_gather_objects, all_reduce_max, barrier
+from utils.distributed import all_gather_objects, all_reduce_max, barrier, wrap_ddp
 from utils.preemption import Preempted, PreemptionHandler
 
 EXIT_NONFINITE = 3
@@ -74,6 +75,21 @@ def peak_memory_mb(device):
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS on Linux (KiB)
+
+
+def build_trainer(config, model, data_loader, task, logger, dist_info, writer=None,
+                  is_pretrain=True):
+    """The optimizer, autocast dtype and GradScaler, DDP wrapper and LR schedule for `model` (on
+    its device already), assembled into a Trainer."""
+    logger.info(f'number of trainable params: '
+                f'{sum(p.numel() for p in model.parameters() if p.requires_grad)}')
+    optimizer = build_optimizer(config, model, logger, is_pretrain)
+    amp_dtype = autocast_dtype(config, dist_info.device)
+    logger.info(f'autocast: {amp_dtype or "off (fp32)"}')
+    wrapped = wrap_ddp(model, dist_info.device) if dist_info.distributed else model
+    lr_scheduler = build_scheduler(config, optimizer, len(data_loader))
+    return Trainer(config, wrapped, model, optimizer, lr_scheduler, build_grad_scaler(amp_dtype),
+                   data_loader, task, logger, dist_info, writer, amp_dtype)
 
 
 class Trainer:

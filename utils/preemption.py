@@ -58,8 +58,10 @@ class PreemptionHandler:
         return bool(self._flag.item())
 
 
-def ignore_signals_in_worker():
-    """DataLoader workers leave SIGTERM/SIGINT to the main process, which stops cleanly and ends
-    them; otherwise a Ctrl-C or a scheduler's SIGTERM to the process group kills them mid-batch."""
-    for sig in PreemptionHandler.SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+def ignore_interrupt_in_worker():
+    """DataLoader workers leave Ctrl-C (SIGINT, sent to the whole foreground process group) to the
+    main process, which finishes the step, saves and then ends them; otherwise they would die
+    mid-batch. SIGTERM keeps its default: the main process (and multiprocessing at exit) stop
+    workers with it, and a worker that ignored it would hang the exit. Schedulers should signal
+    the main process or launcher only (see the README's SLURM example)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -33,9 +33,17 @@ def reconstruction_grid(images, mask, prediction):
     return (grid * 255).round().to(torch.uint8)
 
 
-def save_png(grid, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy().astype(np.uint8)).save(path)
+def save_png(grid, path, min_cell=0):
+    """Write the uint8 (3, H, W) `grid` as a PNG. With `min_cell`, grids of small images (e.g. the
+    64-px demo) are enlarged by an integer factor (nearest neighbour) so each cell is at least
+    `min_cell` pixels wide."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or '.', exist_ok=True)
+    image = Image.fromarray(grid.permute(1, 2, 0).numpy().astype(np.uint8))
+    cell = (image.width - 2) // 4  # four columns with 2-px padding
+    factor = -(-min_cell // max(cell, 1))
+    if factor > 1:
+        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    image.save(path)
 
 
 @torch.no_grad()
@@ -63,15 +71,15 @@ class ReconstructionLogger:
         self.images = torch.stack([s[0] for s in samples]).to(device)
         self.mask = torch.stack([s[1] for s in samples]).to(device)
 
-    def __call__(self, epoch, is_main=True):
+    def __call__(self, epoch):
         config = self.config
         last = epoch == config.TRAIN.EPOCHS - 1
-        if not config.VIS_FREQ or not (epoch % config.VIS_FREQ == 0 or last) or not is_main:
+        if not config.VIS_FREQ or not (epoch % config.VIS_FREQ == 0 or last):
             return None
         prediction = reconstruct_images(self.model, self.images, self.mask)
         grid = reconstruction_grid(self.images, self.mask, prediction)
         path = os.path.join(config.OUTPUT, 'reconstructions', f'epoch_{epoch}.png')
-        save_png(grid, path)
+        save_png(grid, path, min_cell=128)
         if self.writer is not None:
             self.writer.add_image('reconstruction', grid, epoch)
         return path
