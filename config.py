@@ -197,6 +197,9 @@ _C.TRAIN.MOE.SAVE_MASTER = False
 # Fine-tuning augmentation (timm)
 # -----------------------------------------------------------------------------------------------
 _C.AUG = CN()
+# Area range of the training RandomResizedCrop (timm's default, which the official code used).
+# Small images of small objects may want a larger minimum.
+_C.AUG.CROP_SCALE = (0.08, 1.0)
 _C.AUG.COLOR_JITTER = 0.4
 _C.AUG.AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'  # 'none' turns it off
 _C.AUG.REPROB = 0.25
@@ -463,6 +466,9 @@ def validate_config(config, is_pretrain=True):
     _check(config.CHECKPOINT.STEP_FREQ >= 0 and config.CHECKPOINT.KEEP_STEP_CKPTS >= 1,
            "CHECKPOINT.STEP_FREQ must be >= 0 and CHECKPOINT.KEEP_STEP_CKPTS >= 1.")
     _check(config.TRAIN.MAX_NONFINITE_STEPS >= 1, "TRAIN.MAX_NONFINITE_STEPS must be >= 1.")
+    crop = list(config.AUG.CROP_SCALE)
+    _check(len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1,
+           f"AUG.CROP_SCALE must be [low, high] with 0 < low <= high <= 1, got {crop}.")
 
     if config.MODEL.TYPE == 'vit':
         _validate_vit(config)

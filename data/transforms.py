@@ -92,6 +92,7 @@ def build_finetune_transform(config, is_train):
             re_mode=aug.REMODE,
             re_count=aug.RECOUNT,
             interpolation=config.DATA.INTERPOLATION,
+            scale=tuple(aug.CROP_SCALE),
         )
         transform.transforms.insert(0, ToRGB())
         if not resize_im:
