@@ -86,7 +86,7 @@ def main(config, dist_info, logger, writer):
     if not resumed and config.MODEL.PRETRAINED:
         load_pretrained(config, backbone, logger)
     if config.THROUGHPUT_MODE:
-        throughput(model, data_loader_val, device, logger)
+        throughput(model, data_loader_val, device, logger, trainer.amp_dtype)
         return
 
     def validate(epoch):

@@ -169,7 +169,8 @@ def load_training_state(checkpoint, model, optimizer, lr_scheduler, scaler, logg
             "The resume checkpoint does not fit the model (another architecture or size?); first "
             "mismatches (key, checkpoint shape, model shape): " + '; '.join(map(str, mismatches)))
     incompatible = model.load_state_dict(checkpoint['model'], strict=False)
-    missing = [k for k in incompatible.missing_keys if not _is_rebuilt_buffer(k)]
+    # Index and mask buffers are not saved and are rebuilt by the models, so nothing may be missing.
+    missing = incompatible.missing_keys
     if missing or incompatible.unexpected_keys:
         raise CheckpointError(
             f"The resume checkpoint does not match the model (another architecture or size?): "
@@ -191,10 +192,6 @@ def load_training_state(checkpoint, model, optimizer, lr_scheduler, scaler, logg
                        f"bit-identical (it is still correct).")
     return (position['epoch'], position['step'], checkpoint.get('max_accuracy', 0.0),
             checkpoint.get('train_state', {}))
-
-
-def _is_rebuilt_buffer(key):
-    return key.endswith(('relative_position_index', 'attn_mask', 'relative_coords_table'))
 
 
 def checkpoint_shape_mismatches(model, state_dict, limit=5):

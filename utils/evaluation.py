@@ -38,22 +38,27 @@ def evaluate(model, data_loader, device, amp_dtype=None, logger=None, print_freq
 
 
 @torch.no_grad()
-def throughput(model, data_loader, device, logger, warmup=50, timed=30):
+def throughput(model, data_loader, device, logger, amp_dtype=None, warmup=50, timed=30):
     """Images per second of the forward pass on one validation batch, as the official script:
-    `warmup` untimed passes, then `timed` passes between two synchronisations."""
+    `warmup` untimed passes, then `timed` passes between two synchronisations (under the run's
+    autocast dtype, if any)."""
     model.eval()
     images = next(iter(data_loader))[0].to(device, non_blocking=True)
     batch_size = images.shape[0]
-    for _ in range(warmup):
-        model(images)
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    logger.info('throughput averaged with 30 times')
+
+    def forward_passes(count):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            for _ in range(count):
+                model(images)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+
+    forward_passes(warmup)
+    logger.info(f'throughput averaged with {timed} times')
     start = time.perf_counter()
-    for _ in range(timed):
-        model(images)
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
+    forward_passes(timed)
     images_per_sec = timed * batch_size / (time.perf_counter() - start)
-    logger.info(f'batch_size {batch_size} throughput {images_per_sec:.1f}')
+    logger.info(f'batch_size {batch_size} throughput {images_per_sec:.1f} '
+                f'({amp_dtype or "fp32"})')
     return images_per_sec
