@@ -30,7 +30,8 @@ from typing import Callable, NamedTuple
 
 import torch
 from timm.optim import Lars
-from torch.nn.parallel import DistributedDataParallel
+
+from utils.distributed import unwrap_model
 
 # -----------------------------------------------------------------------------------------------
 # Layer ids for layer-wise LR decay (official get_swin_layer / get_vit_layer, reference 5.2)
@@ -76,17 +77,6 @@ LAYER_ID_FUNCTIONS = {  # keyed by MODEL.TYPE
     'vit': LayerIds(lambda name, cfg: vit_layer_id(name, cfg.MODEL.VIT.DEPTH),
                     lambda cfg: cfg.MODEL.VIT.DEPTH),
 }
-
-
-def unwrap_model(model):
-    """The module whose parameter names are the official ones (no DDP / torch.compile prefix)."""
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, '_orig_mod'):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _uses_layer_decay(config, is_pretrain):

@@ -51,7 +51,8 @@ class ToRGB:
         return 'ToRGB()'
 
 
-def _normalize():
+def normalize():
+    """ImageNet mean/std normalisation, the input space of every model here."""
     return T.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
@@ -64,7 +65,7 @@ def build_pretrain_transform(config):
         T.RandomResizedCrop(config.DATA.IMG_SIZE, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
-        _normalize(),
+        normalize(),
     ])
 
 
@@ -108,5 +109,5 @@ def build_finetune_transform(config, is_train):
                       T.CenterCrop(img_size)]
         else:
             steps.append(T.Resize((img_size, img_size), interpolation=interpolation))
-    steps += [T.ToTensor(), _normalize()]
+    steps += [T.ToTensor(), normalize()]
     return T.Compose(steps)

@@ -21,7 +21,6 @@ import tempfile
 import numpy as np
 import torch
 from PIL import Image
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,6 +29,7 @@ from config import load_config, model_patch_size  # noqa: E402
 from data import ImageFolderDataset, SyntheticShapes, sample_seed  # noqa: E402
 from data.masking import (MASK_GENERATORS, build_mask_generator,  # noqa: E402
                           pixel_mask_to_patches)
+from data.transforms import normalize  # noqa: E402
 from models import build_model  # noqa: E402
 from utils.pretrained import drop_rebuilt_buffers, unwrap_state_dict  # noqa: E402
 from utils.safe_load import load_checkpoint_file  # noqa: E402
@@ -67,7 +67,7 @@ def load_images(config, folder=None, num_images=8):
         dataset = SyntheticShapes(num_images, syn.NUM_CLASSES, config.DATA.IMG_SIZE, syn.SEED, 'val')
     size = config.DATA.IMG_SIZE
     transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
-                           T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+                           normalize()])
     return torch.stack([transform(dataset[i][0]) for i in range(min(num_images, len(dataset)))])
 
 

@@ -66,6 +66,17 @@ def wrap_ddp(model, device):
                                    **no_sync)
 
 
+def unwrap_model(model):
+    """The module whose parameter names are the official ones (no DDP / torch.compile prefix)."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, '_orig_mod'):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def seed_everything(seed):
     """Seed the global RNGs of this process (dropout, drop path, Mixup)."""
     random.seed(seed)

@@ -26,7 +26,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from optimizer import unwrap_model
+from utils.distributed import unwrap_model
 from utils.pos_embed import resize_abs_pos_embed, resize_rel_pos_bias_table
 from utils.safe_load import load_checkpoint_file
 
