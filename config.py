@@ -37,6 +37,15 @@ _C.DATA.INTERPOLATION = 'bicubic'  # fine-tune transforms: random, bilinear, bic
 _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
 _C.DATA.PERSISTENT_WORKERS = True
+# Pre-training: decode a JPEG at 1/2, 1/4 or 1/8 scale when its random crop is at least that many
+# times the output size (same crop and flip, pixels resized from the smaller decode; see
+# data/pretrain_transform.py). Only large photos qualify; ImageNet's ~500x375 do not at 192.
+_C.DATA.JPEG_DRAFT = True
+# Pre-training: 'cpu' decodes and augments in the DataLoader workers (PIL); 'gpu' hands the encoded
+# JPEGs and the drawn crops to the main process, which decodes (nvJPEG) and augments on the GPU
+# (data/gpu_decode.py): far fewer CPU cores per GPU. Same crops, flips and masks either way.
+_C.DATA.DECODE = 'cpu'
+_C.DATA.PREFETCH_FACTOR = 2  # batches each worker prepares ahead (torch's default)
 # What to do with a file that cannot be decoded: 'skip' (warn with its path, count it, use the next
 # readable image) or 'error' (stop with its path).
 _C.DATA.ON_BAD_IMAGE = 'skip'
@@ -74,6 +83,9 @@ _C.MODEL.NUM_CLASSES = 0
 _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
+# Swin/SwinV2 window attention (models/window_attention.py): 'sdpa' (torch's fused attention, any
+# device) or 'flex' (FlexAttention with the bias inside the kernel; CUDA training, compiled).
+_C.MODEL.WINDOW_ATTENTION = 'sdpa'
 
 _C.MODEL.SWIN = CN()
 _C.MODEL.SWIN.PATCH_SIZE = 4
@@ -172,6 +184,10 @@ _C.TRAIN.LAYER_DECAY = 1.0  # [SimMIM] layer-wise LR decay for fine-tuning
 # Consecutive optimizer steps with a non-finite loss or gradient norm that are skipped (parameters
 # untouched) before the run stops with an error.
 _C.TRAIN.MAX_NONFINITE_STEPS = 20
+# torch.compile (utils/compile.py): '' off, 'blocks' each transformer block on its own (short
+# compile, graphs shared by blocks of one shape), 'model' the whole model in one graph.
+_C.TRAIN.COMPILE = ''
+_C.TRAIN.COMPILE_BACKEND = 'inductor'  # aot_eager / eager: trace without code generation (debugging)
 
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = 'cosine'  # cosine | linear | step | multistep
@@ -466,6 +482,7 @@ def validate_config(config, is_pretrain=True):
     _check(config.CHECKPOINT.STEP_FREQ >= 0 and config.CHECKPOINT.KEEP_STEP_CKPTS >= 1,
            "CHECKPOINT.STEP_FREQ must be >= 0 and CHECKPOINT.KEEP_STEP_CKPTS >= 1.")
     _check(config.TRAIN.MAX_NONFINITE_STEPS >= 1, "TRAIN.MAX_NONFINITE_STEPS must be >= 1.")
+    _validate_speed_options(config, is_pretrain)
     crop = list(config.AUG.CROP_SCALE)
     _check(len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1,
            f"AUG.CROP_SCALE must be [low, high] with 0 < low <= high <= 1, got {crop}.")
@@ -492,6 +509,25 @@ def validate_config(config, is_pretrain=True):
                f"MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE must be odd, got {norm.PATCH_SIZE}.")
         _validate_mask_strategy(config)
         _validate_head_and_target(config)
+
+
+def _validate_speed_options(config, is_pretrain):
+    from models.window_attention import WINDOW_ATTENTION
+    from utils.compile import COMPILE_BACKENDS, COMPILE_MODES
+    _check(config.DATA.DECODE in ('cpu', 'gpu'),
+           f"DATA.DECODE must be 'cpu' or 'gpu', got '{config.DATA.DECODE}'.")
+    _check(config.DATA.DECODE == 'cpu' or is_pretrain,
+           "DATA.DECODE gpu is for pre-training; fine-tuning augments with PIL (RandAugment). Use "
+           "DATA.DECODE cpu.")
+    _check(config.DATA.PREFETCH_FACTOR >= 1, "DATA.PREFETCH_FACTOR must be >= 1.")
+    _check(config.MODEL.WINDOW_ATTENTION in WINDOW_ATTENTION,
+           f"MODEL.WINDOW_ATTENTION must be one of {WINDOW_ATTENTION}, got "
+           f"'{config.MODEL.WINDOW_ATTENTION}'.")
+    _check(config.TRAIN.COMPILE in COMPILE_MODES,
+           f"TRAIN.COMPILE must be '' (off), 'blocks' or 'model', got '{config.TRAIN.COMPILE}'.")
+    _check(config.TRAIN.COMPILE_BACKEND in COMPILE_BACKENDS,
+           f"TRAIN.COMPILE_BACKEND must be one of {COMPILE_BACKENDS}, got "
+           f"'{config.TRAIN.COMPILE_BACKEND}'.")
 
 
 def _validate_mask_strategy(config):
@@ -625,6 +661,9 @@ def build_arg_parser(finetune=False):
     parser.add_argument('--output', default=None, type=str, metavar='PATH',
                         help='root of the output folder (OUTPUT; default "output")')
     parser.add_argument('--tag', help='tag of experiment (TAG)')
+    parser.add_argument('--compile', choices=['blocks', 'model'], default=None,
+                        help='torch.compile each transformer block or the whole model '
+                             '(TRAIN.COMPILE)')
     # torch.distributed.launch passes one of these; torchrun sets LOCAL_RANK, which wins.
     parser.add_argument('--local_rank', '--local-rank', type=int, default=None, dest='local_rank',
                         help=argparse.SUPPRESS)
@@ -660,6 +699,8 @@ def _apply_args(config, args):
         config.OUTPUT = args.output
     if given('tag'):
         config.TAG = args.tag
+    if given('compile'):
+        config.TRAIN.COMPILE = args.compile
     if given('eval'):
         config.EVAL_MODE = True
     if given('throughput'):

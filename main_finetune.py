@@ -15,6 +15,7 @@ from data import build_loader
 from models import build_model
 from models.linear_probe import build_linear_probe
 from utils.checkpoint import atomic_save
+from utils.compile import compile_model
 from utils.engine import ClassificationTask, autocast_dtype, build_trainer
 from utils.evaluation import evaluate, throughput
 from utils.launch import run
@@ -66,6 +67,7 @@ def main(config, dist_info, logger, writer):
     else:
         model = backbone = build_model(config, is_pretrain=False).to(device)
     logger.debug(str(model))
+    compile_model(model, config.TRAIN.COMPILE, logger, config.TRAIN.COMPILE_BACKEND)
 
     if config.EVAL_MODE:
         checkpoint = load_weights_for_eval(config, model, logger)

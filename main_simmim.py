@@ -7,6 +7,7 @@ import sys
 
 from data import build_loader
 from models import build_model
+from utils.compile import compile_model
 from utils.engine import PretrainTask, build_trainer
 from utils.launch import run
 from utils.visualize import ReconstructionLogger
@@ -16,6 +17,7 @@ def main(config, dist_info, logger, writer):
     dataset, data_loader = build_loader(config, logger, is_pretrain=True)
     model = build_model(config, is_pretrain=True).to(dist_info.device)
     logger.debug(str(model))
+    compile_model(model, config.TRAIN.COMPILE, logger, config.TRAIN.COMPILE_BACKEND)
     trainer = build_trainer(config, model, data_loader, PretrainTask(), logger, dist_info, writer)
     visualize = None
     if config.VIS_FREQ and dist_info.is_main:

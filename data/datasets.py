@@ -6,6 +6,7 @@ import os
 import torch
 from PIL import Image
 
+from .pretrain_transform import draft_jpeg
 from .seeding import sample_seed, seeded_global_rngs
 from .transforms import to_rgb
 
@@ -46,10 +47,16 @@ def _scan_images(folder):
     return found
 
 
-def load_image(path):
-    """The image at `path` as RGB, fully decoded (so a truncated file fails here, not later)."""
+def load_image(path, before_decode=None):
+    """The image at `path` as RGB, fully decoded (so a truncated file fails here, not later).
+
+    `before_decode(image)` is called with the opened image before its pixels are decoded (size,
+    mode and format are known from the header), e.g. to ask for a reduced JPEG decode.
+    """
     with open(path, 'rb') as f:
         img = Image.open(f)
+        if before_decode is not None:
+            before_decode(img)
         img.load()  # PIL decodes lazily; ImageFile.LOAD_TRUNCATED_IMAGES stays False
     return to_rgb(img)
 
@@ -91,12 +98,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
+        return self.load(index)[:2]
+
+    def load(self, index, before_decode=None, reader=load_image):
+        """(image, label, prepared): what __getitem__ returns, with `before_decode` (see
+        load_image) applied to the file at `index`. prepared is False when that file was unreadable
+        and replaced by the next readable one, which is decoded without the hook. `reader(path,
+        before_decode)` reads a file (data.gpu_decode.read_encoded keeps JPEGs encoded)."""
         if not -len(self.samples) <= index < len(self.samples):
             raise IndexError(f"index {index} out of range for {len(self.samples)} images")
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
-                image = load_image(path)
+                image = reader(path, before_decode if offset == 0 else None)
             except Exception as err:  # PIL raises many exception types for broken files
                 if self.on_bad_image == 'error':
                     raise BadImageError(
@@ -109,7 +123,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                                path, type(err).__name__, err, len(_skipped_paths))
                 continue
             self._warn_if_small(path, image)
-            return image, label
+            return image, label, offset == 0
         raise BadImageError(f"None of the {len(self.samples)} images under {self.root} can be read.")
 
 
@@ -167,6 +181,26 @@ class MaskedImageDataset(SeededTransformDataset):
     def __init__(self, base, transform, mask_generator, seed=0):
         super().__init__(base, transform, seed)
         self.mask_generator = mask_generator
+
+    def _transformed(self, key):
+        # An image folder and a PretrainTransform: the crop is planned from the file's header, so
+        # a JPEG can be decoded at reduced scale (DATA.JPEG_DRAFT, data/pretrain_transform.py).
+        if not (hasattr(self.base, 'load') and hasattr(self.transform, 'plan')):
+            return super()._transformed(key)
+        epoch, index = _split_key(key)
+        seed = sample_seed(self.seed, epoch, index, 'augment')
+        planned = []
+
+        def plan_and_draft(header):
+            with seeded_global_rngs(seed):
+                plan = self.transform.plan(header.size)
+            planned.append((plan, draft_jpeg(header, self.transform.reduction(plan))))
+
+        img, label, prepared = self.base.load(index, plan_and_draft)
+        if prepared:
+            return self.transform.apply(img, *planned[-1]), label, epoch, index
+        with seeded_global_rngs(seed):  # a replacement for an unreadable file: drawn afresh
+            return self.transform(img), label, epoch, index
 
     def __getitem__(self, key):
         img, label, epoch, index = self._transformed(key)

@@ -83,12 +83,14 @@ def _check_classes(config, train_set, val_set):
     return num_classes
 
 
-def _data_loader(config, dataset, sampler, rank, drop_last):
+def _data_loader(config, dataset, sampler, rank, drop_last, collate_fn=None):
     data = config.DATA
     return torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=data.BATCH_SIZE, num_workers=data.NUM_WORKERS,
         pin_memory=data.PIN_MEMORY and torch.cuda.is_available(), drop_last=drop_last,
         persistent_workers=data.PERSISTENT_WORKERS and data.NUM_WORKERS > 0,
+        prefetch_factor=data.PREFETCH_FACTOR if data.NUM_WORKERS > 0 else None,
+        collate_fn=collate_fn,
         worker_init_fn=seed_worker,
         # Its own generator: worker seeds do not consume (or depend on) the training RNG.
         generator=torch.Generator().manual_seed(sample_seed(config.SEED, 0, rank, 'loader')),
@@ -119,6 +121,11 @@ def build_loader(config, logger=None, is_pretrain=True):
         dataset_train = MaskedImageDataset(base, build_pretrain_transform(config), mask_generator,
                                            config.SEED)
         logger.info(f"Pre-training data: {len(base)} images from {source}; {mask_generator}")
+        if config.DATA.DECODE == 'gpu':
+            from .gpu_decode import build_device_decode_loader
+            return dataset_train, build_device_decode_loader(
+                config, base, dataset_train,
+                lambda dataset, collate: _data_loader(config, dataset, sampler, rank, True, collate))
         return dataset_train, _data_loader(config, dataset_train, sampler, rank, drop_last=True)
 
     if synthetic:

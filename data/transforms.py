@@ -58,15 +58,11 @@ def normalize():
 
 def build_pretrain_transform(config):
     """The SimMIM pre-training image transform (the image half of the official SimMIMTransform; the
-    mask is drawn separately, see data.masking): PIL image -> normalised (3, IMG_SIZE, IMG_SIZE).
-    Nothing beyond crop and flip (§3.2)."""
-    return T.Compose([
-        ToRGB(),
-        T.RandomResizedCrop(config.DATA.IMG_SIZE, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        normalize(),
-    ])
+    mask is drawn separately, see data.masking): RGB PIL image -> normalised (3, IMG_SIZE,
+    IMG_SIZE). Nothing beyond crop and flip (§3.2); see data/pretrain_transform.py."""
+    from .pretrain_transform import PretrainTransform  # it imports to_rgb from here
+    return PretrainTransform(config.DATA.IMG_SIZE, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
+                             jpeg_draft=config.DATA.JPEG_DRAFT)
 
 
 def _eval_interpolation(name):

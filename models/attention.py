@@ -1,8 +1,11 @@
 """Attention and position-index helpers shared by the Swin, SwinV2 and ViT encoders.
 
 All attention goes through `attention`, which calls torch's fused
-`scaled_dot_product_attention` with position biases and window masks as an additive float mask.
-`eager_attention()` switches to the textbook softmax(QK^T * scale + bias) V for tests and debugging.
+`scaled_dot_product_attention` with position biases and window masks as an additive float mask,
+except when training on a CPU: there SDPA's backward is its math fallback plus checks for fully
+masked rows, and the explicit formula measured as fast or faster (benchmarks/RESULTS.md).
+`eager_attention()` switches to the textbook softmax(QK^T * scale + bias) V for tests and debugging,
+`eager_attention(False)` to SDPA everywhere.
 """
 import contextlib
 
@@ -10,18 +13,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_use_eager = False
+_use_eager = None  # None: textbook formula only for CPU training; True / False: always / never
 
 
 @contextlib.contextmanager
 def eager_attention(enabled=True):
-    """Within this context `attention` computes softmax(QK^T * scale + bias) V explicitly."""
+    """Within this context `attention` computes softmax(QK^T * scale + bias) V explicitly
+    (enabled=True) or always calls SDPA (enabled=False)."""
     global _use_eager
     previous, _use_eager = _use_eager, enabled
     try:
         yield
     finally:
         _use_eager = previous
+
+
+def is_eager():
+    """Whether `eager_attention()` forces the textbook formula."""
+    return _use_eager is True
 
 
 def attention(q, k, v, bias=None, scale=None, dropout_p=0.0):
@@ -32,7 +41,10 @@ def attention(q, k, v, bias=None, scale=None, dropout_p=0.0):
     """
     if bias is not None:
         bias = bias.to(q.dtype)  # SDPA wants the mask in the query's dtype (e.g. under autocast)
-    if not _use_eager:
+    textbook = _use_eager
+    if textbook is None:
+        textbook = q.device.type == 'cpu' and q.requires_grad and torch.is_grad_enabled()
+    if not textbook:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p,
                                               scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale

@@ -11,6 +11,7 @@ from .simmim import (SimMIM, SwinTransformerForSimMIM, SwinTransformerV2ForSimMI
 from .swin_transformer import SwinTransformer
 from .swin_transformer_v2 import SwinTransformerV2
 from .vision_transformer import VisionTransformer
+from .window_attention import set_window_attention
 
 
 def _swin_family_kwargs(swin):
@@ -72,12 +73,14 @@ def build_encoder(config):
 def build_classifier(config):
     """The fine-tuning classifier of MODEL.TYPE with MODEL.NUM_CLASSES outputs."""
     arch, kwargs = _architecture_kwargs(config)
-    return arch.classifier(num_classes=config.MODEL.NUM_CLASSES, **kwargs)
+    model = arch.classifier(num_classes=config.MODEL.NUM_CLASSES, **kwargs)
+    return set_window_attention(model, config.MODEL.WINDOW_ATTENTION)
 
 
 def build_simmim(config):
     encoder = build_encoder(config)
-    return SimMIM(encoder, build_decoder(config, encoder), build_criterion(config, encoder))
+    model = SimMIM(encoder, build_decoder(config, encoder), build_criterion(config, encoder))
+    return set_window_attention(model, config.MODEL.WINDOW_ATTENTION)
 
 
 def build_model(config, is_pretrain=True):

@@ -8,8 +8,8 @@ import torch.nn as nn
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from .attention import (attention, gather_position_bias, register_derived_buffer,
-                        relative_position_index)
+from .attention import gather_position_bias, register_derived_buffer, relative_position_index
+from .window_attention import attend_windows
 
 
 # -----------------------------------------------------------------------------------------------
@@ -53,24 +53,6 @@ def shifted_window_mask(input_resolution, window_size, shift_size):
     return torch.zeros(different.shape).masked_fill(different, -100.0)
 
 
-def attend_windows(q, k, v, position_bias, window_mask, scale, dropout_p):
-    """Attention inside each window with a position bias and an optional shift mask.
-
-    q, k, v: (B * num_windows, heads, N, head_dim); position_bias: (heads, N, N);
-    window_mask: (num_windows, N, N) or None. Returns (B * num_windows, heads, N, head_dim).
-    """
-    if window_mask is None:
-        return attention(q, k, v, position_bias.unsqueeze(0), scale, dropout_p)
-    windows_batch, heads, n, head_dim = q.shape
-    num_windows = window_mask.shape[0]
-    # Fold the windows into the head axis so the (window, head) bias broadcasts over the batch
-    # instead of being copied once per image.
-    bias = (position_bias.unsqueeze(0) + window_mask.unsqueeze(1)).reshape(1, -1, n, n)
-    folded = (windows_batch // num_windows, num_windows * heads, n, head_dim)
-    out = attention(q.reshape(folded), k.reshape(folded), v.reshape(folded), bias, scale, dropout_p)
-    return out.reshape(windows_batch, heads, n, head_dim)
-
-
 # -----------------------------------------------------------------------------------------------
 # Blocks
 # -----------------------------------------------------------------------------------------------
@@ -79,6 +61,7 @@ class WindowAttention(nn.Module):
 
     (B * num_windows, N, C) -> (B * num_windows, N, C); mask: (num_windows, N, N) or None.
     """
+    window_kernel = 'sdpa'  # MODEL.WINDOW_ATTENTION (models/window_attention.py)
 
     def __init__(self, dim, window_size, num_heads, qkv_bias=True, qk_scale=None, attn_drop=0.,
                  proj_drop=0.):
@@ -100,7 +83,8 @@ class WindowAttention(nn.Module):
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         bias = gather_position_bias(self.relative_position_bias_table, self.relative_position_index)
-        x = attend_windows(q, k, v, bias, mask, self.scale, self.attn_drop if self.training else 0.)
+        x = attend_windows(q, k, v, bias, mask, self.scale, self.attn_drop if self.training else 0.,
+                           self.window_kernel)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
 
 

@@ -14,7 +14,8 @@ from timm.layers import to_2tuple
 
 from .attention import (add_qv_bias, gather_position_bias, qkv_with_qv_bias,
                         register_derived_buffer, relative_position_index)
-from .swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, attend_windows
+from .swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock
+from .window_attention import attend_windows
 
 
 def log_spaced_coords_table(window_size, pretrained_window_size=(0, 0)):
@@ -39,6 +40,7 @@ class WindowAttentionV2(nn.Module):
     (B * num_windows, N, C) -> (B * num_windows, N, C); mask: (num_windows, N, N) or None.
     """
     max_logit_scale = math.log(100.)  # the learned temperature is clamped at 100
+    window_kernel = 'sdpa'  # MODEL.WINDOW_ATTENTION (models/window_attention.py)
 
     def __init__(self, dim, window_size, num_heads, qkv_bias=True, attn_drop=0., proj_drop=0.,
                  pretrained_window_size=(0, 0)):
@@ -72,7 +74,7 @@ class WindowAttentionV2(nn.Module):
         q = F.normalize(q, dim=-1) * temperature
         k = F.normalize(k, dim=-1)
         x = attend_windows(q, k, v, self.position_bias(), mask, 1.0,
-                           self.attn_drop if self.training else 0.)
+                           self.attn_drop if self.training else 0., self.window_kernel)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
 
 

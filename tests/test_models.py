@@ -147,7 +147,8 @@ def test_window_attention_with_shift_mask_matches_textbook(version):
     assert set(block.attn_mask.unique().tolist()) == {0.0, -100.0}
     x = torch.randn(2 * 4, 16, 8)  # 2 images x 4 windows
     expected = textbook_window_attention(block.attn, x, block.attn_mask)
-    fused = block.attn(x, block.attn_mask)
+    with eager_attention(False):
+        fused = block.attn(x, block.attn_mask)
     with eager_attention():
         eager = block.attn(x, block.attn_mask)
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
@@ -165,7 +166,8 @@ ATTENTION_CASES = [
 def test_fused_attention_matches_eager_path(model_type, keys):
     model = randomize_(build_model(tiny_config(model_type, **keys), is_pretrain=False)).double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    fused = model(x)
+    with eager_attention(False):  # SDPA, which CPU training would not pick by itself
+        fused = model(x)
     fused.sum().backward()
     fused_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -188,7 +190,8 @@ def test_attention_bias_has_unit_stride_for_fused_gpu_kernels(model_type, keys, 
 
     monkeypatch.setattr(F, 'scaled_dot_product_attention', spy)
     model = build_model(tiny_config(model_type, **keys), is_pretrain=False)
-    model(torch.randn(1, 3, 32, 32))
+    with eager_attention(False):
+        model(torch.randn(1, 3, 32, 32))
     assert strides and set(strides) == {1}
 
 

@@ -58,12 +58,17 @@ def init_distributed(local_rank=0):
 def wrap_ddp(model, device):
     """DistributedDataParallel without per-forward buffer broadcasts (the official
     broadcast_buffers=False; buffers here are derived index tables). torch >= 2.14 spells it
-    forward_sync_buffers, older versions broadcast_buffers."""
+    forward_sync_buffers, older versions broadcast_buffers.
+
+    Gradients are views into the all-reduce buckets (gradient_as_bucket_view): one copy of the
+    gradients in memory instead of two. static_graph stays off: it only helps reentrant
+    checkpointing and unused parameters, neither of which occurs here.
+    """
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     no_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in params
                else {'broadcast_buffers': False})
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
-                                   **no_sync)
+                                   gradient_as_bucket_view=True, **no_sync)
 
 
 def unwrap_model(model):

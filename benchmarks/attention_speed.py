@@ -1,0 +1,147 @@
+"""Swin window attention formulations, timed side by side and checked against the textbook formula.
+
+    python benchmarks/attention_speed.py --device cpu --threads 1 --out attention_cpu.md
+    python benchmarks/attention_speed.py --device cuda --out attention_gpu.md   # bf16, Swin-B batch 128
+
+Every formulation computes softmax(q k^T * scale + position bias + shift mask) v for the windows of
+one Swin-B stage at 192 px (window 6, shifted); they differ only in how the bias reaches the
+kernel (models/window_attention.py):
+- textbook: explicit q @ k^T, add, softmax, @ v (models.attention.eager_attention, the reference);
+- sdpa: F.scaled_dot_product_attention with the windows folded into the head axis, so the
+  (window, head) bias broadcasts over the batch instead of being copied per image (our default);
+- sdpa_expanded: the same kernel with the bias materialised per image (B * windows, heads, N, N);
+- flex: FlexAttention (compiled) with a score_mod that adds the bias of (window, head, q, k);
+  its backward runs on CUDA only, so on a CPU it is timed forward-only.
+Forward + backward (the training case) and forward-only are timed, interleaved over `--rounds`;
+the max abs difference to the fp32 textbook result is reported for each.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from models.attention import eager_attention  # noqa: E402
+from models.swin_transformer import shifted_window_mask  # noqa: E402
+from models.window_attention import WINDOW_ATTENTION, attend_windows  # noqa: E402
+
+# Swin-B at 192 px, window 6: (feature map side, heads) of stages 1 and 3 (the most blocks).
+STAGES = {'stage1': (48, 4), 'stage3': (12, 16)}
+HEAD_DIM, WINDOW = 32, 6
+
+
+def textbook(q, k, v, bias, mask, scale):
+    with eager_attention():
+        return attend_windows(q, k, v, bias, mask, scale, 0.0, kernel='sdpa')
+
+
+def sdpa_expanded(q, k, v, bias, mask, scale):
+    num_windows = mask.shape[0]
+    full = (bias.unsqueeze(0) + mask.unsqueeze(1)).repeat(q.shape[0] // num_windows, 1, 1, 1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full.to(q.dtype),
+                                                            scale=scale)
+
+
+def _kernel(kernel):
+    def run(q, k, v, bias, mask, scale):
+        with eager_attention(False):  # the kernel itself, even where `attention` would not pick it
+            return attend_windows(q, k, v, bias, mask, scale, 0.0, kernel=kernel)
+    return run
+
+
+def make_variants():
+    variants = {'textbook': textbook, 'sdpa_expanded': sdpa_expanded}
+    variants.update({name: _kernel(name) for name in WINDOW_ATTENTION})
+    return variants
+
+
+def inputs(stage, batch_size, device, dtype, requires_grad):
+    side, heads = STAGES[stage]
+    num_windows, n = (side // WINDOW) ** 2, WINDOW * WINDOW
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch_size * num_windows, heads, n, HEAD_DIM, generator=gen)
+               .to(device, dtype).requires_grad_(requires_grad) for _ in range(3))
+    bias = torch.randn(heads, n, n, generator=gen).to(device).requires_grad_(requires_grad)
+    mask = shifted_window_mask((side, side), WINDOW, WINDOW // 2).to(device)
+    return q, k, v, bias, mask
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--batch-size', type=int, default=None, help='GPU 128, CPU 4')
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--reps', type=int, default=None, help='calls per round (GPU 20, CPU 2)')
+    parser.add_argument('--threads', type=int, default=0)
+    parser.add_argument('--variants', default=None, help='comma-separated (default: all)')
+    parser.add_argument('--out', default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = args.device == 'cuda'
+    batch = args.batch_size or (128 if cuda else 4)
+    reps = args.reps or (20 if cuda else 2)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    variants = make_variants()
+    if args.variants:
+        variants = {k: v for k, v in variants.items() if k in args.variants.split(',')}
+    lines = [f'Window attention, Swin-B at 192 px (window 6, shifted), batch {batch}, {dtype}, '
+             f'{args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}; '
+             f'median of {args.rounds} interleaved rounds of {reps} calls.', '',
+             '| stage | formulation | fwd+bwd ms | fwd ms | max abs diff to fp32 textbook |',
+             '|---|---|---|---|---|']
+    for stage in STAGES:
+        q, k, v, bias, mask = inputs(stage, batch, args.device, torch.float32, False)
+        reference = textbook(q, k, v, bias, mask, HEAD_DIM ** -0.5)
+        times = {(name, mode): [] for name in variants for mode in ('train', 'fwd')}
+        errors, skipped = {}, {}
+        for name, fn in variants.items():
+            try:
+                qq, kk, vv = (t.to(dtype) for t in (q, k, v))
+                errors[name] = (fn(qq, kk, vv, bias, mask, HEAD_DIM ** -0.5).float()
+                                - reference).abs().max().item()
+            except Exception as e:  # noqa: BLE001 -- a formulation this device lacks is reported
+                skipped[name] = f'{type(e).__name__}: {str(e).splitlines()[0][:80]}'
+        for _ in range(args.rounds):
+            for name, fn in variants.items():
+                if name in skipped:
+                    continue
+                for mode in ('train', 'fwd'):
+                    if mode == 'train' and name == 'flex' and not cuda:
+                        continue  # FlexAttention has no CPU backward
+                    data = inputs(stage, batch, args.device, dtype, mode == 'train')
+                    context = torch.enable_grad() if mode == 'train' else torch.no_grad()
+                    with context:
+                        fn(*data, HEAD_DIM ** -0.5)  # warm-up (and compilation)
+                        sync()
+                        start = time.perf_counter()
+                        for _ in range(reps):
+                            out = fn(*data, HEAD_DIM ** -0.5)
+                            if mode == 'train':
+                                out.sum().backward()
+                        sync()
+                    times[(name, mode)].append((time.perf_counter() - start) / reps * 1000)
+        for name in variants:
+            if name in skipped:
+                lines.append(f'| {stage} | {name} | not available: {skipped[name]} | | |')
+                continue
+            cell = {m: (f'{statistics.median(times[(name, m)]):.2f}' if times[(name, m)] else 'n/a')
+                    for m in ('train', 'fwd')}
+            lines.append(f'| {stage} | {name} | {cell["train"]} | {cell["fwd"]} | '
+                         f'{errors[name]:.1e} |')
+        print('\n'.join(lines[-len(variants):]), flush=True)
+    text = '\n'.join(lines) + '\n'
+    print(text)
+    if args.out:
+        with open(args.out, 'w') as f:
+            f.write(text)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,153 @@
+"""DATA.DECODE gpu: pre-training JPEGs decoded and augmented on the GPU.
+
+DataLoader workers only read each file, parse its header and draw the crop and flip (the plan of
+data/pretrain_transform.py, from the same (seed, epoch, index)-seeded draws as the CPU path) and the
+mask; the main process decodes the whole batch with nvJPEG (torchvision.io.decode_jpeg on the
+device), then crops, resizes (bilinear, antialiased, rounded to 8 bits as PIL does), flips and
+normalises there. Crops, flips and masks are those of DATA.DECODE cpu, so resume stays exact; the
+pixels differ from PIL's by the decoders' rounding and the resize filter's implementation (tested
+close on the CPU, where the same code runs with torchvision's CPU decoder).
+
+Files that are not baseline RGB/grey JPEGs (PNG, CMYK JPEG, ...) are decoded by PIL in the worker
+and handed over as pixels; a JPEG the GPU decoder rejects is decoded by PIL in the main process.
+"""
+import io
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from config import ConfigError
+from .datasets import BadImageError, ImageFolderDataset, MaskedImageDataset, _split_key, load_image
+from .pretrain_transform import _MEAN, _STD
+from .seeding import sample_seed, seeded_global_rngs
+from .transforms import to_rgb
+
+
+class EncodedImage(NamedTuple):
+    """What a worker hands over: `data` is the JPEG file (1-D uint8) or decoded RGB pixels
+    (3, H, W) uint8; `size` is (W, H)."""
+    data: torch.Tensor
+    size: tuple
+    path: str
+
+
+def read_encoded(path, before_decode=None):
+    """The file at `path` as an EncodedImage: JPEG bytes as they are, anything else decoded to RGB
+    pixels by PIL. `before_decode(header_image)` runs first, as for data.datasets.load_image."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    image = Image.open(io.BytesIO(data))
+    if before_decode is not None:
+        before_decode(image)
+    if image.format == 'JPEG' and image.mode in ('RGB', 'L'):
+        return EncodedImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), image.size, path)
+    image.load()
+    pixels = torch.from_numpy(np.array(to_rgb(image))).permute(2, 0, 1).contiguous()
+    return EncodedImage(pixels, image.size, path)
+
+
+class EncodedMaskedImageDataset(MaskedImageDataset):
+    """Pre-training samples for GPU decoding: (EncodedImage, plan (top, left, height, width, flip)
+    as an int64 tensor, mask, label), plan and mask drawn exactly as MaskedImageDataset draws them."""
+
+    def __getitem__(self, key):
+        epoch, index = _split_key(key)
+        seed = sample_seed(self.seed, epoch, index, 'augment')
+        plans = []
+
+        def plan_from_header(header):
+            with seeded_global_rngs(seed):
+                plans.append(self.transform.plan(header.size))
+
+        item, label, prepared = self.base.load(index, plan_from_header, reader=read_encoded)
+        if not prepared:  # an unreadable file replaced by the next one: drawn afresh, as on the CPU
+            with seeded_global_rngs(seed):
+                plans.append(self.transform.plan(item.size))
+        mask_rng = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index, 'mask'))
+        return item, torch.tensor(plans[-1], dtype=torch.int64), self.mask_generator(mask_rng), label
+
+
+def collate_encoded(samples):
+    """Batch EncodedMaskedImageDataset samples: (list of data tensors, list of paths, plans (B, 5),
+    masks (B, h, w), labels (B,)); the DataLoader pins the tensors in the lists too."""
+    items, plans, masks, labels = zip(*samples)
+    return ([item.data for item in items], [item.path for item in items], torch.stack(plans),
+            torch.stack(masks), torch.tensor(labels, dtype=torch.int64))
+
+
+def _decode_jpegs(datas, paths, device):
+    """uint8 (3, H, W) images on `device`; a file the batch decode rejects is decoded alone, and
+    by PIL if the device decoder still refuses it."""
+    try:
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        images = []
+        for data, path in zip(datas, paths):
+            try:
+                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                try:
+                    pixels = np.array(load_image(path))
+                except Exception as err:  # noqa: BLE001 -- PIL raises many types for broken files
+                    raise BadImageError(
+                        f"Cannot decode image {path} ({type(err).__name__}: {err}). Fix or remove "
+                        f"the file, or use DATA.DECODE cpu, which skips unreadable images "
+                        f"(DATA.ON_BAD_IMAGE skip).") from err
+                images.append(torch.from_numpy(pixels).permute(2, 0, 1).to(device))
+        return images
+
+
+def decode_batch(datas, paths, plans, size, device):
+    """Normalised float images (B, 3, size, size) on `device` from a collated batch."""
+    jpeg = [i for i, data in enumerate(datas) if data.dim() == 1]
+    images = [None] * len(datas)
+    decoded = _decode_jpegs([datas[i] for i in jpeg], [paths[i] for i in jpeg], device) if jpeg else []
+    for i, image in zip(jpeg, decoded):
+        images[i] = image
+    for i, data in enumerate(datas):
+        if images[i] is None:
+            images[i] = data.to(device, non_blocking=True)
+    out = []
+    for image, (top, left, height, width, flip) in zip(images, plans.tolist()):
+        crop = TF.resized_crop(image.float(), top, left, height, width, [size, size],
+                               antialias=True).round_().clamp_(0, 255)
+        out.append(crop.flip(-1) if flip else crop)
+    batch = torch.stack(out).div_(255)
+    return batch.sub_(_MEAN.to(device)).div_(_STD.to(device))
+
+
+class DeviceDecodeLoader:
+    """Wraps the DataLoader of EncodedMaskedImageDataset: yields (images (B, 3, size, size) on
+    `device`, mask (B, h, w), label (B,)) like the CPU pipeline's loader, and exposes the
+    `sampler`, `dataset` and len() that the training loop uses."""
+
+    def __init__(self, loader, size, device):
+        self.loader, self.size, self.device = loader, size, torch.device(device)
+        self.sampler, self.dataset = loader.sampler, loader.dataset
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for datas, paths, plans, masks, labels in self.loader:
+            yield decode_batch(datas, paths, plans, self.size, self.device), masks, labels
+
+
+def build_device_decode_loader(config, base, dataset, make_loader):
+    """The DATA.DECODE gpu loader over image folder `base` for the CPU pipeline's `dataset` (whose
+    transform and mask generator it reuses); `make_loader(dataset, collate_fn)` builds the
+    DataLoader as for the CPU pipeline."""
+    if not torch.cuda.is_available():
+        raise ConfigError("DATA.DECODE gpu decodes JPEGs on a CUDA GPU, and none is available. Use "
+                          "DATA.DECODE cpu (the default).")
+    if not isinstance(base, ImageFolderDataset):
+        raise ConfigError(f"DATA.DECODE gpu reads JPEG files from DATA.DATA_PATH; DATA.DATASET "
+                          f"'{config.DATA.DATASET}' has none. Use DATA.DECODE cpu.")
+    encoded = EncodedMaskedImageDataset(base, dataset.transform, dataset.mask_generator,
+                                        dataset.seed)
+    device = torch.device('cuda', torch.cuda.current_device())
+    return DeviceDecodeLoader(make_loader(encoded, collate_encoded), config.DATA.IMG_SIZE, device)
