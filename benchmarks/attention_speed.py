@@ -11,7 +11,8 @@ kernel (models/window_attention.py):
   (window, head) bias broadcasts over the batch instead of being copied per image (our default);
 - sdpa_expanded: the same kernel with the bias materialised per image (B * windows, heads, N, N);
 - flex: FlexAttention (compiled) with a score_mod that adds the bias of (window, head, q, k);
-  its backward runs on CUDA only, so on a CPU it is timed forward-only.
+  its backward runs on CUDA only, so on a CPU it is timed forward-only;
+- sdpa_efficient / sdpa_cudnn (CUDA): sdpa restricted to one of the fused kernels that take a bias.
 Forward + backward (the training case) and forward-only are timed, interleaved over `--rounds`;
 the max abs difference to the fp32 textbook result is reported for each.
 """
@@ -29,6 +30,7 @@ sys.path.insert(0, ROOT)
 from models.attention import eager_attention  # noqa: E402
 from models.swin_transformer import shifted_window_mask  # noqa: E402
 from models.window_attention import WINDOW_ATTENTION, attend_windows  # noqa: E402
+from report import machine_description, write_report  # noqa: E402
 
 # Swin-B at 192 px, window 6: (feature map side, heads) of stages 1 and 3 (the most blocks).
 STAGES = {'stage1': (48, 4), 'stage3': (12, 16)}
@@ -54,9 +56,20 @@ def _kernel(kernel):
     return run
 
 
-def make_variants():
+def _sdpa_backend(backend):
+    def run(q, k, v, bias, mask, scale):
+        with torch.nn.attention.sdpa_kernel([backend]):
+            return _kernel('sdpa')(q, k, v, bias, mask, scale)
+    return run
+
+
+def make_variants(cuda):
     variants = {'textbook': textbook, 'sdpa_expanded': sdpa_expanded}
     variants.update({name: _kernel(name) for name in WINDOW_ATTENTION})
+    if cuda:  # which of SDPA's kernels that take a bias is fastest (SDPA picks one by itself)
+        backends = torch.nn.attention.SDPBackend
+        variants['sdpa_efficient'] = _sdpa_backend(backends.EFFICIENT_ATTENTION)
+        variants['sdpa_cudnn'] = _sdpa_backend(backends.CUDNN_ATTENTION)
     return variants
 
 
@@ -88,10 +101,10 @@ def main():
     reps = args.reps or (20 if cuda else 2)
     dtype = torch.bfloat16 if cuda else torch.float32
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    variants = make_variants()
+    variants = make_variants(cuda)
     if args.variants:
         variants = {k: v for k, v in variants.items() if k in args.variants.split(',')}
-    lines = [f'Window attention, Swin-B at 192 px (window 6, shifted), batch {batch}, {dtype}, '
+    lines = [f'Machine: {machine_description(args.device)}.', '', f'Window attention, Swin-B at 192 px (window 6, shifted), batch {batch}, {dtype}, '
              f'{args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}; '
              f'median of {args.rounds} interleaved rounds of {reps} calls.', '',
              '| stage | formulation | fwd+bwd ms | fwd ms | max abs diff to fp32 textbook |',
@@ -136,11 +149,7 @@ def main():
             lines.append(f'| {stage} | {name} | {cell["train"]} | {cell["fwd"]} | '
                          f'{errors[name]:.1e} |')
         print('\n'.join(lines[-len(variants):]), flush=True)
-    text = '\n'.join(lines) + '\n'
-    print(text)
-    if args.out:
-        with open(args.out, 'w') as f:
-            f.write(text)
+    write_report(lines, args.out)
 
 
 if __name__ == '__main__':

@@ -18,7 +18,6 @@ benchmarks/RESULTS.md) / images/s of one worker.
 import argparse
 import io
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from data.masking import MaskGenerator, upsample_mask  # noqa: E402
 from data.pretrain_transform import PretrainTransform, draft_jpeg  # noqa: E402
 from data.seeding import sample_seed, seeded_global_rngs  # noqa: E402
 from data.transforms import to_rgb  # noqa: E402
+from report import machine_description, write_report  # noqa: E402
 
 SWIN_B = 'configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml'
 
@@ -186,10 +186,7 @@ def main():
             'large 1600x1200': write_photos(os.path.join(root, 'large'), args.num_images // 4,
                                             (1600, 1200), 1)}
     mask_generator = MaskGenerator(args.img_size, 32, 4, 0.6)
-    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo')
-                if line.startswith('model name')), platform.processor())
-    lines = [f'Machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}, Pillow '
-             f'{Image.__version__}. Output {args.img_size} px (Swin-B pre-training), 1 thread per '
+    lines = [f'Machine: {machine_description()}, Pillow {Image.__version__}. Output {args.img_size} px (Swin-B pre-training), 1 thread per '
              f'worker.', '']
     for name, paths in sets.items():
         sizes = [os.path.getsize(p) / 1024 for p in paths]
@@ -236,11 +233,7 @@ def main():
         rate = loader_rate(opts, args.workers, batches=args.num_images // args.batch_size)
         lines.append(f'| {decode} | {draft} | {rate:.0f} | {rate / args.workers:.0f} |')
         print(lines[-1], flush=True)
-    text = '\n'.join(lines) + '\n'
-    print(text)
-    if args.out:
-        with open(args.out, 'w') as f:
-            f.write(text)
+    write_report(lines, args.out)
 
 
 if __name__ == '__main__':

@@ -10,12 +10,12 @@ products, attention, normalisation, element-wise, copies and layout, optimizer) 
 compared at a glance. `--trace` also writes a Chrome trace.
 """
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import speed  # noqa: E402  (benchmarks/speed.py: the rows and their step)
+from report import machine_description, write_report  # noqa: E402
 
 # First match wins; names are aten operator names (and CUDA kernel names on a GPU).
 FAMILIES = (
@@ -77,7 +77,8 @@ def main():
     for e in events:
         families[family(e.key)] = families.get(family(e.key), 0) + getattr(e, attr)
     where = 'CUDA kernels' if cuda else 'CPU operators'
-    lines = [f'{args.model} {args.variant}, batch {args.batch_size}, {args.device}: '
+    lines = [f'Machine: {machine_description(args.device)}.', '',
+             f'{args.model} {args.variant}, batch {args.batch_size}, {args.device}: '
              f'{per_step_ms:.1f} ms of {where} self time per step', '',
              '| family | ms/step | share |', '|---|---|---|']
     for name, value in sorted(families.items(), key=lambda kv: -kv[1]):
@@ -87,14 +88,8 @@ def main():
         lines.append(f'| `{e.key[:70]}` | {e.count / args.steps:.0f} | '
                      f'{getattr(e, attr) / 1000 / args.steps:.1f} | '
                      f'{100 * getattr(e, attr) / total:.1f}% |')
-    text = '\n'.join(lines) + '\n'
-    print(text)
-    if args.out:
-        with open(args.out, 'w') as f:
-            f.write(text)
-        with open(os.path.splitext(args.out)[0] + '.json', 'w') as f:
-            json.dump({'spec': spec, 'per_step_ms': per_step_ms,
-                       'families_ms': {k: v / 1000 / args.steps for k, v in families.items()}}, f)
+    write_report(lines, args.out, {'spec': spec, 'per_step_ms': per_step_ms, 'families_ms': {
+        k: v / 1000 / args.steps for k, v in families.items()}})
 
 
 if __name__ == '__main__':

@@ -25,7 +25,6 @@ hits them alike (ms/step is the median over all timed steps; warm-up is the wall
 import argparse
 import json
 import os
-import platform
 import queue
 import resource
 import statistics
@@ -33,6 +32,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from report import machine_description, write_report  # benchmarks/report.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -219,22 +220,6 @@ def count_flops(model_name, batch_size):
 # -----------------------------------------------------------------------------------------------
 # The driver
 # -----------------------------------------------------------------------------------------------
-def machine_description(device):
-    import torch
-    cpu = platform.processor() or 'unknown CPU'
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    text = (f'{cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads); Python '
-            f'{platform.python_version()}, torch {torch.__version__}')
-    if device == 'cuda':
-        props = torch.cuda.get_device_properties(0)
-        text = f'{props.name} ({props.total_memory / 2 ** 30:.0f} GiB), CUDA {torch.version.cuda}; ' + text
-    return text
-
-
 def peak_tflops(device):
     import torch
     if device != 'cuda':
@@ -419,7 +404,8 @@ def main():
                 'batch_size': next(r['batch_size'] for r in rows if r['model'] == name),
                 'steps': args.steps or (10 if device == 'cuda' else 3), 'threads': args.threads}
         measure_model([r for r in rows if r['model'] == name], spec, args, deadline)
-    machine = machine_description(device)
+    machine = machine_description(device) + (f' ({args.threads} torch thread(s) per row)'
+                                             if args.threads else '')
     peak = peak_tflops(device)
     lines = [f'Machine: {machine}.', '',
              f'`python benchmarks/speed.py {" ".join(sys.argv[1:])}` ({args.rounds} round(s), '
@@ -427,14 +413,8 @@ def main():
              + (f'{peak:.0f} TFLOP/s dense bf16/fp16.' if peak else 'MFU not reported (CPU or '
                                                                     'unknown card).'), '']
     lines += format_table(rows, peak)
-    text = '\n'.join(lines) + '\n'
-    print(text)
-    if args.out:
-        with open(args.out, 'w') as f:
-            f.write(text)
-        with open(os.path.splitext(args.out)[0] + '.json', 'w') as f:
-            json.dump({'machine': machine, 'peak_tflops': peak, 'argv': sys.argv[1:], 'rows': rows},
-                      f, indent=1)
+    write_report(lines, args.out, {'machine': machine, 'peak_tflops': peak, 'argv': sys.argv[1:],
+                                   'rows': rows})
 
 
 if __name__ == '__main__':

@@ -188,19 +188,27 @@ class MaskedImageDataset(SeededTransformDataset):
         if not (hasattr(self.base, 'load') and hasattr(self.transform, 'plan')):
             return super()._transformed(key)
         epoch, index = _split_key(key)
+        img, label, (plan, reduction) = self.planned_load(epoch, index)
+        return self.transform.apply(img, plan, reduction), label, epoch, index
+
+    def planned_load(self, epoch, index, reader=load_image, draft=True):
+        """(image, label, (plan, JPEG reduction)) with the transform's plan drawn, under this
+        sample's seed, from the file's header before `reader` decodes it (a JPEG at reduced scale
+        if `draft` and the plan allow). An unreadable file is replaced by the next readable one,
+        whose plan is drawn afresh from its own size: the draws of the full-decode path."""
         seed = sample_seed(self.seed, epoch, index, 'augment')
         planned = []
 
-        def plan_and_draft(header):
+        def plan_from_header(header):
             with seeded_global_rngs(seed):
                 plan = self.transform.plan(header.size)
-            planned.append((plan, draft_jpeg(header, self.transform.reduction(plan))))
+            planned.append((plan, draft_jpeg(header, self.transform.reduction(plan)) if draft else 1))
 
-        img, label, prepared = self.base.load(index, plan_and_draft)
-        if prepared:
-            return self.transform.apply(img, *planned[-1]), label, epoch, index
-        with seeded_global_rngs(seed):  # a replacement for an unreadable file: drawn afresh
-            return self.transform(img), label, epoch, index
+        item, label, prepared = self.base.load(index, plan_from_header, reader)
+        if not prepared:
+            with seeded_global_rngs(seed):
+                planned.append((self.transform.plan(item.size), 1))
+        return item, label, planned[-1]
 
     def __getitem__(self, key):
         img, label, epoch, index = self._transformed(key)

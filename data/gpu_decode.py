@@ -23,7 +23,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from config import ConfigError
 from .datasets import BadImageError, ImageFolderDataset, MaskedImageDataset, _split_key, load_image
 from .pretrain_transform import _MEAN, _STD
-from .seeding import sample_seed, seeded_global_rngs
+from .seeding import sample_seed
 from .transforms import to_rgb
 
 
@@ -56,19 +56,9 @@ class EncodedMaskedImageDataset(MaskedImageDataset):
 
     def __getitem__(self, key):
         epoch, index = _split_key(key)
-        seed = sample_seed(self.seed, epoch, index, 'augment')
-        plans = []
-
-        def plan_from_header(header):
-            with seeded_global_rngs(seed):
-                plans.append(self.transform.plan(header.size))
-
-        item, label, prepared = self.base.load(index, plan_from_header, reader=read_encoded)
-        if not prepared:  # an unreadable file replaced by the next one: drawn afresh, as on the CPU
-            with seeded_global_rngs(seed):
-                plans.append(self.transform.plan(item.size))
+        item, label, (plan, _) = self.planned_load(epoch, index, reader=read_encoded, draft=False)
         mask_rng = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index, 'mask'))
-        return item, torch.tensor(plans[-1], dtype=torch.int64), self.mask_generator(mask_rng), label
+        return item, torch.tensor(plan, dtype=torch.int64), self.mask_generator(mask_rng), label
 
 
 def collate_encoded(samples):

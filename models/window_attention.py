@@ -42,6 +42,10 @@ def _sdpa_windows(q, k, v, position_bias, window_mask, scale, dropout_p):
 @functools.lru_cache(maxsize=None)
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
+    # One cache entry per window shape and shift of the model (and train/eval): more than
+    # dynamo's default limit of 8 for Swin-B, past which it would run the slow eager reference.
+    from utils.compile import raise_recompile_limit
+    raise_recompile_limit(64)
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -8,6 +8,7 @@ compilation takes tens of seconds per graph on two CPU cores. One test compiles 
 itself, on the smallest model, to check generated code against eager arithmetic.
 """
 import os
+import re
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch._inductor.config
 import torch.distributed as dist
 from torch._dynamo.utils import counters
 
+import main_finetune
 import main_simmim
 from config import load_config
 from models import build_model
@@ -90,13 +92,13 @@ def test_compiled_model_gives_eager_loss_and_gradients(arch, mode):
     assert_same_step(eager, compiled, rtol=1e-5, atol=1e-6)
 
 
-def test_inductor_compiled_blocks_give_eager_loss_and_gradients(monkeypatch):
-    # In-process C++ compilation: a worker pool costs more than it saves for two small graphs.
-    monkeypatch.setattr(torch._inductor.config, 'compile_threads', 1)
+def test_inductor_compiled_blocks_give_eager_loss_and_gradients():
     model, images, mask = tiny_model('vit', 'MODEL.VIT.DEPTH', 1)
     eager = loss_and_grads(model, images, mask)
     compile_model(model, 'blocks', backend='inductor')
-    compiled = loss_and_grads(model, images, mask)
+    # In-process C++ compilation: a worker pool costs more than it saves for two small graphs.
+    with torch._inductor.config.patch(compile_threads=1):
+        compiled = loss_and_grads(model, images, mask)
     assert graphs_compiled() == 1
     assert_same_step(eager, compiled, rtol=1e-4, atol=1e-5)
 
@@ -181,3 +183,30 @@ def test_compiled_and_eager_runs_resume_each_other_with_official_names(tmp_path,
     final = load_checkpoint_file(os.path.join(run_dir, 'ckpt_epoch_1.pth'))
     assert set(final['model']) == eager_names
     assert all(torch.isfinite(v).all() for v in final['model'].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_compiled_finetuning_evaluates_and_measures_throughput(tmp_path):
+    cfg = os.path.join(ROOT, 'configs', 'quickstart',
+                       'simmim_finetune__swin_tiny__img64__synthetic.yaml')
+    opts = ['--opts', 'TRAIN.COMPILE_BACKEND', 'aot_eager', 'TRAIN.EPOCHS', '1',
+            'DATA.NUM_WORKERS', '0', 'DATA.BATCH_SIZE', '8', 'DATA.SYNTHETIC.TRAIN_SIZE', '16',
+            'DATA.SYNTHETIC.VAL_SIZE', '12', 'MODEL.SWIN.EMBED_DIM', '16', 'MODEL.SWIN.DEPTHS',
+            '[1,1,1]', 'TENSORBOARD', 'False']
+
+    def finetune(*flags):
+        return run(main_finetune.main, ['--cfg', cfg, '--output', str(tmp_path), *flags, *opts],
+                   is_pretrain=False)
+
+    assert finetune() == 0  # an eager fine-tuning run writes the checkpoint to evaluate
+    run_dir = os.path.join(str(tmp_path), 'simmim_finetune',
+                           'simmim_finetune__swin_tiny__img64__synthetic')
+    best = os.path.join(run_dir, 'model_best.pth')
+    assert set(load_checkpoint_file(best)['model']) == set(
+        build_model(load_config(cfg, opts[1:] + ['MODEL.NUM_CLASSES', 8], is_pretrain=False),
+                    is_pretrain=False).state_dict())
+    assert finetune('--compile', 'blocks', '--eval', '--resume', best) == 0  # a last batch of 4
+    assert finetune('--compile', 'model', '--throughput') == 0
+    log = open(os.path.join(run_dir, 'log_rank0.txt')).read()
+    assert 'Accuracy of the network on the 12 test images' in log
+    assert re.search(r'batch_size 8 throughput [\d.]+', log)

@@ -189,3 +189,15 @@ def test_upsample_mask_and_pixel_mask_to_patches_are_inverse_on_patch_masks():
     drawn[0:2, 0:4] = 1  # half of patch (0, 0): masked; a quarter of patch (0, 1): visible
     drawn[0:2, 4:6] = 1
     assert pixel_mask_to_patches(drawn, 4).tolist() == [[1, 0], [0, 0]]
+
+
+@pytest.mark.parametrize('strategy', sorted(MASK_GENERATORS))
+def test_mask_upsampling_in_numpy_equals_repeat_interleave(strategy):
+    """__call__ upsamples with numpy (faster); the mask is the torch upsampling of the same draw,
+    so masks are unchanged from before, with their exact counts."""
+    gen = MASK_GENERATORS[strategy](192, 32, 4, 0.6)
+    for seed in range(5):
+        grid = gen.choose_mask_patches(_generator(seed))
+        mask = gen(_generator(seed))
+        assert torch.equal(mask, upsample_mask(grid, gen.scale))
+        assert mask.sum() == gen.num_masked * gen.scale ** 2 and mask.is_contiguous()

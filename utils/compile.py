@@ -45,10 +45,10 @@ class CompileMonitor:
         callback_handler.register_start_callback(self._start)
         callback_handler.register_end_callback(self._end)
 
-    def _start(self, args):
+    def _start(self, *args):  # older torch versions pass no arguments
         self._started = time.perf_counter()
 
-    def _end(self, args):
+    def _end(self, *args):
         if self._started is None:
             return
         took = time.perf_counter() - self._started
@@ -56,12 +56,22 @@ class CompileMonitor:
         self.count += 1
         self.seconds += took
         if self.logger is not None:
-            kind = getattr(args.callback_trigger, 'name', 'graph').lower()
-            self.logger.info(f'torch.compile: compiled {kind} graph {self.count} in {took:.1f} s '
+            trigger = getattr(args[0], 'callback_trigger', None) if args else None
+            kind = f'{trigger.name.lower()} ' if trigger is not None else ''
+            self.logger.info(f'torch.compile: compiled {kind}graph {self.count} in {took:.1f} s '
                              f'({self.seconds:.1f} s of compilation so far)')
 
 
 _monitor = None
+
+
+def raise_recompile_limit(limit):
+    """Let dynamo keep at least `limit` graphs per function (torch < 2.7 calls it cache_size)."""
+    config = torch._dynamo.config
+    for name, value in (('recompile_limit', limit), ('accumulated_recompile_limit', 4 * limit),
+                        ('cache_size_limit', limit), ('accumulated_cache_size_limit', 4 * limit)):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), value))
 
 
 def compile_monitor():
@@ -88,10 +98,7 @@ def compile_model(model, mode, logger=None, backend='inductor'):
                          f'{type(model).__name__}; use TRAIN.COMPILE model.')
     # Every block variant (stage, shift, train/eval, batch shape) is one cache entry of the same
     # code; dynamo's default limit of 8 would silently fall back to eager for the rest.
-    limit = 4 * len(targets) + 8
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-    torch._dynamo.config.accumulated_recompile_limit = max(
-        torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
+    raise_recompile_limit(4 * len(targets) + 8)
     for module in targets:
         module.compile(backend=backend, dynamic=False)
     monitor = compile_monitor()
