@@ -1,6 +1,7 @@
 """Per-iteration learning-rate schedules (reference section 5.3).
 
     build_scheduler(config, optimizer, n_iter_per_epoch) -> LRScheduler
+    check_scheduler_config(config)       TRAIN.LR_SCHEDULER and the warmup fit together
     scheduler.step_update(num_updates)   set every group's lr for update index num_updates
     scheduler.lr_at(num_updates)         the per-group lrs at that index (pure)
     scheduler.state_dict() / load_state_dict(state)
@@ -35,8 +36,29 @@ Choices:
 import bisect
 import math
 
+import torch
+from yacs.config import CfgNode
+
+from utils.errors import require
+
 SCHEDULES = ('cosine', 'linear', 'step', 'multistep')
 LINEAR_END_FRACTION = 0.01  # linear schedule ends at peak * 0.01 (official lr_min_rate)
+
+
+def _check_schedule_name(name):
+    require(name in SCHEDULES, f"TRAIN.LR_SCHEDULER.NAME '{name}' is not one of {SCHEDULES}.")
+
+
+def check_scheduler_config(config):
+    """Raise ConfigError for a schedule TRAIN.LR_SCHEDULER and TRAIN.WARMUP_EPOCHS cannot give."""
+    train, sched = config.TRAIN, config.TRAIN.LR_SCHEDULER
+    _check_schedule_name(sched.NAME)
+    # A warmup longer than the run is allowed (e.g. an official YAML with --opts TRAIN.EPOCHS 1).
+    require(train.WARMUP_EPOCHS >= 0, "TRAIN.WARMUP_EPOCHS must be >= 0.")
+    if sched.NAME == 'multistep':
+        require(all(train.WARMUP_EPOCHS <= e for e in sched.MULTISTEPS),
+                f"TRAIN.LR_SCHEDULER.MULTISTEPS {list(sched.MULTISTEPS)} must not fall inside the "
+                f"warmup (TRAIN.WARMUP_EPOCHS {train.WARMUP_EPOCHS}).")
 
 
 class LRScheduler:
@@ -44,8 +66,7 @@ class LRScheduler:
 
     def __init__(self, optimizer, schedule, num_steps, warmup_steps=0, warmup_lr=0.0, min_lr=0.0,
                  warmup_prefix=False, decay_steps=0, decay_rate=0.1, milestones=(), gamma=0.1):
-        if schedule not in SCHEDULES:
-            raise ValueError(f"Unknown LR schedule '{schedule}'; use one of {SCHEDULES}.")
+        _check_schedule_name(schedule)
         if schedule == 'step' and decay_steps <= 0:
             raise ValueError(f"The step schedule needs decay_steps > 0, got {decay_steps} "
                              f"(TRAIN.LR_SCHEDULER.DECAY_EPOCHS x iterations per epoch).")
@@ -116,7 +137,8 @@ class LRScheduler:
                 for key, value in self.settings.items() if saved.get(key) != value]
 
 
-def build_scheduler(config, optimizer, n_iter_per_epoch):
+def build_scheduler(config: CfgNode, optimizer: torch.optim.Optimizer,
+                    n_iter_per_epoch: int) -> LRScheduler:
     """The LRScheduler of TRAIN.LR_SCHEDULER for `optimizer` (call after build_optimizer, before
     loading an optimizer state, so the group lrs are still the peaks)."""
     train, sched = config.TRAIN, config.TRAIN.LR_SCHEDULER

@@ -11,15 +11,17 @@ import sys
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from data import build_loader
-from models import build_model
+from data import build_finetune_data
+from models import build_classifier
 from models.linear_probe import build_linear_probe
 from utils.checkpoint import atomic_save
-from utils.engine import ClassificationTask, autocast_dtype, build_trainer
+from utils.engine import autocast_dtype, build_trainer
+from utils.errors import CheckpointError
 from utils.evaluation import evaluate, throughput
 from utils.launch import run
 from utils.pretrained import load_pretrained
-from utils.safe_load import CheckpointError, load_checkpoint_file
+from utils.safe_load import load_checkpoint_file
+from utils.tasks import FINETUNE, ClassificationBatchLoss
 
 BEST_CHECKPOINT = 'model_best.pth'
 
@@ -54,17 +56,17 @@ def load_weights_for_eval(config, model, logger):
 
 def main(config, dist_info, logger, writer):
     device = dist_info.device
-    (_, _, data_loader_train, data_loader_val, mixup_fn,
-     num_classes) = build_loader(config, logger, is_pretrain=False)
+    data = build_finetune_data(config, logger)
+    data_loader_val = data.val_loader
     config.defrost()
-    config.MODEL.NUM_CLASSES = num_classes
+    config.MODEL.NUM_CLASSES = data.num_classes
     config.freeze()
 
     if config.LINEAR_PROBE.ENABLE:
         model = build_linear_probe(config).to(device)
         backbone = model.encoder  # pre-trained weights go here; only model.head trains
     else:
-        model = backbone = build_model(config, is_pretrain=False).to(device)
+        model = backbone = build_classifier(config).to(device)
     logger.debug(str(model))
 
     if config.EVAL_MODE:
@@ -77,9 +79,9 @@ def main(config, dist_info, logger, writer):
             logger.info(f'(the checkpoint recorded {checkpoint["accuracy"]:.3f}% when it was saved)')
         return
 
-    task = ClassificationTask(build_criterion(config, mixup_fn), mixup_fn)
-    trainer = build_trainer(config, model, data_loader_train, task, logger, dist_info, writer,
-                            is_pretrain=False)
+    batch_loss = ClassificationBatchLoss(build_criterion(config, data.mixup_fn), data.mixup_fn)
+    trainer = build_trainer(config, model, data.train_loader, batch_loss, logger, dist_info, writer,
+                            FINETUNE)
 
     start_epoch, start_step = trainer.resume()
     resumed = trainer.last_checkpoint is not None
@@ -110,4 +112,4 @@ def main(config, dist_info, logger, writer):
 
 
 if __name__ == '__main__':
-    sys.exit(run(main, sys.argv[1:], is_pretrain=False))
+    sys.exit(run(main, sys.argv[1:], FINETUNE))

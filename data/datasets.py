@@ -6,6 +6,8 @@ import os
 import torch
 from PIL import Image
 
+from utils.errors import BadImageError, DataError, require  # noqa: F401  (DataError re-exported)
+
 from .seeding import sample_seed, seeded_global_rngs
 from .transforms import to_rgb
 
@@ -17,12 +19,8 @@ _skipped_paths = set()  # unreadable files met by this process (each worker has 
 _small_images = [0]  # images smaller than the crop met by this process
 
 
-class DataError(RuntimeError):
-    """The data on disk cannot be used as configured; the message names the path and the fix."""
-
-
-class BadImageError(DataError):
-    """An image file that cannot be decoded (with DATA.ON_BAD_IMAGE error)."""
+def check_on_bad_image(value):
+    require(value in ('skip', 'error'), f"DATA.ON_BAD_IMAGE must be 'skip' or 'error', got '{value}'.")
 
 
 def _expected_layout(root, problem):
@@ -65,8 +63,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, on_bad_image='skip', min_size=0):
-        if on_bad_image not in ('skip', 'error'):
-            raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}.")
+        check_on_bad_image(on_bad_image)
         root = os.path.expanduser(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(_expected_layout(root, 'Data folder not found'))

@@ -9,6 +9,7 @@ import contextlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import gen_relative_position_index
 
 _use_eager = False
 
@@ -62,18 +63,13 @@ def qkv_with_qv_bias(x, qkv, q_bias, v_bias):
 
 
 def relative_position_index(window_size):
-    """Index into a ((2Wh-1)(2Ww-1), heads) bias table for every pair of positions in a window.
+    """Index into a ((2Wh-1)(2Ww-1), heads) bias table for every pair of positions in a window:
+    offsets row-major over the (2Wh-1, 2Ww-1) grid, shifted to start at 0 (Swin, BEiT).
 
-    window_size: (Wh, Ww). Returns a LongTensor (Wh*Ww, Wh*Ww).
+    window_size: (Wh, Ww). Returns a LongTensor (Wh*Ww, Wh*Ww). timm's helper, checked identical
+    to the formula written out (tests/test_timm_helpers.py).
     """
-    wh, ww = window_size
-    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing='ij'))
-    coords = coords.flatten(1)  # (2, Wh*Ww)
-    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
-    relative[:, :, 0] += wh - 1  # shift offsets to start at 0
-    relative[:, :, 1] += ww - 1
-    relative[:, :, 0] *= 2 * ww - 1  # row-major over the (2Wh-1, 2Ww-1) offset grid
-    return relative.sum(-1)
+    return gen_relative_position_index(tuple(window_size))
 
 
 def gather_position_bias(table, index):

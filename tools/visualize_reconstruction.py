@@ -25,13 +25,14 @@ from torchvision import transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import load_config, model_patch_size  # noqa: E402
+from config import load_config  # noqa: E402
 from data import ImageFolderDataset, SyntheticShapes, sample_seed  # noqa: E402
-from data.masking import (MASK_GENERATORS, build_mask_generator,  # noqa: E402
-                          pixel_mask_to_patches)
+from data.masking import MASK_GENERATORS, build_mask_generator  # noqa: E402
 from data.transforms import normalize  # noqa: E402
-from models import build_model  # noqa: E402
-from utils.pretrained import drop_rebuilt_buffers, unwrap_state_dict  # noqa: E402
+from models import build_simmim, model_patch_size  # noqa: E402
+from utils.mask_grid import pixel_mask_to_patches  # noqa: E402
+from utils.pretrained import unwrap_state_dict  # noqa: E402
+from utils.state_dict import drop_rebuilt_buffers  # noqa: E402
 from utils.safe_load import load_checkpoint_file  # noqa: E402
 from utils.visualize import reconstruct_images, reconstruction_grid, save_png  # noqa: E402
 
@@ -52,7 +53,7 @@ def load_model(checkpoint_path, cfg=None, opts=()):
     else:
         config = load_config(cfg, opts)
     state_dict = drop_rebuilt_buffers(unwrap_state_dict(checkpoint))
-    model = build_model(config, is_pretrain=True)
+    model = build_simmim(config)
     model.load_state_dict({k.removeprefix('module.'): v for k, v in state_dict.items()})
     return config, model
 
@@ -74,7 +75,8 @@ def load_images(config, folder=None, num_images=8):
 def random_masks(config, strategy, mask_patch_size, mask_ratio, count, seed):
     """(count, h, w) masks of a strategy at one mask patch size and ratio, mask i drawn from
     (seed, i)."""
-    generator = build_mask_generator(config, strategy, mask_patch_size, mask_ratio)
+    generator = build_mask_generator(config, model_patch_size(config), strategy, mask_patch_size,
+                                     mask_ratio)
     return torch.stack([generator(torch.Generator().manual_seed(sample_seed(seed, 0, i, 'mask')))
                         for i in range(count)])
 

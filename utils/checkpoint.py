@@ -18,15 +18,12 @@ import re
 import numpy as np
 import torch
 
-from utils.safe_load import CheckpointError, load_checkpoint_file
+from utils.errors import CheckpointError, CheckpointWriteError  # noqa: F401  (re-exported)
+from utils.safe_load import load_checkpoint_file
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ('model', 'optimizer', 'lr_scheduler', 'epoch')
 _STEP_NAME = re.compile(r'ckpt_epoch_(\d+)_step_(\d+)\.pth$')
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written; the previous one is intact."""
 
 
 def epoch_checkpoint_path(output_dir, epoch):

@@ -1,4 +1,8 @@
-"""Process-group set-up for a single process or torchrun (NCCL on GPU, gloo on CPU)."""
+"""Process-group set-up for a single process or torchrun (NCCL on GPU, gloo on CPU).
+
+`unwrap_model` (the module whose parameter names are the official ones: DDP's .module and
+torch.compile's ._orig_mod removed, in any nesting) is timm's, checked identical to the loop this
+project had for every wrapper it makes (tests/test_timm_helpers.py covers DDP and compile)."""
 import inspect
 import os
 import random
@@ -7,9 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.utils import unwrap_model  # noqa: F401  (re-exported)
 from torch.nn.parallel import DistributedDataParallel
 
-from config import ConfigError
+from utils.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -64,17 +69,6 @@ def wrap_ddp(model, device):
                else {'broadcast_buffers': False})
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
                                    **no_sync)
-
-
-def unwrap_model(model):
-    """The module whose parameter names are the official ones (no DDP / torch.compile prefix)."""
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, '_orig_mod'):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def seed_everything(seed):
