@@ -75,7 +75,7 @@ _C.DATA.SYNTHETIC.SEED = 0  # the images are a pure function of (SEED, split, in
 # Model
 # -----------------------------------------------------------------------------------------------
 _C.MODEL = CN()
-_C.MODEL.TYPE = 'swin'  # swin | swinv2 | vit
+_C.MODEL.TYPE = 'swin'  # a registered architecture (models/architectures.py): swin | swinv2 | vit
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'  # logger name and output sub-folder
 _C.MODEL.PRETRAINED = ''  # checkpoint to fine-tune from (Swin-Transformer key)
 _C.MODEL.RESUME = ''  # checkpoint to resume from
