@@ -141,9 +141,9 @@ class InverseSwinHead(ConfigurableHead, nn.Module):
 
     @classmethod
     def check_config(cls, config, upscale, input_resolution):
-        kwargs = cls.config_kwargs(config, input_resolution)
-        del kwargs['mlp_ratio']
-        cls.check_stages(upscale, **kwargs)
+        inv = config.MODEL.SIMMIM.HEAD.INVERSE_SWIN
+        cls.check_stages(upscale, input_resolution, inv.EMBED_DIM, inv.DEPTHS, inv.NUM_HEADS,
+                         inv.WINDOW_SIZE)
 
     @staticmethod
     def check_stages(upscale, input_resolution, embed_dim, depths, num_heads, window_size):
