@@ -433,6 +433,9 @@ def _validate_vit(config):
                                       f"MODEL.VIT.PATCH_SIZE {vit.PATCH_SIZE}.")
     _check(vit.EMBED_DIM % vit.NUM_HEADS == 0, f"MODEL.VIT.EMBED_DIM {vit.EMBED_DIM} must be "
                                                f"divisible by MODEL.VIT.NUM_HEADS {vit.NUM_HEADS}.")
+    _check(vit.INIT_VALUES is None or vit.INIT_VALUES > 0,
+           f"MODEL.VIT.INIT_VALUES {vit.INIT_VALUES}: use a positive layer scale (0.1 in the "
+           f"official configs) or None to turn layer scale off.")
 
 
 def validate_config(config, is_pretrain=True):

@@ -48,11 +48,12 @@ def test_finetuning_logits_match_official(fixture):
     assert_close_relative(logits, fixture['logits'])
 
 
-def test_official_state_dict_with_derived_buffers_loads_strictly(fixture):
+@pytest.mark.parametrize('which', ['pretrain', 'finetune'])
+def test_official_state_dict_with_derived_buffers_loads_strictly(fixture, which):
     """Official checkpoints also carry the index/mask/coordinate buffers: dropped on load."""
-    _, model = build_from_yaml(fixture['pretrain_yaml'], True)
+    _, model = build_from_yaml(fixture[f'{which}_yaml'], which == 'pretrain')
     derived = {k: v for k, v in model.named_buffers() if k.endswith(DERIVED_BUFFERS)}
     assert derived
-    official = dict(fixture['pretrain_state_dict'], **derived)
+    official = dict(fixture[f'{which}_state_dict'], **derived)
     result = model.load_state_dict(official, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
