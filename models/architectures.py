@@ -149,6 +149,9 @@ def check_vit(config):
                                        f"MODEL.VIT.PATCH_SIZE {vit.PATCH_SIZE}.")
     require(vit.EMBED_DIM % vit.NUM_HEADS == 0, f"MODEL.VIT.EMBED_DIM {vit.EMBED_DIM} must be "
                                                 f"divisible by MODEL.VIT.NUM_HEADS {vit.NUM_HEADS}.")
+    require(vit.INIT_VALUES is None or vit.INIT_VALUES > 0,
+            f"MODEL.VIT.INIT_VALUES {vit.INIT_VALUES}: use a positive layer scale (0.1 in the "
+            f"official configs) or None to turn layer scale off.")
 
 
 def remap_vit(state_dict, model_state, patch_grid=None, logger=None):

@@ -1,8 +1,9 @@
 """Attention and position-index helpers shared by the Swin, SwinV2 and ViT encoders.
 
-All attention goes through `attention`, which calls torch's fused
-`scaled_dot_product_attention` with position biases and window masks as an additive float mask.
-`eager_attention()` switches to the textbook softmax(QK^T * scale + bias) V for tests and debugging.
+Swin attention goes through `attention`, which calls torch's fused
+`scaled_dot_product_attention` with position biases and window masks as an additive float mask;
+the ViT's (timm's Beit attention) does the same. `eager_attention(model=...)` switches both to the
+textbook softmax(QK^T * scale + bias) V for tests and debugging.
 """
 import contextlib
 
@@ -15,14 +16,23 @@ _use_eager = False
 
 
 @contextlib.contextmanager
-def eager_attention(enabled=True):
-    """Within this context `attention` computes softmax(QK^T * scale + bias) V explicitly."""
+def eager_attention(enabled=True, model=None):
+    """Within this context `attention` computes softmax(QK^T * scale + bias) V explicitly, and so
+    do the timm attention modules inside `model` (they pick their path by a per-module
+    `fused_attn` flag, set when they are built)."""
     global _use_eager
-    previous, _use_eager = _use_eager, enabled
+    timm_modules = [] if model is None else [m for m in model.modules()
+                                             if hasattr(m, 'fused_attn')]
+    previous = _use_eager, [m.fused_attn for m in timm_modules]
+    _use_eager = enabled
+    for module in timm_modules:
+        module.fused_attn = module.fused_attn and not enabled
     try:
         yield
     finally:
-        _use_eager = previous
+        _use_eager = previous[0]
+        for module, fused in zip(timm_modules, previous[1]):
+            module.fused_attn = fused
 
 
 def attention(q, k, v, bias=None, scale=None, dropout_p=0.0):
@@ -88,6 +98,12 @@ def register_derived_buffer(module, name, tensor):
     fine-tuning.
     """
     module.register_buffer(name, tensor, persistent=False)
+    ignore_saved_copy(module, name)
+
+
+def ignore_saved_copy(module, name):
+    """Drop `name` from state dicts loaded into `module` (a non-persistent buffer that official
+    checkpoints carry anyway), so that they still load strictly."""
 
     def drop_saved_copy(module, state_dict, prefix, *args):
         state_dict.pop(prefix + name, None)

@@ -1,6 +1,5 @@
 """optimizer.py: weight-decay groups, layer-wise LR decay (applied once), optimizer choice."""
 import logging
-import os
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from config import get_defaults, load_config
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer, build_param_groups, layer_lr_scales, supports_found_inf
-from tests.conftest import FIXTURES_DIR
+from tests.fixture_rule import load_compact
 
 
 # -----------------------------------------------------------------------------------------------
@@ -296,9 +295,6 @@ def test_groups_are_logged(caplog):
 # -----------------------------------------------------------------------------------------------
 # Real models (built on the meta device: names and shapes only)
 # -----------------------------------------------------------------------------------------------
-FIXTURES = FIXTURES_DIR
-
-
 def real_model(cfg_path, is_pretrain, opts=()):
     # ImageNet's 1000 classes, as the data would set them (the config default 0 means "from data").
     config = load_config(cfg_path, ['MODEL.NUM_CLASSES', 1000, *opts], is_pretrain=is_pretrain)
@@ -307,9 +303,8 @@ def real_model(cfg_path, is_pretrain, opts=()):
 
 
 def fixture_config_path(tmp_path, name, which):
-    data = torch.load(os.path.join(FIXTURES, f'{name}_dev.pt'), weights_only=True)
     path = tmp_path / f'{name}_{which}.yaml'
-    path.write_text(data[f'{which}_yaml'])
+    path.write_text(load_compact(name)[f'{which}_yaml'])
     return str(path)
 
 
