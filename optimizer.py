@@ -8,10 +8,14 @@ Public entry points:
 
 Choices (reference section 5):
 - A parameter gets no weight decay if it is 1-D (or 0-D), its name ends with '.bias', it is named by
-  ``model.no_weight_decay()`` or contains a keyword of ``model.no_weight_decay_keywords()``. This
-  holds in pre-training too: the official code prefixed the keywords with 'encoder.' there, so
-  the relative-position tables, SwinV2 ``logit_scale`` and ``cpb_mlp`` got weight decay
-  (Swin-Transformer issue #369); we fix that on purpose. Frozen parameters are left out.
+  ``model.no_weight_decay()`` or contains a keyword of ``model.no_weight_decay_keywords()``: so
+  position tables (Swin, SwinV2 and ViT, shared or per block), SwinV2 ``logit_scale`` and
+  ``cpb_mlp``, and mask tokens are never decayed, in pre-training and fine-tuning. The official
+  code decayed some of them: in pre-training it prefixed the keywords with 'encoder.' (Swin
+  relative-position tables, ``logit_scale``, ``cpb_mlp``; Swin-Transformer issue #369) and its ViT
+  named neither the mask token nor any position table (SimMIM #26), in fine-tuning too.
+  TRAIN.WEIGHT_DECAY_RULES official reproduces that membership
+  (``official_names_without_weight_decay``). Frozen parameters are left out.
 - Layer-wise LR decay (fine-tuning, TRAIN.LAYER_DECAY != 1) uses the official layer ids
   (``LAYER_ID_FUNCTIONS``): scale = LAYER_DECAY ** (L + 1 - layer_id), L = number of blocks.
   Each group carries ``lr = BASE_LR * lr_scale`` and ``lr_scale``. The scale is applied exactly
@@ -104,6 +108,26 @@ def _names_without_weight_decay(model):
     return skip, keywords
 
 
+# The official backbones' no_weight_decay() and no_weight_decay_keywords(), by MODEL.TYPE.
+OFFICIAL_NO_WEIGHT_DECAY = {
+    'swin': ({'absolute_pos_embed'}, {'relative_position_bias_table'}),
+    'swinv2': ({'absolute_pos_embed'}, {'cpb_mlp', 'logit_scale', 'relative_position_bias_table'}),
+    'vit': ({'pos_embed', 'cls_token'}, set()),
+}
+
+
+def official_names_without_weight_decay(config, is_pretrain):
+    """(names, keywords) as the official build_optimizer saw them. In pre-training the SimMIM
+    wrapper prefixed both with 'encoder.', so the keywords match no parameter (Swin-Transformer
+    #369), and only the Swin encoders added 'mask_token' (SimMIM #26)."""
+    names, keywords = OFFICIAL_NO_WEIGHT_DECAY[config.MODEL.TYPE]
+    if not is_pretrain:
+        return set(names), set(keywords)
+    if config.MODEL.TYPE != 'vit':
+        names = names | {'mask_token'}
+    return {'encoder.' + n for n in names}, {'encoder.' + k for k in keywords}
+
+
 def skips_weight_decay(name, param, skip_names=(), skip_keywords=()):
     """Whether `param` (called `name`) belongs to a group with weight decay 0."""
     return (param.ndim <= 1 or name.endswith('.bias') or name in skip_names
@@ -113,7 +137,10 @@ def skips_weight_decay(name, param, skip_names=(), skip_keywords=()):
 def build_param_groups(config, model, is_pretrain=True):
     """The optimizer's parameter groups (see the module docstring for the keys and the rules)."""
     model = unwrap_model(model)
-    skip_names, skip_keywords = _names_without_weight_decay(model)
+    if config.TRAIN.WEIGHT_DECAY_RULES == 'official':
+        skip_names, skip_keywords = official_names_without_weight_decay(config, is_pretrain)
+    else:
+        skip_names, skip_keywords = _names_without_weight_decay(model)
     scales = layer_lr_scales(config, model) if _uses_layer_decay(config, is_pretrain) else None
     layer_id = LAYER_ID_FUNCTIONS[config.MODEL.TYPE].of_param
     groups = {}

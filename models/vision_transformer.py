@@ -192,7 +192,9 @@ class VisionTransformer(nn.Module):
         return {'pos_embed', 'cls_token'}
 
     def no_weight_decay_keywords(self):
-        return set()
+        # Position tables, shared or per block, as for Swin (the official ViT decayed them;
+        # TRAIN.WEIGHT_DECAY_RULES official restores that).
+        return {'relative_position_bias_table'}
 
     def _run_blocks(self, patch_tokens, keep_outputs):
         """Patch tokens (B, L, C) -> (tokens after the last block (B, N, C), list of per-block

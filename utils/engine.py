@@ -22,7 +22,8 @@ from optimizer import build_optimizer, supports_found_inf
 from utils.checkpoint import (atomic_save, build_checkpoint, capture_rng_state,
                               epoch_checkpoint_path, find_resume_checkpoint, load_training_state,
                               prune_step_checkpoints, step_checkpoint_path, verify_checkpoint)
-from utils.distributed import all_gather_objects, all_reduce_max, barrier, wrap_ddp
+from utils.distributed import (all_gather_objects, all_reduce_max, barrier,
+                               broadcast_batchnorm_stats, wrap_ddp)
 from utils.preemption import Preempted, PreemptionHandler
 
 EXIT_NONFINITE = 3
@@ -152,7 +153,7 @@ class Trainer:
             return config.TRAIN.START_EPOCH, 0
         epoch, step, max_accuracy, train_state = load_training_state(
             checkpoint, self.model_without_ddp, self.optimizer, self.lr_scheduler, self.scaler,
-            logger, self.dist.rank, self.dist.world_size)
+            logger, self.dist.rank, self.dist.world_size, config)
         self.load_train_state(train_state, max_accuracy)
         self.last_checkpoint = path
         logger.info(f'resumed from {path}: continuing at epoch {epoch}, step {step}')
@@ -220,6 +221,7 @@ class Trainer:
                 self._log_progress(epoch, idx, num_steps, stats, elapsed, window_steps, data_time)
                 window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
         self.skipped_total += stats.skipped_in_epoch()
+        broadcast_batchnorm_stats(self.model_without_ddp)  # every rank evaluates and saves the same
         took = datetime.timedelta(seconds=int(time.perf_counter() - epoch_start))
         self.logger.info(f'EPOCH {epoch} training takes {took}')
 

@@ -10,6 +10,11 @@ and the pure state-dict steps it runs, in order:
 (``adapt_state_dict`` runs them all). ``model_state`` is the target model's state dict (only the
 names and shapes are read), so every step is testable without building a model.
 
+``load_full_state_dict(model, checkpoint, source)`` is the strict counterpart for --eval and
+--resume: the same names (``canonical_keys``: prefixes, SwinV2 renames, rebuilt buffers), then every
+tensor of the model must be in the checkpoint and nothing else, or the error names what is missing
+and what is unexpected.
+
 Choices (reference 6.3, with its known bugs fixed):
 - ``mask_token`` is dropped (it has no use in fine-tuning); so are the buffers the model rebuilds
   (relative_position_index, relative_coords_table, attn_mask), which are also left out of the
@@ -32,6 +37,7 @@ from utils.safe_load import load_checkpoint_file
 
 MAX_MISSING_FRACTION = 0.1
 REBUILT_BUFFERS = ('relative_position_index', 'relative_coords_table', 'attn_mask')
+RELEASED_NAMES = (('rpe_mlp', 'cpb_mlp'),)  # released SwinV2 files -> code (Swin-Transformer #271)
 NEW_IN_FINETUNING = ('head.', 'fc_norm.')  # classifier parts never in a pre-trained encoder
 VIT_NUM_EXTRA_TOKENS = 3  # rows of cls->token, token->cls, cls->cls in a ViT RPB table
 SHARED_VIT_TABLE = 'rel_pos_bias.relative_position_bias_table'
@@ -93,6 +99,19 @@ def drop_rebuilt_buffers(state_dict):
     return {k: v for k, v in state_dict.items() if not any(b in k for b in REBUILT_BUFFERS)}
 
 
+def _current_name(key):
+    for old, new in RELEASED_NAMES:
+        key = key.replace(old, new)
+    return key
+
+
+def canonical_keys(state_dict):
+    """The names our models use, for a state dict of this framework or the official code: no DDP /
+    torch.compile prefix, released SwinV2 names renamed, rebuilt buffers dropped ('encoder.' kept)."""
+    return drop_rebuilt_buffers({_current_name(_strip_leading(k)): v
+                                 for k, v in state_dict.items()})
+
+
 def _resize_pos_embed_key(sd, model_state, key, num_extra_tokens, patch_grid, logger):
     if key not in sd or key not in model_state or sd[key].shape == model_state[key].shape:
         return
@@ -142,7 +161,7 @@ def _resize_tables(sd, model_state, num_extra_tokens, patch_grid, logger):
 def remap_swin(state_dict, model_state, patch_grid=None, logger=None):
     """Swin / SwinV2: released SwinV2 names (rpe_mlp -> cpb_mlp), index buffers dropped, relative
     position tables and absolute_pos_embed resized to the model's window / image size."""
-    sd = drop_rebuilt_buffers({k.replace('rpe_mlp', 'cpb_mlp'): v for k, v in state_dict.items()})
+    sd = canonical_keys(state_dict)
     _resize_tables(sd, model_state, 0, None, logger)
     _resize_pos_embed_key(sd, model_state, 'absolute_pos_embed', 0, patch_grid, logger)
     return sd
@@ -190,15 +209,19 @@ def _shapes(keys, sd, limit=5):
     return ', '.join(f"{k} {tuple(sd[k].shape)}" for k in keys[:limit])
 
 
+def shape_mismatches(state_dict, model_state):
+    """(key, checkpoint shape, model shape) of every tensor both have with different shapes."""
+    return [(k, tuple(v.shape), tuple(model_state[k].shape)) for k, v in state_dict.items()
+            if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)]
+
+
 def check_compatible(state_dict, model_state):
     """Raise IncompatibleCheckpointError if `state_dict` does not fit a model with `model_state`."""
-    mismatched = [k for k in state_dict
-                  if k in model_state and state_dict[k].shape != model_state[k].shape]
+    mismatched = shape_mismatches(state_dict, model_state)
     hint = ("This is probably a checkpoint of another architecture or size; check MODEL.TYPE and "
             "the MODEL.SWIN / SWINV2 / VIT sizes against the pre-training config.")
     if mismatched:
-        pairs = '; '.join(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model "
-                          f"{tuple(model_state[k].shape)}" for k in mismatched[:5])
+        pairs = '; '.join(f"{k}: checkpoint {src} vs model {dst}" for k, src, dst in mismatched[:5])
         raise IncompatibleCheckpointError(
             f"{len(mismatched)} checkpoint tensors have shapes the model cannot take: {pairs}. "
             f"{hint}")
@@ -284,3 +307,42 @@ def load_pretrained(config, model, logger=None):
     if unexpected:
         _log(logger, f"Ignored (not in model): {summarize_keys(unexpected, sd)}")
     return report
+
+
+def _looks_pretrained(keys):
+    return any(k.startswith('decoder.') or k == 'encoder.mask_token' for k in keys)
+
+
+def load_full_state_dict(model, checkpoint, source):
+    """Load `checkpoint` (a checkpoint dict or a bare state dict) into `model` for --eval or
+    --resume, where every tensor must come from the file. Names go through ``canonical_keys``; a
+    wrong shape, a model tensor the file lacks or a file tensor the model lacks raises
+    IncompatibleCheckpointError naming them, before anything is loaded. `source` names the file in
+    the message (e.g. '--resume checkpoint /path')."""
+    model = unwrap_model(model)
+    model_state = model.state_dict()  # rebuilt buffers are not persistent, so not in here
+    sd = canonical_keys(unwrap_state_dict(checkpoint))
+    mismatched = shape_mismatches(sd, model_state)
+    if mismatched:
+        raise IncompatibleCheckpointError(
+            f"{source} does not fit the model (another architecture or size?); first mismatches "
+            f"(key, checkpoint shape, model shape): {'; '.join(map(str, mismatched[:5]))}")
+    missing = [k for k in model_state if k not in sd]
+    unexpected = [k for k in sd if k not in model_state]
+    if missing or unexpected:
+        if _looks_pretrained(sd) and not _looks_pretrained(model_state):
+            hint = ("It is a SimMIM pre-training checkpoint (encoder.* and decoder.* tensors): to "
+                    "fine-tune from it pass it with --pretrained (MODEL.PRETRAINED); --eval and "
+                    "--resume in main_finetune.py take a checkpoint that fine-tuning wrote "
+                    "(model_best.pth or ckpt_epoch_*.pth).")
+        else:
+            hint = ("Check MODEL.TYPE, the MODEL.SWIN / SWINV2 / VIT sizes and LINEAR_PROBE.ENABLE "
+                    "against the config the checkpoint was written with.")
+        raise IncompatibleCheckpointError(
+            f"{source} does not match the model, so it cannot be used as it is: "
+            f"{len(missing)} model tensors are not in it (missing: "
+            f"{summarize_keys(missing, model_state, limit=8) or 'none'}) and {len(unexpected)} of "
+            f"its tensors are not in the model (unexpected: "
+            f"{summarize_keys(unexpected, sd, limit=8) or 'none'}). {hint}")
+    model.load_state_dict(sd)
+    return len(sd)

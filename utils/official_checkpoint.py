@@ -1,0 +1,117 @@
+"""Resuming from optimizer states whose parameter groups differ from ours, official ones included.
+
+    load_optimizer_state(optimizer, checkpoint, model, config, logger)
+
+An optimizer state names its entries by position (group order, then order inside the group), so it
+only loads into an optimizer with the same groups. Ours are built by optimizer.build_param_groups;
+the official code's differ:
+- pre-training (microsoft/SimMIM and the Swin-Transformer repo's SimMIM): two groups in the
+  fixed order [decay, no_decay], with the official no-decay membership
+  (optimizer.official_names_without_weight_decay: Swin position tables, SwinV2 logit_scale /
+  cpb_mlp and the ViT mask token decayed);
+- fine-tuning: one group per 'layer_{id}_{decay|no_decay}' (even with LAYER_DECAY 1), in the
+  order their first parameter appears, saved with its 'group_name'.
+Here each saved entry is given the name of its parameter, from the groups' own 'param_names'
+(our checkpoints) or by rebuilding the official groups for this model, and loaded into our
+groups by name. Our group settings (lr, weight decay, betas) are kept: they come from the config.
+apex AMP state ('amp', microsoft/SimMIM) is not used; a Swin-Transformer-repo 'scaler' is
+loaded by utils.checkpoint when this run uses a GradScaler.
+"""
+import torch
+
+from optimizer import (LAYER_ID_FUNCTIONS, official_names_without_weight_decay,
+                       skips_weight_decay)
+from utils.distributed import unwrap_model
+from utils.safe_load import CheckpointError
+
+
+def official_group_names(config, model, is_pretrain):
+    """The parameter names of each group the official build_optimizer makes for `model`, in the
+    official group order: ([decay], [no_decay]) in pre-training, and in fine-tuning
+    {group_name: names} per layer and kind, in order of first appearance."""
+    skip_names, skip_keywords = official_names_without_weight_decay(config, is_pretrain)
+    named = [(n, p) for n, p in unwrap_model(model).named_parameters() if p.requires_grad]
+    if is_pretrain:
+        decay = [n for n, p in named if not skips_weight_decay(n, p, skip_names, skip_keywords)]
+        no_decay = [n for n, p in named if skips_weight_decay(n, p, skip_names, skip_keywords)]
+        return {'decay': decay, 'no_decay': no_decay}
+    layer_id = LAYER_ID_FUNCTIONS[config.MODEL.TYPE].of_param
+    groups = {}
+    for name, param in named:
+        kind = 'no_decay' if skips_weight_decay(name, param, skip_names, skip_keywords) else 'decay'
+        groups.setdefault(f'layer_{layer_id(name, config)}_{kind}', []).append(name)
+    return groups
+
+
+def _saved_names(saved_groups, config, model):
+    """Parameter names for each saved group, and where they came from."""
+    if all('param_names' in g for g in saved_groups):
+        return [list(g['param_names']) for g in saved_groups], 'this framework'
+    is_pretrain = not any('group_name' in g for g in saved_groups)
+    official = official_group_names(config, model, is_pretrain)
+    sizes = [len(g['params']) for g in saved_groups]
+    expected = [len(names) for names in official.values()]
+    saved_names = [g.get('group_name') for g in saved_groups]
+    if sizes != expected or (not is_pretrain and saved_names != list(official)):
+        stage = 'pre-training' if is_pretrain else 'fine-tuning'
+        raise CheckpointError(
+            f"The optimizer state of the resume checkpoint cannot be matched to this model's "
+            f"parameters. It has no parameter names, so it was taken for an official {stage} "
+            f"state, but its groups (sizes {sizes}{'' if is_pretrain else f', names {saved_names[:4]}'}) "
+            f"are not the ones the official code makes for this model (sizes {expected}). It was "
+            f"written for another model, size or layer count: check MODEL.TYPE, the MODEL.SWIN / "
+            f"SWINV2 / VIT sizes and TRAIN.LAYER_DECAY against its config. To start from its "
+            f"weights alone, pass it with --pretrained instead of --resume.")
+    return list(official.values()), f'the official {"pre-training" if is_pretrain else "fine-tuning"} code'
+
+
+def _as_tensor_step(entry):
+    # torch < 1.12 (the official code's era) saved Adam's 'step' as a Python number.
+    if 'step' in entry and not torch.is_tensor(entry['step']):
+        entry = {**entry, 'step': torch.tensor(float(entry['step']), dtype=torch.float32)}
+    return entry
+
+
+def _remapped(saved, names_per_group, optimizer):
+    """`saved` re-keyed for `optimizer` by parameter name, with the optimizer's own group settings."""
+    by_name = {}
+    for group, names in zip(saved['param_groups'], names_per_group):
+        for index, name in zip(group['params'], names):
+            if index in saved['state']:
+                by_name[name] = saved['state'][index]
+    current = optimizer.state_dict()
+    ours = [(index, name, param) for group, live in zip(current['param_groups'],
+                                                         optimizer.param_groups)
+            for index, name, param in zip(group['params'], live['param_names'], live['params'])]
+    unknown = sorted(set(by_name) - {name for _, name, _ in ours})
+    wrong = [(name, tuple(value.shape), tuple(param.shape)) for _, name, param in ours
+             for value in by_name.get(name, {}).values()
+             if torch.is_tensor(value) and value.dim() and value.shape != param.shape]
+    if unknown or wrong:
+        raise CheckpointError(
+            f"The optimizer state of the resume checkpoint does not fit this model: "
+            f"{len(unknown)} of its entries name parameters the model lacks {unknown[:3]}, and "
+            f"{len(wrong)} have other shapes (name, saved, model) {wrong[:3]}. It was written for "
+            f"another model or size; pass it with --pretrained to start from its weights alone.")
+    state = {index: _as_tensor_step(by_name[name]) for index, name, _ in ours if name in by_name}
+    return {'state': state, 'param_groups': current['param_groups']}
+
+
+def load_optimizer_state(optimizer, checkpoint, model, config, logger):
+    """Load checkpoint['optimizer'] into `optimizer`: directly when the groups are ours and equal,
+    else entry by entry through the parameter names (see the module docstring)."""
+    saved = checkpoint['optimizer']
+    saved_groups = saved.get('param_groups', [])
+    ours = [list(g['param_names']) for g in optimizer.param_groups]
+    if [g.get('param_names') for g in saved_groups] == ours:
+        optimizer.load_state_dict(saved)
+        return
+    names_per_group, source = _saved_names(saved_groups, config, model)
+    optimizer.load_state_dict(_remapped(saved, names_per_group, optimizer))
+    logger.info(f"Optimizer state written by {source} with {len(saved_groups)} parameter groups "
+                f"loaded into this run's {len(ours)} groups by parameter name; learning rates and "
+                f"weight decay come from this config.")
+    if 'amp' in checkpoint:
+        logger.info("The checkpoint's apex AMP state ('amp': loss scale of microsoft/SimMIM's "
+                    "fp16 training) is not used: autocast here needs no apex, and an fp16 run "
+                    "starts a fresh GradScaler.")
