@@ -48,21 +48,19 @@ def _saved_names(saved_groups, config, model):
     if all('param_names' in g for g in saved_groups):
         return [list(g['param_names']) for g in saved_groups], 'this framework'
     is_pretrain = not any('group_name' in g for g in saved_groups)
+    stage = 'pre-training' if is_pretrain else 'fine-tuning'
     official = official_group_names(config, model, is_pretrain)
-    sizes = [len(g['params']) for g in saved_groups]
-    expected = [len(names) for names in official.values()]
-    saved_names = [g.get('group_name') for g in saved_groups]
-    if sizes != expected or (not is_pretrain and saved_names != list(official)):
-        stage = 'pre-training' if is_pretrain else 'fine-tuning'
+    saved = [(g.get('group_name'), len(g['params'])) for g in saved_groups]
+    expected = [(None if is_pretrain else name, len(names)) for name, names in official.items()]
+    if saved != expected:
         raise CheckpointError(
             f"The optimizer state of the resume checkpoint cannot be matched to this model's "
             f"parameters. It has no parameter names, so it was taken for an official {stage} "
-            f"state, but its groups (sizes {sizes}{'' if is_pretrain else f', names {saved_names[:4]}'}) "
-            f"are not the ones the official code makes for this model (sizes {expected}). It was "
-            f"written for another model, size or layer count: check MODEL.TYPE, the MODEL.SWIN / "
-            f"SWINV2 / VIT sizes and TRAIN.LAYER_DECAY against its config. To start from its "
-            f"weights alone, pass it with --pretrained instead of --resume.")
-    return list(official.values()), f'the official {"pre-training" if is_pretrain else "fine-tuning"} code'
+            f"state, but its groups (name, size) {saved[:6]} are not the ones the official code "
+            f"makes for this model {expected[:6]}. It was written for another model or size: "
+            f"check MODEL.TYPE and the MODEL.SWIN / SWINV2 / VIT sizes against its config. To "
+            f"start from its weights alone, pass it with --pretrained instead of --resume.")
+    return list(official.values()), f'the official {stage} code'
 
 
 def _as_tensor_step(entry):
@@ -73,7 +71,8 @@ def _as_tensor_step(entry):
 
 
 def _remapped(saved, names_per_group, optimizer):
-    """`saved` re-keyed for `optimizer` by parameter name, with the optimizer's own group settings."""
+    """`saved` re-keyed for `optimizer` by parameter name, with the optimizer's own group
+    settings."""
     by_name = {}
     for group, names in zip(saved['param_groups'], names_per_group):
         for index, name in zip(group['params'], names):

@@ -107,7 +107,8 @@ def _current_name(key):
 
 def canonical_keys(state_dict):
     """The names our models use, for a state dict of this framework or the official code: no DDP /
-    torch.compile prefix, released SwinV2 names renamed, rebuilt buffers dropped ('encoder.' kept)."""
+    torch.compile prefix, released SwinV2 names renamed, rebuilt buffers dropped ('encoder.'
+    kept)."""
     return drop_rebuilt_buffers({_current_name(_strip_leading(k)): v
                                  for k, v in state_dict.items()})
 
