@@ -73,7 +73,8 @@ def broadcast_batchnorm_stats(model, src=0):
     (the linear probe's head) tracks its own batches; call this before evaluating or saving."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+             torch.nn.SyncBatchNorm)
     for module in model.modules():
         if isinstance(module, norms):
             for buffer in module.buffers():
