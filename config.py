@@ -51,6 +51,11 @@ _C.DATA.PERSISTENT_WORKERS = True
 # What to do with a file that cannot be decoded: 'skip' (warn with its path, count it, use the next
 # readable image) or 'error' (stop with its path).
 _C.DATA.ON_BAD_IMAGE = 'skip'
+# How images that are not 8-bit RGB become RGB: 'careful' composites transparency onto white and
+# scales 16-bit / float grey to 8 bits; 'official' is PIL's convert('RGB') as the official loaders
+# (alpha dropped, so transparent pixels keep their stored colour, usually black; 16-bit grey
+# clipped, mostly to white).
+_C.DATA.RGB_CONVERSION = 'careful'
 # [SimMIM] masking
 _C.DATA.MASK_PATCH_SIZE = 32  # side of one mask patch in pixels (Table 1)
 _C.DATA.MASK_RATIO = 0.6  # fraction of mask patches masked (Table 1)
@@ -180,6 +185,10 @@ _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 0  # <= 1: off
 _C.TRAIN.USE_CHECKPOINT = False  # gradient checkpointing, per block
 _C.TRAIN.LAYER_DECAY = 1.0  # [SimMIM] layer-wise LR decay for fine-tuning
+# Which parameters get no weight decay (optimizer.py): 'ours' = 1-D, biases, position tables (all
+# architectures, pre-training and fine-tuning), mask tokens, SwinV2 logit_scale / cpb_mlp;
+# 'official' = the official code's membership, bugs included (Swin-Transformer #369, SimMIM #26).
+_C.TRAIN.WEIGHT_DECAY_RULES = 'ours'
 # Consecutive optimizer steps with a non-finite loss or gradient norm that are skipped (parameters
 # untouched) before the run stops with an error.
 _C.TRAIN.MAX_NONFINITE_STEPS = 20
@@ -190,8 +199,9 @@ _C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30  # step
 _C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1  # step
 _C.TRAIN.LR_SCHEDULER.GAMMA = 0.1  # multistep
 _C.TRAIN.LR_SCHEDULER.MULTISTEPS = []  # multistep, in epochs
-# True: the decay phase starts after the warmup (Swin-Transformer repo); False: the decay is timed
-# from step 0 and the warmup overwrites its start (SimMIM repo, which produced the paper's runs).
+# cosine only, as in the Swin-Transformer repo: True = the cosine starts after the warmup (that
+# repo's default, set in configs/simmim/*.yaml); False = it is timed from step 0 and the warmup
+# overwrites its start (SimMIM repo, which produced the paper's runs). step is never shifted.
 _C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = False
 
 _C.TRAIN.OPTIMIZER = CN()

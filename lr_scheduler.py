@@ -17,10 +17,14 @@ Warmup is linear from WARMUP_LR to the peak over warmup_steps, then:
     linear     linear from peak to peak * 0.01 at num_steps (official LinearLRScheduler)
     step       peak * DECAY_RATE ** (t // decay_steps)           (timm StepLRScheduler)
     multistep  peak * GAMMA ** (number of milestones <= t)       (official MultiStepLRScheduler)
-For cosine and step, WARMUP_PREFIX False (SimMIM repo) times the decay from update 0 (T =
-num_steps) and lets the warmup overwrite its start; True (Swin-Transformer repo) starts it after
-the warmup (t -= warmup_steps, T = num_steps - warmup_steps). Multistep milestones are absolute,
-and at t == milestone the lr is already decayed, as in the official class.
+For cosine, WARMUP_PREFIX False (SimMIM repo) times the decay from update 0 (T = num_steps) and
+lets the warmup overwrite its start; True (Swin-Transformer repo) starts it after the warmup
+(t -= warmup_steps, T = num_steps - warmup_steps). The other schedules ignore WARMUP_PREFIX, as in
+both repos: the Swin-Transformer repo passes it to CosineLRScheduler only, and the StepLRScheduler
+of the timm it pinned (0.4.12) has no warmup prefix, so step decays at absolute multiples of
+decay_steps (timm >= 0.6 shifts it by the warmup by default; that is not what the repo ran).
+Multistep milestones are absolute, and at t == milestone the lr is already decayed, as in the
+official class.
 
 Choices:
 - WARMUP_LR and MIN_LR are the same for every group, not multiplied by 'lr_scale', and the group
@@ -82,18 +86,13 @@ class LRScheduler:
         self.step_update(0)
 
     # -- the schedule ---------------------------------------------------------------------------
-    def _decay_time(self, t):
-        """(t, T) for cosine and step, counted from 0 or from the end of the warmup."""
-        s = self.settings
-        if s['warmup_prefix']:
-            return t - s['warmup_steps'], s['num_steps'] - s['warmup_steps']
-        return t, s['num_steps']
-
     def _after_warmup(self, peak, t):
         s = self.settings
         name = s['schedule']
         if name == 'cosine':
-            t, total = self._decay_time(t)
+            total = s['num_steps']
+            if s['warmup_prefix']:
+                t, total = t - s['warmup_steps'], total - s['warmup_steps']
             if total <= 0 or t >= total:
                 return s['min_lr']
             return s['min_lr'] + 0.5 * (peak - s['min_lr']) * (1 + math.cos(math.pi * t / total))
@@ -102,7 +101,6 @@ class LRScheduler:
             progress = min(1.0, (t - s['warmup_steps']) / total) if total > 0 else 1.0
             return peak - (peak - peak * LINEAR_END_FRACTION) * progress
         if name == 'step':
-            t, _ = self._decay_time(t)
             return peak * s['decay_rate'] ** (t // s['decay_steps'])
         return peak * s['gamma'] ** bisect.bisect_right(s['milestones'], t)  # multistep
 

@@ -10,10 +10,14 @@ Public entry points:
 
 Choices (reference section 5):
 - A parameter gets no weight decay if it is 1-D (or 0-D), its name ends with '.bias', it is named by
-  ``model.no_weight_decay()`` or contains a keyword of ``model.no_weight_decay_keywords()``. This
-  holds in pre-training too: the official code prefixed the keywords with 'encoder.' there, so
-  the relative-position tables, SwinV2 ``logit_scale`` and ``cpb_mlp`` got weight decay
-  (Swin-Transformer issue #369); we fix that on purpose. Frozen parameters are left out.
+  ``model.no_weight_decay()`` or contains a keyword of ``model.no_weight_decay_keywords()``: so
+  position tables (Swin, SwinV2 and ViT, shared or per block), SwinV2 ``logit_scale`` and
+  ``cpb_mlp``, and mask tokens are never decayed, in pre-training and fine-tuning. The official
+  code decayed some of them: in pre-training it prefixed the keywords with 'encoder.' (Swin
+  relative-position tables, ``logit_scale``, ``cpb_mlp``; Swin-Transformer issue #369) and its ViT
+  named neither the mask token nor any position table (SimMIM #26), in fine-tuning too.
+  TRAIN.WEIGHT_DECAY_RULES official reproduces that membership
+  (``official_names_without_weight_decay``). Frozen parameters are left out.
 - Layer-wise LR decay (fine-tuning, TRAIN.LAYER_DECAY != 1) uses the official layer ids (each
   architecture's ``layer_id``, models/architectures.py): scale = LAYER_DECAY ** (L + 1 - layer_id),
   L = number of blocks.
@@ -73,6 +77,18 @@ def _names_without_weight_decay(model):
     return skip, keywords
 
 
+def official_names_without_weight_decay(config, task):
+    """(names, keywords) as the official build_optimizer saw them (the architecture's
+    `official_no_weight_decay`). In pre-training the SimMIM wrapper prefixed both with 'encoder.',
+    so the keywords match no parameter (Swin-Transformer #369), and only some encoders added
+    'mask_token' (SimMIM #26)."""
+    names, keywords, encoder_names = architecture_of(config).official_no_weight_decay
+    if not task.masked_image_modeling:
+        return set(names), set(keywords)
+    return ({'encoder.' + n for n in set(names) | set(encoder_names)},
+            {'encoder.' + k for k in keywords})
+
+
 def skips_weight_decay(name, param, skip_names=(), skip_keywords=()):
     """Whether `param` (called `name`) belongs to a group with weight decay 0."""
     return (param.ndim <= 1 or name.endswith('.bias') or name in skip_names
@@ -84,7 +100,10 @@ def build_param_groups(config: CfgNode, model: nn.Module, task: Union[Task, bool
     """The optimizer's parameter groups (see the module docstring for the keys and the rules)."""
     task = as_task(task, is_pretrain)
     model = unwrap_model(model)
-    skip_names, skip_keywords = _names_without_weight_decay(model)
+    if config.TRAIN.WEIGHT_DECAY_RULES == 'official':
+        skip_names, skip_keywords = official_names_without_weight_decay(config, task)
+    else:
+        skip_names, skip_keywords = _names_without_weight_decay(model)
     scales = layer_lr_scales(config, model) if _uses_layer_decay(config, task) else None
     layer_id, _ = _layer_id_function(config)
     groups = {}
@@ -163,6 +182,9 @@ def check_optimizer_config(config):
     name = config.TRAIN.OPTIMIZER.NAME
     require(name in OPTIMIZERS,
             f"TRAIN.OPTIMIZER.NAME '{name}' is not one of {tuple(OPTIMIZERS)}.")
+    rules = config.TRAIN.WEIGHT_DECAY_RULES
+    require(rules in ('ours', 'official'),
+            f"TRAIN.WEIGHT_DECAY_RULES must be 'ours' or 'official', got '{rules}'.")
 
 
 def build_optimizer(config: CfgNode, model: nn.Module, logger: Optional[logging.Logger] = None,

@@ -44,12 +44,13 @@ def _scan_images(folder):
     return found
 
 
-def load_image(path):
-    """The image at `path` as RGB, fully decoded (so a truncated file fails here, not later)."""
+def load_image(path, rgb_conversion='careful'):
+    """The image at `path` as RGB (transforms.to_rgb), fully decoded (so a truncated file fails
+    here, not later)."""
     with open(path, 'rb') as f:
         img = Image.open(f)
         img.load()  # PIL decodes lazily; ImageFile.LOAD_TRUNCATED_IMAGES stays False
-    return to_rgb(img)
+    return to_rgb(img, rgb_conversion)
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -59,15 +60,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     are left out), or images directly in `root` (every file under it gets label 0 and `classes` is
     empty; pre-training needs no classes). Files that cannot be decoded are, with
     on_bad_image='skip', replaced by the next readable image (with a warning on logger
-    'simmim.data'), or with 'error' raise BadImageError.
+    'simmim.data'), or with 'error' raise BadImageError. `rgb_conversion`: see
+    transforms.to_rgb (DATA.RGB_CONVERSION).
     """
 
-    def __init__(self, root, on_bad_image='skip', min_size=0):
+    def __init__(self, root, on_bad_image='skip', min_size=0, rgb_conversion='careful'):
         check_on_bad_image(on_bad_image)
         root = os.path.expanduser(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(_expected_layout(root, 'Data folder not found'))
         self.root, self.on_bad_image, self.min_size = root, on_bad_image, min_size
+        self.rgb_conversion = rgb_conversion
         self.classes, self.samples = [], []
         with os.scandir(root) as entries:
             entries = sorted(entries, key=lambda e: e.name)
@@ -93,7 +96,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
-                image = load_image(path)
+                image = load_image(path, self.rgb_conversion)
             except Exception as err:  # PIL raises many exception types for broken files
                 if self.on_bad_image == 'error':
                     raise BadImageError(

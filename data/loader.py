@@ -53,7 +53,7 @@ def _image_folder(config, subfolder=''):
                           f"--data-path DIR (a folder of images) or use the built-in dataset with "
                           f"--opts DATA.DATASET synthetic.")
     return ImageFolderDataset(os.path.join(data.DATA_PATH, subfolder), data.ON_BAD_IMAGE,
-                              min_size=data.IMG_SIZE)
+                              min_size=data.IMG_SIZE, rgb_conversion=data.RGB_CONVERSION)
 
 
 def _synthetic(config, split):

@@ -13,8 +13,8 @@ its defaults section in config.py (worked example in the README, "How the code i
 import re
 
 from utils.errors import require
-from utils.state_dict import (drop_rebuilt_buffers, log_info, resize_pos_embed_entry,
-                              resize_position_tables)
+from utils.state_dict import (drop_rebuilt_buffers, log_info, rename_released_keys,
+                              resize_pos_embed_entry, resize_position_tables)
 from .registry import Architecture, register_architecture
 from .simmim import SwinTransformerForSimMIM, SwinTransformerV2ForSimMIM, VisionTransformerForSimMIM
 from .swin_transformer import SwinTransformer
@@ -91,7 +91,7 @@ def check_swinv2(config):
 def remap_swin(state_dict, model_state, patch_grid=None, logger=None):
     """Swin / SwinV2: released SwinV2 names (rpe_mlp -> cpb_mlp), index buffers dropped, relative
     position tables and absolute_pos_embed resized to the model's window / image size."""
-    sd = drop_rebuilt_buffers({k.replace('rpe_mlp', 'cpb_mlp'): v for k, v in state_dict.items()})
+    sd = drop_rebuilt_buffers(rename_released_keys(state_dict))
     resize_position_tables(sd, model_state, 0, None, logger)
     resize_pos_embed_entry(sd, model_state, 'absolute_pos_embed', 0, patch_grid, logger)
     return sd
@@ -106,6 +106,8 @@ register_architecture(Architecture(
     layer_id=lambda name, swin: swin_layer_id(name, swin.DEPTHS),
     remap_checkpoint=remap_swin,
     check_config=lambda config: check_swin_family(config, 'SWIN'),
+    official_no_weight_decay=(('absolute_pos_embed',), ('relative_position_bias_table',),
+                              ('mask_token',)),
 ))
 
 register_architecture(Architecture(
@@ -118,6 +120,9 @@ register_architecture(Architecture(
     layer_id=lambda name, swin: swin_layer_id(name, swin.DEPTHS),
     remap_checkpoint=remap_swin,
     check_config=check_swinv2,
+    official_no_weight_decay=(('absolute_pos_embed',),
+                              ('cpb_mlp', 'logit_scale', 'relative_position_bias_table'),
+                              ('mask_token',)),
 ))
 
 
@@ -180,4 +185,5 @@ register_architecture(Architecture(
     layer_id=lambda name, vit: vit_layer_id(name, vit.DEPTH),
     remap_checkpoint=remap_vit,
     check_config=check_vit,
+    official_no_weight_decay=(('pos_embed', 'cls_token'), (), ()),
 ))

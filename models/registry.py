@@ -24,6 +24,9 @@ class Architecture:
     layer_id: Callable  # (parameter name, section) -> its layer id in 0 .. L + 1
     remap_checkpoint: Callable  # (state_dict, model_state, patch_grid, logger) -> state_dict
     check_config: Callable  # config -> None; raises ConfigError naming the key and the fix
+    # What the official code left out of weight decay (TRAIN.WEIGHT_DECAY_RULES official):
+    # (backbone names, backbone keywords, names its SimMIM encoder added).
+    official_no_weight_decay: tuple = ((), (), ())
 
     def section(self, config):
         return config.MODEL[self.config_key]

@@ -85,11 +85,8 @@ class VisionTransformerForSimMIM(VisionTransformer):
         return tokens_to_feature_map(tokens[:, 1:], x.shape[-2] // s, x.shape[-1] // s)
 
     def no_weight_decay(self):
-        # The official ViT encoder decays these (SimMIM issue #26); Swin never did.
+        # The official ViT encoder decays it (SimMIM issue #26); Swin never did.
         return super().no_weight_decay() | {'mask_token'}
-
-    def no_weight_decay_keywords(self):
-        return super().no_weight_decay_keywords() | {'relative_position_bias_table'}
 
 
 # -----------------------------------------------------------------------------------------------

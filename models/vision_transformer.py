@@ -100,7 +100,9 @@ class VisionTransformer(Beit):
         return {'pos_embed', 'cls_token'}
 
     def no_weight_decay_keywords(self):
-        return set()
+        # Position tables, shared or per block, as for Swin (the official ViT decayed them;
+        # TRAIN.WEIGHT_DECAY_RULES official restores that).
+        return {'relative_position_bias_table'}
 
     # -------------------------------------------------------------------------------------------
     # Forward

@@ -31,8 +31,7 @@ from data.masking import MASK_GENERATORS, build_mask_generator  # noqa: E402
 from data.transforms import normalize  # noqa: E402
 from models import build_simmim, model_patch_size  # noqa: E402
 from utils.mask_grid import pixel_mask_to_patches  # noqa: E402
-from utils.pretrained import unwrap_state_dict  # noqa: E402
-from utils.state_dict import drop_rebuilt_buffers  # noqa: E402
+from utils.pretrained import load_full_state_dict  # noqa: E402
 from utils.safe_load import load_checkpoint_file  # noqa: E402
 from utils.visualize import reconstruct_images, reconstruction_grid, save_png  # noqa: E402
 
@@ -52,9 +51,8 @@ def load_model(checkpoint_path, cfg=None, opts=()):
             os.remove(f.name)
     else:
         config = load_config(cfg, opts)
-    state_dict = drop_rebuilt_buffers(unwrap_state_dict(checkpoint))
     model = build_simmim(config)
-    model.load_state_dict({k.removeprefix('module.'): v for k, v in state_dict.items()})
+    load_full_state_dict(model, checkpoint, f'--checkpoint {checkpoint_path}')
     return config, model
 
 

@@ -9,6 +9,7 @@ are the keys no unit owns.
 """
 from data.datasets import check_on_bad_image
 from data.masking import check_mask_config
+from data.transforms import check_rgb_conversion
 from lr_scheduler import check_scheduler_config
 from models.heads import check_head_config
 from models.registry import architecture_of, encoder_stride, model_patch_size
@@ -32,6 +33,7 @@ def check_common_keys(config):
     data = config.DATA
     require(data.DATASET in DATASETS, f"DATA.DATASET '{data.DATASET}' is not one of {DATASETS}.")
     check_on_bad_image(data.ON_BAD_IMAGE)
+    check_rgb_conversion(data.RGB_CONVERSION)
     require(config.AMP_OPT_LEVEL in ('', 'O0', 'O1', 'O2'),
             f"AMP_OPT_LEVEL must be '', O0, O1 or O2, got '{config.AMP_OPT_LEVEL}'.")
     require(config.AMP_DTYPE in ('auto', 'bfloat16', 'float16'),

@@ -62,13 +62,28 @@ def init_distributed(local_rank=0):
 
 def wrap_ddp(model, device):
     """DistributedDataParallel without per-forward buffer broadcasts (the official
-    broadcast_buffers=False; buffers here are derived index tables). torch >= 2.14 spells it
-    forward_sync_buffers, older versions broadcast_buffers."""
+    broadcast_buffers=False; the models' buffers are derived index tables, and BatchNorm
+    statistics are broadcast once per epoch instead: broadcast_batchnorm_stats). torch >= 2.14
+    spells it forward_sync_buffers, older versions broadcast_buffers."""
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     no_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in params
                else {'broadcast_buffers': False})
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
                                    **no_sync)
+
+
+def broadcast_batchnorm_stats(model, src=0):
+    """Give every rank the BatchNorm running statistics of rank `src` (MAE's linear probe: DDP's
+    buffer broadcast). Our DDP never syncs buffers, so in training mode each rank's BatchNorm
+    (the linear probe's head) tracks its own batches; call this before evaluating or saving."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+             torch.nn.SyncBatchNorm)
+    for module in model.modules():
+        if isinstance(module, norms):
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src)
 
 
 def seed_everything(seed):

@@ -22,7 +22,7 @@ from optimizer import build_optimizer, supports_found_inf
 from utils.checkpoint import (build_checkpoint, epoch_checkpoint_path, load_training_state,
                               prune_step_checkpoints, step_checkpoint_path)
 from utils.checkpoint_protocol import choose_resume_checkpoint, save_on_main_rank
-from utils.distributed import all_reduce_max, wrap_ddp
+from utils.distributed import all_reduce_max, broadcast_batchnorm_stats, wrap_ddp
 from utils.errors import EXIT_NONFINITE, NonFiniteLossError, Preempted  # noqa: F401  (re-exported)
 from utils.preemption import PreemptionHandler
 from utils.tasks import PRETRAIN
@@ -114,7 +114,7 @@ class Trainer:
             return config.TRAIN.START_EPOCH, 0
         epoch, step, max_accuracy, train_state = load_training_state(
             checkpoint, self.model_without_ddp, self.optimizer, self.lr_scheduler, self.scaler,
-            logger, self.dist.rank, self.dist.world_size)
+            logger, self.dist.rank, self.dist.world_size, config)
         self.load_train_state(train_state, max_accuracy)
         self.last_checkpoint = path
         logger.info(f'resumed from {path}: continuing at epoch {epoch}, step {step}')
@@ -182,6 +182,7 @@ class Trainer:
                 self._log_progress(epoch, idx, num_steps, stats, elapsed, window_steps, data_time)
                 window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
         self.skipped_total += stats.skipped_in_epoch()
+        broadcast_batchnorm_stats(self.model_without_ddp)  # every rank evaluates and saves the same
         took = datetime.timedelta(seconds=int(time.perf_counter() - epoch_start))
         self.logger.info(f'EPOCH {epoch} training takes {took}')
 

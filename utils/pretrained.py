@@ -11,6 +11,11 @@ and the pure state-dict steps it runs, in order:
 (``adapt_state_dict`` runs them all). ``model_state`` is the target model's state dict (only the
 names and shapes are read), so every step is testable without building a model.
 
+``load_full_state_dict(model, checkpoint, source)`` is the strict counterpart for --eval and
+--resume: the same names (``canonical_keys``: prefixes, SwinV2 renames, rebuilt buffers), then every
+tensor of the model must be in the checkpoint and nothing else, or the error names what is missing
+and what is unexpected.
+
 Choices (reference 6.3, with its known bugs fixed):
 - ``mask_token`` is dropped (it has no use in fine-tuning); so are the buffers the model rebuilds
   (relative_position_index, relative_coords_table, attn_mask), which are also left out of the
@@ -34,8 +39,9 @@ from models.registry import get_architecture
 from utils.distributed import unwrap_model
 from utils.errors import IncompatibleCheckpointError
 from utils.safe_load import load_checkpoint_file
-from utils.state_dict import (REBUILT_BUFFERS, drop_rebuilt_buffers,  # noqa: F401  (re-exported)
-                              log_info, summarize_keys)
+from utils.state_dict import (REBUILT_BUFFERS, canonical_keys,  # noqa: F401  (re-exported)
+                              drop_rebuilt_buffers, log_info, strip_wrapper_prefixes,
+                              summarize_keys)
 
 MAX_MISSING_FRACTION = 0.1
 NEW_IN_FINETUNING = ('head.', 'fc_norm.')  # classifier parts never in a pre-trained encoder
@@ -68,22 +74,12 @@ def unwrap_state_dict(obj):
     return dict(obj)
 
 
-def _strip_leading(key, prefixes=('module.', '_orig_mod.')):
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in prefixes:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
-    return key
-
-
 def strip_prefixes(state_dict):
     """Remove DDP / torch.compile prefixes; if it is a SimMIM checkpoint (keys 'encoder.*'), keep
     the encoder only, without its prefix. mask_token is dropped."""
-    sd = {_strip_leading(k): v for k, v in state_dict.items()}
+    sd = {strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
     if any(k.startswith('encoder.') for k in sd):
-        sd = {_strip_leading(k[len('encoder.'):]): v for k, v in sd.items()
+        sd = {strip_wrapper_prefixes(k[len('encoder.'):]): v for k, v in sd.items()
               if k.startswith('encoder.')}
     sd.pop('mask_token', None)
     return sd
@@ -111,15 +107,19 @@ def _shapes(keys, sd, limit=5):
     return ', '.join(f"{k} {tuple(sd[k].shape)}" for k in keys[:limit])
 
 
+def shape_mismatches(state_dict, model_state):
+    """(key, checkpoint shape, model shape) of every tensor both have with different shapes."""
+    return [(k, tuple(v.shape), tuple(model_state[k].shape)) for k, v in state_dict.items()
+            if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)]
+
+
 def check_compatible(state_dict, model_state):
     """Raise IncompatibleCheckpointError if `state_dict` does not fit a model with `model_state`."""
-    mismatched = [k for k in state_dict
-                  if k in model_state and state_dict[k].shape != model_state[k].shape]
+    mismatched = shape_mismatches(state_dict, model_state)
     hint = ("This is probably a checkpoint of another architecture or size; check MODEL.TYPE and "
             "the MODEL.SWIN / SWINV2 / VIT sizes against the pre-training config.")
     if mismatched:
-        pairs = '; '.join(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model "
-                          f"{tuple(model_state[k].shape)}" for k in mismatched[:5])
+        pairs = '; '.join(f"{k}: checkpoint {src} vs model {dst}" for k, src, dst in mismatched[:5])
         raise IncompatibleCheckpointError(
             f"{len(mismatched)} checkpoint tensors have shapes the model cannot take: {pairs}. "
             f"{hint}")
@@ -178,3 +178,42 @@ def load_pretrained(config: CfgNode, model: nn.Module,
     if unexpected:
         log_info(logger, f"Ignored (not in model): {summarize_keys(unexpected, sd)}")
     return report
+
+
+def _looks_pretrained(keys):
+    return any(k.startswith('decoder.') or k == 'encoder.mask_token' for k in keys)
+
+
+def load_full_state_dict(model, checkpoint, source):
+    """Load `checkpoint` (a checkpoint dict or a bare state dict) into `model` for --eval or
+    --resume, where every tensor must come from the file. Names go through ``canonical_keys``; a
+    wrong shape, a model tensor the file lacks or a file tensor the model lacks raises
+    IncompatibleCheckpointError naming them, before anything is loaded. `source` names the file in
+    the message (e.g. '--resume checkpoint /path')."""
+    model = unwrap_model(model)
+    model_state = model.state_dict()  # rebuilt buffers are not persistent, so not in here
+    sd = canonical_keys(unwrap_state_dict(checkpoint))
+    mismatched = shape_mismatches(sd, model_state)
+    if mismatched:
+        raise IncompatibleCheckpointError(
+            f"{source} does not fit the model (another architecture or size?); first mismatches "
+            f"(key, checkpoint shape, model shape): {'; '.join(map(str, mismatched[:5]))}")
+    missing = [k for k in model_state if k not in sd]
+    unexpected = [k for k in sd if k not in model_state]
+    if missing or unexpected:
+        if _looks_pretrained(sd) and not _looks_pretrained(model_state):
+            hint = ("It is a SimMIM pre-training checkpoint (encoder.* and decoder.* tensors): to "
+                    "fine-tune from it pass it with --pretrained (MODEL.PRETRAINED); --eval and "
+                    "--resume in main_finetune.py take a checkpoint that fine-tuning wrote "
+                    "(model_best.pth or ckpt_epoch_*.pth).")
+        else:
+            hint = ("Check MODEL.TYPE, the MODEL.SWIN / SWINV2 / VIT sizes and LINEAR_PROBE.ENABLE "
+                    "against the config the checkpoint was written with.")
+        raise IncompatibleCheckpointError(
+            f"{source} does not match the model, so it cannot be used as it is: "
+            f"{len(missing)} model tensors are not in it (missing: "
+            f"{summarize_keys(missing, model_state, limit=8) or 'none'}) and {len(unexpected)} of "
+            f"its tensors are not in the model (unexpected: "
+            f"{summarize_keys(unexpected, sd, limit=8) or 'none'}). {hint}")
+    model.load_state_dict(sd)
+    return len(sd)

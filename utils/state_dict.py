@@ -2,6 +2,7 @@
 checkpoint remap (models/architectures.py) and by load_pretrained (utils/pretrained.py).
 
     drop_rebuilt_buffers(sd)                          index / mask buffers the models rebuild
+    canonical_keys(sd)                                no DDP/compile prefix, released names renamed
     resize_position_tables(sd, model_state, ...)      relative-position tables to the model's window
     resize_pos_embed_entry(sd, model_state, key, ...) an absolute position embedding to its grid
     summarize_keys(keys, reference_keys)              keys in plain words, for log lines
@@ -25,6 +26,31 @@ def log_info(logger, message):
 def drop_rebuilt_buffers(state_dict):
     """`state_dict` without the buffers the models rebuild from the config."""
     return {k: v for k, v in state_dict.items() if not any(b in k for b in REBUILT_BUFFERS)}
+
+
+def strip_wrapper_prefixes(key, prefixes=('module.', '_orig_mod.')):
+    """`key` without leading DDP ('module.') and torch.compile ('_orig_mod.') prefixes."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def rename_released_keys(state_dict):
+    """Names of the released SwinV2 files (rpe_mlp) as the code spells them (cpb_mlp;
+    Swin-Transformer #271)."""
+    return {key.replace('rpe_mlp', 'cpb_mlp'): value for key, value in state_dict.items()}
+
+
+def canonical_keys(state_dict):
+    """The names our models use, for a state dict of this framework or the official code: no DDP /
+    torch.compile prefix, released SwinV2 names renamed, rebuilt buffers dropped ('encoder.'
+    kept)."""
+    return drop_rebuilt_buffers(rename_released_keys(
+        {strip_wrapper_prefixes(k): v for k, v in state_dict.items()}))
 
 
 def resize_pos_embed_entry(sd, model_state, key, num_extra_tokens, patch_grid, logger=None):
