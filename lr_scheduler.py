@@ -1,6 +1,7 @@
 """Per-iteration learning-rate schedules (reference section 5.3).
 
     build_scheduler(config, optimizer, n_iter_per_epoch) -> LRScheduler
+    check_scheduler_config(config)       TRAIN.LR_SCHEDULER and the warmup fit together
     scheduler.step_update(num_updates)   set every group's lr for update index num_updates
     scheduler.lr_at(num_updates)         the per-group lrs at that index (pure)
     scheduler.state_dict() / load_state_dict(state)
@@ -16,10 +17,14 @@ Warmup is linear from WARMUP_LR to the peak over warmup_steps, then:
     linear     linear from peak to peak * 0.01 at num_steps (official LinearLRScheduler)
     step       peak * DECAY_RATE ** (t // decay_steps)           (timm StepLRScheduler)
     multistep  peak * GAMMA ** (number of milestones <= t)       (official MultiStepLRScheduler)
-For cosine and step, WARMUP_PREFIX False (SimMIM repo) times the decay from update 0 (T =
-num_steps) and lets the warmup overwrite its start; True (Swin-Transformer repo) starts it after
-the warmup (t -= warmup_steps, T = num_steps - warmup_steps). Multistep milestones are absolute,
-and at t == milestone the lr is already decayed, as in the official class.
+For cosine, WARMUP_PREFIX False (SimMIM repo) times the decay from update 0 (T = num_steps) and
+lets the warmup overwrite its start; True (Swin-Transformer repo) starts it after the warmup
+(t -= warmup_steps, T = num_steps - warmup_steps). The other schedules ignore WARMUP_PREFIX, as in
+both repos: the Swin-Transformer repo passes it to CosineLRScheduler only, and the StepLRScheduler
+of the timm it pinned (0.4.12) has no warmup prefix, so step decays at absolute multiples of
+decay_steps (timm >= 0.6 shifts it by the warmup by default; that is not what the repo ran).
+Multistep milestones are absolute, and at t == milestone the lr is already decayed, as in the
+official class.
 
 Choices:
 - WARMUP_LR and MIN_LR are the same for every group, not multiplied by 'lr_scale', and the group
@@ -35,8 +40,29 @@ Choices:
 import bisect
 import math
 
+import torch
+from yacs.config import CfgNode
+
+from utils.errors import require
+
 SCHEDULES = ('cosine', 'linear', 'step', 'multistep')
 LINEAR_END_FRACTION = 0.01  # linear schedule ends at peak * 0.01 (official lr_min_rate)
+
+
+def _check_schedule_name(name):
+    require(name in SCHEDULES, f"TRAIN.LR_SCHEDULER.NAME '{name}' is not one of {SCHEDULES}.")
+
+
+def check_scheduler_config(config):
+    """Raise ConfigError for a schedule TRAIN.LR_SCHEDULER and TRAIN.WARMUP_EPOCHS cannot give."""
+    train, sched = config.TRAIN, config.TRAIN.LR_SCHEDULER
+    _check_schedule_name(sched.NAME)
+    # A warmup longer than the run is allowed (e.g. an official YAML with --opts TRAIN.EPOCHS 1).
+    require(train.WARMUP_EPOCHS >= 0, "TRAIN.WARMUP_EPOCHS must be >= 0.")
+    if sched.NAME == 'multistep':
+        require(all(train.WARMUP_EPOCHS <= e for e in sched.MULTISTEPS),
+                f"TRAIN.LR_SCHEDULER.MULTISTEPS {list(sched.MULTISTEPS)} must not fall inside the "
+                f"warmup (TRAIN.WARMUP_EPOCHS {train.WARMUP_EPOCHS}).")
 
 
 class LRScheduler:
@@ -44,8 +70,7 @@ class LRScheduler:
 
     def __init__(self, optimizer, schedule, num_steps, warmup_steps=0, warmup_lr=0.0, min_lr=0.0,
                  warmup_prefix=False, decay_steps=0, decay_rate=0.1, milestones=(), gamma=0.1):
-        if schedule not in SCHEDULES:
-            raise ValueError(f"Unknown LR schedule '{schedule}'; use one of {SCHEDULES}.")
+        _check_schedule_name(schedule)
         if schedule == 'step' and decay_steps <= 0:
             raise ValueError(f"The step schedule needs decay_steps > 0, got {decay_steps} "
                              f"(TRAIN.LR_SCHEDULER.DECAY_EPOCHS x iterations per epoch).")
@@ -61,18 +86,13 @@ class LRScheduler:
         self.step_update(0)
 
     # -- the schedule ---------------------------------------------------------------------------
-    def _decay_time(self, t):
-        """(t, T) for cosine and step, counted from 0 or from the end of the warmup."""
-        s = self.settings
-        if s['warmup_prefix']:
-            return t - s['warmup_steps'], s['num_steps'] - s['warmup_steps']
-        return t, s['num_steps']
-
     def _after_warmup(self, peak, t):
         s = self.settings
         name = s['schedule']
         if name == 'cosine':
-            t, total = self._decay_time(t)
+            total = s['num_steps']
+            if s['warmup_prefix']:
+                t, total = t - s['warmup_steps'], total - s['warmup_steps']
             if total <= 0 or t >= total:
                 return s['min_lr']
             return s['min_lr'] + 0.5 * (peak - s['min_lr']) * (1 + math.cos(math.pi * t / total))
@@ -81,7 +101,6 @@ class LRScheduler:
             progress = min(1.0, (t - s['warmup_steps']) / total) if total > 0 else 1.0
             return peak - (peak - peak * LINEAR_END_FRACTION) * progress
         if name == 'step':
-            t, _ = self._decay_time(t)
             return peak * s['decay_rate'] ** (t // s['decay_steps'])
         return peak * s['gamma'] ** bisect.bisect_right(s['milestones'], t)  # multistep
 
@@ -116,7 +135,8 @@ class LRScheduler:
                 for key, value in self.settings.items() if saved.get(key) != value]
 
 
-def build_scheduler(config, optimizer, n_iter_per_epoch):
+def build_scheduler(config: CfgNode, optimizer: torch.optim.Optimizer,
+                    n_iter_per_epoch: int) -> LRScheduler:
     """The LRScheduler of TRAIN.LR_SCHEDULER for `optimizer` (call after build_optimizer, before
     loading an optimizer state, so the group lrs are still the peaks)."""
     train, sched = config.TRAIN, config.TRAIN.LR_SCHEDULER

@@ -11,16 +11,18 @@ import sys
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from data import build_loader
-from models import build_model
+from data import build_finetune_data
+from models import build_classifier
 from models.linear_probe import build_linear_probe
-from utils.checkpoint import atomic_save
+from utils.checkpoint import atomic_save, find_resume_checkpoint
 from utils.compile import compile_model
-from utils.engine import ClassificationTask, autocast_dtype, build_trainer
+from utils.engine import autocast_dtype, build_trainer
+from utils.errors import CheckpointError
 from utils.evaluation import evaluate, throughput
 from utils.launch import run
-from utils.pretrained import load_pretrained
-from utils.safe_load import CheckpointError, load_checkpoint_file
+from utils.pretrained import load_full_state_dict, load_pretrained
+from utils.safe_load import load_checkpoint_file
+from utils.tasks import FINETUNE, ClassificationBatchLoss
 
 BEST_CHECKPOINT = 'model_best.pth'
 
@@ -34,38 +36,38 @@ def build_criterion(config, mixup_fn):
 
 
 def load_weights_for_eval(config, model, logger):
-    """--eval: the model weights of MODEL.RESUME (or the newest checkpoint in OUTPUT)."""
-    path = config.MODEL.RESUME
+    """--eval: load the model weights of MODEL.RESUME; without it, of OUTPUT/model_best.pth, else of
+    the newest resumable ckpt_epoch_*.pth in OUTPUT. The file must hold every tensor of the model
+    (utils.pretrained.load_full_state_dict), so evaluation never runs on initial weights."""
+    path, checkpoint = config.MODEL.RESUME, None
+    if not path and os.path.isfile(os.path.join(config.OUTPUT, BEST_CHECKPOINT)):
+        path = os.path.join(config.OUTPUT, BEST_CHECKPOINT)
     if not path:
-        candidates = [os.path.join(config.OUTPUT, name) for name in (BEST_CHECKPOINT,)]
-        path = next((p for p in candidates if os.path.isfile(p)), '')
+        path, checkpoint = find_resume_checkpoint(config.OUTPUT, logger)
     if not path:
-        raise CheckpointError('--eval needs a checkpoint: pass --resume CKPT (a fine-tuned '
-                              'checkpoint of this framework or the official code).')
-    checkpoint = load_checkpoint_file(path, '--resume')
-    state = checkpoint.get('model', checkpoint) if isinstance(checkpoint, dict) else checkpoint
-    try:
-        model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise CheckpointError(f'{path} does not fit the model (another architecture or size?): '
-                              f'{str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else e}') from None
+        raise CheckpointError(f'--eval needs a checkpoint: pass --resume CKPT (a fine-tuned '
+                              f'checkpoint of this framework or the official code); none was found '
+                              f'in {config.OUTPUT} (model_best.pth or ckpt_epoch_*.pth).')
+    if checkpoint is None:
+        checkpoint = load_checkpoint_file(path, '--resume')
+    load_full_state_dict(model, checkpoint, f'The --eval checkpoint {path}')
     logger.info(f'loaded {path} for evaluation')
     return checkpoint
 
 
 def main(config, dist_info, logger, writer):
     device = dist_info.device
-    (_, _, data_loader_train, data_loader_val, mixup_fn,
-     num_classes) = build_loader(config, logger, is_pretrain=False)
+    data = build_finetune_data(config, logger)
+    data_loader_val = data.val_loader
     config.defrost()
-    config.MODEL.NUM_CLASSES = num_classes
+    config.MODEL.NUM_CLASSES = data.num_classes
     config.freeze()
 
     if config.LINEAR_PROBE.ENABLE:
         model = build_linear_probe(config).to(device)
         backbone = model.encoder  # pre-trained weights go here; only model.head trains
     else:
-        model = backbone = build_model(config, is_pretrain=False).to(device)
+        model = backbone = build_classifier(config).to(device)
     logger.debug(str(model))
     compile_model(model, config.TRAIN.COMPILE, logger, config.TRAIN.COMPILE_BACKEND)
 
@@ -79,9 +81,9 @@ def main(config, dist_info, logger, writer):
             logger.info(f'(the checkpoint recorded {checkpoint["accuracy"]:.3f}% when it was saved)')
         return
 
-    task = ClassificationTask(build_criterion(config, mixup_fn), mixup_fn)
-    trainer = build_trainer(config, model, data_loader_train, task, logger, dist_info, writer,
-                            is_pretrain=False)
+    batch_loss = ClassificationBatchLoss(build_criterion(config, data.mixup_fn), data.mixup_fn)
+    trainer = build_trainer(config, model, data.train_loader, batch_loss, logger, dist_info, writer,
+                            FINETUNE)
 
     start_epoch, start_step = trainer.resume()
     resumed = trainer.last_checkpoint is not None
@@ -112,4 +114,4 @@ def main(config, dist_info, logger, writer):
 
 
 if __name__ == '__main__':
-    sys.exit(run(main, sys.argv[1:], is_pretrain=False))
+    sys.exit(run(main, sys.argv[1:], FINETUNE))

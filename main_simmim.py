@@ -5,27 +5,29 @@
 """
 import sys
 
-from data import build_loader
-from models import build_model
+from data import build_pretrain_data
+from models import build_simmim, model_patch_size
 from utils.compile import compile_model
-from utils.engine import PretrainTask, build_trainer
+from utils.engine import build_trainer
 from utils.launch import run
+from utils.tasks import PRETRAIN, PretrainBatchLoss
 from utils.visualize import ReconstructionLogger
 
 
 def main(config, dist_info, logger, writer):
-    dataset, data_loader = build_loader(config, logger, is_pretrain=True)
-    model = build_model(config, is_pretrain=True).to(dist_info.device)
+    data = build_pretrain_data(config, model_patch_size(config), logger)
+    model = build_simmim(config).to(dist_info.device)
     logger.debug(str(model))
     compile_model(model, config.TRAIN.COMPILE, logger, config.TRAIN.COMPILE_BACKEND)
-    trainer = build_trainer(config, model, data_loader, PretrainTask(), logger, dist_info, writer)
+    trainer = build_trainer(config, model, data.train_loader, PretrainBatchLoss(), logger,
+                            dist_info, writer, PRETRAIN)
     visualize = None
     if config.VIS_FREQ and dist_info.is_main:
-        visualize = ReconstructionLogger(config, dataset, model, dist_info.device, writer)
+        visualize = ReconstructionLogger(config, data.train_set, model, dist_info.device, writer)
     start_epoch, start_step = trainer.resume()
     logger.info('Start training')
     trainer.fit(start_epoch, start_step, after_epoch=visualize)
 
 
 if __name__ == '__main__':
-    sys.exit(run(main, sys.argv[1:], is_pretrain=True))
+    sys.exit(run(main, sys.argv[1:], PRETRAIN))

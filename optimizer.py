@@ -1,19 +1,26 @@
 """The optimizer: weight-decay parameter groups, layer-wise LR decay, AdamW / SGD / LARS.
 
 Public entry points:
-    build_optimizer(config, model, logger=None, is_pretrain=True)
-    build_param_groups(config, model, is_pretrain=True)   the groups build_optimizer uses
-    layer_lr_scales(config, model)                         {param_name: lr_scale}, for inspection
-    supports_found_inf(optimizer)                          whether step() honours `found_inf`
+    build_optimizer(config, model, logger=None, task=PRETRAIN)
+    build_param_groups(config, model, task=PRETRAIN)   the groups build_optimizer uses
+    layer_lr_scales(config, model)                     {param_name: lr_scale}, for inspection
+    supports_found_inf(optimizer)                      whether step() honours `found_inf`
+    check_optimizer_config(config)                     TRAIN.OPTIMIZER.NAME is registered
+(`task` is a utils.tasks.Task; the official `is_pretrain` flag is accepted in its place.)
 
 Choices (reference section 5):
 - A parameter gets no weight decay if it is 1-D (or 0-D), its name ends with '.bias', it is named by
-  ``model.no_weight_decay()`` or contains a keyword of ``model.no_weight_decay_keywords()``. This
-  holds in pre-training too: the official code prefixed the keywords with 'encoder.' there, so
-  the relative-position tables, SwinV2 ``logit_scale`` and ``cpb_mlp`` got weight decay
-  (Swin-Transformer issue #369); we fix that on purpose. Frozen parameters are left out.
-- Layer-wise LR decay (fine-tuning, TRAIN.LAYER_DECAY != 1) uses the official layer ids
-  (``LAYER_ID_FUNCTIONS``): scale = LAYER_DECAY ** (L + 1 - layer_id), L = number of blocks.
+  ``model.no_weight_decay()`` or contains a keyword of ``model.no_weight_decay_keywords()``: so
+  position tables (Swin, SwinV2 and ViT, shared or per block), SwinV2 ``logit_scale`` and
+  ``cpb_mlp``, and mask tokens are never decayed, in pre-training and fine-tuning. The official
+  code decayed some of them: in pre-training it prefixed the keywords with 'encoder.' (Swin
+  relative-position tables, ``logit_scale``, ``cpb_mlp``; Swin-Transformer issue #369) and its ViT
+  named neither the mask token nor any position table (SimMIM #26), in fine-tuning too.
+  TRAIN.WEIGHT_DECAY_RULES official reproduces that membership
+  (``official_names_without_weight_decay``). Frozen parameters are left out.
+- Layer-wise LR decay (fine-tuning, TRAIN.LAYER_DECAY != 1) uses the official layer ids (each
+  architecture's ``layer_id``, models/architectures.py): scale = LAYER_DECAY ** (L + 1 - layer_id),
+  L = number of blocks.
   Each group carries ``lr = BASE_LR * lr_scale`` and ``lr_scale``. The scale is applied exactly
   once: our scheduler (lr_scheduler.py) takes each group's starting lr as its peak and never
   multiplies by 'lr_scale' again (timm >= 0.6 schedulers would, giving scale**2).
@@ -25,70 +32,36 @@ Choices (reference section 5):
   whether that is available. LARS (timm, for linear probing) adapts the decay groups (weight
   matrices) whatever the weight decay, and never the no-decay groups, as MAE's LARS.
 """
-import re
-from typing import Callable, NamedTuple
+import logging
+from typing import Optional, Union
 
 import torch
 from timm.optim import Lars
+from torch import nn
+from yacs.config import CfgNode
 
+from models.registry import architecture_of
 from utils.distributed import unwrap_model
-
-# -----------------------------------------------------------------------------------------------
-# Layer ids for layer-wise LR decay (official get_swin_layer / get_vit_layer, reference 5.2)
-# -----------------------------------------------------------------------------------------------
+from utils.errors import require
+from utils.tasks import PRETRAIN, Task, as_task
 
 
-def swin_layer_id(name, depths):
-    """0 for the embedding, 1..L for blocks in order, L + 1 for everything after the last block
-    (final norm, head) and, as in the official code, for absolute_pos_embed."""
-    num_blocks = sum(depths)
-    if name == 'mask_token' or name.startswith('patch_embed'):
-        return 0
-    match = re.match(r'layers\.(\d+)\.(blocks\.(\d+)|downsample)\.', name)
-    if match:
-        stage = int(match.group(1))
-        if match.group(3) is not None:
-            return sum(depths[:stage]) + int(match.group(3)) + 1
-        return sum(depths[:stage + 1])  # patch merging shares the id of its stage's last block
-    return num_blocks + 1
+def _uses_layer_decay(config, task):
+    return task.layer_decay and config.TRAIN.LAYER_DECAY != 1.0
 
 
-def vit_layer_id(name, depth):
-    """0 for tokens, position embedding and patch embedding, i + 1 for blocks.i, L + 1 for the
-    rest (shared rel_pos_bias, final norms, head)."""
-    if name in ('cls_token', 'mask_token', 'pos_embed') or name.startswith('patch_embed'):
-        return 0
-    match = re.match(r'blocks\.(\d+)\.', name)
-    if match:
-        return int(match.group(1)) + 1
-    return depth + 1
-
-
-class LayerIds(NamedTuple):
-    of_param: Callable  # (param_name, config) -> layer id in 0 .. L + 1
-    num_blocks: Callable  # config -> L
-
-
-LAYER_ID_FUNCTIONS = {  # keyed by MODEL.TYPE
-    'swin': LayerIds(lambda name, cfg: swin_layer_id(name, cfg.MODEL.SWIN.DEPTHS),
-                     lambda cfg: sum(cfg.MODEL.SWIN.DEPTHS)),
-    'swinv2': LayerIds(lambda name, cfg: swin_layer_id(name, cfg.MODEL.SWINV2.DEPTHS),
-                       lambda cfg: sum(cfg.MODEL.SWINV2.DEPTHS)),
-    'vit': LayerIds(lambda name, cfg: vit_layer_id(name, cfg.MODEL.VIT.DEPTH),
-                    lambda cfg: cfg.MODEL.VIT.DEPTH),
-}
-
-
-def _uses_layer_decay(config, is_pretrain):
-    return not is_pretrain and config.TRAIN.LAYER_DECAY != 1.0
+def _layer_id_function(config):
+    """(param_name -> layer id, L) of the config's architecture."""
+    arch = architecture_of(config)
+    section = arch.section(config)
+    return (lambda name: arch.layer_id(name, section)), arch.num_layers(section)
 
 
 def layer_lr_scales(config, model):
     """{param_name: LAYER_DECAY ** (L + 1 - layer_id)} for every trainable parameter."""
-    layer_ids = LAYER_ID_FUNCTIONS[config.MODEL.TYPE]
-    top = layer_ids.num_blocks(config) + 1
+    layer_id, num_layers = _layer_id_function(config)
     decay = config.TRAIN.LAYER_DECAY
-    return {name: decay ** (top - layer_ids.of_param(name, config))
+    return {name: decay ** (num_layers + 1 - layer_id(name))
             for name, p in unwrap_model(model).named_parameters() if p.requires_grad}
 
 
@@ -104,18 +77,35 @@ def _names_without_weight_decay(model):
     return skip, keywords
 
 
+def official_names_without_weight_decay(config, task):
+    """(names, keywords) as the official build_optimizer saw them (the architecture's
+    `official_no_weight_decay`). In pre-training the SimMIM wrapper prefixed both with 'encoder.',
+    so the keywords match no parameter (Swin-Transformer #369), and only some encoders added
+    'mask_token' (SimMIM #26)."""
+    names, keywords, encoder_names = architecture_of(config).official_no_weight_decay
+    if not task.masked_image_modeling:
+        return set(names), set(keywords)
+    return ({'encoder.' + n for n in set(names) | set(encoder_names)},
+            {'encoder.' + k for k in keywords})
+
+
 def skips_weight_decay(name, param, skip_names=(), skip_keywords=()):
     """Whether `param` (called `name`) belongs to a group with weight decay 0."""
     return (param.ndim <= 1 or name.endswith('.bias') or name in skip_names
             or any(keyword in name for keyword in skip_keywords))
 
 
-def build_param_groups(config, model, is_pretrain=True):
+def build_param_groups(config: CfgNode, model: nn.Module, task: Union[Task, bool] = PRETRAIN, *,
+                       is_pretrain: Optional[bool] = None) -> list:
     """The optimizer's parameter groups (see the module docstring for the keys and the rules)."""
+    task = as_task(task, is_pretrain)
     model = unwrap_model(model)
-    skip_names, skip_keywords = _names_without_weight_decay(model)
-    scales = layer_lr_scales(config, model) if _uses_layer_decay(config, is_pretrain) else None
-    layer_id = LAYER_ID_FUNCTIONS[config.MODEL.TYPE].of_param
+    if config.TRAIN.WEIGHT_DECAY_RULES == 'official':
+        skip_names, skip_keywords = official_names_without_weight_decay(config, task)
+    else:
+        skip_names, skip_keywords = _names_without_weight_decay(model)
+    scales = layer_lr_scales(config, model) if _uses_layer_decay(config, task) else None
+    layer_id, _ = _layer_id_function(config)
     groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -126,7 +116,7 @@ def build_param_groups(config, model, is_pretrain=True):
         group_name = kind
         if scales is not None:
             scale = scales[name]
-            group_name = f'layer_{layer_id(name, config)}_{kind}'
+            group_name = f'layer_{layer_id(name)}_{kind}'
         if group_name not in groups:
             groups[group_name] = {
                 'group_name': group_name, 'params': [], 'param_names': [],
@@ -164,33 +154,54 @@ def _log_groups(logger, groups, optimizer):
         logger.debug(f"    {g['group_name']} params: {', '.join(g['param_names'])}")
 
 
-def build_optimizer(config, model, logger=None, is_pretrain=True):
-    """The optimizer of TRAIN.OPTIMIZER.NAME over ``build_param_groups(config, model, ...)``."""
-    if is_pretrain and config.TRAIN.LAYER_DECAY != 1.0 and logger is not None:
-        logger.warning(f"TRAIN.LAYER_DECAY {config.TRAIN.LAYER_DECAY} is ignored in pre-training "
-                       f"(as in the official code).")
-    groups = build_param_groups(config, model, is_pretrain)
+def _adamw(groups, config, fast):
+    opt = config.TRAIN.OPTIMIZER
+    return torch.optim.AdamW(groups, lr=config.TRAIN.BASE_LR, eps=opt.EPS, betas=tuple(opt.BETAS),
+                             weight_decay=config.TRAIN.WEIGHT_DECAY, **fast)
+
+
+def _sgd(groups, config, fast):
+    return torch.optim.SGD(groups, lr=config.TRAIN.BASE_LR, momentum=config.TRAIN.OPTIMIZER.MOMENTUM,
+                           nesterov=True, weight_decay=config.TRAIN.WEIGHT_DECAY, **fast)
+
+
+def _lars(groups, config, fast):
+    # MAE's LARS: the trust ratio scales every weight matrix, even with weight decay 0 (the
+    # linear-probe recipe), while biases and other 1-D parameters get neither.
+    for group in groups:
+        group['always_adapt'] = not group['group_name'].endswith('no_decay')
+    return Lars(groups, lr=config.TRAIN.BASE_LR, momentum=config.TRAIN.OPTIMIZER.MOMENTUM,
+                weight_decay=config.TRAIN.WEIGHT_DECAY)
+
+
+# TRAIN.OPTIMIZER.NAME -> (param groups, config, {'fused' or 'foreach': True}) -> optimizer
+OPTIMIZERS = {'adamw': _adamw, 'sgd': _sgd, 'lars': _lars}
+
+
+def check_optimizer_config(config):
+    name = config.TRAIN.OPTIMIZER.NAME
+    require(name in OPTIMIZERS,
+            f"TRAIN.OPTIMIZER.NAME '{name}' is not one of {tuple(OPTIMIZERS)}.")
+    rules = config.TRAIN.WEIGHT_DECAY_RULES
+    require(rules in ('ours', 'official'),
+            f"TRAIN.WEIGHT_DECAY_RULES must be 'ours' or 'official', got '{rules}'.")
+
+
+def build_optimizer(config: CfgNode, model: nn.Module, logger: Optional[logging.Logger] = None,
+                    task: Union[Task, bool] = PRETRAIN, *,
+                    is_pretrain: Optional[bool] = None) -> torch.optim.Optimizer:
+    """The optimizer of TRAIN.OPTIMIZER.NAME over ``build_param_groups(config, model, task)``."""
+    task = as_task(task, is_pretrain)
+    if not task.layer_decay and config.TRAIN.LAYER_DECAY != 1.0 and logger is not None:
+        logger.warning(f"TRAIN.LAYER_DECAY {config.TRAIN.LAYER_DECAY} is ignored in "
+                       f"{task.description} (as in the official code).")
+    check_optimizer_config(config)
+    groups = build_param_groups(config, model, task)
     params = [p for g in groups for p in g['params']]
     if not params:
         raise ValueError("The model has no trainable parameters (all have requires_grad=False).")
-    opt = config.TRAIN.OPTIMIZER
-    name = opt.NAME.lower()
     fast = {'fused': True} if _fused_kernels_apply(params) else {'foreach': True}
-    lr, wd = config.TRAIN.BASE_LR, config.TRAIN.WEIGHT_DECAY
-    if name == 'adamw':
-        optimizer = torch.optim.AdamW(groups, lr=lr, eps=opt.EPS, betas=tuple(opt.BETAS),
-                                      weight_decay=wd, **fast)
-    elif name == 'sgd':
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=opt.MOMENTUM, nesterov=True,
-                                    weight_decay=wd, **fast)
-    elif name == 'lars':
-        # MAE's LARS: the trust ratio scales every weight matrix, even with weight decay 0 (the
-        # linear-probe recipe), while biases and other 1-D parameters get neither.
-        for group in groups:
-            group['always_adapt'] = not group['group_name'].endswith('no_decay')
-        optimizer = Lars(groups, lr=lr, momentum=opt.MOMENTUM, weight_decay=wd)
-    else:
-        raise ValueError(f"TRAIN.OPTIMIZER.NAME '{opt.NAME}' is not one of adamw, sgd, lars.")
+    optimizer = OPTIMIZERS[config.TRAIN.OPTIMIZER.NAME](groups, config, fast)
     if logger is not None:
         _log_groups(logger, groups, optimizer)
     return optimizer

@@ -106,7 +106,7 @@ def train_steps(cfg_path, batch_size, steps, dtype, eager, use_scaler=False, war
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    with eager_attention(eager):
+    with eager_attention(eager, model=model):
         for _ in range(warmup):
             step()
         synchronize()

@@ -25,6 +25,7 @@ import main_finetune  # noqa: E402
 import main_simmim  # noqa: E402
 from utils.launch import run  # noqa: E402
 from utils.safe_load import load_checkpoint_file  # noqa: E402
+from utils.tasks import FINETUNE, PRETRAIN  # noqa: E402
 
 PRETRAIN_CFG = 'configs/quickstart/simmim_pretrain__swin_tiny__img64__synthetic.yaml'
 FINETUNE_CFG = 'configs/quickstart/simmim_finetune__swin_tiny__img64__synthetic.yaml'
@@ -42,9 +43,9 @@ def machine_description():
             f'threads), {gpu}; Python {platform.python_version()}, torch {torch.__version__}')
 
 
-def timed(main_fn, argv, is_pretrain):
+def timed(main_fn, argv, task):
     start = time.time()
-    code = run(main_fn, argv, is_pretrain=is_pretrain)
+    code = run(main_fn, argv, task)
     if code != 0:
         raise SystemExit(f'{" ".join(argv)} failed with exit code {code}')
     return time.time() - start
@@ -68,7 +69,7 @@ def main():
     pretrain_time = timed(main_simmim.main, [
         '--cfg', PRETRAIN_CFG, '--output', pretrain_out,
         '--opts', 'TRAIN.EPOCHS', str(args.pretrain_epochs), 'SAVE_FREQ', str(args.pretrain_epochs),
-        'VIS_FREQ', '0'], is_pretrain=True)
+        'VIS_FREQ', '0'], PRETRAIN)
     checkpoint = os.path.join(pretrain_out, 'simmim_pretrain',
                               'simmim_pretrain__swin_tiny__img64__synthetic',
                               f'ckpt_epoch_{args.pretrain_epochs - 1}.pth')
@@ -78,7 +79,7 @@ def main():
         output = os.path.join(args.output, name.split()[0].lower())
         seconds = timed(main_finetune.main, [
             '--cfg', FINETUNE_CFG, '--output', output, *extra,
-            '--opts', 'TRAIN.EPOCHS', str(args.finetune_epochs)], is_pretrain=False)
+            '--opts', 'TRAIN.EPOCHS', str(args.finetune_epochs)], FINETUNE)
         results[name] = (best_accuracy(output, 'simmim_finetune__swin_tiny__img64__synthetic'), seconds)
 
     lines = [

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
 
-from .masking import upsample_mask
+from utils.mask_grid import upsample_mask
+
 from .seeding import sample_seed
 
 

@@ -6,6 +6,8 @@ import os
 import torch
 from PIL import Image
 
+from utils.errors import BadImageError, DataError, require  # noqa: F401  (DataError re-exported)
+
 from .pretrain_transform import draft_jpeg
 from .seeding import sample_seed, seeded_global_rngs
 from .transforms import to_rgb
@@ -18,12 +20,8 @@ _skipped_paths = set()  # unreadable files met by this process (each worker has 
 _small_images = [0]  # images smaller than the crop met by this process
 
 
-class DataError(RuntimeError):
-    """The data on disk cannot be used as configured; the message names the path and the fix."""
-
-
-class BadImageError(DataError):
-    """An image file that cannot be decoded (with DATA.ON_BAD_IMAGE error)."""
+def check_on_bad_image(value):
+    require(value in ('skip', 'error'), f"DATA.ON_BAD_IMAGE must be 'skip' or 'error', got '{value}'.")
 
 
 def _expected_layout(root, problem):
@@ -47,18 +45,17 @@ def _scan_images(folder):
     return found
 
 
-def load_image(path, before_decode=None):
-    """The image at `path` as RGB, fully decoded (so a truncated file fails here, not later).
-
-    `before_decode(image)` is called with the opened image before its pixels are decoded (size,
-    mode and format are known from the header), e.g. to ask for a reduced JPEG decode.
-    """
+def load_image(path, rgb_conversion='careful', before_decode=None):
+    """The image at `path` as RGB (transforms.to_rgb), fully decoded (so a truncated file fails
+    here, not later). `before_decode(image)` is called with the opened image before its pixels are
+    decoded (size, mode and format are known from the header), e.g. to ask for a reduced JPEG
+    decode."""
     with open(path, 'rb') as f:
         img = Image.open(f)
         if before_decode is not None:
             before_decode(img)
         img.load()  # PIL decodes lazily; ImageFile.LOAD_TRUNCATED_IMAGES stays False
-    return to_rgb(img)
+    return to_rgb(img, rgb_conversion)
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -68,16 +65,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     are left out), or images directly in `root` (every file under it gets label 0 and `classes` is
     empty; pre-training needs no classes). Files that cannot be decoded are, with
     on_bad_image='skip', replaced by the next readable image (with a warning on logger
-    'simmim.data'), or with 'error' raise BadImageError.
+    'simmim.data'), or with 'error' raise BadImageError. `rgb_conversion`: see
+    transforms.to_rgb (DATA.RGB_CONVERSION).
     """
 
-    def __init__(self, root, on_bad_image='skip', min_size=0):
-        if on_bad_image not in ('skip', 'error'):
-            raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}.")
+    def __init__(self, root, on_bad_image='skip', min_size=0, rgb_conversion='careful'):
+        check_on_bad_image(on_bad_image)
         root = os.path.expanduser(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(_expected_layout(root, 'Data folder not found'))
         self.root, self.on_bad_image, self.min_size = root, on_bad_image, min_size
+        self.rgb_conversion = rgb_conversion
         self.classes, self.samples = [], []
         with os.scandir(root) as entries:
             entries = sorted(entries, key=lambda e: e.name)
@@ -104,13 +102,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         """(image, label, prepared): what __getitem__ returns, with `before_decode` (see
         load_image) applied to the file at `index`. prepared is False when that file was unreadable
         and replaced by the next readable one, which is decoded without the hook. `reader(path,
-        before_decode)` reads a file (data.gpu_decode.read_encoded keeps JPEGs encoded)."""
+        rgb_conversion, before_decode)` reads a file (data.gpu_decode.read_encoded keeps JPEGs
+        encoded)."""
         if not -len(self.samples) <= index < len(self.samples):
             raise IndexError(f"index {index} out of range for {len(self.samples)} images")
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
-                image = reader(path, before_decode if offset == 0 else None)
+                image = reader(path, self.rgb_conversion, before_decode if offset == 0 else None)
             except Exception as err:  # PIL raises many exception types for broken files
                 if self.on_bad_image == 'error':
                     raise BadImageError(

@@ -20,8 +20,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from config import ConfigError
-from .datasets import BadImageError, ImageFolderDataset, MaskedImageDataset, _split_key, load_image
+from utils.errors import BadImageError, ConfigError
+from .datasets import ImageFolderDataset, MaskedImageDataset, _split_key, load_image
 from .pretrain_transform import _MEAN, _STD
 from .seeding import sample_seed
 from .transforms import to_rgb
@@ -35,9 +35,10 @@ class EncodedImage(NamedTuple):
     path: str
 
 
-def read_encoded(path, before_decode=None):
+def read_encoded(path, rgb_conversion='careful', before_decode=None):
     """The file at `path` as an EncodedImage: JPEG bytes as they are, anything else decoded to RGB
-    pixels by PIL. `before_decode(header_image)` runs first, as for data.datasets.load_image."""
+    pixels by PIL (transforms.to_rgb with `rgb_conversion`). `before_decode(header_image)` runs
+    first, as for data.datasets.load_image."""
     with open(path, 'rb') as f:
         data = f.read()
     image = Image.open(io.BytesIO(data))
@@ -46,7 +47,7 @@ def read_encoded(path, before_decode=None):
     if image.format == 'JPEG' and image.mode in ('RGB', 'L'):
         return EncodedImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), image.size, path)
     image.load()
-    pixels = torch.from_numpy(np.array(to_rgb(image))).permute(2, 0, 1).contiguous()
+    pixels = torch.from_numpy(np.array(to_rgb(image, rgb_conversion))).permute(2, 0, 1).contiguous()
     return EncodedImage(pixels, image.size, path)
 
 

@@ -1,21 +1,32 @@
-"""`build_loader`: datasets, samplers and DataLoaders for pre-training and fine-tuning."""
+"""Datasets, samplers and DataLoaders for pre-training and fine-tuning.
+
+    build_pretrain_data(config, model_patch_size, logger) -> PretrainData
+    build_finetune_data(config, logger)                   -> FinetuneData
+    build_loader(config, logger, is_pretrain)             the official tuples, from the two above
+"""
 import logging
 import os
 import random
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from timm.data import Mixup
+from torch.utils.data import DataLoader, Dataset
+from yacs.config import CfgNode
 
-from config import ConfigError
+from utils.errors import ConfigError, require
 from utils.preemption import ignore_interrupt_in_worker
+from utils.tasks import PRETRAIN, Task, as_task
 from .datasets import DataError, ImageFolderDataset, MaskedImageDataset, SeededTransformDataset
 from .masking import build_mask_generator
 from .sampler import EvalDistributedSampler, ResumableDistributedSampler
 from .seeding import sample_seed
 from .synthetic import SyntheticShapes
-from .transforms import build_finetune_transform, build_pretrain_transform
+from .pretrain_transform import build_pretrain_transform
+from .transforms import build_finetune_transform
 
 
 def rank_and_world_size():
@@ -43,7 +54,7 @@ def _image_folder(config, subfolder=''):
                           f"--data-path DIR (a folder of images) or use the built-in dataset with "
                           f"--opts DATA.DATASET synthetic.")
     return ImageFolderDataset(os.path.join(data.DATA_PATH, subfolder), data.ON_BAD_IMAGE,
-                              min_size=data.IMG_SIZE)
+                              min_size=data.IMG_SIZE, rgb_conversion=data.RGB_CONVERSION)
 
 
 def _synthetic(config, split):
@@ -83,6 +94,16 @@ def _check_classes(config, train_set, val_set):
     return num_classes
 
 
+def check_loader_config(config, task):
+    """DATA.DECODE and DATA.PREFETCH_FACTOR."""
+    data = config.DATA
+    require(data.DECODE in ('cpu', 'gpu'), f"DATA.DECODE must be 'cpu' or 'gpu', got '{data.DECODE}'.")
+    require(data.DECODE == 'cpu' or task.masked_image_modeling,
+            "DATA.DECODE gpu is for pre-training; fine-tuning augments with PIL (RandAugment). Use "
+            "DATA.DECODE cpu.")
+    require(data.PREFETCH_FACTOR >= 1, "DATA.PREFETCH_FACTOR must be >= 1.")
+
+
 def _data_loader(config, dataset, sampler, rank, drop_last, collate_fn=None):
     data = config.DATA
     return torch.utils.data.DataLoader(
@@ -97,37 +118,61 @@ def _data_loader(config, dataset, sampler, rank, drop_last, collate_fn=None):
     )
 
 
-def build_loader(config, logger=None, is_pretrain=True):
-    """Pre-training: (dataset_train, data_loader_train), batches [img (B,3,H,W) float,
-    mask (B,H/p,W/p) int64 with 1 = masked, label (B,) int64].
+@dataclass
+class PretrainData:
+    """Batches [img (B,3,H,W) float, mask (B,H/p,W/p) int64 with 1 = masked, label (B,) int64]."""
+    train_set: MaskedImageDataset
+    train_loader: DataLoader
 
-    Fine-tuning: (dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn,
-    num_classes), batches [img (B,3,H,W), label (B,)]; mixup_fn is a timm Mixup or None.
-    """
+
+@dataclass
+class FinetuneData:
+    """Batches [img (B,3,H,W), label (B,)]; mixup_fn is a timm Mixup or None."""
+    train_set: Dataset
+    val_set: Dataset
+    train_loader: DataLoader
+    val_loader: DataLoader
+    mixup_fn: Optional[Mixup]
+    num_classes: int
+
+
+def _source(config):
+    return 'the synthetic dataset' if config.DATA.DATASET == 'synthetic' else config.DATA.DATA_PATH
+
+
+def build_pretrain_data(config: CfgNode, model_patch_size: int,
+                        logger: Optional[logging.Logger] = None) -> PretrainData:
+    """Masked training images; the masks are drawn at `model_patch_size`, the encoder's patch
+    size in pixels (models.model_patch_size(config))."""
     logger = logger or logging.getLogger('simmim.data')
     rank, world_size = rank_and_world_size()
     synthetic = config.DATA.DATASET == 'synthetic'
-    source = 'the synthetic dataset' if synthetic else config.DATA.DATA_PATH
+    base = _synthetic(config, 'train') if synthetic else _image_folder(config)
+    if {'train', 'val'} <= set(base.classes):
+        logger.warning(f"DATA.DATA_PATH {config.DATA.DATA_PATH} holds train/ and val/ "
+                       f"sub-folders, so pre-training reads both (every image under it). "
+                       f"Pass DATA_PATH/train to pre-train on the training split only.")
+    sampler = ResumableDistributedSampler(len(base), world_size, rank, True, config.SEED)
+    _check_batch_size(config, sampler)
+    mask_generator = build_mask_generator(config, model_patch_size)
+    dataset_train = MaskedImageDataset(base, build_pretrain_transform(config), mask_generator,
+                                       config.SEED)
+    logger.info(f"Pre-training data: {len(base)} images from {_source(config)}; {mask_generator}")
+    if config.DATA.DECODE == 'gpu':
+        from .gpu_decode import build_device_decode_loader
+        return PretrainData(dataset_train, build_device_decode_loader(
+            config, base, dataset_train,
+            lambda dataset, collate: _data_loader(config, dataset, sampler, rank, True, collate)))
+    return PretrainData(dataset_train,
+                        _data_loader(config, dataset_train, sampler, rank, drop_last=True))
 
-    if is_pretrain:
-        base = _synthetic(config, 'train') if synthetic else _image_folder(config)
-        if {'train', 'val'} <= set(base.classes):
-            logger.warning(f"DATA.DATA_PATH {config.DATA.DATA_PATH} holds train/ and val/ "
-                           f"sub-folders, so pre-training reads both (every image under it). "
-                           f"Pass DATA_PATH/train to pre-train on the training split only.")
-        sampler = ResumableDistributedSampler(len(base), world_size, rank, True, config.SEED)
-        _check_batch_size(config, sampler)
-        mask_generator = build_mask_generator(config)
-        dataset_train = MaskedImageDataset(base, build_pretrain_transform(config), mask_generator,
-                                           config.SEED)
-        logger.info(f"Pre-training data: {len(base)} images from {source}; {mask_generator}")
-        if config.DATA.DECODE == 'gpu':
-            from .gpu_decode import build_device_decode_loader
-            return dataset_train, build_device_decode_loader(
-                config, base, dataset_train,
-                lambda dataset, collate: _data_loader(config, dataset, sampler, rank, True, collate))
-        return dataset_train, _data_loader(config, dataset_train, sampler, rank, drop_last=True)
 
+def build_finetune_data(config: CfgNode, logger: Optional[logging.Logger] = None) -> FinetuneData:
+    """Labelled train and val images (class sub-folders, or the synthetic set), with Mixup/CutMix."""
+    logger = logger or logging.getLogger('simmim.data')
+    rank, world_size = rank_and_world_size()
+    synthetic = config.DATA.DATASET == 'synthetic'
+    source = _source(config)
     if synthetic:
         train_base, val_base = _synthetic(config, 'train'), _synthetic(config, 'val')
     else:
@@ -154,7 +199,23 @@ def build_loader(config, logger=None, is_pretrain=True):
             raise ConfigError(f"Mixup/CutMix needs an even DATA.BATCH_SIZE, got "
                               f"{config.DATA.BATCH_SIZE}; change --batch-size, or turn them off with "
                               f"--opts AUG.MIXUP 0 AUG.CUTMIX 0.")
-    return (dataset_train, dataset_val,
-            _data_loader(config, dataset_train, train_sampler, rank, drop_last=True),
-            _data_loader(config, dataset_val, val_sampler, rank, drop_last=False),
-            mixup_fn, num_classes)
+    return FinetuneData(dataset_train, dataset_val,
+                        _data_loader(config, dataset_train, train_sampler, rank, drop_last=True),
+                        _data_loader(config, dataset_val, val_sampler, rank, drop_last=False),
+                        mixup_fn, num_classes)
+
+
+def build_loader(config: CfgNode, logger: Optional[logging.Logger] = None,
+                 task: Union[Task, bool] = PRETRAIN, *, is_pretrain: Optional[bool] = None) -> tuple:
+    """The official interface: pre-training (dataset_train, data_loader_train); fine-tuning
+    (dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn, num_classes).
+    `task` may be the official `is_pretrain` flag. New code calls the two builders above."""
+    if not as_task(task, is_pretrain).masked_image_modeling:
+        data = build_finetune_data(config, logger)
+        return (data.train_set, data.val_set, data.train_loader, data.val_loader, data.mixup_fn,
+                data.num_classes)
+    # The only place data reaches up to the model registry, for the official signature's sake:
+    # the builders above take the patch size as an argument.
+    from models.registry import model_patch_size
+    data = build_pretrain_data(config, model_patch_size(config), logger)
+    return data.train_set, data.train_loader

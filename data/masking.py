@@ -7,29 +7,18 @@ reference). Every strategy returns the same format: an int64 (input_size / model
 1 = masked, drawn only from the torch.Generator it is given, so a mask is a pure function of
 (seed, epoch, index) in the dataset.
 
-A new strategy is a subclass overriding `choose_mask_patches` (and `config_kwargs` if it has
-parameters of its own) plus an entry in `MASK_GENERATORS`; DATA.MASK_STRATEGY picks it.
+A new strategy is a subclass overriding `choose_mask_patches` (and `config_kwargs` and
+`check_options` if it has config keys of its own) plus an entry in `MASK_GENERATORS`;
+DATA.MASK_STRATEGY picks it. The constructors are the one home of the checks, with messages naming
+the config keys; `check_mask_config` (asked by the config validation) runs them.
 """
 import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from config import model_patch_size
-
-
-def upsample_mask(mask, scale):
-    """(..., h, w) -> (..., h * scale, w * scale): each cell repeated `scale` x `scale` times."""
-    return mask.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
-
-
-def pixel_mask_to_patches(pixel_mask, model_patch_size):
-    """(..., H, W) pixel mask (nonzero = masked) -> (..., H/p, W/p) int64 mask at the model patch size
-    p: a patch is masked when at least half of its pixels are (for masks drawn by hand)."""
-    masked = (torch.as_tensor(pixel_mask) != 0).float()
-    pooled = F.avg_pool2d(masked.view(-1, 1, *masked.shape[-2:]), model_patch_size)
-    return (pooled >= 0.5).long().view(*masked.shape[:-2], *pooled.shape[-2:])
+from utils.errors import require
+from utils.mask_grid import pixel_mask_to_patches, upsample_mask  # noqa: F401  (re-exported)
 
 
 def _numpy_rng(generator):
@@ -47,14 +36,17 @@ class MaskGenerator:
     """
 
     def __init__(self, input_size=192, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6):
-        if mask_patch_size <= 0 or input_size % mask_patch_size:
-            raise ValueError(f"input size {input_size} is not divisible by the mask patch size "
-                             f"{mask_patch_size}; the mask grid must tile the image.")
-        if model_patch_size <= 0 or mask_patch_size % model_patch_size:
-            raise ValueError(f"mask patch size {mask_patch_size} is not divisible by the model patch "
-                             f"size {model_patch_size}; a mask patch must cover whole model patches.")
-        if not 0 < mask_ratio < 1:
-            raise ValueError(f"mask ratio {mask_ratio} must lie in (0, 1).")
+        # ConfigError is a ValueError; the messages name the keys the arguments come from.
+        require(0 < mask_ratio < 1, f"DATA.MASK_RATIO must lie in (0, 1), got {mask_ratio} (the "
+                                    f"paper's default is 0.6).")
+        require(mask_patch_size > 0 and input_size % mask_patch_size == 0,
+                f"DATA.IMG_SIZE {input_size} is not divisible by DATA.MASK_PATCH_SIZE "
+                f"{mask_patch_size}; the mask grid must tile the image. Use a mask patch size that "
+                f"divides {input_size}.")
+        require(model_patch_size > 0 and mask_patch_size % model_patch_size == 0,
+                f"DATA.MASK_PATCH_SIZE {mask_patch_size} is not divisible by the model patch size "
+                f"{model_patch_size} (PATCH_SIZE in the MODEL.TYPE's section); a mask patch must "
+                f"cover whole model patches.")
         self.input_size = input_size
         self.mask_patch_size = mask_patch_size
         self.model_patch_size = model_patch_size
@@ -69,6 +61,11 @@ class MaskGenerator:
     def config_kwargs(cls, config):
         """Constructor arguments of this strategy beyond the four common ones, from the config."""
         return {}
+
+    @classmethod
+    def check_options(cls, config):
+        """Raise ConfigError for a bad value among this strategy's own config keys (checked
+        whichever strategy is picked, so a mistake surfaces before the strategy is tried)."""
 
     def choose_mask_patches(self, generator):
         """(mask_grid_size, mask_grid_size) int64 grid of mask patches, 1 = masked."""
@@ -103,10 +100,9 @@ class SquareMaskGenerator(MaskGenerator):
     def __init__(self, input_size=192, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6):
         super().__init__(input_size, mask_patch_size, model_patch_size, mask_ratio)
         grid = self.mask_grid_size
-        if grid < 2:
-            raise ValueError(f"square masking needs a mask grid of at least 2x2, but input size "
-                             f"{input_size} / mask patch size {mask_patch_size} = {grid}; use a "
-                             f"smaller mask patch size.")
+        require(grid >= 2, f"DATA.MASK_STRATEGY square needs a mask grid of at least 2x2; "
+                           f"DATA.IMG_SIZE {input_size} / DATA.MASK_PATCH_SIZE {mask_patch_size} is "
+                           f"{grid}. Use a smaller mask patch size.")
         wanted = mask_ratio * self.num_mask_patches
         self.side = min(range(1, grid), key=lambda s: (abs(s * s - wanted), -s))
         self.num_masked = self.side ** 2
@@ -139,14 +135,11 @@ class BlockwiseMaskGenerator(MaskGenerator):
                  min_patches_per_block=None, max_patches_per_block=None,
                  aspect_ratio_range=(0.3, 1 / 0.3), max_attempts=10):
         super().__init__(input_size, mask_patch_size, model_patch_size, mask_ratio)
+        self._check_block_options(min_patches_per_block, max_patches_per_block, aspect_ratio_range)
         if min_patches_per_block is None:
             min_patches_per_block = max(
                 1, round(self.reference_min_block_pixels / mask_patch_size ** 2))
         low, high = aspect_ratio_range
-        if min_patches_per_block < 1 or not 0 < low <= high:
-            raise ValueError(f"block-wise masking needs min_patches_per_block >= 1 and an aspect "
-                             f"ratio range 0 < low <= high; got {min_patches_per_block} and "
-                             f"{tuple(aspect_ratio_range)}.")
         self.min_patches_per_block = min_patches_per_block
         self.max_patches_per_block = max_patches_per_block or self.num_mask_patches
         self.log_aspect_range = (math.log(low), math.log(high))
@@ -158,6 +151,21 @@ class BlockwiseMaskGenerator(MaskGenerator):
         return dict(min_patches_per_block=block.MIN_PATCHES_PER_BLOCK or None,
                     max_patches_per_block=block.MAX_PATCHES_PER_BLOCK or None,
                     aspect_ratio_range=tuple(block.ASPECT_RATIO_RANGE))
+
+    @classmethod
+    def check_options(cls, config):
+        cls._check_block_options(**cls.config_kwargs(config))
+
+    @staticmethod
+    def _check_block_options(min_patches_per_block, max_patches_per_block, aspect_ratio_range):
+        sizes = (min_patches_per_block, max_patches_per_block)
+        require(all(n is None or n >= 1 for n in sizes),
+                f"DATA.BLOCKWISE.MIN_PATCHES_PER_BLOCK and MAX_PATCHES_PER_BLOCK must be >= 0 (0: "
+                f"the default), got {[n or 0 for n in sizes]}.")
+        aspect = list(aspect_ratio_range)
+        require(len(aspect) == 2 and 0 < aspect[0] <= aspect[1],
+                f"DATA.BLOCKWISE.ASPECT_RATIO_RANGE must be [low, high] with 0 < low <= high, got "
+                f"{aspect}.")
 
     def _place_block(self, grid, rng, budget):
         """Try to add one block masking 1..budget new patches; return (top, left, h, w) or None."""
@@ -207,18 +215,28 @@ MASK_GENERATORS = {
 }
 
 
-def build_mask_generator(config, strategy=None, mask_patch_size=None, mask_ratio=None):
-    """The mask generator for a (pre-training) config: DATA.MASK_STRATEGY with DATA.MASK_PATCH_SIZE,
-    DATA.MASK_RATIO and the strategy's own keys; arguments given here override those three."""
+def build_mask_generator(config, model_patch_size, strategy=None, mask_patch_size=None,
+                         mask_ratio=None):
+    """The mask generator for a (pre-training) config and the encoder's patch size (pixels):
+    DATA.MASK_STRATEGY with DATA.MASK_PATCH_SIZE, DATA.MASK_RATIO and the strategy's own keys;
+    arguments given here override those three."""
     strategy = strategy or config.DATA.MASK_STRATEGY
-    if strategy not in MASK_GENERATORS:
-        raise ValueError(f"Unknown mask strategy '{strategy}' (DATA.MASK_STRATEGY); known: "
-                         f"{sorted(MASK_GENERATORS)}.")
+    require(strategy in MASK_GENERATORS,
+            f"DATA.MASK_STRATEGY '{strategy}' is not one of {sorted(MASK_GENERATORS)}.")
     generator_class = MASK_GENERATORS[strategy]
     return generator_class(
         input_size=config.DATA.IMG_SIZE,
         mask_patch_size=mask_patch_size or config.DATA.MASK_PATCH_SIZE,
-        model_patch_size=model_patch_size(config),
+        model_patch_size=model_patch_size,
         mask_ratio=mask_ratio or config.DATA.MASK_RATIO,
         **generator_class.config_kwargs(config),
     )
+
+
+def check_mask_config(config, model_patch_size):
+    """Raise ConfigError for a bad masking section: the picked DATA.MASK_STRATEGY must be registered
+    and fit DATA.IMG_SIZE, DATA.MASK_PATCH_SIZE, DATA.MASK_RATIO and the model patch size; every
+    registered strategy's own keys must be valid."""
+    build_mask_generator(config, model_patch_size)
+    for generator_class in MASK_GENERATORS.values():
+        generator_class.check_options(config)

@@ -46,13 +46,15 @@ class PretrainTransform:
     """PIL image -> normalised (3, size, size) tensor: RandomResizedCrop(size, scale, ratio) with
     bilinear resizing, horizontal flip with probability 1/2, ImageNet normalisation.
 
-    `transform(img)` draws the plan from the global RNGs (seeded per sample by the dataset) and
-    applies it: the same draws and pixels as the torchvision Compose of these steps.
+    `transform(img)` converts to RGB (DATA.RGB_CONVERSION), draws the plan from the global RNGs
+    (seeded per sample by the dataset) and applies it: the same draws and pixels as the torchvision
+    Compose of these steps.
     """
 
-    def __init__(self, size, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0), jpeg_draft=False):
+    def __init__(self, size, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0), jpeg_draft=False,
+                 rgb_conversion='careful'):
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
-        self.jpeg_draft = jpeg_draft
+        self.jpeg_draft, self.rgb_conversion = jpeg_draft, rgb_conversion
 
     def plan(self, size):
         """Draw the crop box and the flip for an image of `size` (W, H), e.g. from its header."""
@@ -89,7 +91,7 @@ class PretrainTransform:
         return self.to_tensor(self.crop_resize(image, plan, reduction), plan)
 
     def __call__(self, image):
-        image = to_rgb(image)
+        image = to_rgb(image, self.rgb_conversion)
         return self.apply(image, self.plan(image.size))
 
     def __repr__(self):
@@ -108,3 +110,12 @@ def draft_jpeg(image, reduction):
     if result is None:
         return 1
     return int(round(width / result[1][2]))
+
+
+def build_pretrain_transform(config):
+    """The SimMIM pre-training image transform (the image half of the official SimMIMTransform; the
+    mask is drawn separately, see data.masking): PIL image -> normalised (3, IMG_SIZE, IMG_SIZE).
+    Nothing beyond crop and flip (§3.2)."""
+    return PretrainTransform(config.DATA.IMG_SIZE, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
+                             jpeg_draft=config.DATA.JPEG_DRAFT,
+                             rgb_conversion=config.DATA.RGB_CONVERSION)

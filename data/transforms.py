@@ -7,6 +7,8 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import str_to_interp_mode
 from torchvision import transforms as T
 
+from utils.errors import require
+
 # Transparent pixels are shown on white, as image viewers do; their stored colour is arbitrary.
 ALPHA_BACKGROUND = (255, 255, 255)
 
@@ -25,11 +27,22 @@ def _grey_to_8bit(img):
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), 'L')
 
 
-def to_rgb(img):
-    """A PIL image of any mode as RGB: 16/32-bit and float grey scaled to 8 bits, transparency
-    composited onto white, palette/CMYK/grey converted by PIL."""
+RGB_CONVERSIONS = ('careful', 'official')
+
+
+def check_rgb_conversion(value):
+    require(value in RGB_CONVERSIONS,
+            f"DATA.RGB_CONVERSION must be one of {RGB_CONVERSIONS}, got '{value}'.")
+
+
+def to_rgb(img, conversion='careful'):
+    """A PIL image of any mode as RGB. 'careful': 16/32-bit and float grey scaled to 8 bits,
+    transparency composited onto white, palette/CMYK/grey converted by PIL. 'official': PIL's
+    convert('RGB') for every mode, as the official loaders (alpha dropped, 16-bit grey clipped)."""
     if img.mode == 'RGB':
         return img
+    if conversion == 'official':
+        return img.convert('RGB')
     if img.mode in ('I', 'F') or img.mode.startswith('I;16'):
         return _grey_to_8bit(img).convert('RGB')
     if img.mode in ('LA', 'La', 'PA', 'RGBa') or (img.mode == 'P' and 'transparency' in img.info):
@@ -44,25 +57,19 @@ def to_rgb(img):
 class ToRGB:
     """`to_rgb` as a transform step (with a readable repr)."""
 
+    def __init__(self, conversion='careful'):
+        self.conversion = conversion
+
     def __call__(self, img):
-        return to_rgb(img)
+        return to_rgb(img, self.conversion)
 
     def __repr__(self):
-        return 'ToRGB()'
+        return f'ToRGB({self.conversion!r})'
 
 
 def normalize():
     """ImageNet mean/std normalisation, the input space of every model here."""
     return T.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-
-
-def build_pretrain_transform(config):
-    """The SimMIM pre-training image transform (the image half of the official SimMIMTransform; the
-    mask is drawn separately, see data.masking): RGB PIL image -> normalised (3, IMG_SIZE,
-    IMG_SIZE). Nothing beyond crop and flip (§3.2); see data/pretrain_transform.py."""
-    from .pretrain_transform import PretrainTransform  # it imports to_rgb from here
-    return PretrainTransform(config.DATA.IMG_SIZE, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
-                             jpeg_draft=config.DATA.JPEG_DRAFT)
 
 
 def _eval_interpolation(name):
@@ -91,12 +98,12 @@ def build_finetune_transform(config, is_train):
             interpolation=config.DATA.INTERPOLATION,
             scale=tuple(aug.CROP_SCALE),
         )
-        transform.transforms.insert(0, ToRGB())
+        transform.transforms.insert(0, ToRGB(config.DATA.RGB_CONVERSION))
         if not resize_im:
             transform.transforms[1] = T.RandomCrop(img_size, padding=4)
         return transform
 
-    steps = [ToRGB()]
+    steps = [ToRGB(config.DATA.RGB_CONVERSION)]
     if resize_im:
         interpolation = _eval_interpolation(config.DATA.INTERPOLATION)
         if config.TEST.CROP:

@@ -1,31 +1,41 @@
 """Attention and position-index helpers shared by the Swin, SwinV2 and ViT encoders.
 
-All attention goes through `attention`, which calls torch's fused
+Swin attention goes through `attention`, which calls torch's fused
 `scaled_dot_product_attention` with position biases and window masks as an additive float mask,
 except when training on a CPU: there SDPA's backward is its math fallback plus checks for fully
-masked rows, and the explicit formula measured as fast or faster (benchmarks/RESULTS.md).
-`eager_attention()` switches to the textbook softmax(QK^T * scale + bias) V for tests and debugging,
-`eager_attention(False)` to SDPA everywhere.
+masked rows, and the explicit formula measured as fast or faster (benchmarks/RESULTS.md). The
+ViT's (timm's Beit attention) calls SDPA too. `eager_attention(model=...)` switches both to the
+textbook softmax(QK^T * scale + bias) V for tests and debugging; `eager_attention(False)` makes
+`attention` call SDPA everywhere.
 """
 import contextlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import gen_relative_position_index
 
 _use_eager = None  # None: textbook formula only for CPU training; True / False: always / never
 
 
 @contextlib.contextmanager
-def eager_attention(enabled=True):
-    """Within this context `attention` computes softmax(QK^T * scale + bias) V explicitly
-    (enabled=True) or always calls SDPA (enabled=False)."""
+def eager_attention(enabled=True, model=None):
+    """Within this context `attention` computes softmax(QK^T * scale + bias) V explicitly, and so
+    do the timm attention modules inside `model` (they pick their path by a per-module
+    `fused_attn` flag, set when they are built)."""
     global _use_eager
-    previous, _use_eager = _use_eager, enabled
+    timm_modules = [] if model is None else [m for m in model.modules()
+                                             if hasattr(m, 'fused_attn')]
+    previous = _use_eager, [m.fused_attn for m in timm_modules]
+    _use_eager = enabled
+    for module in timm_modules:
+        module.fused_attn = module.fused_attn and not enabled
     try:
         yield
     finally:
-        _use_eager = previous
+        _use_eager = previous[0]
+        for module, fused in zip(timm_modules, previous[1]):
+            module.fused_attn = fused
 
 
 def is_eager():
@@ -74,18 +84,13 @@ def qkv_with_qv_bias(x, qkv, q_bias, v_bias):
 
 
 def relative_position_index(window_size):
-    """Index into a ((2Wh-1)(2Ww-1), heads) bias table for every pair of positions in a window.
+    """Index into a ((2Wh-1)(2Ww-1), heads) bias table for every pair of positions in a window:
+    offsets row-major over the (2Wh-1, 2Ww-1) grid, shifted to start at 0 (Swin, BEiT).
 
-    window_size: (Wh, Ww). Returns a LongTensor (Wh*Ww, Wh*Ww).
+    window_size: (Wh, Ww). Returns a LongTensor (Wh*Ww, Wh*Ww). timm's helper, checked identical
+    to the formula written out (tests/test_timm_helpers.py).
     """
-    wh, ww = window_size
-    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing='ij'))
-    coords = coords.flatten(1)  # (2, Wh*Ww)
-    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
-    relative[:, :, 0] += wh - 1  # shift offsets to start at 0
-    relative[:, :, 1] += ww - 1
-    relative[:, :, 0] *= 2 * ww - 1  # row-major over the (2Wh-1, 2Ww-1) offset grid
-    return relative.sum(-1)
+    return gen_relative_position_index(tuple(window_size))
 
 
 def gather_position_bias(table, index):
@@ -104,6 +109,12 @@ def register_derived_buffer(module, name, tensor):
     fine-tuning.
     """
     module.register_buffer(name, tensor, persistent=False)
+    ignore_saved_copy(module, name)
+
+
+def ignore_saved_copy(module, name):
+    """Drop `name` from state dicts loaded into `module` (a non-persistent buffer that official
+    checkpoints carry anyway), so that they still load strictly."""
 
     def drop_saved_copy(module, state_dict, prefix, *args):
         state_dict.pop(prefix + name, None)

@@ -3,14 +3,16 @@
 Every head maps (B, in_channels, h, w) -> (B, out_channels, h * upscale, w * upscale), where
 out_channels is what the target predicts per pixel (3 for raw pixels) and upscale is
 encoder_stride / TARGET.DOWNSAMPLE (32 for Swin at full resolution). A new head is a class with
-that constructor signature (plus its own keyword options from `config_kwargs`) and an entry in
-`HEADS`; MODEL.SIMMIM.HEAD.NAME picks it.
+that constructor signature (plus its own keyword options from `config_kwargs`, and `check_config`
+for their checks) and an entry in `HEADS`; MODEL.SIMMIM.HEAD.NAME picks it, and the config
+validation asks `check_head_config`.
 """
 import logging
 
 import torch.nn as nn
 from timm.layers import Mlp
 
+from utils.errors import require
 from .swin_transformer import SwinTransformer, SwinTransformerBlock
 from .targets import prediction_channels
 
@@ -22,7 +24,20 @@ def count_parameters(module):
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-class LinearHead(nn.Sequential):
+class ConfigurableHead:
+    """What every head offers the builder: its options from the config, and their checks."""
+
+    @classmethod
+    def config_kwargs(cls, config, input_resolution):
+        """Constructor arguments beyond (in_channels, out_channels, upscale)."""
+        return {}
+
+    @classmethod
+    def check_config(cls, config, upscale, input_resolution):
+        """Raise ConfigError if the config's options for this head cannot work."""
+
+
+class LinearHead(ConfigurableHead, nn.Sequential):
     """The paper's head (section 3.3): a 1x1 conv to upscale**2 * out_channels values per position,
     rearranged by PixelShuffle. Parameters: (in_channels + 1) * upscale**2 * out_channels.
     State-dict names (0.weight, 0.bias) are the official decoder's."""
@@ -31,12 +46,8 @@ class LinearHead(nn.Sequential):
         super().__init__(nn.Conv2d(in_channels, upscale ** 2 * out_channels, kernel_size=1),
                          nn.PixelShuffle(upscale))
 
-    @classmethod
-    def config_kwargs(cls, config, input_resolution):
-        return {}
 
-
-class MLPHead(nn.Sequential):
+class MLPHead(ConfigurableHead, nn.Sequential):
     """2-layer MLP (1x1 convs with GELU) then PixelShuffle (Table 2). Parameters:
     (in_channels + 1) * hidden + (hidden + 1) * upscale**2 * out_channels."""
 
@@ -81,7 +92,7 @@ class InverseSwinStage(nn.Module):
         return self.expand(self.blocks(x))
 
 
-class InverseSwinHead(nn.Module):
+class InverseSwinHead(ConfigurableHead, nn.Module):
     """Inverse Swin decoder (Table 2): the encoder's features projected to the first stage's width,
     Swin stages from coarse to fine with patch expanding between them (2x resolution, half the
     width), a final norm, a final patch expanding by the remaining factor, and a linear layer to
@@ -97,12 +108,9 @@ class InverseSwinHead(nn.Module):
                  depths=(2, 6, 2, 2), num_heads=(24, 12, 6, 3), window_size=6, mlp_ratio=4.,
                  qkv_bias=True, norm_layer=nn.LayerNorm):
         super().__init__()
+        self.check_stages(upscale, input_resolution, embed_dim, depths, num_heads, window_size)
         num_stages = len(depths)
-        final_scale, remainder = divmod(upscale, 2 ** (num_stages - 1))
-        if remainder or not final_scale:
-            raise ValueError(f"the inverse Swin head doubles the resolution {num_stages - 1} times, "
-                             f"so its upscale must be a multiple of {2 ** (num_stages - 1)}, got "
-                             f"{upscale}.")
+        final_scale = upscale // 2 ** (num_stages - 1)
         self.upscale = upscale
         dims = [embed_dim * 2 ** (num_stages - 1 - i) for i in range(num_stages)]
         self.proj = nn.Linear(in_channels, dims[0])
@@ -131,6 +139,37 @@ class InverseSwinHead(nn.Module):
         return dict(input_resolution=input_resolution, embed_dim=inv.EMBED_DIM, depths=inv.DEPTHS,
                     num_heads=inv.NUM_HEADS, window_size=inv.WINDOW_SIZE, mlp_ratio=inv.MLP_RATIO)
 
+    @classmethod
+    def check_config(cls, config, upscale, input_resolution):
+        inv = config.MODEL.SIMMIM.HEAD.INVERSE_SWIN
+        cls.check_stages(upscale, input_resolution, inv.EMBED_DIM, inv.DEPTHS, inv.NUM_HEADS,
+                         inv.WINDOW_SIZE)
+
+    @staticmethod
+    def check_stages(upscale, input_resolution, embed_dim, depths, num_heads, window_size):
+        """Raise ConfigError (naming the MODEL.SIMMIM.HEAD.INVERSE_SWIN keys) unless the stages fit
+        the upscale factor and every stage's width and map suit its heads and window."""
+        key = 'MODEL.SIMMIM.HEAD.INVERSE_SWIN'
+        num_stages = len(depths)
+        require(num_stages >= 1 and len(num_heads) == num_stages,
+                f"{key}.DEPTHS {list(depths)} and NUM_HEADS {list(num_heads)} must have the same "
+                f"length (one entry per stage).")
+        require(upscale % 2 ** (num_stages - 1) == 0,
+                f"The inverse_swin head doubles the resolution {num_stages - 1} times, so its "
+                f"upscale must be a multiple of {2 ** (num_stages - 1)}, but the prediction is "
+                f"only {upscale}x finer than the encoder's feature map (encoder stride / "
+                f"MODEL.SIMMIM.TARGET.DOWNSAMPLE). Lower TARGET.DOWNSAMPLE, use fewer stages in "
+                f"{key}.DEPTHS, or use the linear head.")
+        for i, heads in enumerate(num_heads):
+            dim = embed_dim * 2 ** (num_stages - 1 - i)
+            require(dim % heads == 0, f"{key} stage {i} width {dim} is not divisible by "
+                                      f"NUM_HEADS[{i}] = {heads}.")
+            for side in input_resolution:
+                resolution = side * 2 ** i
+                require(resolution % min(window_size, resolution) == 0,
+                        f"{key}.WINDOW_SIZE {window_size} does not tile stage {i}'s {resolution}x"
+                        f"{resolution} map; pick a window that divides every stage's map.")
+
     def forward(self, x):
         b, _, h, w = x.shape
         x = self.proj(x.flatten(2).transpose(1, 2))  # (B, h*w, dims[0])
@@ -143,16 +182,27 @@ class InverseSwinHead(nn.Module):
 HEADS = {'linear': LinearHead, 'mlp': MLPHead, 'inverse_swin': InverseSwinHead}
 
 
+def _head_class(config):
+    name = config.MODEL.SIMMIM.HEAD.NAME
+    require(name in HEADS, f"MODEL.SIMMIM.HEAD.NAME '{name}' is not one of {sorted(HEADS)}.")
+    return HEADS[name]
+
+
+def check_head_config(config, encoder_stride):
+    """Raise ConfigError for a bad MODEL.SIMMIM.HEAD section, for an encoder of `encoder_stride`."""
+    feature_map = config.DATA.IMG_SIZE // encoder_stride
+    upscale = encoder_stride // config.MODEL.SIMMIM.TARGET.DOWNSAMPLE
+    _head_class(config).check_config(config, upscale, (feature_map, feature_map))
+
+
 def build_decoder(config, encoder):
     """The prediction head MODEL.SIMMIM.HEAD.NAME for `encoder`, sized for MODEL.SIMMIM.TARGET:
     (B, num_features, H/s, W/s) -> (B, prediction channels, H/d, W/d) for encoder stride s and
     TARGET.DOWNSAMPLE d. Logs its parameter count (Table 2's #params)."""
     name = config.MODEL.SIMMIM.HEAD.NAME
-    if name not in HEADS:
-        raise ValueError(f"Unknown MODEL.SIMMIM.HEAD.NAME '{name}'; known: {sorted(HEADS)}.")
+    head_class = _head_class(config)
     stride = encoder.encoder_stride
     feature_map = config.DATA.IMG_SIZE // stride
-    head_class = HEADS[name]
     head = head_class(encoder.num_features, prediction_channels(config, encoder.in_chans),
                       stride // config.MODEL.SIMMIM.TARGET.DOWNSAMPLE,
                       **head_class.config_kwargs(config, (feature_map, feature_map)))

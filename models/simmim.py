@@ -11,10 +11,10 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from .heads import build_decoder  # noqa: F401  (re-exported: models.build imports it here)
+from .heads import build_decoder  # noqa: F401  (re-exported)
 from .swin_transformer import SwinTransformer
 from .swin_transformer_v2 import SwinTransformerV2
-from .targets import MaskedPixelL1Loss, build_criterion, local_norm_target  # noqa: F401  (same)
+from .targets import MaskedPixelL1Loss, build_criterion, local_norm_target  # noqa: F401  (re-exported)
 from .vision_transformer import VisionTransformer
 
 
@@ -85,11 +85,8 @@ class VisionTransformerForSimMIM(VisionTransformer):
         return tokens_to_feature_map(tokens[:, 1:], x.shape[-2] // s, x.shape[-1] // s)
 
     def no_weight_decay(self):
-        # The official ViT encoder decays these (SimMIM issue #26); Swin never did.
+        # The official ViT encoder decays it (SimMIM issue #26); Swin never did.
         return super().no_weight_decay() | {'mask_token'}
-
-    def no_weight_decay_keywords(self):
-        return super().no_weight_decay_keywords() | {'relative_position_bias_table'}
 
 
 # -----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import to_2tuple
+from timm.layers import gen_relative_log_coords, to_2tuple
 
 from .attention import (add_qv_bias, gather_position_bias, qkv_with_qv_bias,
                         register_derived_buffer, relative_position_index)
@@ -21,17 +21,9 @@ from .window_attention import attend_windows
 def log_spaced_coords_table(window_size, pretrained_window_size=(0, 0)):
     """Relative offsets of a window, (1, 2Wh-1, 2Ww-1, 2), scaled to [-8, 8] by the pre-training
     window (or this window when it is 0) and log-spaced: sign(d) * log2(1 + |d|) / log2(8)
-    (SwinV2 Sec. 3.3), so a larger fine-tuning window extrapolates smoothly."""
-    wh, ww = window_size
-    offsets_h = torch.arange(-(wh - 1), wh, dtype=torch.float32)
-    offsets_w = torch.arange(-(ww - 1), ww, dtype=torch.float32)
-    table = torch.stack(torch.meshgrid(offsets_h, offsets_w, indexing='ij')).permute(1, 2, 0)
-    table = table.contiguous().unsqueeze(0)
-    norm_h, norm_w = pretrained_window_size if pretrained_window_size[0] > 0 else window_size
-    table[..., 0] /= norm_h - 1
-    table[..., 1] /= norm_w - 1
-    table *= 8
-    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+    (SwinV2 Sec. 3.3), so a larger fine-tuning window extrapolates smoothly. timm's helper (the
+    official formula), with the official leading axis."""
+    return gen_relative_log_coords(tuple(window_size), tuple(pretrained_window_size)).unsqueeze(0)
 
 
 class WindowAttentionV2(nn.Module):

@@ -8,8 +8,9 @@ over the pixels in scope (masked only, or all) and over the prediction's channel
 batch, as the official ℓ1 loss (Eq. 1). ``prediction_to_image(prediction, images)`` gives the
 prediction as a normalised (B, C, H, W) image for visualisation.
 
-A new target is a subclass of `PredictionTarget` plus an entry in `TARGETS`; MODEL.SIMMIM.TARGET.NAME
-picks it.
+A new target is a subclass of `PredictionTarget` (with `check_config` for its own keys) plus an
+entry in `TARGETS`; MODEL.SIMMIM.TARGET.NAME picks it, and the config validation asks
+`check_target_config`.
 """
 import os
 
@@ -19,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from config import ConfigError
-from data.masking import upsample_mask
+from utils.errors import ConfigError, require
+from utils.mask_grid import upsample_mask
 from utils.safe_load import load_checkpoint_file
 
 
@@ -71,6 +72,11 @@ def local_norm_target(x, window):
 LOSS_SCOPES = ('masked', 'all')
 
 
+def _check_scope(scope):
+    require(scope in LOSS_SCOPES,
+            f"MODEL.SIMMIM.LOSS.SCOPE '{scope}' is not one of {sorted(LOSS_SCOPES)}.")
+
+
 class PredictionTarget(nn.Module):
     """Base: the loss over the pixels in scope at the prediction resolution, and the way back to an
     image. Subclasses define `target`, `element_loss` and `decode`.
@@ -82,14 +88,19 @@ class PredictionTarget(nn.Module):
 
     def __init__(self, model_patch_size, in_chans=3, downsample=1, scope='masked'):
         super().__init__()
-        if scope not in LOSS_SCOPES:
-            raise ValueError(f"loss scope must be one of {LOSS_SCOPES}, got {scope!r}.")
+        _check_scope(scope)
         self.patch_size, self.in_chans = model_patch_size, in_chans
         self.downsample, self.scope = downsample, scope
 
     @classmethod
     def from_config(cls, config, model_patch_size, in_chans):
         raise NotImplementedError
+
+    @classmethod
+    def check_config(cls, config, picked):
+        """Raise ConfigError for a bad value among this target's own config keys. Asked for every
+        registered target, `picked` telling whether MODEL.SIMMIM.TARGET.NAME names this one, so a
+        mistake in any section surfaces when the config loads."""
 
     @classmethod
     def num_prediction_channels(cls, config, in_chans):
@@ -150,6 +161,11 @@ def _smooth_l1(prediction, target, beta):
 REGRESSION_LOSSES = {'l1': _l1, 'l2': _l2, 'smooth_l1': _smooth_l1}
 
 
+def _check_loss_type(loss):
+    require(loss in REGRESSION_LOSSES,
+            f"MODEL.SIMMIM.LOSS.TYPE '{loss}' is not one of {sorted(REGRESSION_LOSSES)}.")
+
+
 class PixelRegression(PredictionTarget):
     """Raw pixel values regressed with ℓ1 (default), ℓ2 or smooth-ℓ1 (Table 5), optionally locally
     normalised (MODEL.SIMMIM.NORM_TARGET: normalise at full resolution, then pool).
@@ -160,9 +176,7 @@ class PixelRegression(PredictionTarget):
     def __init__(self, model_patch_size, in_chans=3, norm_target_window=None, loss='l1',
                  downsample=1, scope='masked', smooth_l1_beta=1.0):
         super().__init__(model_patch_size, in_chans, downsample, scope)
-        if loss not in REGRESSION_LOSSES:
-            raise ValueError(f"regression loss must be one of {sorted(REGRESSION_LOSSES)}, got "
-                             f"{loss!r}.")
+        _check_loss_type(loss)
         self.norm_target_window = norm_target_window
         self.loss, self.smooth_l1_beta = loss, smooth_l1_beta
         self.prediction_channels = in_chans
@@ -175,6 +189,19 @@ class PixelRegression(PredictionTarget):
                    norm_target_window=norm.PATCH_SIZE if norm.ENABLE else None,
                    loss=simmim.LOSS.TYPE, downsample=simmim.TARGET.DOWNSAMPLE,
                    scope=simmim.LOSS.SCOPE, smooth_l1_beta=simmim.LOSS.SMOOTH_L1_BETA)
+
+    @classmethod
+    def check_config(cls, config, picked):
+        simmim = config.MODEL.SIMMIM
+        _check_loss_type(simmim.LOSS.TYPE)
+        require(simmim.LOSS.SMOOTH_L1_BETA > 0, "MODEL.SIMMIM.LOSS.SMOOTH_L1_BETA must be > 0.")
+        norm = simmim.NORM_TARGET
+        require(not norm.ENABLE or norm.PATCH_SIZE % 2 == 1,
+                f"MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE must be odd, got {norm.PATCH_SIZE}.")
+        require(picked or not norm.ENABLE,
+                f"MODEL.SIMMIM.NORM_TARGET normalises pixel values; it cannot be combined with "
+                f"TARGET.NAME {simmim.TARGET.NAME}. Turn NORM_TARGET.ENABLE off or use the pixel "
+                f"target.")
 
     @classmethod
     def num_prediction_channels(cls, config, in_chans):
@@ -210,6 +237,11 @@ class ColorBins(PredictionTarget):
         simmim = config.MODEL.SIMMIM
         return cls(model_patch_size, in_chans, simmim.TARGET.NUM_BINS, simmim.TARGET.DOWNSAMPLE,
                    simmim.LOSS.SCOPE)
+
+    @classmethod
+    def check_config(cls, config, picked):
+        num_bins = config.MODEL.SIMMIM.TARGET.NUM_BINS
+        require(num_bins >= 2, f"MODEL.SIMMIM.TARGET.NUM_BINS must be >= 2, got {num_bins}.")
 
     @classmethod
     def num_prediction_channels(cls, config, in_chans):
@@ -285,6 +317,16 @@ class ColorClusters(PredictionTarget):
         return cls(model_patch_size, palette, in_chans, simmim.TARGET.DOWNSAMPLE, simmim.LOSS.SCOPE)
 
     @classmethod
+    def check_config(cls, config, picked):
+        target = config.MODEL.SIMMIM.TARGET
+        require(target.NUM_CLUSTERS >= 2,
+                f"MODEL.SIMMIM.TARGET.NUM_CLUSTERS must be >= 2, got {target.NUM_CLUSTERS}.")
+        require(not picked or target.PALETTE,
+                "MODEL.SIMMIM.TARGET.PALETTE is empty but TARGET.NAME is color_clusters. Build a "
+                "palette with `python tools/build_color_palette.py --cfg FILE --output PATH` and set "
+                "the key to PATH.")
+
+    @classmethod
     def num_prediction_channels(cls, config, in_chans):
         return config.MODEL.SIMMIM.TARGET.NUM_CLUSTERS
 
@@ -314,9 +356,23 @@ TARGETS = {'pixel': PixelRegression, 'color_bins': ColorBins, 'color_clusters': 
 
 def _target_class(config):
     name = config.MODEL.SIMMIM.TARGET.NAME
-    if name not in TARGETS:
-        raise ValueError(f"Unknown MODEL.SIMMIM.TARGET.NAME '{name}'; known: {sorted(TARGETS)}.")
+    require(name in TARGETS, f"MODEL.SIMMIM.TARGET.NAME '{name}' is not one of {sorted(TARGETS)}.")
     return TARGETS[name]
+
+
+def check_target_config(config, encoder_stride):
+    """Raise ConfigError for a bad MODEL.SIMMIM.TARGET / LOSS / NORM_TARGET section, for an encoder
+    of `encoder_stride` pixels per feature-map position."""
+    picked = _target_class(config)
+    _check_scope(config.MODEL.SIMMIM.LOSS.SCOPE)
+    downsample = config.MODEL.SIMMIM.TARGET.DOWNSAMPLE
+    divisors = [d for d in range(1, encoder_stride + 1) if encoder_stride % d == 0]
+    require(downsample in divisors,
+            f"MODEL.SIMMIM.TARGET.DOWNSAMPLE {downsample} must divide the encoder stride "
+            f"{encoder_stride}: the head up-samples the feature map by stride / DOWNSAMPLE. Use one "
+            f"of {divisors}.")
+    for target_class in TARGETS.values():
+        target_class.check_config(config, picked=target_class is picked)
 
 
 def prediction_channels(config, in_chans):

@@ -14,6 +14,7 @@ import functools
 
 import torch
 
+from utils.errors import require
 from .attention import attention, is_eager
 
 WINDOW_ATTENTION = ('sdpa', 'flex')
@@ -72,10 +73,15 @@ def attend_windows(q, k, v, position_bias, window_mask, scale, dropout_p, kernel
     return _sdpa_windows(q, k, v, position_bias, window_mask, scale, dropout_p)
 
 
+def check_window_attention(kernel):
+    """MODEL.WINDOW_ATTENTION."""
+    require(kernel in WINDOW_ATTENTION,
+            f"MODEL.WINDOW_ATTENTION must be one of {WINDOW_ATTENTION}, got '{kernel}'.")
+
+
 def set_window_attention(model, kernel):
     """Use `kernel` (one of WINDOW_ATTENTION) in every window attention layer of `model`."""
-    if kernel not in WINDOW_ATTENTION:
-        raise ValueError(f"MODEL.WINDOW_ATTENTION must be one of {WINDOW_ATTENTION}, got {kernel!r}.")
+    check_window_attention(kernel)
     for module in model.modules():
         if hasattr(module, 'window_kernel'):
             module.window_kernel = kernel

@@ -9,10 +9,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# Reference material shared by every checkout and CI run, beside the project root.
-SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
-FIXTURES_DIR = os.path.join(SHARED, 'reference', 'fixtures')
-STATE_DICT_KEYS_DIR = os.path.join(SHARED, 'reference', 'state_dict_keys')
+# Everything the tests compare against lives in the repository (tests/fixtures/README.md).
+FIXTURES_DIR = os.path.join(ROOT, 'tests', 'fixtures')
+STATE_DICT_KEYS_DIR = os.path.join(FIXTURES_DIR, 'state_dict_keys')
 
 
 def smooth_photo(width, height, seed=0):

@@ -10,7 +10,7 @@ import torch
 import main_simmim
 from config import ConfigError, load_config
 from data.masking import build_mask_generator
-from models import build_model
+from models import build_model, model_patch_size
 from models.heads import count_parameters
 from tests.conftest import ROOT
 from tools.build_color_palette import main as build_palette
@@ -88,7 +88,7 @@ _full_size_params = {}
 @pytest.mark.parametrize('path', ROWS, ids=ROW_IDS)
 def test_each_row_builds_its_full_size_model_and_mask_generator(path, palette_512):
     config = load_config(path, ['MODEL.SIMMIM.TARGET.PALETTE', palette_512])
-    generator = build_mask_generator(config)
+    generator = build_mask_generator(config, model_patch_size(config))
     mask = generator(torch.Generator().manual_seed(0))
     assert mask.shape == (48, 48) and mask.sum() > 0
     key = config.MODEL.dump()  # the model is a function of MODEL (and the fixed image size)
@@ -109,7 +109,7 @@ def test_each_row_trains_as_a_tiny_model(path, palette_512):
     config = load_config(path, TINY + ['MODEL.SIMMIM.TARGET.PALETTE', palette_512])
     torch.manual_seed(0)
     model = build_model(config)
-    generator = build_mask_generator(config)
+    generator = build_mask_generator(config, model_patch_size(config))
     mask = torch.stack([generator(torch.Generator().manual_seed(i)) for i in range(2)])
     x = torch.randn(2, 3, 64, 64)
     loss = model(x, mask)

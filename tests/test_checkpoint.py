@@ -106,3 +106,21 @@ def test_bad_files_get_clear_errors(tmp_path, content, expected):
         load_checkpoint_file(str(path), '--resume')
     with pytest.raises(CheckpointError, match='file not found'):
         load_checkpoint_file(str(tmp_path / 'missing.pth'), '--resume')
+
+
+def test_checkpoints_without_a_grad_scaler_hold_a_loadable_scaler_state(tmp_path):
+    # The Swin-Transformer repo's loader calls scaler.load_state_dict(checkpoint['scaler']) on
+    # resume; a bf16 or fp32 run has no GradScaler, so it stores a fresh one's state, not None.
+    config = CfgNode({'A': 1})
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = type('Scheduler', (), {'state_dict': lambda self: {}})()
+    checkpoint = ckpt.build_checkpoint(config, model, optimizer, scheduler, None, (1, 0), 0.0, [])
+    path = str(tmp_path / 'ckpt_epoch_0.pth')
+    ckpt.atomic_save(checkpoint, path)
+    saved = load_checkpoint_file(path)['scaler']
+    fresh = torch.amp.GradScaler('cpu')
+    assert saved == fresh.state_dict() and saved['scale'] == 65536.0
+    scaler = torch.amp.GradScaler('cpu', init_scale=8.0)
+    scaler.load_state_dict(saved)
+    assert scaler.get_scale() == 65536.0

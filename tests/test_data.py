@@ -12,7 +12,8 @@ from data import build_loader
 from data.datasets import BadImageError, DataError, ImageFolderDataset, MaskedImageDataset
 from data.masking import MaskGenerator
 from data.synthetic import SHAPES, SyntheticShapes
-from data.transforms import build_pretrain_transform, to_rgb
+from data.pretrain_transform import build_pretrain_transform
+from data.transforms import to_rgb
 
 
 def _write_rgb(path, colour=(200, 30, 60), size=(12, 10), fmt=None):
@@ -77,6 +78,28 @@ def test_sixteen_bit_png_file_keeps_its_grey_levels(tmp_path):
     assert [img.mode for img, _ in dataset] == ['RGB', 'RGB']
     assert np.asarray(dataset[0][0])[0, 0].tolist() == [255, 0, 0]
     assert np.asarray(dataset[1][0])[..., 0].tolist() == [[0, 255], [128, 4]]
+
+
+@pytest.mark.parametrize('conversion', ['careful', 'official'])
+def test_rgb_conversion_is_a_config_choice(tmp_path, conversion):
+    # 'official' is PIL's convert('RGB') as the official loaders: a transparent pixel keeps its
+    # stored colour (black here) and 16-bit grey 1000 saturates; 'careful' gives white and 4.
+    images = tmp_path / 'images'
+    images.mkdir()
+    Image.new('RGBA', (48, 48), (0, 0, 0, 0)).save(images / 'a_transparent.png')
+    Image.fromarray(np.full((48, 48), 1000, np.uint16)).save(images / 'b_depth.png')
+    config = _config(tmp_path, DATA__DATASET='folder', DATA__DATA_PATH=str(images),
+                     DATA__BATCH_SIZE=1, DATA__RGB_CONVERSION=conversion)
+    dataset, _ = build_loader(config, is_pretrain=True)
+    got = [tuple(np.asarray(dataset.base[i][0])[0, 0].tolist()) for i in range(2)]
+    if conversion == 'official':
+        expected = [tuple(np.asarray(Image.open(images / name).convert('RGB'))[0, 0].tolist())
+                    for name in ('a_transparent.png', 'b_depth.png')]
+        assert expected == [(0, 0, 0), (255, 255, 255)]
+    else:
+        expected = [(255, 255, 255), (4, 4, 4)]
+    assert got == expected
+    assert dataset.transform.rgb_conversion == conversion
 
 
 # ------------------------------------------------------------------------------------------------

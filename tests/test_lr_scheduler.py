@@ -1,12 +1,15 @@
 """lr_scheduler.py: values at known update indices for every schedule (hand-computed)."""
+import glob
 import io
 import math
+import os
 
 import pytest
 import torch
 
-from config import get_defaults
+from config import get_defaults, load_config
 from lr_scheduler import build_scheduler
+from tests.conftest import ROOT
 
 N_ITER = 10  # updates per epoch: EPOCHS 10 -> 100 updates, WARMUP_EPOCHS 2 -> 20 updates
 
@@ -73,15 +76,24 @@ def test_linear_decays_to_one_percent_of_peak():
     assert got == [pytest.approx(v) for v in (1.0, 1 - 0.99 * 40 / 80, 0.01, 0.01)]
 
 
-@pytest.mark.parametrize('warmup_prefix, expected', [
-    (False, {29: 1.0, 30: 0.5, 59: 0.5, 60: 0.25}),
-    (True, {49: 1.0, 50: 0.5, 80: 0.25}),
-])
-def test_step_decays_every_decay_epochs(warmup_prefix, expected):
+@pytest.mark.parametrize('warmup_prefix', [False, True])
+def test_step_decays_every_decay_epochs_counted_from_update_0(warmup_prefix):
+    # timm 0.4.12's StepLRScheduler (what the Swin-Transformer repo pinned, and it passes
+    # WARMUP_PREFIX to the cosine only): lr = peak * rate ** (t // decay_steps) after the warmup,
+    # whatever WARMUP_PREFIX says.
     config = make_config('step', warmup_prefix,
                          schedule={'DECAY_EPOCHS': 3, 'DECAY_RATE': 0.5})
+    expected = {20: 1.0, 29: 1.0, 30: 0.5, 59: 0.5, 60: 0.25, 89: 0.25, 90: 0.125}
     got = lrs(config, list(expected))
     assert got == [pytest.approx(v) for v in expected.values()]
+
+
+def test_step_decays_during_the_warmup_count_at_its_end():
+    # Decay every 10 updates, warmup 20: the warmup ends at 1.0 * 0.5 ** (20 // 10) = 0.25, as
+    # in timm 0.4.12 (a shifted schedule would be back at the peak 1.0).
+    config = make_config('step', True, schedule={'DECAY_EPOCHS': 1, 'DECAY_RATE': 0.5})
+    assert lrs(config, [19, 20, 29, 30]) == [pytest.approx(v) for v in
+                                             (0.1 + 19 * 0.9 / 20, 0.25, 0.25, 0.125)]
 
 
 def test_multistep_is_already_decayed_at_the_milestone():
@@ -136,3 +148,34 @@ def test_state_dict_round_trip_is_harmless_and_reports_differences():
     # An official (timm) scheduler state is reported, not applied.
     foreign = {'t_initial': 100, 'warmup_t': 20, 'base_values': [1.0]}
     assert 'not from this scheduler' in longer.load_state_dict(foreign)[0]
+
+
+SWIN_REPO_YAMLS = sorted(glob.glob(os.path.join(ROOT, 'configs', 'simmim', '*.yaml')))
+
+
+def test_swin_repo_yamls_use_that_repos_warmup_prefix_and_simmim_repo_yamls_do_not():
+    assert len(SWIN_REPO_YAMLS) == 4
+    for path in SWIN_REPO_YAMLS:
+        assert load_config(path, is_pretrain='pretrain' in path).TRAIN.LR_SCHEDULER.WARMUP_PREFIX
+    simmim_repo = glob.glob(os.path.join(ROOT, 'configs', '*__*ep', 'simmim_*.yaml'))
+    assert simmim_repo
+    for path in simmim_repo:
+        config = load_config(path, is_pretrain='pretrain' in path)
+        assert not config.TRAIN.LR_SCHEDULER.WARMUP_PREFIX
+
+
+def test_swinv2_finetune_yaml_reaches_the_peak_after_warmup_and_half_at_epoch_60():
+    # Swin-Transformer repo recipe: 100 epochs, 20 of warmup, cosine from the peak after the
+    # warmup to MIN_LR over the remaining 80: at epoch 60 the cosine is half way, so
+    # lr = MIN + (peak - MIN) / 2, i.e. 0.5 + 0.5 * MIN / peak = 0.5 + 0.5 * 2.5e-7 / 1.25e-3
+    # = 0.5001 of the peak (both scale with the batch alike).
+    config = load_config(os.path.join(
+        ROOT, 'configs/simmim/simmim_finetune__swinv2_base__img224_window14__800ep.yaml'),
+        is_pretrain=False)
+    assert (config.TRAIN.EPOCHS, config.TRAIN.WARMUP_EPOCHS) == (100, 20)
+    peak = config.TRAIN.BASE_LR
+    scheduler = build_scheduler(config, make_optimizer((peak,)), N_ITER)
+    ratio = lambda epoch: scheduler.lr_at(epoch * N_ITER)[0] / peak  # noqa: E731
+    assert ratio(20) == pytest.approx(1.0, abs=1e-12)
+    assert ratio(60) == pytest.approx(0.5001, abs=1e-12)
+    assert ratio(100) == pytest.approx(2.5e-7 / 1.25e-3, abs=1e-12)  # MIN_LR at the end

@@ -8,6 +8,7 @@ from config import load_config
 from data.masking import (MASK_GENERATORS, BlockwiseMaskGenerator, MaskGenerator,
                           SquareMaskGenerator, build_mask_generator, pixel_mask_to_patches,
                           upsample_mask)
+from models import model_patch_size
 
 
 def _generator(seed):
@@ -73,7 +74,8 @@ def test_build_mask_generator_reads_the_config(tmp_path):
     cfg = tmp_path / 'vit.yaml'
     cfg.write_text('MODEL:\n  TYPE: vit\n  VIT:\n    PATCH_SIZE: 16\n'
                    'DATA:\n  IMG_SIZE: 224\n  MASK_PATCH_SIZE: 32\n  MASK_RATIO: 0.6\n')
-    gen = build_mask_generator(load_config(str(cfg)))
+    config = load_config(str(cfg))
+    gen = build_mask_generator(config, model_patch_size(config))
     assert isinstance(gen, MASK_GENERATORS['random'])
     assert (gen.model_patch_size, gen.num_masked, gen.output_size) == (16, 30, 14)
 
@@ -172,11 +174,11 @@ def test_build_mask_generator_reads_strategy_and_blockwise_keys(tmp_path):
                    '    MAX_PATCHES_PER_BLOCK: 30\n    ASPECT_RATIO_RANGE: [0.5, 2.0]\n'
                    'MODEL:\n  SWIN:\n    WINDOW_SIZE: 6\n')
     config = load_config(str(cfg))
-    gen = build_mask_generator(config)
+    gen = build_mask_generator(config, model_patch_size(config))
     assert isinstance(gen, BlockwiseMaskGenerator)
     assert (gen.min_patches_per_block, gen.max_patches_per_block) == (9, 30)
     assert gen.log_aspect_range == pytest.approx((math.log(0.5), math.log(2.0)))
-    square = build_mask_generator(config, 'square', mask_patch_size=32, mask_ratio=0.25)
+    square = build_mask_generator(config, 4, 'square', mask_patch_size=32, mask_ratio=0.25)
     assert isinstance(square, SquareMaskGenerator) and square.side == 3
 
 

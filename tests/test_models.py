@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from config import get_defaults, load_config
+from config import ConfigError, get_defaults, load_config
 from models import build_model
 from models.attention import eager_attention
 from models.simmim import MaskedPixelL1Loss, blend_mask_token, local_norm_target
@@ -76,10 +76,21 @@ def test_parameter_count_matches_official(stem, num_params):
     assert sum(p.numel() for p in model.parameters()) == num_params
 
 
-@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(KEYS_DIR, '*.txt'))),
-                         ids=lambda p: os.path.basename(p)[:-4])
-def test_state_dict_names_and_shapes_match_official(path):
-    stem = os.path.basename(path)[:-4]
+# The official state-dict names of these configs, one `name<TAB>shape<TAB>param|buffer<TAB>dtype`
+# a line (tests/fixtures/state_dict_keys/); named here so that a missing file fails.
+KEY_LISTS = [
+    'simmim_pretrain__swin_base__img192_window6__800ep',
+    'simmim_finetune__swin_base__img224_window7__800ep',
+    'simmim_pretrain__swinv2_base__img192_window12__800ep',
+    'simmim_finetune__swinv2_base__img224_window14__800ep',
+    'simmim_pretrain__vit_base__img224__800ep',
+    'simmim_finetune__vit_base__img224__800ep',
+]
+
+
+@pytest.mark.parametrize('stem', KEY_LISTS)
+def test_state_dict_names_and_shapes_match_official(stem):
+    path = os.path.join(KEYS_DIR, stem + '.txt')
     with torch.device('meta'):
         model = build_model(official_config(stem), is_pretrain='pretrain' in stem)
     params, buffers = {}, {}
@@ -89,7 +100,11 @@ def test_state_dict_names_and_shapes_match_official(path):
             (params if kind == 'param' else buffers)[name] = tuple(eval(shape))
     # Derived buffers are kept out of the state dict (non-persistent) but must be the same.
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == params
-    assert {k: tuple(v.shape) for k, v in model.named_buffers()} == buffers
+    ours = {k: tuple(v.shape) for k, v in model.named_buffers()}
+    # timm's Beit attention (our ViT) also keeps its fixed zero k bias as a non-saved buffer.
+    k_biases = {k for k in ours if k.endswith('.attn.k_bias')}
+    assert k_biases <= {k.removesuffix('q_bias') + 'k_bias' for k in params if k.endswith('q_bias')}
+    assert {k: ours[k] for k in ours.keys() - k_biases} == buffers
 
 
 def test_official_checkpoint_with_derived_buffers_loads_strictly():
@@ -147,7 +162,7 @@ def test_window_attention_with_shift_mask_matches_textbook(version):
     assert set(block.attn_mask.unique().tolist()) == {0.0, -100.0}
     x = torch.randn(2 * 4, 16, 8)  # 2 images x 4 windows
     expected = textbook_window_attention(block.attn, x, block.attn_mask)
-    with eager_attention(False):
+    with eager_attention(False):  # SDPA, which CPU training would not pick by itself
         fused = block.attn(x, block.attn_mask)
     with eager_attention():
         eager = block.attn(x, block.attn_mask)
@@ -163,16 +178,26 @@ ATTENTION_CASES = [
 
 
 @pytest.mark.parametrize('model_type, keys', ATTENTION_CASES)
-def test_fused_attention_matches_eager_path(model_type, keys):
+def test_fused_attention_matches_eager_path(model_type, keys, monkeypatch):
     model = randomize_(build_model(tiny_config(model_type, **keys), is_pretrain=False)).double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    sdpa, calls = F.scaled_dot_product_attention, []
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', counting_sdpa)
     with eager_attention(False):  # SDPA, which CPU training would not pick by itself
         fused = model(x)
     fused.sum().backward()
     fused_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    with eager_attention():
+    assert calls
+    calls.clear()
+    with eager_attention(model=model):
         eager = model(x)
+    assert not calls  # the textbook path really ran
     eager.sum().backward()
     torch.testing.assert_close(fused, eager, rtol=1e-6, atol=1e-6)
     for g_fused, p in zip(fused_grads, model.parameters()):
@@ -223,6 +248,34 @@ def test_vit_pretraining_init_is_truncated_at_one_std():
     assert finetune.head.weight.std().item() == pytest.approx(0.02 * 0.001, rel=0.3)  # init_scale
     # fix_init_weight: block i's output projections are scaled by 1/sqrt(2i)
     assert finetune.blocks[1].mlp.fc2.weight.std().item() == pytest.approx(0.02 / 2, rel=0.1)
+    # the official init of what timm's Beit leaves to PyTorch or to its own bounds
+    proj = finetune.patch_embed.proj
+    assert proj.weight.std().item() == pytest.approx(0.02, rel=0.1) and torch.all(proj.bias == 0)
+    block = finetune.blocks[0]
+    assert torch.all(block.attn.q_bias == 0) and torch.all(block.attn.k_bias == 0)
+    assert torch.all(block.gamma_1 == 0.1) and torch.all(block.norm1.weight == 1)
+    assert torch.all(finetune.rel_pos_bias.relative_position_bias_table == 0)
+
+
+def test_vit_dropout_follows_the_official_placement():
+    # drop_rate after the position embedding and on the attention and MLP outputs only (timm's
+    # Beit would also drop inside the MLP and before the head).
+    model = VisionTransformer(img_size=32, patch_size=4, embed_dim=16, depth=2, num_heads=2,
+                              num_classes=3, drop_rate=0.25, attn_drop_rate=0.125)
+    rates = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {'pos_drop': 0.25, 'head_drop': 0.0,
+                     **{f'blocks.{i}.{part}': p for i in range(2) for part, p in (
+                         ('attn.attn_drop', 0.125), ('attn.proj_drop', 0.25), ('mlp.drop2', 0.25))}}
+
+
+def test_vit_layer_scale_of_zero_is_refused():
+    # timm's Beit reads 0 as "no layer scale"; the official code as gammas fixed at 0.
+    with pytest.raises(ValueError, match='MODEL.VIT.INIT_VALUES 0.0: use a positive layer scale'):
+        build_model(tiny_config('vit', INIT_VALUES=0.0), is_pretrain=False)
+    with pytest.raises(ConfigError, match='MODEL.VIT.INIT_VALUES 0.0: use a positive layer scale'):
+        load_config(os.path.join(ROOT, 'configs/vit_base__800ep/'
+                                       'simmim_pretrain__vit_base__img224__800ep.yaml'),
+                    ['MODEL.VIT.INIT_VALUES', '0.0'])
 
 
 def test_swin_init():
@@ -389,6 +442,8 @@ def test_finetune_build_uses_config():
     assert model.layers[0].use_checkpoint
     assert model.layers[-1].blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
-    vit = build_model(tiny_config('vit'), is_pretrain=False)
-    assert isinstance(vit, VisionTransformer)
+    vit_config = tiny_config('vit')
+    vit_config.TRAIN.USE_CHECKPOINT = True
+    vit = build_model(vit_config, is_pretrain=False)
+    assert isinstance(vit, VisionTransformer) and vit.grad_checkpointing
     assert vit.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 16)

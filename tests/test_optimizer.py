@@ -1,6 +1,5 @@
 """optimizer.py: weight-decay groups, layer-wise LR decay (applied once), optimizer choice."""
 import logging
-import os
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from config import get_defaults, load_config
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer, build_param_groups, layer_lr_scales, supports_found_inf
-from tests.conftest import FIXTURES_DIR
+from tests.fixture_rule import load_compact
 
 
 # -----------------------------------------------------------------------------------------------
@@ -296,9 +295,6 @@ def test_groups_are_logged(caplog):
 # -----------------------------------------------------------------------------------------------
 # Real models (built on the meta device: names and shapes only)
 # -----------------------------------------------------------------------------------------------
-FIXTURES = FIXTURES_DIR
-
-
 def real_model(cfg_path, is_pretrain, opts=()):
     # ImageNet's 1000 classes, as the data would set them (the config default 0 means "from data").
     config = load_config(cfg_path, ['MODEL.NUM_CLASSES', 1000, *opts], is_pretrain=is_pretrain)
@@ -307,9 +303,8 @@ def real_model(cfg_path, is_pretrain, opts=()):
 
 
 def fixture_config_path(tmp_path, name, which):
-    data = torch.load(os.path.join(FIXTURES, f'{name}_dev.pt'), weights_only=True)
     path = tmp_path / f'{name}_{which}.yaml'
-    path.write_text(data[f'{which}_yaml'])
+    path.write_text(load_compact(name)[f'{which}_yaml'])
     return str(path)
 
 
@@ -372,3 +367,51 @@ def test_real_simmim_pretraining_weight_decay_membership(tmp_path, name, no_deca
              for n, g in group_of(build_param_groups(config, model, is_pretrain=True)).items()}
     assert {n: where[n] for n in no_decay} == {n: 0.0 for n in no_decay}
     assert {n: where[n] for n in decay} == {n: config.TRAIN.WEIGHT_DECAY for n in decay}
+
+
+VIT_FINETUNE = 'configs/vit_base__800ep/simmim_finetune__vit_base__img224__800ep.yaml'
+
+
+@pytest.mark.parametrize('rules, table_decay', [('ours', 0.0), ('official', 0.05)])
+def test_vit_finetuning_position_tables_follow_the_weight_decay_rules(rules, table_decay):
+    # Ours: no weight decay for any position table, as the README says; official: the BEiT-style
+    # ViT named none, so its per-block tables were decayed in fine-tuning.
+    config, model = real_model(VIT_FINETUNE, False, ['TRAIN.WEIGHT_DECAY_RULES', rules])
+    groups = group_of(build_param_groups(config, model, is_pretrain=False))
+    tables = [n for n in groups if n.endswith('relative_position_bias_table')]
+    assert len(tables) == 12  # one per block
+    assert {n: groups[n]['weight_decay'] for n in tables} == {n: table_decay for n in tables}
+    assert groups['blocks.0.attn.relative_position_bias_table']['group_name'] == (
+        'layer_1_no_decay' if rules == 'ours' else 'layer_1_decay')
+    # The same for both: 1-D, biases, named tokens; matrices decayed.
+    for name in ('cls_token', 'blocks.0.gamma_1', 'blocks.0.attn.q_bias', 'fc_norm.weight',
+                 'head.bias'):
+        assert groups[name]['weight_decay'] == 0.0, name
+    for name in ('patch_embed.proj.weight', 'blocks.0.attn.qkv.weight', 'head.weight'):
+        assert groups[name]['weight_decay'] == 0.05, name
+
+
+@pytest.mark.parametrize('cfg, decayed_officially', [
+    ('configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml',
+     ['encoder.layers.0.blocks.0.attn.relative_position_bias_table']),
+    ('configs/simmim/simmim_pretrain__swinv2_base__img192_window12__800ep.yaml',
+     ['encoder.layers.0.blocks.0.attn.logit_scale',
+      'encoder.layers.0.blocks.0.attn.cpb_mlp.0.weight']),
+    ('configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml',
+     ['encoder.mask_token', 'encoder.rel_pos_bias.relative_position_bias_table']),
+])
+def test_official_weight_decay_rules_reproduce_the_official_pretraining_bugs(cfg, decayed_officially):
+    ours_config, model = real_model(cfg, True)
+    ours = group_of(build_param_groups(ours_config, model, is_pretrain=True))
+    official_config, _ = real_model(cfg, True, ['TRAIN.WEIGHT_DECAY_RULES', 'official'])
+    official = group_of(build_param_groups(official_config, model, is_pretrain=True))
+    assert {n: ours[n]['weight_decay'] for n in decayed_officially} == dict.fromkeys(
+        decayed_officially, 0.0)
+    assert {n: official[n]['weight_decay'] for n in decayed_officially} == dict.fromkeys(
+        decayed_officially, 0.05)
+    # Exact names still matched officially: Swin's mask token, ViT's cls token; 1-D as ever.
+    kept = 'encoder.cls_token' if 'vit' in cfg else 'encoder.mask_token'
+    assert official[kept]['weight_decay'] == 0.0
+    different = {n for n in ours if ours[n]['weight_decay'] != official[n]['weight_decay']}
+    assert all(n.endswith(('relative_position_bias_table', 'logit_scale', 'mask_token'))
+               or '.cpb_mlp.' in n for n in different)

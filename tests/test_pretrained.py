@@ -1,8 +1,6 @@
 """utils/pretrained.py and utils/pos_embed.py: loading a SimMIM checkpoint for fine-tuning
-reproduces the official load_pretrained (fixtures made with the official code)."""
-import functools
+reproduces the official load_pretrained (compact fixtures of the official code, tests/fixtures)."""
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -15,19 +13,12 @@ from utils.pos_embed import (geometric_positions, geometric_ratio, resize_abs_po
                              resize_rel_pos_bias_table)
 from utils.pretrained import (IncompatibleCheckpointError, adapt_state_dict, check_compatible,
                               load_pretrained, summarize_keys)
-from tests.conftest import FIXTURES_DIR
+from tests.fixture_rule import NAMES, official_data as load_fixture
 
-FIXTURES = FIXTURES_DIR
-NEW_HEAD = ('head.', 'fc_norm.')  # randomised in the fixtures' fine-tune weights
-
-
-@functools.lru_cache(maxsize=None)
-def load_fixture(name):
-    """The official outputs for `name` (see the fixtures' README); treat as read-only."""
-    return torch.load(os.path.join(FIXTURES, f'{name}_dev.pt'), weights_only=True)
+NEW_HEAD = ('head.', 'fc_norm.')  # not in a pre-training checkpoint: left at the rule's values
 
 
-@pytest.fixture(params=['swin', 'vit', 'swinv2'])
+@pytest.fixture(params=NAMES)
 def fixture(request):
     return request.param, load_fixture(request.param)
 
@@ -156,7 +147,7 @@ def test_released_swinv2_names_and_rebuilt_buffers_are_handled():
 
 
 def test_load_pretrained_reproduces_the_official_model(tmp_path, fixture):
-    # load_pretrained gives the official fine-tune weights, and with the fixture's (random) head
+    # load_pretrained gives the official fine-tune weights, and with the rule's head and fc_norm
     # the official logits.
     name, data = fixture
     config, model = finetune_setup(tmp_path, name)

@@ -26,12 +26,12 @@ import errno, os, sys, time
 sys.path.insert(0, {root!r})
 import torch
 import main_simmim
-from utils import engine
+from utils import tasks
 from utils.launch import run
 
 fault, _, arg = os.environ.get('FAULT', '').partition(':')
 calls = [0]
-task = engine.PretrainTask.__call__
+task = tasks.PretrainBatchLoss.__call__
 
 def faulty_task(self, model, batch, device):
     calls[0] += 1
@@ -42,7 +42,7 @@ def faulty_task(self, model, batch, device):
         loss = loss * float('nan')
     return loss, batch_size
 
-engine.PretrainTask.__call__ = faulty_task
+tasks.PretrainBatchLoss.__call__ = faulty_task
 saves = [0]
 real_save = torch.save
 

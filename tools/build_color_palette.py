@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import load_config  # noqa: E402
-from data import build_loader  # noqa: E402
+from data import build_pretrain_data  # noqa: E402
+from models import model_patch_size  # noqa: E402
 from models.targets import nearest_color_index, normalized_to_rgb  # noqa: E402
 
 
@@ -89,7 +90,8 @@ def main(argv=None):
     num_colors = args.num_colors or config.MODEL.SIMMIM.TARGET.NUM_CLUSTERS
 
     logging.basicConfig(level=logging.INFO, format='%(message)s')
-    dataset, _ = build_loader(config, logging.getLogger('simmim.palette'), is_pretrain=True)
+    dataset = build_pretrain_data(config, model_patch_size(config),
+                                  logging.getLogger('simmim.palette')).train_set
     generator = torch.Generator().manual_seed(args.seed)
     pixels = sample_pixels(dataset, args.num_images, args.pixels_per_image, generator)
     palette = kmeans(pixels, num_colors, args.iterations, generator)

@@ -25,13 +25,13 @@ from torchvision import transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import load_config, model_patch_size  # noqa: E402
+from config import load_config  # noqa: E402
 from data import ImageFolderDataset, SyntheticShapes, sample_seed  # noqa: E402
-from data.masking import (MASK_GENERATORS, build_mask_generator,  # noqa: E402
-                          pixel_mask_to_patches)
+from data.masking import MASK_GENERATORS, build_mask_generator  # noqa: E402
 from data.transforms import normalize  # noqa: E402
-from models import build_model  # noqa: E402
-from utils.pretrained import drop_rebuilt_buffers, unwrap_state_dict  # noqa: E402
+from models import build_simmim, model_patch_size  # noqa: E402
+from utils.mask_grid import pixel_mask_to_patches  # noqa: E402
+from utils.pretrained import load_full_state_dict  # noqa: E402
 from utils.safe_load import load_checkpoint_file  # noqa: E402
 from utils.visualize import reconstruct_images, reconstruction_grid, save_png  # noqa: E402
 
@@ -51,9 +51,8 @@ def load_model(checkpoint_path, cfg=None, opts=()):
             os.remove(f.name)
     else:
         config = load_config(cfg, opts)
-    state_dict = drop_rebuilt_buffers(unwrap_state_dict(checkpoint))
-    model = build_model(config, is_pretrain=True)
-    model.load_state_dict({k.removeprefix('module.'): v for k, v in state_dict.items()})
+    model = build_simmim(config)
+    load_full_state_dict(model, checkpoint, f'--checkpoint {checkpoint_path}')
     return config, model
 
 
@@ -74,7 +73,8 @@ def load_images(config, folder=None, num_images=8):
 def random_masks(config, strategy, mask_patch_size, mask_ratio, count, seed):
     """(count, h, w) masks of a strategy at one mask patch size and ratio, mask i drawn from
     (seed, i)."""
-    generator = build_mask_generator(config, strategy, mask_patch_size, mask_ratio)
+    generator = build_mask_generator(config, model_patch_size(config), strategy, mask_patch_size,
+                                     mask_ratio)
     return torch.stack([generator(torch.Generator().manual_seed(sample_seed(seed, 0, i, 'mask')))
                         for i in range(count)])
 

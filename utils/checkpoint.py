@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes, exact-resume state, verified auto-resume.
 
-Layout (official keys first): ``model``, ``optimizer``, ``lr_scheduler``, ``scaler``, ``epoch``
+Layout (official keys first): ``model``, ``optimizer``, ``lr_scheduler``, ``scaler`` (a fresh
+GradScaler's state when the run has none, as the Swin-Transformer repo's loader needs), ``epoch``
 (the last completed epoch), ``max_accuracy``, ``config`` (YAML text, not a pickled object), plus
 ``position`` ({'epoch', 'step'}: where training continues), ``rng_states`` (one entry per rank) and
 ``train_state`` (counters). Every file loads with ``torch.load(weights_only=True)``.
@@ -18,15 +19,14 @@ import re
 import numpy as np
 import torch
 
-from utils.safe_load import CheckpointError, load_checkpoint_file
+from utils.errors import CheckpointError, CheckpointWriteError  # noqa: F401  (re-exported)
+from utils.official_checkpoint import load_optimizer_state
+from utils.pretrained import load_full_state_dict
+from utils.safe_load import load_checkpoint_file
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ('model', 'optimizer', 'lr_scheduler', 'epoch')
 _STEP_NAME = re.compile(r'ckpt_epoch_(\d+)_step_(\d+)\.pth$')
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written; the previous one is intact."""
 
 
 def epoch_checkpoint_path(output_dir, epoch):
@@ -108,7 +108,7 @@ def build_checkpoint(config, model, optimizer, lr_scheduler, scaler, position, m
         'model': model.state_dict(),
         'optimizer': optimizer.state_dict(),
         'lr_scheduler': lr_scheduler.state_dict(),
-        'scaler': scaler.state_dict() if scaler is not None else None,
+        'scaler': (scaler or _idle_grad_scaler()).state_dict(),
         'epoch': epoch - 1,  # the last completed epoch (official meaning)
         'max_accuracy': float(max_accuracy),
         'config': config.dump(),
@@ -117,6 +117,12 @@ def build_checkpoint(config, model, optimizer, lr_scheduler, scaler, position, m
         'train_state': dict(train_state or {}),
         'format_version': FORMAT_VERSION,
     }
+
+
+def _idle_grad_scaler():
+    # bf16 and fp32 runs have no GradScaler; the Swin-Transformer repo's loader needs a valid
+    # 'scaler' state to resume, so theirs is that of a fresh one (what an fp16 run starts with).
+    return torch.amp.GradScaler('cpu')
 
 
 def prune_step_checkpoints(output_dir, keep):
@@ -160,22 +166,12 @@ def find_resume_checkpoint(output_dir, logger):
 
 
 def load_training_state(checkpoint, model, optimizer, lr_scheduler, scaler, logger, rank=0,
-                        world_size=1):
-    """Restore everything a resume needs from `checkpoint`; return (epoch, step, max_accuracy,
-    train_state) where (epoch, step) is the position where training continues."""
-    mismatches = checkpoint_shape_mismatches(model, checkpoint['model'])
-    if mismatches:
-        raise CheckpointError(
-            "The resume checkpoint does not fit the model (another architecture or size?); first "
-            "mismatches (key, checkpoint shape, model shape): " + '; '.join(map(str, mismatches)))
-    incompatible = model.load_state_dict(checkpoint['model'], strict=False)
-    # Index and mask buffers are not saved and are rebuilt by the models, so nothing may be missing.
-    missing = incompatible.missing_keys
-    if missing or incompatible.unexpected_keys:
-        raise CheckpointError(
-            f"The resume checkpoint does not match the model (another architecture or size?): "
-            f"missing {missing[:5]}, unexpected {incompatible.unexpected_keys[:5]}.")
-    optimizer.load_state_dict(checkpoint['optimizer'])
+                        world_size=1, config=None):
+    """Restore everything a resume needs from `checkpoint` (ours, or official: see
+    utils/official_checkpoint.py); return (epoch, step, max_accuracy, train_state) where
+    (epoch, step) is the position where training continues."""
+    load_full_state_dict(model, checkpoint['model'], 'The resume checkpoint')
+    load_optimizer_state(optimizer, checkpoint, model, config, logger)
     changes = lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
     if changes:
         logger.warning('The LR schedule of this config differs from the checkpoint\'s; the config '
@@ -193,14 +189,3 @@ def load_training_state(checkpoint, model, optimizer, lr_scheduler, scaler, logg
     return (position['epoch'], position['step'], checkpoint.get('max_accuracy', 0.0),
             checkpoint.get('train_state', {}))
 
-
-def checkpoint_shape_mismatches(model, state_dict, limit=5):
-    """The first `limit` (key, checkpoint shape, model shape) that differ, for error messages."""
-    own = model.state_dict()
-    out = []
-    for key, value in state_dict.items():
-        if key in own and hasattr(value, 'shape') and tuple(value.shape) != tuple(own[key].shape):
-            out.append((key, tuple(value.shape), tuple(own[key].shape)))
-            if len(out) == limit:
-                break
-    return out

@@ -17,8 +17,19 @@ import time
 
 import torch
 
+from utils.errors import require
+
 COMPILE_MODES = ('', 'blocks', 'model')
 COMPILE_BACKENDS = ('inductor', 'aot_eager', 'eager')  # aot_eager / eager: tracing only, for debugging
+
+
+def check_compile_config(config):
+    """TRAIN.COMPILE and TRAIN.COMPILE_BACKEND."""
+    require(config.TRAIN.COMPILE in COMPILE_MODES,
+            f"TRAIN.COMPILE must be '' (off), 'blocks' or 'model', got '{config.TRAIN.COMPILE}'.")
+    require(config.TRAIN.COMPILE_BACKEND in COMPILE_BACKENDS,
+            f"TRAIN.COMPILE_BACKEND must be one of {COMPILE_BACKENDS}, got "
+            f"'{config.TRAIN.COMPILE_BACKEND}'.")
 
 
 def transformer_blocks(model):

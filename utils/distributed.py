@@ -1,4 +1,8 @@
-"""Process-group set-up for a single process or torchrun (NCCL on GPU, gloo on CPU)."""
+"""Process-group set-up for a single process or torchrun (NCCL on GPU, gloo on CPU).
+
+`unwrap_model` (the module whose parameter names are the official ones: DDP's .module and
+torch.compile's ._orig_mod removed, in any nesting) is timm's, checked identical to the loop this
+project had for every wrapper it makes (tests/test_timm_helpers.py covers DDP and compile)."""
 import inspect
 import os
 import random
@@ -7,9 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.utils import unwrap_model  # noqa: F401  (re-exported)
 from torch.nn.parallel import DistributedDataParallel
 
-from config import ConfigError
+from utils.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,9 @@ def init_distributed(local_rank=0):
 
 def wrap_ddp(model, device):
     """DistributedDataParallel without per-forward buffer broadcasts (the official
-    broadcast_buffers=False; buffers here are derived index tables). torch >= 2.14 spells it
-    forward_sync_buffers, older versions broadcast_buffers.
+    broadcast_buffers=False; the models' buffers are derived index tables, and BatchNorm
+    statistics are broadcast once per epoch instead: broadcast_batchnorm_stats). torch >= 2.14
+    spells it forward_sync_buffers, older versions broadcast_buffers.
 
     Gradients are views into the all-reduce buckets (gradient_as_bucket_view): one copy of the
     gradients in memory instead of two. static_graph stays off: it only helps reentrant
@@ -71,15 +77,18 @@ def wrap_ddp(model, device):
                                    gradient_as_bucket_view=True, **no_sync)
 
 
-def unwrap_model(model):
-    """The module whose parameter names are the official ones (no DDP / torch.compile prefix)."""
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, '_orig_mod'):
-            model = model._orig_mod
-        else:
-            return model
+def broadcast_batchnorm_stats(model, src=0):
+    """Give every rank the BatchNorm running statistics of rank `src` (MAE's linear probe: DDP's
+    buffer broadcast). Our DDP never syncs buffers, so in training mode each rank's BatchNorm
+    (the linear probe's head) tracks its own batches; call this before evaluating or saving."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+             torch.nn.SyncBatchNorm)
+    for module in model.modules():
+        if isinstance(module, norms):
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src)
 
 
 def seed_everything(seed):

@@ -1,8 +1,10 @@
 """The training loop, shared by pre-training and fine-tuning.
 
-Pre-training and fine-tuning differ only in the task that turns a batch into a loss (`PretrainTask`,
-`ClassificationTask`); autocast, gradient accumulation, clipping, skipping of non-finite steps, the
-schedule, logging, checkpoints and preemption live here once.
+Pre-training and fine-tuning differ only in how a batch becomes a loss (`PretrainBatchLoss`,
+`ClassificationBatchLoss` in utils/tasks.py); autocast, gradient accumulation, clipping, skipping of
+non-finite steps, the schedule, logging, checkpoints and preemption live here once. The checkpoint
+protocol between ranks is utils/checkpoint_protocol.py, the device-side statistics and the log line
+utils/train_stats.py.
 
 No step forces a host-device sync: loss and gradient-norm statistics accumulate on the device and
 are read every PRINT_FREQ steps, and a non-finite step is skipped inside the fused optimizer kernel
@@ -10,8 +12,6 @@ are read every PRINT_FREQ steps, and a non-finite step is skipped inside the fus
 """
 import contextlib
 import datetime
-import math
-import resource
 import time
 
 import torch
@@ -19,42 +19,15 @@ import torch
 from config import amp_enabled
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer, supports_found_inf
-from utils.checkpoint import (atomic_save, build_checkpoint, capture_rng_state,
-                              epoch_checkpoint_path, find_resume_checkpoint, load_training_state,
-                              prune_step_checkpoints, step_checkpoint_path, verify_checkpoint)
-from utils.distributed import all_gather_objects, all_reduce_max, barrier, wrap_ddp
-from utils.preemption import Preempted, PreemptionHandler
-
-EXIT_NONFINITE = 3
-
-
-class NonFiniteLossError(RuntimeError):
-    exit_code = EXIT_NONFINITE
-
-
-class PretrainTask:
-    """SimMIM: the model maps (images, mask) to the reconstruction loss."""
-
-    def __call__(self, model, batch, device):
-        images, mask = batch[0], batch[1]
-        images = images.to(device, non_blocking=True)
-        mask = mask.to(device, non_blocking=True)
-        return model(images, mask), images.shape[0]
-
-
-class ClassificationTask:
-    """Fine-tuning / linear probing: (images, labels) -> criterion(model(images), targets)."""
-
-    def __init__(self, criterion, mixup_fn=None):
-        self.criterion = criterion
-        self.mixup_fn = mixup_fn
-
-    def __call__(self, model, batch, device):
-        images = batch[0].to(device, non_blocking=True)
-        targets = batch[1].to(device, non_blocking=True)
-        if self.mixup_fn is not None:
-            images, targets = self.mixup_fn(images, targets)
-        return self.criterion(model(images), targets), images.shape[0]
+from utils.checkpoint import (build_checkpoint, epoch_checkpoint_path, load_training_state,
+                              prune_step_checkpoints, step_checkpoint_path)
+from utils.checkpoint_protocol import choose_resume_checkpoint, save_on_main_rank
+from utils.distributed import all_reduce_max, broadcast_batchnorm_stats, wrap_ddp
+from utils.errors import EXIT_NONFINITE, NonFiniteLossError, Preempted  # noqa: F401  (re-exported)
+from utils.preemption import PreemptionHandler
+from utils.tasks import PRETRAIN
+from utils.train_stats import (EpochStats, NonFiniteCounter, peak_memory_mb, progress_line,
+                               write_train_scalars)
 
 
 def autocast_dtype(config, device):
@@ -71,36 +44,31 @@ def build_grad_scaler(dtype):
     return torch.amp.GradScaler('cuda') if dtype == torch.float16 else None
 
 
-def peak_memory_mb(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS on Linux (KiB)
-
-
-def build_trainer(config, model, data_loader, task, logger, dist_info, writer=None,
-                  is_pretrain=True):
+def build_trainer(config, model, data_loader, batch_loss, logger, dist_info, writer=None,
+                  task=PRETRAIN):
     """The optimizer, autocast dtype and GradScaler, DDP wrapper and LR schedule for `model` (on
-    its device already), assembled into a Trainer."""
+    its device already), assembled into a Trainer; `task` (utils.tasks) says whether layer decay
+    applies."""
     logger.info(f'number of trainable params: '
                 f'{sum(p.numel() for p in model.parameters() if p.requires_grad)}')
-    optimizer = build_optimizer(config, model, logger, is_pretrain)
+    optimizer = build_optimizer(config, model, logger, task)
     amp_dtype = autocast_dtype(config, dist_info.device)
     logger.info(f'autocast: {amp_dtype or "off (fp32)"}')
     wrapped = wrap_ddp(model, dist_info.device) if dist_info.distributed else model
     lr_scheduler = build_scheduler(config, optimizer, len(data_loader))
     return Trainer(config, wrapped, model, optimizer, lr_scheduler, build_grad_scaler(amp_dtype),
-                   data_loader, task, logger, dist_info, writer, amp_dtype)
+                   data_loader, batch_loss, logger, dist_info, writer, amp_dtype)
 
 
 class Trainer:
-    """Runs epochs of `task` over `data_loader`, saving and resuming exactly.
+    """Runs epochs of `batch_loss` over `data_loader`, saving and resuming exactly.
 
     `model` may be DDP-wrapped; `model_without_ddp` is what gets saved. `after_epoch(epoch)` (e.g.
     validation) runs after each epoch and may update `self.max_accuracy` before the checkpoint.
     """
 
     def __init__(self, config, model, model_without_ddp, optimizer, lr_scheduler, scaler,
-                 data_loader, task, logger, dist_info, writer=None, amp_dtype=None):
+                 data_loader, batch_loss, logger, dist_info, writer=None, amp_dtype=None):
         self.config = config
         self.model = model
         self.model_without_ddp = model_without_ddp
@@ -108,7 +76,7 @@ class Trainer:
         self.lr_scheduler = lr_scheduler
         self.scaler = scaler
         self.data_loader = data_loader
-        self.task = task
+        self.batch_loss = batch_loss
         self.logger = logger
         self.dist = dist_info
         self.device = dist_info.device
@@ -124,7 +92,7 @@ class Trainer:
         self.steps_per_epoch = len(data_loader)
         self.params = [p for p in model_without_ddp.parameters() if p.requires_grad]
         self._skip_in_kernel = scaler is None and supports_found_inf(optimizer)
-        self._nonfinite = _NonFiniteCounter(self.device)
+        self._nonfinite = NonFiniteCounter(self.device)
         self.preemption = PreemptionHandler()
 
     # ------------------------------------------------------------------ resume bookkeeping
@@ -137,22 +105,16 @@ class Trainer:
         self.max_accuracy = float(max_accuracy)
 
     def resume(self):
-        """Load the checkpoint to continue from (auto-resume from OUTPUT wins over MODEL.RESUME, as
-        in the official code, so a requeued job picks up its newest file); return (epoch, step)."""
+        """Load the checkpoint to continue from (see choose_resume_checkpoint); return (epoch,
+        step)."""
         config, logger = self.config, self.logger
-        path, checkpoint = None, None
-        if config.TRAIN.AUTO_RESUME:
-            path, checkpoint = find_resume_checkpoint(config.OUTPUT, logger)
-            if path and config.MODEL.RESUME and path != config.MODEL.RESUME:
-                logger.warning(f'auto-resume: using {path} instead of MODEL.RESUME {config.MODEL.RESUME}')
-        if path is None and config.MODEL.RESUME:
-            path, checkpoint = config.MODEL.RESUME, verify_checkpoint(config.MODEL.RESUME)
+        path, checkpoint = choose_resume_checkpoint(config, logger)
         if path is None:
             logger.info(f'no checkpoint found in {config.OUTPUT}, training from the start')
             return config.TRAIN.START_EPOCH, 0
         epoch, step, max_accuracy, train_state = load_training_state(
             checkpoint, self.model_without_ddp, self.optimizer, self.lr_scheduler, self.scaler,
-            logger, self.dist.rank, self.dist.world_size)
+            logger, self.dist.rank, self.dist.world_size, config)
         self.load_train_state(train_state, max_accuracy)
         self.last_checkpoint = path
         logger.info(f'resumed from {path}: continuing at epoch {epoch}, step {step}')
@@ -182,7 +144,7 @@ class Trainer:
         self.model.train()
         self.sampler.set_epoch(epoch, start_index=start_step * config.DATA.BATCH_SIZE)
         self.optimizer.zero_grad(set_to_none=True)
-        stats = _EpochStats(device)
+        stats = EpochStats(device)
         epoch_start = window_start = time.perf_counter()
         data_time = 0.0
         window_steps = 0
@@ -199,7 +161,7 @@ class Trainer:
             with no_sync():
                 with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
-                    loss, batch_size = self.task(self.model, batch, device)
+                    loss, batch_size = self.batch_loss(self.model, batch, device)
                 scaled = loss / self.accumulation
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss = loss.detach().float()
@@ -220,6 +182,7 @@ class Trainer:
                 self._log_progress(epoch, idx, num_steps, stats, elapsed, window_steps, data_time)
                 window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
         self.skipped_total += stats.skipped_in_epoch()
+        broadcast_batchnorm_stats(self.model_without_ddp)  # every rank evaluates and saves the same
         took = datetime.timedelta(seconds=int(time.perf_counter() - epoch_start))
         self.logger.info(f'EPOCH {epoch} training takes {took}')
 
@@ -287,105 +250,25 @@ class Trainer:
         stats.step_time_sum += elapsed
         stats.step_time_count += window_steps
         avg_time = stats.step_time_sum / max(stats.step_time_count, 1)
-        eta = datetime.timedelta(seconds=int(avg_time * (num_steps - idx - 1)))
         lr = self.optimizer.param_groups[-1]['lr']
         images_per_sec = window_steps * config.DATA.BATCH_SIZE * self.dist.world_size / max(elapsed, 1e-9)
         data_fraction = data_time / max(elapsed, 1e-9)
-        memory = peak_memory_mb(self.device)
-        skipped = f'\tskipped {values["skipped"]:.0f}' if values['skipped'] else ''
-        self.logger.info(
-            f'Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t'
-            f'eta {eta} lr {lr:.6f}\t'
-            f'time {step_time:.4f} ({avg_time:.4f})\t'
-            f'loss {values["loss"]:.4f} ({values["loss_avg"]:.4f})\t'
-            f'grad_norm {values["grad_norm"]:.4f} ({values["grad_norm_avg"]:.4f})\t'
-            f'data {data_fraction:.0%}\t{images_per_sec:.1f} img/s\t'
-            f'mem {memory:.0f}MB{skipped}')
+        self.logger.info(progress_line(epoch, config.TRAIN.EPOCHS, idx, num_steps, values, lr,
+                                       step_time, avg_time, data_fraction, images_per_sec,
+                                       peak_memory_mb(self.device)))
         if self.writer is not None:
-            step = epoch * num_steps + idx
-            for name, value in (('loss', values['loss']), ('lr', lr),
-                                ('grad_norm', values['grad_norm']),
-                                ('images_per_sec', images_per_sec),
-                                ('data_wait_fraction', data_fraction),
-                                ('skipped_steps', self.skipped_total + values['skipped'])):
-                self.writer.add_scalar(f'train/{name}', value, step)
+            write_train_scalars(self.writer, epoch * num_steps + idx, {
+                'loss': values['loss'], 'lr': lr, 'grad_norm': values['grad_norm'],
+                'images_per_sec': images_per_sec, 'data_wait_fraction': data_fraction,
+                'skipped_steps': self.skipped_total + values['skipped']})
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, epoch, step, path):
-        """Write the state for continuing at (epoch, step). Called on every rank (RNG states are
-        gathered); rank 0 writes. A failed write raises on every rank and keeps older files."""
-        rng_states = all_gather_objects(capture_rng_state())
-        failed = torch.zeros(1, device=self.device)
-        error = None
-        if self.dist.is_main:
-            checkpoint = build_checkpoint(self.config, self.model_without_ddp, self.optimizer,
-                                          self.lr_scheduler, self.scaler, (epoch, step),
-                                          self.max_accuracy, rng_states, self.train_state())
-            try:
-                atomic_save(checkpoint, path)
-                self.logger.info(f'{path} saved')
-            except Exception as e:  # noqa: BLE001 -- re-raised below after telling the other ranks
-                error = e
-                failed.fill_(1)
-        all_reduce_max(failed)
-        if error is not None:
-            raise error
-        if failed.item():
-            raise RuntimeError(f'Rank 0 failed to write {path}; see its log.')
+        """Write the state for continuing at (epoch, step). Called on every rank (see
+        save_on_main_rank)."""
+        def make_checkpoint(rng_states):
+            return build_checkpoint(self.config, self.model_without_ddp, self.optimizer,
+                                    self.lr_scheduler, self.scaler, (epoch, step),
+                                    self.max_accuracy, rng_states, self.train_state())
+        save_on_main_rank(path, make_checkpoint, self.dist, self.device, self.logger)
         self.last_checkpoint = path
-        barrier()
-
-
-class _NonFiniteCounter:
-    """Device-side count of consecutive skipped steps and where the streak started."""
-
-    def __init__(self, device):
-        self.consecutive = torch.zeros((), device=device)
-        self.streak_start = torch.zeros((), device=device)
-
-    def update(self, bad, update_index):
-        bad = bad.reshape(())
-        self.consecutive = (self.consecutive + bad) * bad
-        starts = (bad > 0) & (self.consecutive == 1)
-        self.streak_start = torch.where(starts, torch.full_like(self.streak_start, update_index),
-                                        self.streak_start)
-
-    def read(self):
-        consecutive, start = torch.stack([self.consecutive, self.streak_start]).tolist()
-        return int(consecutive), int(start)
-
-
-class _EpochStats:
-    """Running loss / gradient-norm statistics kept on the device until a log line reads them."""
-
-    def __init__(self, device):
-        zero = lambda: torch.zeros((), device=device)  # noqa: E731
-        self.loss_sum, self.loss_count, self.last_loss = zero(), zero(), zero()
-        self.norm_sum, self.norm_count, self.last_norm = zero(), zero(), zero()
-        self.skipped = zero()
-        self.step_time_sum, self.step_time_count = 0.0, 0
-
-    def add_loss(self, loss, batch_size):
-        finite = torch.isfinite(loss)
-        self.loss_sum += torch.where(finite, loss * batch_size, 0.0)
-        self.loss_count += finite * batch_size
-        self.last_loss = loss
-
-    def add_update(self, grad_norm, skipped):
-        finite = torch.isfinite(grad_norm)
-        self.norm_sum += torch.where(finite, grad_norm, 0.0)
-        self.norm_count += finite
-        self.skipped += skipped
-        self.last_norm = grad_norm
-
-    def read(self):
-        values = torch.stack([self.last_loss, self.loss_sum, self.loss_count, self.last_norm,
-                              self.norm_sum, self.norm_count, self.skipped]).tolist()
-        last_loss, loss_sum, loss_count, last_norm, norm_sum, norm_count, skipped = values
-        return {'loss': last_loss, 'loss_avg': loss_sum / loss_count if loss_count else math.nan,
-                'grad_norm': last_norm,
-                'grad_norm_avg': norm_sum / norm_count if norm_count else math.nan,
-                'skipped': skipped}
-
-    def skipped_in_epoch(self):
-        return int(self.skipped.item())

@@ -5,18 +5,11 @@ import sys
 
 import torch
 
-from config import ConfigError, build_arg_parser, get_config
+from config import build_arg_parser, get_config
 from logger import create_logger
-from utils.checkpoint import CheckpointWriteError
 from utils.distributed import cleanup, init_distributed, seed_everything
-from data.datasets import DataError
-from utils.engine import NonFiniteLossError
-from utils.preemption import Preempted
-from utils.pretrained import IncompatibleCheckpointError
-from utils.safe_load import CheckpointError
-
-EXIT_CONFIG = 2
-EXIT_FAILURE = 1
+from utils.errors import EXIT_CONFIG, EXIT_PREEMPTED, KNOWN_ERRORS, ConfigError, exit_code_of
+from utils.tasks import PRETRAIN, as_task
 
 
 def prepare_output_dir(path):
@@ -32,14 +25,15 @@ def prepare_output_dir(path):
                           f"--output (or OUTPUT) pointing to a writable folder.") from None
 
 
-def setup(argv, is_pretrain):
-    """Parse `argv`, build the frozen config, join the process group, prepare OUTPUT and logging.
+def setup(argv, task):
+    """Parse `argv` for `task` (utils.tasks), build the frozen config, join the process group,
+    prepare OUTPUT and logging.
 
     Returns (config, dist_info, logger, writer); `writer` is a TensorBoard SummaryWriter on rank 0
     when TENSORBOARD is on, else None.
     """
-    args = build_arg_parser(finetune=not is_pretrain).parse_args(argv)
-    config = get_config(args, is_pretrain=is_pretrain)
+    args = build_arg_parser(finetune=task.finetune_flags).parse_args(argv)
+    config = get_config(args, task)
     dist_info = init_distributed(config.LOCAL_RANK)
     prepare_output_dir(config.OUTPUT)
     seed_everything(config.SEED + dist_info.rank)
@@ -59,11 +53,6 @@ def setup(argv, is_pretrain):
     return config, dist_info, logger, writer
 
 
-# Failures that have a clear message of their own: shown without a traceback.
-_KNOWN = (ConfigError, CheckpointError, CheckpointWriteError, IncompatibleCheckpointError,
-          DataError, NonFiniteLossError, Preempted, FileNotFoundError, NotADirectoryError)
-
-
 def _message(error):
     """The error's own message; for one re-raised from a DataLoader worker, without the worker's
     traceback (its last line holds the original message)."""
@@ -74,21 +63,22 @@ def _message(error):
     return text
 
 
-def run(main_fn, argv=None, is_pretrain=True):
-    """Call main_fn(config, dist_info, logger, writer) and map failures to exit codes:
-    0 done, 1 failed, 2 configuration/usage error, 3 too many non-finite steps, 75 preempted."""
+def run(main_fn, argv=None, task=PRETRAIN, *, is_pretrain=None):
+    """Call main_fn(config, dist_info, logger, writer) for `task` (or the `is_pretrain` flag) and
+    map failures to exit codes: 0 done, 1 failed, 2 configuration/usage error, 3 too many
+    non-finite steps, 75 preempted (utils/errors.py)."""
     logger = None
     writer = None
     try:
-        config, dist_info, logger, writer = setup(argv, is_pretrain)
+        config, dist_info, logger, writer = setup(argv, as_task(task, is_pretrain))
         main_fn(config, dist_info, logger, writer)
         return 0
-    except _KNOWN as e:
-        code = getattr(e, 'exit_code', EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_FAILURE)
-        title = {EXIT_CONFIG: 'Configuration error', 75: 'Preempted'}.get(code, 'Error')
+    except KNOWN_ERRORS as e:
+        code = exit_code_of(e)
+        title = {EXIT_CONFIG: 'Configuration error', EXIT_PREEMPTED: 'Preempted'}.get(code, 'Error')
         message = f'{title}: {_message(e)}'
         if logger is not None:
-            (logger.warning if code == 75 else logger.error)(message)
+            (logger.warning if code == EXIT_PREEMPTED else logger.error)(message)
         if logger is None or os.environ.get('RANK', '0') != '0':
             print(message, file=sys.stderr)
         return code

@@ -16,10 +16,12 @@ s=0) evaluated and transposed is its exact replacement (SciPy's migration guide)
 the not-a-knot bicubic interpolant, and FITPACK evaluates targets outside the source range (e.g.
 +-13 when the outermost source offset is 12.99994) at the nearest end of the range.
 """
+import math
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.interpolate import RectBivariateSpline
+from timm.layers import resample_abs_pos_embed
 
 GEOMETRIC_Q_BOUNDS = (1.01, 1.5)  # bisection interval of the official code
 GEOMETRIC_Q_TOLERANCE = 1e-6
@@ -72,14 +74,12 @@ def resize_rel_pos_bias_table(table, dst_side, num_extra_tokens=0):
 
 def resize_abs_pos_embed(pos_embed, dst_grid, num_extra_tokens=0):
     """Resize a (1, num_extra_tokens + side**2, C) absolute position embedding to the patch grid
-    dst_grid = (h, w) by bicubic interpolation; the leading extra tokens (ViT cls) are kept."""
-    extra, grid = pos_embed[:, :num_extra_tokens], pos_embed[:, num_extra_tokens:]
-    src_side = int(round(grid.shape[1] ** 0.5))
-    if src_side * src_side != grid.shape[1]:
-        raise ValueError(f"A position embedding of {grid.shape[1]} patch tokens is not a square "
+    dst_grid = (h, w) by bicubic interpolation (align_corners=False, no antialiasing, in fp32, as
+    the official code); the leading extra tokens (ViT cls) are kept. timm's resampler does the
+    work; antialias=False matters, timm's default antialiasing gives other values."""
+    num_patches = pos_embed.shape[1] - num_extra_tokens
+    if math.isqrt(num_patches) ** 2 != num_patches:
+        raise ValueError(f"A position embedding of {num_patches} patch tokens is not a square "
                          f"grid.")
-    dim = grid.shape[-1]
-    grid = grid.reshape(1, src_side, src_side, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=tuple(dst_grid), mode='bicubic', align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
-    return torch.cat([extra, grid], dim=1)
+    return resample_abs_pos_embed(pos_embed, list(dst_grid), num_prefix_tokens=num_extra_tokens,
+                                  antialias=False)

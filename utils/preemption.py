@@ -9,12 +9,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "temporary failure, try again" -- requeue the job
-
-
-class Preempted(Exception):
-    """Raised after the stop checkpoint is written; carries EXIT_PREEMPTED."""
-    exit_code = EXIT_PREEMPTED
+from utils.errors import EXIT_PREEMPTED, Preempted  # noqa: F401  (re-exported)
 
 
 class PreemptionHandler:

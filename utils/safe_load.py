@@ -11,12 +11,10 @@ import pickle
 
 import torch
 
+from utils.errors import CheckpointError
+
 # Classes official checkpoints pickle, mapped to the harmless type that stands in for them.
 _ALLOWED_ALIASES = [(collections.OrderedDict, 'yacs.config.CfgNode')]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be used; the message names the file and the fix."""
 
 
 def load_checkpoint_file(path, purpose='checkpoint'):

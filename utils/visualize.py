@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from data.masking import upsample_mask
 from models.targets import normalized_to_rgb
+from utils.mask_grid import upsample_mask
 
 MASK_GRAY = 0.5  # masked pixels are shown mid-grey in the "masked input" column
 

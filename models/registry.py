@@ -1,0 +1,71 @@
+"""The architecture registry: one entry per MODEL.TYPE holding everything the rest of the code needs
+to know about an encoder family, so that config validation, model building, layer-wise LR decay and
+checkpoint loading ask the registry instead of testing MODEL.TYPE.
+
+The entries themselves are in models/architectures.py; adding an encoder is a model file plus one
+`register_architecture(Architecture(...))` there (worked example in the README).
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+from utils.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One encoder family. `section` below is its config node, config.MODEL[config_key]."""
+    name: str  # the MODEL.TYPE value
+    config_key: str  # its section under MODEL (e.g. 'SWIN' for MODEL.SWIN.*)
+    classifier: type  # the fine-tuning model: forward(images) -> logits
+    encoder: type  # the SimMIM encoder: forward(images, mask) -> feature map (B, C, H/s, W/s)
+    constructor_kwargs: Callable  # section -> arguments of both classes beyond the shared ones
+    encoder_stride: Callable  # section -> s, pixels per position of the encoder's feature map
+    num_layers: Callable  # section -> L, the number of blocks layer-wise LR decay counts
+    layer_id: Callable  # (parameter name, section) -> its layer id in 0 .. L + 1
+    remap_checkpoint: Callable  # (state_dict, model_state, patch_grid, logger) -> state_dict
+    check_config: Callable  # config -> None; raises ConfigError naming the key and the fix
+    # What the official code left out of weight decay (TRAIN.WEIGHT_DECAY_RULES official):
+    # (backbone names, backbone keywords, names its SimMIM encoder added).
+    official_no_weight_decay: tuple = ((), (), ())
+
+    def section(self, config):
+        return config.MODEL[self.config_key]
+
+    def patch_size(self, config):
+        """Side, in pixels, of one patch of the encoder's patch embedding."""
+        return self.section(config).PATCH_SIZE
+
+
+ARCHITECTURES = {}  # MODEL.TYPE -> Architecture, in registration order
+
+
+def register_architecture(architecture):
+    """Make `architecture` available as MODEL.TYPE `architecture.name`; returns it."""
+    if architecture.name in ARCHITECTURES:
+        raise ValueError(f"MODEL.TYPE '{architecture.name}' is registered twice.")
+    ARCHITECTURES[architecture.name] = architecture
+    return architecture
+
+
+def get_architecture(name):
+    """The registered Architecture called `name`, or a ConfigError listing the valid types."""
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"MODEL.TYPE '{name}' is not a registered architecture; valid types: "
+                          f"{', '.join(ARCHITECTURES)}.")
+    return ARCHITECTURES[name]
+
+
+def architecture_of(config):
+    """The Architecture of config.MODEL.TYPE."""
+    return get_architecture(config.MODEL.TYPE)
+
+
+def model_patch_size(config):
+    """Side, in pixels, of one patch of the encoder's patch embedding."""
+    return architecture_of(config).patch_size(config)
+
+
+def encoder_stride(config):
+    """Side, in pixels, of one position of the encoder's output feature map."""
+    arch = architecture_of(config)
+    return arch.encoder_stride(arch.section(config))

@@ -1,0 +1,43 @@
+"""Checkpoints in a run of one or many processes: which file a run continues from, and a save that
+every rank takes part in (RNG states are gathered to rank 0, which writes) and agrees on (a failed
+write raises on every rank, so none trains on alone). The file format is utils/checkpoint.py's."""
+import torch
+
+from utils.checkpoint import atomic_save, capture_rng_state, find_resume_checkpoint, verify_checkpoint
+from utils.distributed import all_gather_objects, all_reduce_max, barrier
+
+
+def choose_resume_checkpoint(config, logger):
+    """(path, verified checkpoint dict) to continue from, or (None, None). Auto-resume from OUTPUT
+    wins over MODEL.RESUME, as in the official code, so a requeued job picks up its newest file."""
+    path, checkpoint = None, None
+    if config.TRAIN.AUTO_RESUME:
+        path, checkpoint = find_resume_checkpoint(config.OUTPUT, logger)
+        if path and config.MODEL.RESUME and path != config.MODEL.RESUME:
+            logger.warning(f'auto-resume: using {path} instead of MODEL.RESUME {config.MODEL.RESUME}')
+    if path is None and config.MODEL.RESUME:
+        path, checkpoint = config.MODEL.RESUME, verify_checkpoint(config.MODEL.RESUME)
+    return path, checkpoint
+
+
+def save_on_main_rank(path, make_checkpoint, dist_info, device, logger):
+    """Called on every rank: gather every rank's RNG states, let rank 0 write
+    `make_checkpoint(rng_states)` to `path` atomically, and agree on the outcome. A failed write
+    raises on every rank and leaves older files intact."""
+    rng_states = all_gather_objects(capture_rng_state())
+    failed = torch.zeros(1, device=device)
+    error = None
+    if dist_info.is_main:
+        checkpoint = make_checkpoint(rng_states)
+        try:
+            atomic_save(checkpoint, path)
+            logger.info(f'{path} saved')
+        except Exception as e:  # noqa: BLE001 -- re-raised below after telling the other ranks
+            error = e
+            failed.fill_(1)
+    all_reduce_max(failed)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError(f'Rank 0 failed to write {path}; see its log.')
+    barrier()

@@ -1,0 +1,121 @@
+"""Generic steps for adapting a checkpoint's state dict to a model, shared by every architecture's
+checkpoint remap (models/architectures.py) and by load_pretrained (utils/pretrained.py).
+
+    drop_rebuilt_buffers(sd)                          index / mask buffers the models rebuild
+    canonical_keys(sd)                                no DDP/compile prefix, released names renamed
+    resize_position_tables(sd, model_state, ...)      relative-position tables to the model's window
+    resize_pos_embed_entry(sd, model_state, key, ...) an absolute position embedding to its grid
+    summarize_keys(keys, reference_keys)              keys in plain words, for log lines
+
+`model_state` is the target model's state dict (only names and shapes are read).
+"""
+import math
+import re
+
+from utils.errors import IncompatibleCheckpointError
+from utils.pos_embed import resize_abs_pos_embed, resize_rel_pos_bias_table
+
+REBUILT_BUFFERS = ('relative_position_index', 'relative_coords_table', 'attn_mask')
+
+
+def log_info(logger, message):
+    if logger is not None:
+        logger.info(message)
+
+
+def drop_rebuilt_buffers(state_dict):
+    """`state_dict` without the buffers the models rebuild from the config."""
+    return {k: v for k, v in state_dict.items() if not any(b in k for b in REBUILT_BUFFERS)}
+
+
+def strip_wrapper_prefixes(key, prefixes=('module.', '_orig_mod.')):
+    """`key` without leading DDP ('module.') and torch.compile ('_orig_mod.') prefixes."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def rename_released_keys(state_dict):
+    """Names of the released SwinV2 files (rpe_mlp) as the code spells them (cpb_mlp;
+    Swin-Transformer #271)."""
+    return {key.replace('rpe_mlp', 'cpb_mlp'): value for key, value in state_dict.items()}
+
+
+def canonical_keys(state_dict):
+    """The names our models use, for a state dict of this framework or the official code: no DDP /
+    torch.compile prefix, released SwinV2 names renamed, rebuilt buffers dropped ('encoder.'
+    kept)."""
+    return drop_rebuilt_buffers(rename_released_keys(
+        {strip_wrapper_prefixes(k): v for k, v in state_dict.items()}))
+
+
+def resize_pos_embed_entry(sd, model_state, key, num_extra_tokens, patch_grid, logger=None):
+    """Resize sd[key], an absolute position embedding with `num_extra_tokens` leading tokens, to the
+    model's patch grid (h, w) (square when None), in place; left alone when it cannot fit."""
+    if key not in sd or key not in model_state or sd[key].shape == model_state[key].shape:
+        return
+    dst_tokens = model_state[key].shape[1] - num_extra_tokens
+    if patch_grid is None:
+        side = math.isqrt(dst_tokens)
+        patch_grid = (side, side)
+    same_width = sd[key].shape[-1] == model_state[key].shape[-1]
+    if patch_grid[0] * patch_grid[1] != dst_tokens or not same_width:
+        return  # left to check_compatible
+    old = tuple(sd[key].shape)
+    sd[key] = resize_abs_pos_embed(sd[key], patch_grid, num_extra_tokens)
+    log_info(logger, f"Resized {key} {old} -> {tuple(sd[key].shape)} (bicubic on the patch grid).")
+
+
+def resize_position_tables(sd, model_state, num_extra_tokens, patch_grid=None, logger=None):
+    """Resize every relative_position_bias_table of `sd` whose shape differs from the model's, in
+    place (geometric interpolation; `num_extra_tokens` rows at the end are kept)."""
+    resized = {}  # (source shape, target shape) -> keys
+    for key in [k for k in sd if k.endswith('relative_position_bias_table')]:
+        if key not in model_state or sd[key].shape == model_state[key].shape:
+            continue
+        src, dst = tuple(sd[key].shape), tuple(model_state[key].shape)
+        if src[1] != dst[1]:
+            raise IncompatibleCheckpointError(
+                f"{key}: the checkpoint has {src[1]} attention heads {src}, the model {dst[1]} "
+                f"{dst}. Probably another architecture or size; check MODEL.*.NUM_HEADS.")
+        if patch_grid is not None and patch_grid[0] != patch_grid[1]:
+            raise NotImplementedError(
+                f"{key}: resizing a relative position table {src} -> {dst} for a non-square patch "
+                f"grid {tuple(patch_grid)} is not implemented; use a square DATA.IMG_SIZE.")
+        dst_side = math.isqrt(dst[0] - num_extra_tokens)
+        if dst_side * dst_side != dst[0] - num_extra_tokens:
+            raise IncompatibleCheckpointError(
+                f"{key}: cannot resize {src} to the model's {dst}, which is not a square grid of "
+                f"offsets.")
+        sd[key] = resize_rel_pos_bias_table(sd[key], dst_side, num_extra_tokens)
+        resized.setdefault((src[0], dst[0]), []).append(key)
+    for (src_rows, dst_rows), keys in resized.items():
+        log_info(logger, f"Resized {len(keys)} relative position tables from {src_rows} to "
+                         f"{dst_rows} rows (geometric interpolation): {summarize_keys(keys)}")
+
+
+def summarize_keys(keys, reference_keys=(), limit=12):
+    """Keys in plain words: 'fc_norm.*' when every reference key of a top-level module is listed,
+    'blocks.*.attn.relative_position_bias_table (x12)' for the same name in numbered blocks."""
+    keys = list(keys)
+    by_module = {}
+    for k in reference_keys:
+        by_module.setdefault(k.split('.')[0], set()).add(k)
+    parts, counts = [], {}
+    for k in keys:
+        module = k.split('.')[0]
+        if module in by_module and len(by_module[module]) > 1 and by_module[module] <= set(keys):
+            pattern = module + '.*'
+        else:
+            pattern = re.sub(r'\.\d+(?=\.)', '.*', k)
+        if pattern not in counts:
+            parts.append(pattern)
+        counts[pattern] = counts.get(pattern, 0) + 1
+    words = [p if counts[p] == 1 or p.endswith('.*') else f"{p} (x{counts[p]})" for p in parts]
+    if len(words) > limit:
+        words = words[:limit] + [f"... {len(words) - limit} more"]
+    return ', '.join(words)
