@@ -46,15 +46,25 @@ def rgb_to_normalized(rgb):
     return (rgb - mean) / std
 
 
+def box_mean(x, window, count_include_pad):
+    """F.avg_pool2d(x, window, stride 1, padding window // 2) as a row pass then a column pass:
+    2 * window reads per pixel instead of window ** 2 (the 47x47 SwinV2 window took 80% of a CPU
+    step), and the same mean, since a window's part inside the image is a rectangle."""
+    half = window // 2
+    rows = F.avg_pool2d(x, (window, 1), stride=1, padding=(half, 0),
+                        count_include_pad=count_include_pad)
+    return F.avg_pool2d(rows, (1, window), stride=1, padding=(0, half),
+                        count_include_pad=count_include_pad)
+
+
 def local_mean_std(x, window):
     """Per-pixel, per-channel mean and std (unbiased, + 1e-6 inside the root) of the `window` x
     `window` neighbourhood, zero padding excluded (Swin-repo SwinV2 target normalisation, reference
     3.4). (B, C, H, W) -> two (B, C, H, W); `window` must be odd."""
     assert window % 2 == 1, f'the target normalisation window must be odd, got {window}'
-    pool = dict(kernel_size=window, stride=1, padding=window // 2)
-    mean = F.avg_pool2d(x, count_include_pad=False, **pool)
-    mean_of_squares = F.avg_pool2d(x ** 2, count_include_pad=False, **pool)
-    count = F.avg_pool2d(torch.ones_like(x), count_include_pad=True, **pool) * window ** 2
+    mean = box_mean(x, window, count_include_pad=False)
+    mean_of_squares = box_mean(x ** 2, window, count_include_pad=False)
+    count = box_mean(torch.ones_like(x), window, count_include_pad=True) * window ** 2
     var = ((mean_of_squares - mean ** 2) * (count / (count - 1))).clamp(min=0.)
     return mean, (var + 1e-6) ** 0.5
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from config import ConfigError, get_defaults
-from models.targets import (ColorBins, ColorClusters, PixelRegression, build_criterion,
-                            load_palette, local_norm_target, nearest_color_index,
+from models.targets import (ColorBins, ColorClusters, PixelRegression, box_mean,
+                            build_criterion, load_palette, local_norm_target, nearest_color_index,
                             normalized_to_rgb, rgb_to_normalized)
 from tools.build_color_palette import kmeans
 from tools.build_color_palette import main as build_palette
@@ -60,6 +60,15 @@ def test_lower_resolution_target_is_average_pooled_and_weighted_by_masked_fracti
     error = (target - y).abs().sum(dim=1)[0]
     expected = (error * weights).sum() / (weights.sum() + 1e-5) / 3
     assert criterion(x, y, mask).item() == pytest.approx(expected.item(), rel=1e-6)  # fp32 loss
+
+
+@pytest.mark.parametrize('window, count_include_pad', [(5, False), (5, True), (47, False), (47, True)])
+def test_box_mean_equals_the_two_dimensional_average_pool(window, count_include_pad):
+    x = torch.randn(2, 3, 30, 52, dtype=torch.float64)
+    expected = F.avg_pool2d(x, window, stride=1, padding=window // 2,
+                            count_include_pad=count_include_pad)
+    torch.testing.assert_close(box_mean(x, window, count_include_pad), expected, rtol=1e-12,
+                               atol=1e-12)
 
 
 def test_norm_target_then_pool():
