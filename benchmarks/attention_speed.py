@@ -1,7 +1,7 @@
 """Swin window attention formulations, timed side by side and checked against the textbook formula.
 
     python benchmarks/attention_speed.py --device cpu --threads 1 --out attention_cpu.md
-    python benchmarks/attention_speed.py --device cuda --out attention_gpu.md   # bf16, Swin-B batch 128
+    python benchmarks/attention_speed.py --device cuda --out attention_gpu.md  # bf16, batch 128
 
 Every formulation computes softmax(q k^T * scale + position bias + shift mask) v for the windows of
 one Swin-B stage at 192 px (window 6, shifted); they differ only in how the bias reaches the
@@ -104,9 +104,10 @@ def main():
     variants = make_variants(cuda)
     if args.variants:
         variants = {k: v for k, v in variants.items() if k in args.variants.split(',')}
-    lines = [f'Machine: {machine_description(args.device)}.', '', f'Window attention, Swin-B at 192 px (window 6, shifted), batch {batch}, {dtype}, '
-             f'{args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}; '
-             f'median of {args.rounds} interleaved rounds of {reps} calls.', '',
+    lines = [f'Machine: {machine_description(args.device)}.', '',
+             f'Window attention, Swin-B at 192 px (window 6, shifted), batch {batch}, {dtype}, '
+             f'{torch.get_num_threads()} thread(s); median of {args.rounds} interleaved rounds of '
+             f'{reps} calls.', '',
              '| stage | formulation | fwd+bwd ms | fwd ms | max abs diff to fp32 textbook |',
              '|---|---|---|---|---|']
     for stage in STAGES:

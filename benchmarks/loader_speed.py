@@ -186,8 +186,8 @@ def main():
             'large 1600x1200': write_photos(os.path.join(root, 'large'), args.num_images // 4,
                                             (1600, 1200), 1)}
     mask_generator = MaskGenerator(args.img_size, 32, 4, 0.6)
-    lines = [f'Machine: {machine_description()}, Pillow {Image.__version__}. Output {args.img_size} px (Swin-B pre-training), 1 thread per '
-             f'worker.', '']
+    lines = [f'Machine: {machine_description()}, Pillow {Image.__version__}. Output '
+             f'{args.img_size} px (Swin-B pre-training), 1 thread per worker.', '']
     for name, paths in sets.items():
         sizes = [os.path.getsize(p) / 1024 for p in paths]
         lines += [f'{name}: {len(paths)} JPEGs, mean {statistics.mean(sizes):.0f} KiB.', '',

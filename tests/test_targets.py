@@ -62,7 +62,8 @@ def test_lower_resolution_target_is_average_pooled_and_weighted_by_masked_fracti
     assert criterion(x, y, mask).item() == pytest.approx(expected.item(), rel=1e-6)  # fp32 loss
 
 
-@pytest.mark.parametrize('window, count_include_pad', [(5, False), (5, True), (47, False), (47, True)])
+@pytest.mark.parametrize('window, count_include_pad',
+                         [(5, False), (5, True), (47, False), (47, True)])
 def test_box_mean_equals_the_two_dimensional_average_pool(window, count_include_pad):
     x = torch.randn(2, 3, 30, 52, dtype=torch.float64)
     expected = F.avg_pool2d(x, window, stride=1, padding=window // 2,

@@ -20,7 +20,7 @@ import torch
 from utils.errors import require
 
 COMPILE_MODES = ('', 'blocks', 'model')
-COMPILE_BACKENDS = ('inductor', 'aot_eager', 'eager')  # aot_eager / eager: tracing only, for debugging
+COMPILE_BACKENDS = ('inductor', 'aot_eager', 'eager')  # the last two: tracing only (debugging)
 
 
 def check_compile_config(config):
