@@ -18,7 +18,7 @@ from utils.checkpoint import atomic_save
 from utils.engine import ClassificationTask, autocast_dtype, build_trainer
 from utils.evaluation import evaluate, throughput
 from utils.launch import run
-from utils.pretrained import load_pretrained
+from utils.pretrained import IncompatibleCheckpointError, load_pretrained, unwrap_state_dict
 from utils.safe_load import CheckpointError, load_checkpoint_file
 
 BEST_CHECKPOINT = 'model_best.pth'
@@ -42,7 +42,10 @@ def load_weights_for_eval(config, model, logger):
         raise CheckpointError('--eval needs a checkpoint: pass --resume CKPT (a fine-tuned '
                               'checkpoint of this framework or the official code).')
     checkpoint = load_checkpoint_file(path, '--resume')
-    state = checkpoint.get('model', checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    try:
+        state = unwrap_state_dict(checkpoint)
+    except IncompatibleCheckpointError as e:
+        raise CheckpointError(f'--resume {path}: {e}') from None
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as e:
@@ -101,9 +104,10 @@ def main(config, dist_info, logger, writer):
         trainer.max_accuracy = max(trainer.max_accuracy, acc1)
         logger.info(f'Max accuracy: {trainer.max_accuracy:.2f}%')
         if writer is not None:
-            writer.add_scalar('val/acc1', acc1, epoch)
-            writer.add_scalar('val/acc5', acc5, epoch)
-            writer.add_scalar('val/loss', loss, epoch)
+            step = (epoch + 1) * trainer.steps_per_epoch - 1  # the training scalars' axis
+            writer.add_scalar('val/acc1', acc1, step)
+            writer.add_scalar('val/acc5', acc5, step)
+            writer.add_scalar('val/loss', loss, step)
 
     logger.info('Start training')
     trainer.fit(start_epoch, start_step, after_epoch=validate)

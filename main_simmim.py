@@ -19,7 +19,8 @@ def main(config, dist_info, logger, writer):
     trainer = build_trainer(config, model, data_loader, PretrainTask(), logger, dist_info, writer)
     visualize = None
     if config.VIS_FREQ and dist_info.is_main:
-        visualize = ReconstructionLogger(config, dataset, model, dist_info.device, writer)
+        visualize = ReconstructionLogger(config, dataset, model, dist_info.device, writer,
+                                         steps_per_epoch=len(data_loader))
     start_epoch, start_step = trainer.resume()
     logger.info('Start training')
     trainer.fit(start_epoch, start_step, after_epoch=visualize)

@@ -24,6 +24,7 @@ from utils.checkpoint import (atomic_save, build_checkpoint, capture_rng_state,
                               prune_step_checkpoints, step_checkpoint_path, verify_checkpoint)
 from utils.distributed import all_gather_objects, all_reduce_max, barrier, wrap_ddp
 from utils.preemption import Preempted, PreemptionHandler
+from utils.run_folder import finished_message, record_config
 
 EXIT_NONFINITE = 3
 
@@ -150,9 +151,10 @@ class Trainer:
         if path is None:
             logger.info(f'no checkpoint found in {config.OUTPUT}, training from the start')
             return config.TRAIN.START_EPOCH, 0
+        found_in = config.OUTPUT if path != config.MODEL.RESUME else None
         epoch, step, max_accuracy, train_state = load_training_state(
             checkpoint, self.model_without_ddp, self.optimizer, self.lr_scheduler, self.scaler,
-            logger, self.dist.rank, self.dist.world_size)
+            logger, self.dist.rank, self.dist.world_size, path=path, found_in=found_in)
         self.load_train_state(train_state, max_accuracy)
         self.last_checkpoint = path
         logger.info(f'resumed from {path}: continuing at epoch {epoch}, step {step}')
@@ -162,6 +164,11 @@ class Trainer:
     def fit(self, start_epoch, start_step=0, after_epoch=None):
         """Train from (start_epoch, start_step) to TRAIN.EPOCHS, checkpointing as configured."""
         config = self.config
+        if start_epoch >= config.TRAIN.EPOCHS:
+            self.logger.info(finished_message(config, self.last_checkpoint))
+            return
+        if self.dist.is_main:
+            record_config(config, self.logger)  # only now: this config is known to start
         self.preemption.install()
         try:
             start_time = time.time()
@@ -221,7 +228,11 @@ class Trainer:
                 window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
         self.skipped_total += stats.skipped_in_epoch()
         took = datetime.timedelta(seconds=int(time.perf_counter() - epoch_start))
-        self.logger.info(f'EPOCH {epoch} training takes {took}')
+        self.logger.info(f'EPOCH {epoch} training takes {took}, loss avg '
+                         f'{stats.read()["loss_avg"]:.4f}')
+        bad_images = getattr(self.data_loader.dataset, 'unreadable_report', lambda: '')()
+        if bad_images:
+            self.logger.warning(f'EPOCH {epoch}: {bad_images}')
 
     def _optimizer_step(self, loss_since_update):
         """Clip, step unless non-finite, zero the gradients; return the pre-clip gradient norm and
@@ -288,6 +299,8 @@ class Trainer:
         stats.step_time_count += window_steps
         avg_time = stats.step_time_sum / max(stats.step_time_count, 1)
         eta = datetime.timedelta(seconds=int(avg_time * (num_steps - idx - 1)))
+        steps_left = (config.TRAIN.EPOCHS - epoch - 1) * num_steps + num_steps - idx - 1
+        run_eta = datetime.timedelta(seconds=int(avg_time * steps_left))  # training steps only
         lr = self.optimizer.param_groups[-1]['lr']
         images_per_sec = window_steps * config.DATA.BATCH_SIZE * self.dist.world_size / max(elapsed, 1e-9)
         data_fraction = data_time / max(elapsed, 1e-9)
@@ -295,7 +308,7 @@ class Trainer:
         skipped = f'\tskipped {values["skipped"]:.0f}' if values['skipped'] else ''
         self.logger.info(
             f'Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t'
-            f'eta {eta} lr {lr:.6f}\t'
+            f'eta {eta} (run {run_eta}) lr {lr:.6f}\t'
             f'time {step_time:.4f} ({avg_time:.4f})\t'
             f'loss {values["loss"]:.4f} ({values["loss_avg"]:.4f})\t'
             f'grad_norm {values["grad_norm"]:.4f} ({values["grad_norm_avg"]:.4f})\t'

@@ -13,6 +13,7 @@ from data.datasets import DataError
 from utils.engine import NonFiniteLossError
 from utils.preemption import Preempted
 from utils.pretrained import IncompatibleCheckpointError
+from utils.run_folder import release_output_folders, take_output_folder
 from utils.safe_load import CheckpointError
 
 EXIT_CONFIG = 2
@@ -42,17 +43,16 @@ def setup(argv, is_pretrain):
     config = get_config(args, is_pretrain=is_pretrain)
     dist_info = init_distributed(config.LOCAL_RANK)
     prepare_output_dir(config.OUTPUT)
+    takeover = take_output_folder(config.OUTPUT, dist_info)  # before anything is written there
     seed_everything(config.SEED + dist_info.rank)
     torch.backends.cudnn.benchmark = True
     logger = create_logger(config.OUTPUT, dist_info.rank, config.MODEL.NAME)
     logger.info(f'RANK {dist_info.rank} WORLD_SIZE {dist_info.world_size} device {dist_info.device}')
+    if takeover:
+        logger.warning(takeover)
     writer = None
     if dist_info.is_main:
-        path = os.path.join(config.OUTPUT, 'config.yaml')
-        with open(path, 'w') as f:
-            f.write(config.dump())
-        logger.info(f'Full config saved to {path}')
-        logger.debug(config.dump())
+        logger.debug(config.dump())  # config.yaml is written once the run starts (record_config)
         if config.TENSORBOARD:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(log_dir=os.path.join(config.OUTPUT, 'tensorboard'))
@@ -62,6 +62,33 @@ def setup(argv, is_pretrain):
 # Failures that have a clear message of their own: shown without a traceback.
 _KNOWN = (ConfigError, CheckpointError, CheckpointWriteError, IncompatibleCheckpointError,
           DataError, NonFiniteLossError, Preempted, FileNotFoundError, NotADirectoryError)
+# Wrong input (config, flags, data, checkpoint files, a busy output folder): exit 2, since running
+# the same command again would fail the same way. The rest of _KNOWN exit 1 unless they carry
+# their own exit_code (3 non-finite, 75 preempted).
+_USAGE_ERRORS = (ConfigError, DataError, CheckpointError, IncompatibleCheckpointError,
+                 FileNotFoundError, NotADirectoryError)
+_TITLES = ((ConfigError, 'Configuration error'), (DataError, 'Data error'),
+           (CheckpointError, 'Checkpoint error'), (IncompatibleCheckpointError, 'Checkpoint error'),
+           (Preempted, 'Preempted'))
+
+
+def describe_failure(error):
+    """(exit code, one-paragraph message) for a failure of one of the _KNOWN types."""
+    code = getattr(error, 'exit_code',
+                   EXIT_CONFIG if isinstance(error, _USAGE_ERRORS) else EXIT_FAILURE)
+    title = next((t for cls, t in _TITLES if isinstance(error, cls)), 'Error')
+    return code, f'{title}: {_message(error)}'
+
+
+def run_tool(main_fn, argv=None):
+    """Run a tool's main_fn(argv) with the scripts' handling of known failures: one paragraph on
+    stderr and the same exit codes, no traceback."""
+    try:
+        return main_fn(argv)
+    except _KNOWN as e:
+        code, message = describe_failure(e)
+        print(message, file=sys.stderr)
+        return code
 
 
 def _message(error):
@@ -84,9 +111,7 @@ def run(main_fn, argv=None, is_pretrain=True):
         main_fn(config, dist_info, logger, writer)
         return 0
     except _KNOWN as e:
-        code = getattr(e, 'exit_code', EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_FAILURE)
-        title = {EXIT_CONFIG: 'Configuration error', 75: 'Preempted'}.get(code, 'Error')
-        message = f'{title}: {_message(e)}'
+        code, message = describe_failure(e)
         if logger is not None:
             (logger.warning if code == 75 else logger.error)(message)
         if logger is None or os.environ.get('RANK', '0') != '0':
@@ -95,4 +120,5 @@ def run(main_fn, argv=None, is_pretrain=True):
     finally:
         if writer is not None:
             writer.close()
+        release_output_folders()
         cleanup()

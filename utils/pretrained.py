@@ -58,10 +58,17 @@ class LoadReport:
 def unwrap_state_dict(obj):
     """The state dict inside a checkpoint object ({'model': sd}, 'state_dict', 'module', or sd)."""
     for key in ('model', 'state_dict', 'module'):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+        if isinstance(obj, dict) and key in obj:
+            if not isinstance(obj[key], dict):
+                raise IncompatibleCheckpointError(
+                    f"The checkpoint's '{key}' entry is a {type(obj[key]).__name__}, not a state "
+                    f"dict ({{parameter name: tensor}}); it was not saved from a model's "
+                    f"state_dict(). Re-save it with torch.save({{'{key}': model.state_dict()}}, "
+                    f"path).")
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(hasattr(v, 'shape') for v in obj.values()):
+    if (not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj)
+            or not all(hasattr(v, 'shape') for v in obj.values())):
         raise IncompatibleCheckpointError(
             "The checkpoint holds no state dict: expected {'model': state_dict}, "
             "{'state_dict': ...}, {'module': ...} or a bare {name: tensor} mapping.")
