@@ -151,7 +151,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             return image, label
         raise BadImageError(f"None of the {len(self.samples)} images under {self.root} can be read.")
 
-
     def unreadable_report(self, limit=10):
         """One paragraph naming the files found unreadable (in this process or its DataLoader
         workers) since the last report, each file once; '' if none."""

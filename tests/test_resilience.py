@@ -209,11 +209,14 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
 
 
 def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step(tmp_path):
+    """torchrun forwards SIGTERM to each rank's whole process group (os.killpg), so the ranks'
+    DataLoader workers receive it too."""
     torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
     out = tmp_path / 'out'
     proc = subprocess.Popen(
         [torchrun, '--nproc_per_node', '2', '--master_port', '29541', os.path.join(ROOT, 'main_simmim.py'),
-         '--cfg', TINY, '--output', str(out), '--opts', 'TRAIN.EPOCHS', '50', 'DATA.BATCH_SIZE', '4'],
+         '--cfg', TINY, '--output', str(out), '--opts', 'TRAIN.EPOCHS', '50', 'DATA.BATCH_SIZE', '4',
+         'DATA.NUM_WORKERS', '1'],
         cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'})
     logs = os.path.join(str(out), 'simmim_pretrain', 'tiny')

@@ -131,7 +131,8 @@ def test_a_failed_start_keeps_the_config_of_the_run(finished, tmp_path):
     config_path = os.path.join(run_dir(output), 'config.yaml')
     before = open(config_path).read()
     code = pretrain(output, 'TENSORBOARD', True, 'VIS_FREQ', 1, 'PRINT_FREQ', 1, 'DATA.DATASET',
-                    'folder', extra=['--data-path', str(tmp_path / 'mistyped'), '--batch-size', '4'])
+                    'folder', extra=['--data-path', str(tmp_path / 'mistyped'),
+                                     '--batch-size', '4'])
     assert open(config_path).read() == before
     assert [n for n in os.listdir(run_dir(output)) if n.startswith('config')] == ['config.yaml']
     assert code == 2  # a data error: the command must change

@@ -94,19 +94,22 @@ def worker_start_context(num_workers):
     a worker is forked, so it is born shielded (a group SIGTERM in the instant before
     shield_worker runs would otherwise kill it) and the signal waits for the main process's
     handler. Other start methods: None (the DataLoader default)."""
-    if num_workers == 0 or multiprocessing.get_start_method() != 'fork':
+    # allow_none: asking must not fix the start method; the first listed is the default.
+    method = (multiprocessing.get_start_method(allow_none=True)
+              or multiprocessing.get_all_start_methods()[0])
+    if num_workers == 0 or method != 'fork':
         return None
     return _ShieldedForkContext()
 
 
-class _ShieldedForkProcess(multiprocessing.context.ForkProcess):
-    def start(self):
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        try:
-            super().start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+if hasattr(multiprocessing.context, 'ForkContext'):  # not on Windows
+    class _ShieldedForkProcess(multiprocessing.context.ForkProcess):
+        def start(self):
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            try:
+                super().start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
-
-class _ShieldedForkContext(multiprocessing.context.ForkContext):
-    Process = _ShieldedForkProcess
+    class _ShieldedForkContext(multiprocessing.context.ForkContext):
+        Process = _ShieldedForkProcess

@@ -72,9 +72,9 @@ def _pid_alive(pid):
 
 def _busy_error(folder, path, holder):
     holder = holder or {}
+    command = f" ({holder['command']})" if holder.get('command') else ''
     who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started "
-           f"{holder.get('started', '?')}" + (f" ({holder['command']})" if holder.get('command')
-                                              else ''))
+           f"{holder.get('started', '?')}{command}")
     return OutputFolderBusy(
         f"The output folder {folder} is in use by another run: {who}. Two runs in one folder "
         f"overwrite each other's checkpoints, config and log. Give this run its own folder with "
@@ -127,7 +127,7 @@ def acquire_output_folder(folder):
 
 
 def _lock(fd, folder, path):
-    """(content of a lock left behind, whether the kernel lock is held) or raise OutputFolderBusy."""
+    """(content of a lock left behind, whether the kernel lock is held); or OutputFolderBusy."""
     if fcntl is not None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
