@@ -75,10 +75,10 @@ def test_repeated_opts_groups_all_apply_in_order():
 
 
 def test_base_given_as_one_string(tmp_path):
-    (tmp_path / 'base.yaml').write_text('DATA:\n  IMG_SIZE: 96\n  MASK_PATCH_SIZE: 16\n')
-    (tmp_path / 'child.yaml').write_text("BASE: base.yaml\nTAG: child\n")
+    (tmp_path / 'base.yaml').write_text('DATA:\n  MASK_PATCH_SIZE: 16\nTAG: base\n')
+    (tmp_path / 'child.yaml').write_text("BASE: base.yaml\nTRAIN:\n  EPOCHS: 3\n")
     config = load_config(str(tmp_path / 'child.yaml'))
-    assert config.DATA.IMG_SIZE == 96 and config.TAG == 'child'
+    assert config.DATA.MASK_PATCH_SIZE == 16 and config.TAG == 'base' and config.TRAIN.EPOCHS == 3
 
 
 def test_local_rank_flag_spellings():
