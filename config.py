@@ -48,8 +48,8 @@ _C.DATA.INTERPOLATION = 'bicubic'  # fine-tune transforms: random, bilinear, bic
 _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
 _C.DATA.PERSISTENT_WORKERS = True
-# What to do with a file that cannot be decoded: 'skip' (warn with its path, count it, use the next
-# readable image) or 'error' (stop with its path).
+# What to do with a file that cannot be decoded: 'skip' (use the next readable image; the log
+# names each such file once, after the epoch that found it) or 'error' (stop with its path).
 _C.DATA.ON_BAD_IMAGE = 'skip'
 # How images that are not 8-bit RGB become RGB: 'careful' composites transparency onto white and
 # scales 16-bit / float grey to 8 bits; 'official' is PIL's convert('RGB') as the official loaders

@@ -103,9 +103,10 @@ def main(config, dist_info, logger, writer):
         trainer.max_accuracy = max(trainer.max_accuracy, acc1)
         logger.info(f'Max accuracy: {trainer.max_accuracy:.2f}%')
         if writer is not None:
-            writer.add_scalar('val/acc1', acc1, epoch)
-            writer.add_scalar('val/acc5', acc5, epoch)
-            writer.add_scalar('val/loss', loss, epoch)
+            step = (epoch + 1) * trainer.steps_per_epoch - 1  # the training scalars' axis
+            writer.add_scalar('val/acc1', acc1, step)
+            writer.add_scalar('val/acc5', acc5, step)
+            writer.add_scalar('val/loss', loss, step)
 
     logger.info('Start training')
     trainer.fit(start_epoch, start_step, after_epoch=validate)

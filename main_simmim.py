@@ -21,7 +21,8 @@ def main(config, dist_info, logger, writer):
                             dist_info, writer, PRETRAIN)
     visualize = None
     if config.VIS_FREQ and dist_info.is_main:
-        visualize = ReconstructionLogger(config, data.train_set, model, dist_info.device, writer)
+        visualize = ReconstructionLogger(config, data.train_set, model, dist_info.device, writer,
+                                         steps_per_epoch=len(data.train_loader))
     start_epoch, start_step = trainer.resume()
     logger.info('Start training')
     trainer.fit(start_epoch, start_step, after_epoch=visualize)

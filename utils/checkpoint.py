@@ -15,11 +15,13 @@ import glob
 import os
 import random
 import re
+import secrets
 
 import numpy as np
 import torch
 
-from utils.errors import CheckpointError, CheckpointWriteError  # noqa: F401  (re-exported)
+from utils.errors import (CheckpointError, CheckpointWriteError,  # noqa: F401  (re-exported)
+                          IncompatibleCheckpointError)
 from utils.official_checkpoint import load_optimizer_state
 from utils.pretrained import load_full_state_dict
 from utils.safe_load import load_checkpoint_file
@@ -27,6 +29,7 @@ from utils.safe_load import load_checkpoint_file
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ('model', 'optimizer', 'lr_scheduler', 'epoch')
 _STEP_NAME = re.compile(r'ckpt_epoch_(\d+)_step_(\d+)\.pth$')
+_EPOCH_NAME = re.compile(r'ckpt_epoch_(\d+)\.pth')
 
 
 def epoch_checkpoint_path(output_dir, epoch):
@@ -41,12 +44,13 @@ def atomic_save(obj, path):
     """Write `obj` to `path` so that a crash at any moment leaves either the old file or the new.
 
     The bytes go to a temporary file in the same folder, which is flushed, fsynced and renamed over
-    `path`; the folder is fsynced so the rename itself survives a power loss.
+    `path`; the folder is fsynced so the rename itself survives a power loss. The temporary name is
+    unique per call (``{path}.{random}.tmp``), so two writers never share one.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = f'{path}.tmp'
+    tmp = f'{path}.{secrets.token_hex(6)}.tmp'
     try:
-        with open(tmp, 'wb') as f:
+        with open(tmp, 'xb') as f:  # exclusive create; permissions follow the umask
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -57,7 +61,7 @@ def atomic_save(obj, path):
         finally:
             os.close(dir_fd)
     except OSError as e:
-        if os.path.exists(tmp):
+        if os.path.exists(tmp) and not isinstance(e, FileExistsError):
             os.remove(tmp)
         reason = 'the disk is full' if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
         raise CheckpointWriteError(
@@ -148,29 +152,67 @@ def verify_checkpoint(path):
     return checkpoint
 
 
+def checkpoint_position(path):
+    """The (epoch, step) where training continues from the checkpoint file `path`, read from its
+    name: ``ckpt_epoch_{e}.pth`` -> (e + 1, 0), ``ckpt_epoch_{e}_step_{k}.pth`` -> (e, k); None for
+    other names."""
+    name = os.path.basename(path)
+    match = _STEP_NAME.fullmatch(name)
+    if match:
+        return int(match.group(1)), int(match.group(2))
+    match = _EPOCH_NAME.fullmatch(name)
+    return (int(match.group(1)) + 1, 0) if match else None
+
+
+def _recorded_position(checkpoint):
+    position = checkpoint.get('position')
+    if isinstance(position, dict) and {'epoch', 'step'} <= position.keys():
+        return int(position['epoch']), int(position['step'])
+    return int(checkpoint['epoch']) + 1, 0  # official checkpoints: the last completed epoch
+
+
 def find_resume_checkpoint(output_dir, logger):
-    """The newest checkpoint in `output_dir` that loads and has the resume keys, with its dict.
+    """The checkpoint in `output_dir` that continues furthest, with its dict.
 
     Candidates are ``ckpt_epoch_*.pth`` files (so a weights-only ``model_best.pth`` is never taken),
-    newest modification time first as in the official auto-resume; a file that fails verification
-    is skipped with a warning saying why. Returns (None, None) if none is usable.
+    ordered by the position their names give, furthest first; modification times are ignored, since
+    a copy, an rsync or a `touch` changes them. A candidate must load, have the resume keys and
+    record the position its name gives; one that fails is skipped with a warning saying why.
+    Returns (None, None) if none is usable.
     """
-    candidates = sorted(glob.glob(os.path.join(output_dir, 'ckpt_epoch_*.pth')),
-                        key=os.path.getmtime, reverse=True)
-    for path in candidates:
+    candidates = [(checkpoint_position(p), p)
+                  for p in glob.glob(os.path.join(output_dir, 'ckpt_epoch_*.pth'))]
+    for position, path in sorted((c for c in candidates if c[0] is not None), reverse=True):
         try:
-            return path, verify_checkpoint(path)
-        except CheckpointError as e:
+            checkpoint = verify_checkpoint(path)
+            recorded = _recorded_position(checkpoint)
+        except (CheckpointError, KeyError, TypeError, ValueError) as e:
             logger.warning(f"auto-resume: skipping {path}: {e}")
+            continue
+        if recorded != position:
+            logger.warning(f"auto-resume: skipping {path}: its name says epoch {position[0]}, step "
+                           f"{position[1]} but it records epoch {recorded[0]}, step {recorded[1]} "
+                           f"(renamed or copied over?).")
+            continue
+        return path, checkpoint
     return None, None
 
 
 def load_training_state(checkpoint, model, optimizer, lr_scheduler, scaler, logger, rank=0,
-                        world_size=1, config=None):
+                        world_size=1, config=None, path='', found_in=None):
     """Restore everything a resume needs from `checkpoint` (ours, or official: see
-    utils/official_checkpoint.py); return (epoch, step, max_accuracy, train_state) where
-    (epoch, step) is the position where training continues."""
-    load_full_state_dict(model, checkpoint['model'], 'The resume checkpoint')
+    utils/official_checkpoint.py; read from `path`; `found_in`: the folder auto-resume found it in,
+    None for --resume); return (epoch, step, max_accuracy, train_state) where (epoch, step) is the
+    position where training continues."""
+    try:
+        load_full_state_dict(model, checkpoint['model'], f'The resume checkpoint {path}'.rstrip())
+    except IncompatibleCheckpointError as e:
+        if found_in:
+            fix = (f"Auto-resume found it in {found_in}, so that folder holds a run of another "
+                   f"model. Give this run its own folder with --tag NAME or --output DIR.")
+        else:
+            fix = "Pass a checkpoint of this config's model, or set MODEL.* to match the checkpoint."
+        raise CheckpointError(f"{e} {fix}") from None
     load_optimizer_state(optimizer, checkpoint, model, config, logger)
     changes = lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
     if changes:

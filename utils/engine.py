@@ -25,6 +25,7 @@ from utils.checkpoint_protocol import choose_resume_checkpoint, save_on_main_ran
 from utils.distributed import all_reduce_max, broadcast_batchnorm_stats, wrap_ddp
 from utils.errors import EXIT_NONFINITE, NonFiniteLossError, Preempted  # noqa: F401  (re-exported)
 from utils.preemption import PreemptionHandler
+from utils.run_folder import finished_message, record_config
 from utils.tasks import PRETRAIN
 from utils.train_stats import (EpochStats, NonFiniteCounter, peak_memory_mb, progress_line,
                                write_train_scalars)
@@ -112,9 +113,10 @@ class Trainer:
         if path is None:
             logger.info(f'no checkpoint found in {config.OUTPUT}, training from the start')
             return config.TRAIN.START_EPOCH, 0
+        found_in = config.OUTPUT if path != config.MODEL.RESUME else None
         epoch, step, max_accuracy, train_state = load_training_state(
             checkpoint, self.model_without_ddp, self.optimizer, self.lr_scheduler, self.scaler,
-            logger, self.dist.rank, self.dist.world_size, config)
+            logger, self.dist.rank, self.dist.world_size, config, path=path, found_in=found_in)
         self.load_train_state(train_state, max_accuracy)
         self.last_checkpoint = path
         logger.info(f'resumed from {path}: continuing at epoch {epoch}, step {step}')
@@ -124,6 +126,11 @@ class Trainer:
     def fit(self, start_epoch, start_step=0, after_epoch=None):
         """Train from (start_epoch, start_step) to TRAIN.EPOCHS, checkpointing as configured."""
         config = self.config
+        if start_epoch >= config.TRAIN.EPOCHS:
+            self.logger.info(finished_message(config, self.last_checkpoint))
+            return
+        if self.dist.is_main:
+            record_config(config, self.logger)  # only now: this config is known to start
         self.preemption.install()
         try:
             start_time = time.time()
@@ -184,7 +191,11 @@ class Trainer:
         self.skipped_total += stats.skipped_in_epoch()
         broadcast_batchnorm_stats(self.model_without_ddp)  # every rank evaluates and saves the same
         took = datetime.timedelta(seconds=int(time.perf_counter() - epoch_start))
-        self.logger.info(f'EPOCH {epoch} training takes {took}')
+        self.logger.info(f'EPOCH {epoch} training takes {took}, loss avg '
+                         f'{stats.read()["loss_avg"]:.4f}')
+        bad_images = getattr(self.data_loader.dataset, 'unreadable_report', lambda: '')()
+        if bad_images:
+            self.logger.warning(f'EPOCH {epoch}: {bad_images}')
 
     def _optimizer_step(self, loss_since_update):
         """Clip, step unless non-finite, zero the gradients; return the pre-clip gradient norm and
@@ -253,9 +264,10 @@ class Trainer:
         lr = self.optimizer.param_groups[-1]['lr']
         images_per_sec = window_steps * config.DATA.BATCH_SIZE * self.dist.world_size / max(elapsed, 1e-9)
         data_fraction = data_time / max(elapsed, 1e-9)
+        steps_left = (config.TRAIN.EPOCHS - epoch - 1) * num_steps + num_steps - idx - 1
         self.logger.info(progress_line(epoch, config.TRAIN.EPOCHS, idx, num_steps, values, lr,
                                        step_time, avg_time, data_fraction, images_per_sec,
-                                       peak_memory_mb(self.device)))
+                                       peak_memory_mb(self.device), steps_left))
         if self.writer is not None:
             write_train_scalars(self.writer, epoch * num_steps + idx, {
                 'loss': values['loss'], 'lr': lr, 'grad_norm': values['grad_norm'],

@@ -64,10 +64,17 @@ class LoadReport:
 def unwrap_state_dict(obj):
     """The state dict inside a checkpoint object ({'model': sd}, 'state_dict', 'module', or sd)."""
     for key in ('model', 'state_dict', 'module'):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+        if isinstance(obj, dict) and key in obj:
+            if not isinstance(obj[key], dict):
+                raise IncompatibleCheckpointError(
+                    f"The checkpoint's '{key}' entry is a {type(obj[key]).__name__}, not a state "
+                    f"dict ({{parameter name: tensor}}); it was not saved from a model's "
+                    f"state_dict(). Re-save it with torch.save({{'{key}': model.state_dict()}}, "
+                    f"path).")
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(hasattr(v, 'shape') for v in obj.values()):
+    if (not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj)
+            or not all(hasattr(v, 'shape') for v in obj.values())):
         raise IncompatibleCheckpointError(
             "The checkpoint holds no state dict: expected {'model': state_dict}, "
             "{'state_dict': ...}, {'module': ...} or a bare {name: tensor} mapping.")
@@ -192,7 +199,10 @@ def load_full_state_dict(model, checkpoint, source):
     the message (e.g. '--resume checkpoint /path')."""
     model = unwrap_model(model)
     model_state = model.state_dict()  # rebuilt buffers are not persistent, so not in here
-    sd = canonical_keys(unwrap_state_dict(checkpoint))
+    try:
+        sd = canonical_keys(unwrap_state_dict(checkpoint))
+    except IncompatibleCheckpointError as e:
+        raise IncompatibleCheckpointError(f"{source}: {e}") from None
     mismatched = shape_mismatches(sd, model_state)
     if mismatched:
         raise IncompatibleCheckpointError(

@@ -24,6 +24,10 @@ def load_checkpoint_file(path, purpose='checkpoint'):
     """
     if not path:
         raise CheckpointError(f"No {purpose} path given.")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{purpose}: {path} is a folder, not a checkpoint file. Pass the file "
+                              f"itself, e.g. {os.path.join(path, 'ckpt_epoch_N.pth')} (a run's "
+                              f"folder is resumed by running its command again, with auto-resume).")
     if not os.path.isfile(path):
         raise CheckpointError(f"{purpose}: file not found: {path}. Check the path.")
     if os.path.getsize(path) == 0:
@@ -47,7 +51,10 @@ def load_checkpoint_file(path, purpose='checkpoint'):
 
 
 def _unreadable(path, purpose, error):
-    detail = str(error).splitlines()[0] if str(error) else ''
+    first_line = str(error).splitlines()[0] if str(error) else ''
+    detail = first_line.split('. ')[0]
+    if 'weights_only' in first_line:  # torch's advice to load unsafely; the bytes are no pickle
+        detail = 'its bytes are not a pickled checkpoint'
     return CheckpointError(
         f"{purpose}: {path} is not a readable PyTorch checkpoint (truncated or not a checkpoint "
         f"at all: {type(error).__name__}: {detail}). Use an earlier checkpoint or re-download "
