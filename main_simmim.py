@@ -9,6 +9,7 @@ from data import build_loader
 from models import build_model
 from utils.engine import PretrainTask, build_trainer
 from utils.launch import run
+from utils.pretrained import load_pretrained
 from utils.visualize import ReconstructionLogger
 
 
@@ -21,6 +22,8 @@ def main(config, dist_info, logger, writer):
     if config.VIS_FREQ and dist_info.is_main:
         visualize = ReconstructionLogger(config, dataset, model, dist_info.device, writer)
     start_epoch, start_step = trainer.resume()
+    if trainer.last_checkpoint is None and config.MODEL.PRETRAINED:
+        load_pretrained(config, model.encoder, logger)  # e.g. timm:NAME: start from other weights
     logger.info('Start training')
     trainer.fit(start_epoch, start_step, after_epoch=visualize)
 

@@ -16,7 +16,6 @@ what the model sees and what the grid shows.
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 import torch
@@ -25,12 +24,14 @@ from torchvision import transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import load_config, model_patch_size  # noqa: E402
+from config import model_patch_size  # noqa: E402
 from data import ImageFolderDataset, SyntheticShapes, sample_seed  # noqa: E402
 from data.masking import (MASK_GENERATORS, build_mask_generator,  # noqa: E402
                           pixel_mask_to_patches)
 from data.transforms import normalize  # noqa: E402
 from models import build_model  # noqa: E402
+from utils.checkpoint_contents import checkpoint_config  # noqa: E402
+from utils.cli import run_tool  # noqa: E402
 from utils.pretrained import drop_rebuilt_buffers, unwrap_state_dict  # noqa: E402
 from utils.safe_load import load_checkpoint_file  # noqa: E402
 from utils.visualize import reconstruct_images, reconstruction_grid, save_png  # noqa: E402
@@ -40,17 +41,7 @@ def load_model(checkpoint_path, cfg=None, opts=()):
     """(config, SimMIM model with the checkpoint's weights) for `checkpoint_path`; the config is
     `cfg` if given, else the one stored in the checkpoint."""
     checkpoint = load_checkpoint_file(checkpoint_path, '--checkpoint')
-    if cfg is None:
-        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('config'), str):
-            raise SystemExit(f"{checkpoint_path} stores no config; pass the pre-training --cfg.")
-        with tempfile.NamedTemporaryFile('w', suffix='.yaml', delete=False) as f:
-            f.write(checkpoint['config'])
-        try:
-            config = load_config(f.name, opts)
-        finally:
-            os.remove(f.name)
-    else:
-        config = load_config(cfg, opts)
+    config = checkpoint_config(checkpoint, cfg, opts, is_pretrain=True, source=checkpoint_path)
     state_dict = drop_rebuilt_buffers(unwrap_state_dict(checkpoint))
     model = build_model(config, is_pretrain=True)
     model.load_state_dict({k.removeprefix('module.'): v for k, v in state_dict.items()})
@@ -143,4 +134,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_tool(main))

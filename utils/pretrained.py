@@ -139,10 +139,16 @@ def _resize_tables(sd, model_state, num_extra_tokens, patch_grid, logger):
 # -----------------------------------------------------------------------------------------------
 
 
+def rename_released_keys(state_dict):
+    """Names of released checkpoints that differ from the code's (SwinV2 rpe_mlp -> cpb_mlp,
+    Swin-Transformer issue #271)."""
+    return {k.replace('rpe_mlp', 'cpb_mlp'): v for k, v in state_dict.items()}
+
+
 def remap_swin(state_dict, model_state, patch_grid=None, logger=None):
     """Swin / SwinV2: released SwinV2 names (rpe_mlp -> cpb_mlp), index buffers dropped, relative
     position tables and absolute_pos_embed resized to the model's window / image size."""
-    sd = drop_rebuilt_buffers({k.replace('rpe_mlp', 'cpb_mlp'): v for k, v in state_dict.items()})
+    sd = drop_rebuilt_buffers(rename_released_keys(state_dict))
     _resize_tables(sd, model_state, 0, None, logger)
     _resize_pos_embed_key(sd, model_state, 'absolute_pos_embed', 0, patch_grid, logger)
     return sd
@@ -265,12 +271,17 @@ def _patch_grid(model):
 def load_pretrained(config, model, logger=None):
     """Load config.MODEL.PRETRAINED into `model` (strict=False after adapting names and shapes)
     and log what was loaded, what is newly initialised and what was ignored. Returns a
-    LoadReport; raises IncompatibleCheckpointError for a checkpoint of another model."""
+    LoadReport; raises IncompatibleCheckpointError for a checkpoint of another model.
+    'timm:NAME_OR_FOLDER' reads a timm model's weights (utils.timm_io) under our names."""
     path = config.MODEL.PRETRAINED
     _log(logger, f"Loading pre-trained weights for fine-tuning from {path}")
     model = unwrap_model(model)
     model_state = model.state_dict()
-    checkpoint = load_checkpoint_file(path, 'MODEL.PRETRAINED')
+    if path.startswith('timm:'):
+        from utils.timm_io import read_timm_checkpoint  # imported here: it imports this module
+        checkpoint = read_timm_checkpoint(path[len('timm:'):], config.MODEL.TYPE)
+    else:
+        checkpoint = load_checkpoint_file(path, 'MODEL.PRETRAINED')
     sd = adapt_state_dict(checkpoint, model_state, config.MODEL.TYPE, _patch_grid(model), logger)
     check_compatible(sd, model_state)
     result = model.load_state_dict(sd, strict=False)
