@@ -273,22 +273,24 @@ def test_bad_input_gets_one_paragraph_and_exit_code_2(tmp_path, capsys):
     (tmp_path / 'vit.yaml').write_text(CONFIGS['vit'])
     (tmp_path / 'file').write_text('')
     (tmp_path / 'shards').mkdir()
+    out = str(tmp_path / 'out')
     cases = [
-        ([str(tmp_path / 'missing.pth'), '--to', 'timm', 'out'], 'file not found'),
-        ([str(tmp_path / 'text.pth'), '--to', 'timm', 'out'], 'not a readable PyTorch checkpoint'),
-        ([str(tmp_path / 'resnet.pth'), '--to', 'timm', 'out'], "MODEL.TYPE 'resnet'"),
-        ([good, '--cfg', str(tmp_path / 'vit.yaml'), '--to', 'timm', 'out'],
+        ([str(tmp_path / 'missing.pth'), '--to', 'timm', out], 'file not found'),
+        ([str(tmp_path / 'text.pth'), '--to', 'timm', out], 'not a readable PyTorch checkpoint'),
+        ([str(tmp_path / 'resnet.pth'), '--to', 'timm', out], "MODEL.TYPE 'resnet'"),
+        ([good, '--cfg', str(tmp_path / 'vit.yaml'), '--to', 'timm', out],
          'do not fit timm.*--cfg'),
         ([good, '--to', 'timm', str(tmp_path / 'file' / 'out')], 'Cannot write to'),
         ([good, '--to', 'safetensors', str(tmp_path / 'file' / 'x.safetensors')],
          'Cannot write to'),
-        ([str(tmp_path / 'shards'), '--to', 'timm', 'out'], 'Sharded checkpoint directories'),
+        ([str(tmp_path / 'shards'), '--to', 'timm', out], 'Sharded checkpoint directories'),
     ]
     for argv, message in cases:
         assert export(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith('Error: ') and 'Traceback' not in err
         assert re.search(message, err), (message, err)
+        assert not os.path.exists(out)  # a failed export leaves nothing behind
 
 
 def test_failed_export_leaves_an_earlier_export_intact(tmp_path):

@@ -217,3 +217,21 @@ def test_timm_vit_key_bias_is_dropped_without_changing_outputs(tmp_path):
     x = images(config)
     with torch.no_grad():
         assert relative_difference(model(x), timm_model(x)) < 1e-5
+
+
+@pytest.mark.parametrize('architecture, args, message', [
+    ('test_resnet', {}, 'has no counterpart here'),
+    ('vit_base_patch16_224', dict(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2,
+                                  reg_tokens=1), 'register tokens'),
+    ('beit_base_patch16_224', dict(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2,
+                                   scale_mlp=True), 'no place for blocks.*.mlp.norm.weight'),
+])
+def test_timm_model_our_layout_cannot_hold_is_refused_and_nothing_written(
+        tmp_path, capsys, architecture, args, message):
+    folder = str(tmp_path / 'timm')
+    timm.models.save_for_hf(timm.create_model(architecture, num_classes=0, **args), folder,
+                            model_args=args, safe_serialization=True)
+    assert import_timm([folder, str(tmp_path / 'ours.pth')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('Error: ') and message in err, err
+    assert not os.path.exists(tmp_path / 'ours.pth')

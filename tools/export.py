@@ -31,10 +31,10 @@ from utils.cli import ToolFailure, run_tool  # noqa: E402
 from utils.pretrained import summarize_keys, unwrap_state_dict  # noqa: E402
 from utils.safe_load import load_checkpoint_file  # noqa: E402
 from utils.safetensors_io import SCALAR_KEYS, save_safetensors_checkpoint  # noqa: E402
-from utils.timm_io import export_timm_folder, output_difference  # noqa: E402
+from utils.timm_io import (MAX_RELATIVE_DIFFERENCE, export_timm_folder,  # noqa: E402
+                           output_difference)
 
 FORMATS = ('timm', 'safetensors')
-MAX_RELATIVE_DIFFERENCE = 1e-4  # float32 round-off between two attention implementations
 
 
 def export_timm(checkpoint, args, out_dir):

@@ -19,10 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import ConfigError  # noqa: E402
 from utils.checkpoint import atomic_save  # noqa: E402
-from utils.cli import run_tool  # noqa: E402
+from utils.checkpoint_contents import load_config_text  # noqa: E402
+from utils.cli import ToolFailure, run_tool  # noqa: E402
 from utils.safetensors_io import save_safetensors_checkpoint  # noqa: E402
 from utils.timm_interop import UnsupportedInTimm  # noqa: E402
-from utils.timm_io import load_timm_model, timm_config_yaml, timm_weights  # noqa: E402
+from utils.timm_io import (MAX_RELATIVE_DIFFERENCE, load_timm_model,  # noqa: E402
+                           output_difference, timm_config_yaml, timm_weights)
 
 
 def _main(argv):
@@ -43,15 +45,20 @@ def _main(argv):
     try:
         model_type, state_dict = timm_weights(timm_model, spec=args.source)
         config_text = timm_config_yaml(timm_model)
+        difference = output_difference(load_config_text(config_text), state_dict, timm_model)
     except UnsupportedInTimm as e:
         raise UnsupportedInTimm(f"{args.source}: {e}") from None
+    if not difference <= MAX_RELATIVE_DIFFERENCE:
+        raise ToolFailure(f"Our model built from {args.source} differs from timm's by "
+                          f"{difference:.1e} (relative); the import is wrong. Please report it.")
     if args.out_file.endswith('.safetensors'):
         save_safetensors_checkpoint(args.out_file, state_dict, config_text)
     else:
         atomic_save({'model': state_dict, 'config': config_text}, args.out_file)
     print(f"Wrote {args.out_file}: timm's {type(timm_model).__name__} as MODEL.TYPE {model_type} "
           f"({len(state_dict)} tensors, {timm_model.num_classes or 'no'} classes) with its "
-          f"config. Fine-tune from it with --pretrained {args.out_file}.")
+          f"config; our output vs timm's on a random batch: max relative difference "
+          f"{difference:.1e}. Fine-tune from it with --pretrained {args.out_file}.")
     return 0
 
 

@@ -37,18 +37,18 @@ def step_checkpoint_path(output_dir, epoch, step):
     return os.path.join(output_dir, f'ckpt_epoch_{epoch}_step_{step}.pth')
 
 
-def atomic_save(obj, path, write=torch.save):
+def atomic_save(obj, path, write=None):
     """Write `obj` to `path` so that a crash at any moment leaves either the old file or the new.
 
     The bytes go to a temporary file in the same folder, which is flushed, fsynced and renamed over
     `path`; the folder is fsynced so the rename itself survives a power loss. `write(obj, file)`
-    produces the bytes (torch.save; utils.safetensors_io passes its own).
+    produces the bytes: torch.save (looked up at call time) unless given.
     """
     folder = os.path.dirname(os.path.abspath(path))
     tmp = f'{path}.tmp'
     try:
         with open(tmp, 'wb') as f:
-            write(obj, f)
+            (write or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

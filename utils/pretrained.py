@@ -274,7 +274,7 @@ def load_pretrained(config, model, logger=None):
     LoadReport; raises IncompatibleCheckpointError for a checkpoint of another model.
     'timm:NAME_OR_FOLDER' reads a timm model's weights (utils.timm_io) under our names."""
     path = config.MODEL.PRETRAINED
-    _log(logger, f"Loading pre-trained weights for fine-tuning from {path}")
+    _log(logger, f"Loading pre-trained weights from {path}")
     model = unwrap_model(model)
     model_state = model.state_dict()
     if path.startswith('timm:'):

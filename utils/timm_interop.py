@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple
 
 import timm
 import torch
+from timm.layers import to_2tuple
 from timm.models.beit import Beit
 from timm.models.swin_transformer import SwinTransformer as TimmSwin
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
@@ -110,21 +111,21 @@ def _swin_from_timm(state_dict):
 
 
 def _one_window(model):
-    """The window of every stage of a timm Swin (ours has one); clamped stages are recomputed."""
-    windows = {tuple(w) if isinstance(w, (tuple, list)) else (w, w)
-               for w in getattr(model, '_ref_window_sizes', ())}
-    _require(len(windows) == 1 and len(next(iter(windows))) == 2 and
-             next(iter(windows))[0] == next(iter(windows))[1],
-             f"The timm model uses the windows {sorted(windows)}; MODEL.SWIN.WINDOW_SIZE is one "
-             f"square window for all stages.")
+    """The window of a timm Swin (ours has one for all stages; both clamp it on small maps)."""
+    windows = {tuple(to_2tuple(w)) for w in model._ref_window_sizes}  # as built, before clamping
+    _require(len(windows) == 1 and len(set(*windows)) == 1,
+             f"The timm model's windows are {sorted(windows)}; MODEL.SWIN.WINDOW_SIZE is one square "
+             f"window for all stages.")
     return next(iter(windows))[0]
 
 
 def _swin_family_config(model, key):
     _require(not model.dynamic_img_size, "The timm Swin has a dynamic image size; ours is fixed.")
-    _require(model.global_pool in ('avg', ''), f"timm global_pool '{model.global_pool}': our Swin "
-                                               f"average-pools.")
+    _require(model.global_pool == 'avg' or not model.num_classes,
+             f"timm global_pool '{model.global_pool}': our Swin classifier average-pools.")
     first = model.layers[0].blocks[0]
+    _require(not first.always_partition, "The timm Swin always partitions into full windows; ours "
+                                         "shrinks a window to a smaller feature map.")
     embed = model.patch_embed
     _require(embed.patch_size[0] == embed.patch_size[1] and embed.img_size[0] == embed.img_size[1],
              f"timm patch {embed.patch_size} / image {embed.img_size} are not square.")

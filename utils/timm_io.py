@@ -30,10 +30,10 @@ from utils.pretrained import IncompatibleCheckpointError, summarize_keys
 from utils.safe_load import CheckpointError
 from utils.timm_interop import TIMM_INTEROP, UnsupportedInTimm, model_type_of
 
-TIMM_PREFIX = 'timm:'  # MODEL.PRETRAINED timm:NAME_OR_FOLDER
 WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')  # timm's names on the Hugging Face hub
 EVAL_CROP_PCT = 224 / 256  # TEST.CROP: resize to 256/224 of the input size, centre-crop
-EVAL_INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest')
+MAX_RELATIVE_DIFFERENCE = 1e-4  # float32 round-off between two attention implementations
+INTERPOLATIONS = ('bilinear', 'bicubic')  # DATA.INTERPOLATION at evaluation ('random' is bilinear)
 
 
 def interop_for(model_type):
@@ -48,7 +48,7 @@ def eval_data_config(config, in_chans):
     crop = config.TEST.CROP and config.DATA.IMG_SIZE > 32
     interpolation = config.DATA.INTERPOLATION
     return dict(input_size=(in_chans, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE),
-                interpolation=interpolation if interpolation in EVAL_INTERPOLATIONS else 'bilinear',
+                interpolation=interpolation if interpolation in INTERPOLATIONS else 'bilinear',
                 crop_pct=EVAL_CROP_PCT if crop else 1.0, crop_mode='center' if crop else 'squash',
                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
@@ -81,12 +81,14 @@ def export_timm_folder(config, state_dict, out_dir, info=None):
     timm's own save_for_hf writes the files (so config.json is exactly its format), into a
     staging folder first; the two files then replace any earlier export one by one. `info` goes
     into config.json's 'simmim' entry, which timm ignores."""
+    created = not os.path.isdir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
         staging = tempfile.mkdtemp(prefix='.export-', dir=out_dir)
     except OSError as e:
         raise ConfigError(f"Cannot write to {out_dir}: {e.strerror or e}. Pick a folder you can "
                           f"write to.") from None
+    done = False
     try:
         model, model_args = build_timm_model(config, state_dict)
         save_for_hf(model, staging, model_args=model_args, safe_serialization=True,
@@ -102,8 +104,11 @@ def export_timm_folder(config, state_dict, out_dir, info=None):
             json.dump(hf_config, f, indent=2)
         for name in ('model.safetensors', 'config.json'):
             os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        done = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not done:
+            os.rmdir(out_dir)  # a failed export leaves no empty folder behind
     return model
 
 
@@ -114,7 +119,15 @@ def output_difference(config, state_dict, timm_model, batch_size=2, seed=0):
     config.defrost()
     config.MODEL.NUM_CLASSES = num_classes_of(state_dict)
     ours = build_classifier(config).eval()
-    ours.load_state_dict(state_dict)
+    try:
+        missing, unexpected = ours.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # a shape differs
+        raise UnsupportedInTimm(f"The weights do not fit our {config.MODEL.TYPE} model: "
+                                f"{str(e).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise UnsupportedInTimm(
+            f"The weights do not fit our {config.MODEL.TYPE} model: it has no place for "
+            f"{summarize_keys(unexpected) or 'none'} and lacks {summarize_keys(missing) or 'none'}.")
     size = config.DATA.IMG_SIZE
     x = torch.randn(batch_size, timm_model.in_chans, size, size,
                     generator=torch.Generator().manual_seed(seed))
@@ -147,21 +160,20 @@ def _cached_weights(name, cache_dir):
 def load_timm_model(spec, cache_dir=None):
     """A timm model with weights from a folder (config.json + weights) or, for a timm model name,
     from the local Hugging Face cache only."""
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, 'config.json')):
+            raise CheckpointError(f"timm:{spec} has no config.json, so it is not a timm model "
+                                  f"folder (tools/export.py --to timm writes one).")
+        name, kwargs = f'local-dir:{spec}', {}
+    elif os.sep in spec or not timm.is_model(spec.split('.')[0]):
+        close = difflib.get_close_matches(spec, timm.list_models(), n=3)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ''
+        raise CheckpointError(f"timm:{spec} is neither a folder nor a timm model name.{hint}")
+    else:
+        name, kwargs = spec, {'pretrained_cfg_overlay': {'file': _cached_weights(spec, cache_dir)}}
     try:
-        if os.path.isdir(spec):
-            if not os.path.isfile(os.path.join(spec, 'config.json')):
-                raise CheckpointError(f"timm:{spec} has no config.json, so it is not a timm model "
-                                      f"folder (tools/export.py --to timm writes one).")
-            return timm.create_model(f'local-dir:{spec}', pretrained=True).eval()
-        if os.sep in spec or not timm.is_model(spec.split('.')[0]):
-            close = difflib.get_close_matches(spec, timm.list_models(), n=3)
-            hint = f" Did you mean {' or '.join(close)}?" if close else ''
-            raise CheckpointError(f"timm:{spec} is neither a folder nor a timm model name.{hint}")
-        path = _cached_weights(spec, cache_dir)
-        return timm.create_model(spec, pretrained=True, pretrained_cfg_overlay=dict(file=path)).eval()
+        return timm.create_model(name, pretrained=True, **kwargs).eval()
     except (RuntimeError, ValueError, OSError, KeyError) as e:  # timm's own load errors
-        if isinstance(e, CheckpointError):
-            raise
         raise CheckpointError(f"timm:{spec} could not be loaded by timm: {e}") from None
 
 
@@ -189,8 +201,7 @@ def timm_config_yaml(timm_model):
     overrides = TIMM_INTEROP[model_type_of(timm_model)].config_from_timm(timm_model)
     cfg = timm_model.pretrained_cfg
     interpolation = cfg.get('interpolation', 'bicubic')
-    overrides['DATA']['INTERPOLATION'] = (interpolation if interpolation in EVAL_INTERPOLATIONS[:2]
-                                          else 'bicubic')
+    overrides['DATA']['INTERPOLATION'] = interpolation if interpolation in INTERPOLATIONS else 'bicubic'
     overrides['TEST'] = {'CROP': cfg.get('crop_pct', EVAL_CROP_PCT) < 1}
     overrides['MODEL']['NAME'] = 'timm_import'
     text = json.dumps(overrides)  # JSON is YAML, and keeps the types the config checks
