@@ -25,9 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import ConfigError  # noqa: E402
 from utils.checkpoint_contents import checkpoint_config, encoder_weights  # noqa: E402
-from utils.cli import ToolFailure, run_tool  # noqa: E402
+from utils.cli import ToolFailure, make_folder_for, run_tool  # noqa: E402
 from utils.pretrained import summarize_keys, unwrap_state_dict  # noqa: E402
 from utils.safe_load import load_checkpoint_file  # noqa: E402
 from utils.safetensors_io import SCALAR_KEYS, save_safetensors_checkpoint  # noqa: E402
@@ -73,12 +72,7 @@ def export_safetensors(checkpoint, args, out_file):
         config_text = ''
     info = {k: checkpoint[k] for k in SCALAR_KEYS
             if isinstance(checkpoint, dict) and isinstance(checkpoint.get(k), numbers.Number)}
-    folder = os.path.dirname(os.path.abspath(out_file))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"Cannot write to {folder}: {e.strerror or e}. Pick a folder you can "
-                          f"write to.") from None
+    make_folder_for(out_file)
     save_safetensors_checkpoint(out_file, state_dict, config_text, info)
     written = load_checkpoint_file(out_file, 'the exported file')['model']
     if written.keys() != state_dict.keys() or not all(torch.equal(written[k], state_dict[k].cpu())

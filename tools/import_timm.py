@@ -17,10 +17,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import ConfigError  # noqa: E402
 from utils.checkpoint import atomic_save  # noqa: E402
 from utils.checkpoint_contents import load_config_text  # noqa: E402
-from utils.cli import ToolFailure, run_tool  # noqa: E402
+from utils.cli import ToolFailure, make_folder_for, run_tool  # noqa: E402
 from utils.safetensors_io import save_safetensors_checkpoint  # noqa: E402
 from utils.timm_interop import UnsupportedInTimm  # noqa: E402
 from utils.timm_io import (MAX_RELATIVE_DIFFERENCE, load_timm_model,  # noqa: E402
@@ -34,12 +33,7 @@ def _main(argv):
     parser.add_argument('--cache-dir', help='Hugging Face hub cache (default: $HF_HUB_CACHE or '
                                             '~/.cache/huggingface/hub)')
     args = parser.parse_args(argv)
-    folder = os.path.dirname(os.path.abspath(args.out_file))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"Cannot write to {folder}: {e.strerror or e}. Pick a folder you can "
-                          f"write to.") from None
+    make_folder_for(args.out_file)
 
     timm_model = load_timm_model(args.source, args.cache_dir)
     try:

@@ -1,5 +1,6 @@
 """Error handling of the command-line tools (tools/): a known failure prints one paragraph that
 names the problem and the fix, and returns the entry scripts' exit code; no traceback."""
+import os
 import sys
 
 from config import ConfigError
@@ -13,6 +14,16 @@ from utils.timm_interop import UnsupportedInTimm
 # config or output path.
 USAGE_ERRORS = (ConfigError, CheckpointError, IncompatibleCheckpointError, UnsupportedInTimm,
                 CheckpointWriteError)
+
+
+def make_folder_for(path):
+    """Create the folder that will hold the file `path`, or raise a ConfigError naming it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"Cannot write to {folder}: {e.strerror or e}. Pick a folder you can "
+                          f"write to.") from None
 
 
 class ToolFailure(RuntimeError):
