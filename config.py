@@ -82,7 +82,9 @@ _C.DATA.SYNTHETIC.SEED = 0  # the images are a pure function of (SEED, split, in
 _C.MODEL = CN()
 _C.MODEL.TYPE = 'swin'  # a registered architecture (models/architectures.py): swin | swinv2 | vit
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'  # logger name and output sub-folder
-_C.MODEL.PRETRAINED = ''  # checkpoint to fine-tune from (Swin-Transformer key)
+# Weights to start from (Swin-Transformer key): fine-tuning's model, or pre-training's encoder. A
+# checkpoint (.pth or .safetensors), or timm:NAME_OR_FOLDER for a timm model (utils/timm_io.py).
+_C.MODEL.PRETRAINED = ''
 _C.MODEL.RESUME = ''  # checkpoint to resume from
 # Fine-tuning classes. 0 = the number of class sub-folders found in the data (the official code
 # hard-coded 1000 for ImageNet); a non-zero value that disagrees with the data is an error.

@@ -9,6 +9,7 @@ from data import build_pretrain_data
 from models import build_simmim, model_patch_size
 from utils.engine import build_trainer
 from utils.launch import run
+from utils.pretrained import load_pretrained
 from utils.tasks import PRETRAIN, PretrainBatchLoss
 from utils.visualize import ReconstructionLogger
 
@@ -24,6 +25,8 @@ def main(config, dist_info, logger, writer):
         visualize = ReconstructionLogger(config, data.train_set, model, dist_info.device, writer,
                                          steps_per_epoch=len(data.train_loader))
     start_epoch, start_step = trainer.resume()
+    if trainer.last_checkpoint is None and config.MODEL.PRETRAINED:
+        load_pretrained(config, model.encoder, logger)  # e.g. timm:NAME: start from other weights
     logger.info('Start training')
     trainer.fit(start_epoch, start_step, after_epoch=visualize)
 

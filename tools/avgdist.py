@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import ConfigError  # noqa: E402
+from utils.errors import ConfigError  # noqa: E402
 from data.avgdist import mean_avg_dist  # noqa: E402
 from data.masking import MASK_GENERATORS  # noqa: E402
 from utils.launch import prepare_output_dir, run_tool  # noqa: E402

@@ -16,7 +16,6 @@ what the model sees and what the grid shows.
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 import torch
@@ -25,11 +24,11 @@ from torchvision import transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import load_config  # noqa: E402
 from data import ImageFolderDataset, SyntheticShapes, sample_seed  # noqa: E402
 from data.masking import MASK_GENERATORS, build_mask_generator  # noqa: E402
 from data.transforms import normalize  # noqa: E402
 from models import build_simmim, model_patch_size  # noqa: E402
+from utils.checkpoint_contents import checkpoint_config  # noqa: E402
 from utils.errors import CheckpointError, ConfigError, IncompatibleCheckpointError  # noqa: E402
 from utils.launch import prepare_output_dir, run_tool  # noqa: E402
 from utils.mask_grid import pixel_mask_to_patches  # noqa: E402
@@ -52,17 +51,7 @@ def load_model(checkpoint_path, cfg=None, opts=()):
             f"--checkpoint {checkpoint_path} is not a SimMIM pre-training checkpoint: it has no "
             f"decoder (a fine-tuned or encoder-only checkpoint?), and reconstructions need one. "
             f"Pass a ckpt_epoch_*.pth written by main_simmim.py (or an official SimMIM one).")
-    if cfg is None:
-        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('config'), str):
-            raise ConfigError(f"{checkpoint_path} stores no config; pass the pre-training --cfg.")
-        with tempfile.NamedTemporaryFile('w', suffix='.yaml', delete=False) as f:
-            f.write(checkpoint['config'])
-        try:
-            config = load_config(f.name, opts)
-        finally:
-            os.remove(f.name)
-    else:
-        config = load_config(cfg, opts)
+    config = checkpoint_config(checkpoint, cfg, opts, is_pretrain=True, source=checkpoint_path)
     model = build_simmim(config)
     load_full_state_dict(model, checkpoint, f'--checkpoint {checkpoint_path}')
     return config, model

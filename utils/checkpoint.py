@@ -10,16 +10,15 @@ Epoch checkpoints are ``ckpt_epoch_{e}.pth``; step checkpoints (CHECKPOINT.STEP_
 ``ckpt_epoch_{e}_step_{k}.pth`` and hold the position inside epoch e, so a resume continues with
 the very next batch.
 """
-import errno
 import glob
 import os
 import random
 import re
-import secrets
 
 import numpy as np
 import torch
 
+from utils.atomic_write import atomic_save  # noqa: F401  (re-exported)
 from utils.errors import (CheckpointError, CheckpointWriteError,  # noqa: F401  (re-exported)
                           IncompatibleCheckpointError)
 from utils.official_checkpoint import load_optimizer_state
@@ -38,36 +37,6 @@ def epoch_checkpoint_path(output_dir, epoch):
 
 def step_checkpoint_path(output_dir, epoch, step):
     return os.path.join(output_dir, f'ckpt_epoch_{epoch}_step_{step}.pth')
-
-
-def atomic_save(obj, path):
-    """Write `obj` to `path` so that a crash at any moment leaves either the old file or the new.
-
-    The bytes go to a temporary file in the same folder, which is flushed, fsynced and renamed over
-    `path`; the folder is fsynced so the rename itself survives a power loss. The temporary name is
-    unique per call (``{path}.{random}.tmp``), so two writers never share one.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = f'{path}.{secrets.token_hex(6)}.tmp'
-    try:
-        with open(tmp, 'xb') as f:  # exclusive create; permissions follow the umask
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        if os.path.exists(tmp) and not isinstance(e, FileExistsError):
-            os.remove(tmp)
-        reason = 'the disk is full' if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
-        raise CheckpointWriteError(
-            f"Could not write checkpoint {path}: {reason}. Nothing was overwritten: earlier "
-            f"checkpoints in {folder} are intact. Free space (or pass --output on a larger disk) "
-            f"and resume from the newest checkpoint.") from e
 
 
 def capture_rng_state():

@@ -51,6 +51,11 @@ class BadImageError(DataError):
     """An image file that cannot be decoded (with DATA.ON_BAD_IMAGE error)."""
 
 
+class ToolFailure(RuntimeError):
+    """A tool ran but its result is wrong (e.g. an export that does not reproduce the model)."""
+    exit_code = EXIT_FAILURE
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient norm."""
     exit_code = EXIT_NONFINITE
@@ -64,7 +69,8 @@ class Preempted(Exception):
 
 # Failures whose message is enough: the entry scripts show it without a traceback.
 KNOWN_ERRORS = (ConfigError, CheckpointError, CheckpointWriteError, IncompatibleCheckpointError,
-                DataError, NonFiniteLossError, Preempted, FileNotFoundError, NotADirectoryError)
+                DataError, ToolFailure, NonFiniteLossError, Preempted, FileNotFoundError,
+                NotADirectoryError)
 
 
 def exit_code_of(error):

@@ -3,7 +3,9 @@
 Every checkpoint is read with ``torch.load(weights_only=True)``. Official SimMIM checkpoints pickle
 their yacs ``CfgNode`` config; the weights-only unpickler cannot rebuild that class, so it is read
 as a plain ``OrderedDict`` through an explicit alias (the only non-tensor class we admit). Any other
-pickled object makes the load fail with a message, and its code never runs.
+pickled object makes the load fail with a message, and its code never runs. Safetensors files
+(utils.safetensors_io) hold no pickle and are recognised by their content; a directory is a
+sharded checkpoint (load_sharded_checkpoint).
 """
 import collections
 import os
@@ -25,14 +27,19 @@ def load_checkpoint_file(path, purpose='checkpoint'):
     if not path:
         raise CheckpointError(f"No {purpose} path given.")
     if os.path.isdir(path):
-        raise CheckpointError(f"{purpose}: {path} is a folder, not a checkpoint file. Pass the file "
-                              f"itself, e.g. {os.path.join(path, 'ckpt_epoch_N.pth')} (a run's "
-                              f"folder is resumed by running its command again, with auto-resume).")
+        return load_sharded_checkpoint(path, purpose)
     if not os.path.isfile(path):
         raise CheckpointError(f"{purpose}: file not found: {path}. Check the path.")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{purpose}: {path} is empty (0 bytes), probably left by a write "
                               f"that was interrupted. Use an earlier checkpoint.")
+    # Imported here: it writes through utils.checkpoint, which imports this module.
+    from utils.safetensors_io import is_safetensors_file, load_safetensors_checkpoint
+    if path.endswith('.safetensors') or is_safetensors_file(path):
+        try:
+            return load_safetensors_checkpoint(path)
+        except Exception as e:  # safetensors' own error for a damaged header or truncated data
+            raise _unreadable(path, purpose, e) from None
     try:
         with torch.serialization.safe_globals(_ALLOWED_ALIASES):
             return torch.load(path, map_location='cpu', weights_only=True)
@@ -48,6 +55,14 @@ def load_checkpoint_file(path, purpose='checkpoint'):
             f"(e.g. torch.save({{'model': state_dict}}, path)) from a trusted environment.") from None
     except Exception as e:  # truncated zip, plain text, old format with garbage, ...
         raise _unreadable(path, purpose, e) from None
+
+
+def load_sharded_checkpoint(path, purpose='checkpoint'):
+    """The checkpoint stored as a directory of shards at `path`. The one place a sharded format
+    plugs in: it must return the same dict a single file gives ({'model': ..., 'config': ...})."""
+    raise CheckpointError(f"{purpose}: {path} is a folder, not a checkpoint file. Pass the file "
+                          f"itself, e.g. {os.path.join(path, 'ckpt_epoch_N.pth')} (a run's "
+                          f"folder is resumed by running its command again, with auto-resume).")
 
 
 def _unreadable(path, purpose, error):
