@@ -168,6 +168,10 @@ _C.TRAIN.CLIP_GRAD = 5.0  # 0 or None: no clipping (the norm is still measured a
 _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 0  # <= 1: off
 _C.TRAIN.USE_CHECKPOINT = False  # gradient checkpointing, per block
+# How ranks share the model (utils/sharding.py): 'ddp' (each holds everything) or 'fsdp' (PyTorch
+# FSDP2: parameters, gradients and optimizer state sharded, one unit per block; checkpoints become
+# sharded directories, tools/convert_checkpoint.py makes single files of them).
+_C.TRAIN.SHARDING = 'ddp'
 _C.TRAIN.LAYER_DECAY = 1.0  # [SimMIM] layer-wise LR decay for fine-tuning
 # Consecutive optimizer steps with a non-finite loss or gradient norm that are skipped (parameters
 # untouched) before the run stops with an error.
@@ -268,6 +272,7 @@ MODEL_TYPES = ('swin', 'swinv2', 'vit')
 DATASETS = ('imagenet', 'folder', 'synthetic')
 SCHEDULERS = ('cosine', 'linear', 'step', 'multistep')
 OPTIMIZERS = ('adamw', 'sgd', 'lars')
+SHARDINGS = ('ddp', 'fsdp')
 
 
 class ConfigError(ValueError):
@@ -447,6 +452,8 @@ def validate_config(config, is_pretrain=True):
            f"TRAIN.LR_SCHEDULER.NAME '{config.TRAIN.LR_SCHEDULER.NAME}' is not one of {SCHEDULERS}.")
     _check(config.TRAIN.OPTIMIZER.NAME in OPTIMIZERS,
            f"TRAIN.OPTIMIZER.NAME '{config.TRAIN.OPTIMIZER.NAME}' is not one of {OPTIMIZERS}.")
+    _check(config.TRAIN.SHARDING in SHARDINGS,
+           f"TRAIN.SHARDING '{config.TRAIN.SHARDING}' is not one of {SHARDINGS}.")
     _check(config.AMP_OPT_LEVEL in ('', 'O0', 'O1', 'O2'),
            f"AMP_OPT_LEVEL must be '', O0, O1 or O2, got '{config.AMP_OPT_LEVEL}'.")
     _check(config.AMP_DTYPE in ('auto', 'bfloat16', 'float16'),

@@ -14,6 +14,7 @@ import glob
 import os
 import random
 import re
+import shutil
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from utils.safe_load import CheckpointError, load_checkpoint_file
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ('model', 'optimizer', 'lr_scheduler', 'epoch')
-_STEP_NAME = re.compile(r'ckpt_epoch_(\d+)_step_(\d+)\.pth$')
+_STEP_NAME = re.compile(r'ckpt_epoch_(\d+)_step_(\d+)(\.pth)?$')  # file, or sharded directory
 
 
 class CheckpointWriteError(RuntimeError):
@@ -103,10 +104,16 @@ def _as_tuples(value):
 def build_checkpoint(config, model, optimizer, lr_scheduler, scaler, position, max_accuracy,
                      rng_states, train_state=None):
     """The dict written to disk. `position` = (epoch, step) where training continues."""
+    return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+            **progress_state(config, lr_scheduler, scaler, position, max_accuracy, rng_states,
+                             train_state)}
+
+
+def progress_state(config, lr_scheduler, scaler, position, max_accuracy, rng_states,
+                   train_state=None):
+    """Everything of a checkpoint but the model and optimizer tensors (both layouts)."""
     epoch, step = position
     return {
-        'model': model.state_dict(),
-        'optimizer': optimizer.state_dict(),
         'lr_scheduler': lr_scheduler.state_dict(),
         'scaler': scaler.state_dict() if scaler is not None else None,
         'epoch': epoch - 1,  # the last completed epoch (official meaning)
@@ -122,12 +129,12 @@ def build_checkpoint(config, model, optimizer, lr_scheduler, scaler, position, m
 def prune_step_checkpoints(output_dir, keep):
     """Delete all but the `keep` newest step checkpoints (epoch checkpoints are never touched)."""
     found = []
-    for path in glob.glob(os.path.join(output_dir, 'ckpt_epoch_*_step_*.pth')):
+    for path in glob.glob(os.path.join(output_dir, 'ckpt_epoch_*_step_*')):
         match = _STEP_NAME.search(os.path.basename(path))
         if match:
             found.append(((int(match.group(1)), int(match.group(2))), path))
     for _, path in sorted(found)[:-keep] if keep > 0 else []:
-        os.remove(path)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)  # sharded: a directory
 
 
 def verify_checkpoint(path):
@@ -142,18 +149,21 @@ def verify_checkpoint(path):
     return checkpoint
 
 
-def find_resume_checkpoint(output_dir, logger):
+def find_resume_checkpoint(output_dir, logger, candidates=None, verify=verify_checkpoint):
     """The newest checkpoint in `output_dir` that loads and has the resume keys, with its dict.
 
     Candidates are ``ckpt_epoch_*.pth`` files (so a weights-only ``model_best.pth`` is never taken),
     newest modification time first as in the official auto-resume; a file that fails verification
-    is skipped with a warning saying why. Returns (None, None) if none is usable.
+    is skipped with a warning saying why. Returns (None, None) if none is usable. `candidates`
+    (paths, newest first) and `verify` let the sharded layout (utils/sharded_checkpoint.py) reuse
+    this.
     """
-    candidates = sorted(glob.glob(os.path.join(output_dir, 'ckpt_epoch_*.pth')),
-                        key=os.path.getmtime, reverse=True)
+    if candidates is None:
+        candidates = sorted(glob.glob(os.path.join(output_dir, 'ckpt_epoch_*.pth')),
+                            key=os.path.getmtime, reverse=True)
     for path in candidates:
         try:
-            return path, verify_checkpoint(path)
+            return path, verify(path)
         except CheckpointError as e:
             logger.warning(f"auto-resume: skipping {path}: {e}")
     return None, None
@@ -176,6 +186,11 @@ def load_training_state(checkpoint, model, optimizer, lr_scheduler, scaler, logg
             f"The resume checkpoint does not match the model (another architecture or size?): "
             f"missing {missing[:5]}, unexpected {incompatible.unexpected_keys[:5]}.")
     optimizer.load_state_dict(checkpoint['optimizer'])
+    return restore_progress(checkpoint, lr_scheduler, scaler, logger, rank, world_size)
+
+
+def restore_progress(checkpoint, lr_scheduler, scaler, logger, rank=0, world_size=1):
+    """Restore what `progress_state` saved; return (epoch, step, max_accuracy, train_state)."""
     changes = lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
     if changes:
         logger.warning('The LR schedule of this config differs from the checkpoint\'s; the config '

@@ -8,7 +8,6 @@ No step forces a host-device sync: loss and gradient-norm statistics accumulate 
 are read every PRINT_FREQ steps, and a non-finite step is skipped inside the fused optimizer kernel
 (its `found_inf` input) rather than by an `if` on the host.
 """
-import contextlib
 import datetime
 import math
 import resource
@@ -20,10 +19,14 @@ from config import amp_enabled
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer, supports_found_inf
 from utils.checkpoint import (atomic_save, build_checkpoint, capture_rng_state,
-                              epoch_checkpoint_path, find_resume_checkpoint, load_training_state,
-                              prune_step_checkpoints, step_checkpoint_path, verify_checkpoint)
-from utils.distributed import all_gather_objects, all_reduce_max, barrier, wrap_ddp
+                              epoch_checkpoint_path, load_training_state, progress_state,
+                              prune_step_checkpoints, step_checkpoint_path)
+from utils.distributed import all_gather_objects, all_reduce_max, barrier
 from utils.preemption import Preempted, PreemptionHandler
+from utils.sharded_checkpoint import (find_any_resume_checkpoint, is_sharded_checkpoint,
+                                      load_any_training_state, save_sharded_checkpoint, sharded_path,
+                                      verify_resume_checkpoint)
+from utils.sharding import full_tensor, gradient_sync, is_fsdp, wrap_model
 
 EXIT_NONFINITE = 3
 
@@ -79,14 +82,15 @@ def peak_memory_mb(device):
 
 def build_trainer(config, model, data_loader, task, logger, dist_info, writer=None,
                   is_pretrain=True):
-    """The optimizer, autocast dtype and GradScaler, DDP wrapper and LR schedule for `model` (on
-    its device already), assembled into a Trainer."""
+    """The optimizer, autocast dtype and GradScaler, DDP/FSDP wrapper and LR schedule for `model`
+    (on its device already), assembled into a Trainer."""
     logger.info(f'number of trainable params: '
                 f'{sum(p.numel() for p in model.parameters() if p.requires_grad)}')
-    optimizer = build_optimizer(config, model, logger, is_pretrain)
     amp_dtype = autocast_dtype(config, dist_info.device)
     logger.info(f'autocast: {amp_dtype or "off (fp32)"}')
-    wrapped = wrap_ddp(model, dist_info.device) if dist_info.distributed else model
+    # FSDP replaces the parameters by their shards in place, so the optimizer comes after it.
+    wrapped = wrap_model(config, model, dist_info, amp_dtype, logger)
+    optimizer = build_optimizer(config, model, logger, is_pretrain)
     lr_scheduler = build_scheduler(config, optimizer, len(data_loader))
     return Trainer(config, wrapped, model, optimizer, lr_scheduler, build_grad_scaler(amp_dtype),
                    data_loader, task, logger, dist_info, writer, amp_dtype)
@@ -126,6 +130,7 @@ class Trainer:
         self._skip_in_kernel = scaler is None and supports_found_inf(optimizer)
         self._nonfinite = _NonFiniteCounter(self.device)
         self.preemption = PreemptionHandler()
+        self.sharded_checkpoints = config.TRAIN.SHARDING == 'fsdp'  # DCP directories
 
     # ------------------------------------------------------------------ resume bookkeeping
     def train_state(self):
@@ -142,17 +147,20 @@ class Trainer:
         config, logger = self.config, self.logger
         path, checkpoint = None, None
         if config.TRAIN.AUTO_RESUME:
-            path, checkpoint = find_resume_checkpoint(config.OUTPUT, logger)
+            path, checkpoint = find_any_resume_checkpoint(config.OUTPUT, logger)
             if path and config.MODEL.RESUME and path != config.MODEL.RESUME:
                 logger.warning(f'auto-resume: using {path} instead of MODEL.RESUME {config.MODEL.RESUME}')
         if path is None and config.MODEL.RESUME:
-            path, checkpoint = config.MODEL.RESUME, verify_checkpoint(config.MODEL.RESUME)
+            path, checkpoint = config.MODEL.RESUME, verify_resume_checkpoint(config.MODEL.RESUME)
         if path is None:
             logger.info(f'no checkpoint found in {config.OUTPUT}, training from the start')
             return config.TRAIN.START_EPOCH, 0
-        epoch, step, max_accuracy, train_state = load_training_state(
-            checkpoint, self.model_without_ddp, self.optimizer, self.lr_scheduler, self.scaler,
-            logger, self.dist.rank, self.dist.world_size)
+        state = (self.model_without_ddp, self.optimizer, self.lr_scheduler, self.scaler, logger,
+                 self.dist.rank, self.dist.world_size)
+        if is_sharded_checkpoint(path) or is_fsdp(self.model):  # any layout, any world size
+            epoch, step, max_accuracy, train_state = load_any_training_state(path, checkpoint, *state)
+        else:
+            epoch, step, max_accuracy, train_state = load_training_state(checkpoint, *state)
         self.load_train_state(train_state, max_accuracy)
         self.last_checkpoint = path
         logger.info(f'resumed from {path}: continuing at epoch {epoch}, step {step}')
@@ -194,9 +202,7 @@ class Trainer:
             data_time += time.perf_counter() - fetch_start
 
             is_update = (idx + 1) % self.accumulation == 0
-            no_sync = (self.model.no_sync if self.dist.distributed and not is_update
-                       else contextlib.nullcontext)
-            with no_sync():
+            with gradient_sync(self.model, enabled=is_update):
                 with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
                     loss, batch_size = self.task(self.model, batch, device)
@@ -234,6 +240,7 @@ class Trainer:
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params
                                                        if p.grad is not None], foreach=True)
+        grad_norm = full_tensor(grad_norm)  # FSDP: the norm over all shards, as a plain tensor
         bad = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_since_update))
         bad = all_reduce_max(bad.to(torch.int32)).float()  # every rank skips the same steps
         if self.scaler is not None:
@@ -259,8 +266,8 @@ class Trainer:
             if self.dist.is_main:
                 prune_step_checkpoints(config.OUTPUT, config.CHECKPOINT.KEEP_STEP_CKPTS)
         if self.preemption.stop_requested():
-            path = step_checkpoint_path(config.OUTPUT, epoch, idx + 1)
-            self.save_checkpoint(epoch, idx + 1, path)
+            path = self.save_checkpoint(epoch, idx + 1,
+                                        step_checkpoint_path(config.OUTPUT, epoch, idx + 1))
             raise Preempted(f"Stopped by {self.preemption.signal_name} after step {idx + 1} of "
                             f"epoch {epoch}; checkpoint written to {path}. Run the same command "
                             f"again (TRAIN.AUTO_RESUME) or pass --resume {path} to continue.")
@@ -312,9 +319,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, epoch, step, path):
-        """Write the state for continuing at (epoch, step). Called on every rank (RNG states are
-        gathered); rank 0 writes. A failed write raises on every rank and keeps older files."""
+        """Write the state for continuing at (epoch, step); return the path written (a directory
+        under TRAIN.SHARDING fsdp). Called on every rank (RNG states are gathered); rank 0 writes.
+        A failed write raises on every rank and keeps older files."""
         rng_states = all_gather_objects(capture_rng_state())
+        if self.sharded_checkpoints:  # every rank writes its shards into the directory
+            path = sharded_path(path)
+            save_sharded_checkpoint(path, self.model_without_ddp, self.optimizer, progress_state(
+                self.config, self.lr_scheduler, self.scaler, (epoch, step), self.max_accuracy,
+                rng_states, self.train_state()), self.dist)
+            self.logger.info(f'{path} saved')
+            self.last_checkpoint = path
+            return path
         failed = torch.zeros(1, device=self.device)
         error = None
         if self.dist.is_main:
@@ -334,6 +350,7 @@ class Trainer:
             raise RuntimeError(f'Rank 0 failed to write {path}; see its log.')
         self.last_checkpoint = path
         barrier()
+        return path
 
 
 class _NonFiniteCounter:
