@@ -9,6 +9,7 @@ from data import build_loader
 from models import build_model
 from utils.engine import PretrainTask, build_trainer
 from utils.launch import run
+from utils.sharding import is_fsdp
 from utils.visualize import ReconstructionLogger
 
 
@@ -18,8 +19,9 @@ def main(config, dist_info, logger, writer):
     logger.debug(str(model))
     trainer = build_trainer(config, model, data_loader, PretrainTask(), logger, dist_info, writer)
     visualize = None
-    if config.VIS_FREQ and dist_info.is_main:
-        visualize = ReconstructionLogger(config, dataset, model, dist_info.device, writer)
+    if config.VIS_FREQ and (dist_info.is_main or is_fsdp(model)):  # FSDP: all ranks run forward
+        visualize = ReconstructionLogger(config, dataset, model, dist_info.device, writer,
+                                         write=dist_info.is_main)
     start_epoch, start_step = trainer.resume()
     logger.info('Start training')
     trainer.fit(start_epoch, start_step, after_epoch=visualize)
