@@ -72,6 +72,7 @@ def _step(model, optimizer, images, mask, amp_dtype):
     torch.nn.utils.clip_grad_norm_(list(model.parameters()), 5.0, foreach=True)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def _measure_rank(rank, world_size, port, case, device_type, results, steps):
@@ -84,7 +85,8 @@ def _measure_rank(rank, world_size, port, case, device_type, results, steps):
     config = load_config(os.path.join(ROOT, cfg), [*opts, 'TRAIN.USE_CHECKPOINT', str(checkpointing)])
     amp_dtype = torch.bfloat16 if device_type == 'cuda' else None
     torch.manual_seed(0)
-    model = build_model(config).to(device)
+    with torch.device(device):  # initialised in place: SwinV2-G has 3 B parameters
+        model = build_model(config)
     if sharding == 'fsdp':
         shard_model(model, amp_dtype)
     optimizer = build_optimizer(config, model)
@@ -99,7 +101,7 @@ def _measure_rank(rank, world_size, port, case, device_type, results, steps):
         peak = torch.cuda.max_memory_allocated()
         start = time.perf_counter()
         for _ in range(steps):
-            _step(model, optimizer, images, mask, amp_dtype)
+            loss = _step(model, optimizer, images, mask, amp_dtype)
         torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / steps
     else:
@@ -113,10 +115,10 @@ def _measure_rank(rank, world_size, port, case, device_type, results, steps):
             tracker.track_external(model, optimizer, images, mask)
         start = time.perf_counter()
         with tracker:
-            _step(model, optimizer, images, mask, amp_dtype)
+            loss = _step(model, optimizer, images, mask, amp_dtype)
         seconds = time.perf_counter() - start
         peak = tracker.get_tracker_snapshot('peak')[device]['Total']
-    results[rank] = (peak, batch * world_size / seconds)
+    results[rank] = (peak, batch * world_size / seconds, loss.item())
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -126,11 +128,12 @@ def _worker(rank, world_size, port, case, device_type, results, steps):
 
 
 def measure(case, device_type, steps=10):
-    """(peak bytes of the most loaded rank, images/s over all ranks) of `case`."""
+    """(peak bytes of the most loaded rank, images/s over all ranks, rank 0's last loss)."""
     ranks = case[5]
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(ranks, _free_port(), case, device_type, results, steps), nprocs=ranks)
-    return max(results[r][0] for r in range(ranks)), min(results[r][1] for r in range(ranks))
+    return (max(results[r][0] for r in range(ranks)), min(results[r][1] for r in range(ranks)),
+            results[0][2])
 
 
 def planned(case, device_type, measure_device):
@@ -152,17 +155,17 @@ def main(argv=None):
     cases = CPU_CASES if args.device == 'cpu' else GPU_CASES
     chosen = [cases[i] for i in args.cases] if args.cases else cases
     lines = ['| config | batch/rank | sharding | act. ckpt | ranks | planned GiB | measured GiB | '
-             'planned/measured | images/s |', '|---|---|---|---|---|---|---|---|---|']
+             'planned/measured | images/s | loss |', '|---|---|---|---|---|---|---|---|---|---|']
     for case in chosen:
         cfg, opts, batch, sharding, checkpointing, ranks = case
         name = os.path.basename(cfg).replace('.yaml', '') + (' (narrow)' if opts else '')
         plan = planned(case, args.device, args.device)
         try:
-            peak, speed = measure(case, args.device)
+            peak, speed, loss = measure(case, args.device)
             speed = f'{speed:.1f}' if args.device == 'cuda' else '-'  # the CPU tracker slows it
-            row = f'{peak / GIB:.3f} | {plan / peak:.2f} | {speed}'
+            row = f'{peak / GIB:.3f} | {plan / peak:.2f} | {speed} | {loss:.4f}'
         except Exception as e:  # noqa: BLE001 -- e.g. out of memory: report and go on
-            row = f'failed: {type(e).__name__} | | '
+            row = f'failed: {type(e).__name__} | | |'
         lines.append(f'| {name} | {batch} | {sharding} | {checkpointing} | {ranks} | '
                      f'{plan / GIB:.3f} | {row} |')
         print(lines[-1], flush=True)

@@ -82,6 +82,9 @@ def model_stats(config):
 # -----------------------------------------------------------------------------------------------
 # Activations
 # -----------------------------------------------------------------------------------------------
+_SCALED_DOT_PRODUCT_ATTENTION = F.scaled_dot_product_attention
+
+
 class _FusedAttentionSaves(torch.autograd.Function):
     """Attention that saves what the fused GPU kernels save (q, k, v, output, log-sum-exp), for
     measuring GPU activations on the CPU; forward only."""
@@ -89,7 +92,7 @@ class _FusedAttentionSaves(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, dropout_p, is_causal, scale):
         with torch.no_grad():
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+            out = _SCALED_DOT_PRODUCT_ATTENTION(q, k, v, attn_mask=attn_mask, scale=scale)
         log_sum_exp = q.new_empty(q.shape[:-1])
         ctx.save_for_backward(q, k, v, out, log_sum_exp,
                               *([attn_mask] if attn_mask is not None else []))
@@ -175,7 +178,6 @@ def measure_activations(cfg_path, opts=(), device='cpu', target='cuda', precisio
     on_gpu = torch.device(device).type == 'cuda'
     autocast_dtype = torch.bfloat16 if on_gpu and precision == 'bf16' else None
     scale = BF16_ACTIVATION_RATIO if precision == 'bf16' and not on_gpu and target == 'cuda' else 1.0
-    attention = F.scaled_dot_product_attention
     if target == 'cuda' and not on_gpu:
         F.scaled_dot_product_attention = _fused_attention
     try:
@@ -187,7 +189,7 @@ def measure_activations(cfg_path, opts=(), device='cpu', target='cuda', precisio
             mask = (torch.rand(batch, grid, grid, device=device) < config.DATA.MASK_RATIO).long()
             samples.append(_saved_bytes_per_block(model, blocks, images, mask, autocast_dtype))
     finally:
-        F.scaled_dot_product_attention = attention
+        F.scaled_dot_product_attention = _SCALED_DOT_PRODUCT_ATTENTION
 
     def line(one, two):
         return Linear((2 * one - two) * scale, (two - one) * scale)
