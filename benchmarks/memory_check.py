@@ -47,14 +47,15 @@ CPU_CASES = [  # (config, opts, batch, sharding, checkpointing, ranks)
     (SWINV2_B, NARROW, 4, 'fsdp', True, 2),
     (VIT_B, NARROW_VIT, 4, 'ddp', False, 1),
 ]
-GPU_CASES = [
+GPU_CASES = [  # one GPU: 'ddp' is the plain model, 'fsdp' a group of one rank
     (SWINV2_B, (), 128, 'ddp', False, 1),
-    (SWINV2_L, (), 64, 'ddp', False, 1),
-    (SWINV2_L, (), 64, 'fsdp', False, 1),
-    (SWINV2_L, (), 64, 'fsdp', True, 1),
+    (SWINV2_L, (), 128, 'ddp', False, 1),
+    (SWINV2_L, (), 128, 'fsdp', False, 1),
     (SWINV2_L, (), 128, 'fsdp', True, 1),
+    (SWINV2_H, (), 64, 'ddp', False, 1),
     (SWINV2_H, (), 64, 'fsdp', True, 1),
-    (SWINV2_G, (), 16, 'fsdp', True, 1),
+    (SWINV2_G, (), 32, 'ddp', True, 1),
+    (SWINV2_G, (), 32, 'fsdp', True, 1),
 ]
 
 
@@ -160,6 +161,8 @@ def main(argv=None):
         cfg, opts, batch, sharding, checkpointing, ranks = case
         name = os.path.basename(cfg).replace('.yaml', '') + (' (narrow)' if opts else '')
         plan = planned(case, args.device, args.device)
+        if args.device == 'cuda':
+            torch.cuda.empty_cache()  # leave the card to the measuring processes
         try:
             peak, speed, loss = measure(case, args.device)
             speed = f'{speed:.1f}' if args.device == 'cuda' else '-'  # the CPU tracker slows it

@@ -10,12 +10,10 @@ import functools
 import os
 
 import pytest
-import timm.layers.weight_init
-import torch
 
 from config import load_config
-from models import build_model
 from tests.conftest import ROOT
+from utils import memory_plan
 
 LARGE_CONFIGS = {  # config -> the paper's parameter count of its 1000-class classifier
     'configs/swin_large__800ep/simmim_pretrain__swin_large__img192_window12__800ep.yaml': 197e6,
@@ -34,15 +32,7 @@ def count(model):
 def build_on_meta(path, is_pretrain):
     opts = [] if is_pretrain else ['MODEL.NUM_CLASSES', 1000]
     config = load_config(os.path.join(ROOT, path), opts, is_pretrain=is_pretrain)
-    # Initialisation does not change a count; on the meta device timm's truncated normal alone
-    # takes seconds per model (its clamp_ runs through Python decompositions).
-    real_init = timm.layers.weight_init._trunc_normal_
-    timm.layers.weight_init._trunc_normal_ = lambda tensor, *args: tensor
-    try:
-        with torch.device('meta'):
-            return config, build_model(config, is_pretrain=is_pretrain)
-    finally:
-        timm.layers.weight_init._trunc_normal_ = real_init
+    return config, memory_plan.build_on_meta(config, is_pretrain)
 
 
 @pytest.mark.parametrize('path', sorted(LARGE_CONFIGS))

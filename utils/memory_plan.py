@@ -191,12 +191,13 @@ def measure_activations(cfg_path, opts=(), device='cpu', target='cuda', precisio
     finally:
         F.scaled_dot_product_attention = _SCALED_DOT_PRODUCT_ATTENTION
 
-    def line(one, two):
+    def line(one, two, scale=scale):
         return Linear((2 * one - two) * scale, (two - one) * scale)
 
     (saved1, inputs1), (saved2, inputs2) = samples
     per_stage = [line(saved1.get(i, 0), saved2.get(i, 0)) for i in range(len(blocks))]
-    stage_inputs = [line(inputs1[i], inputs2[i]) for i in range(len(blocks))]
+    # Block inputs are the residual stream, which autocast leaves in fp32.
+    stage_inputs = [line(inputs1[i], inputs2[i], 1.0) for i in range(len(blocks))]
     expand = lambda values: [v for v, depth in zip(values, depths) for _ in range(depth)]  # noqa: E731
     return Activations(expand(per_stage), expand(stage_inputs), line(saved1['rest'], saved2['rest']))
 

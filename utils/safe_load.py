@@ -29,7 +29,7 @@ def load_checkpoint_file(path, purpose='checkpoint'):
     if os.path.isdir(path):
         raise CheckpointError(f"{purpose}: {path} is a sharded checkpoint directory (TRAIN.SHARDING "
                               f"fsdp). Convert it to one file with `python tools/convert_checkpoint.py "
-                              f"{path} OUT.pth` and pass OUT.pth (--resume takes the directory as is).")
+                              f"{path} OUT.pth` and pass OUT.pth (resuming a training run takes the directory itself).")
     if not os.path.isfile(path):
         raise CheckpointError(f"{purpose}: file not found: {path}. Check the path.")
     if os.path.getsize(path) == 0:
