@@ -7,7 +7,8 @@ Layout (official keys first): ``model``, ``optimizer``, ``lr_scheduler``, ``scal
 
 Epoch checkpoints are ``ckpt_epoch_{e}.pth``; step checkpoints (CHECKPOINT.STEP_FREQ) are
 ``ckpt_epoch_{e}_step_{k}.pth`` and hold the position inside epoch e, so a resume continues with
-the very next batch.
+the very next batch. Under TRAIN.SHARDING fsdp the same content is a directory of that name
+without ``.pth`` (utils/sharded_checkpoint.py).
 """
 import errno
 import glob

@@ -2,14 +2,14 @@
 gradients and optimizer state sharded), chosen by TRAIN.SHARDING.
 
 FSDP uses PyTorch's own `fully_shard`, one unit per transformer block (every member of a
-`blocks` ModuleList: Swin stages, ViT, the inverse-Swin head) plus the root, which holds the rest
-(patch embedding, patch merging, norms, head, mask token). Parameter names stay the official ones,
+`blocks` ModuleList: the Swin stages, ViT) plus the root, which holds the rest (patch embedding,
+patch merging, norms, prediction head, mask token). Parameter names stay the official ones,
 so weight-decay groups, layer decay and checkpoints see the same names as under DDP.
 
-Wrapping order, innermost first: activation checkpointing (TRAIN.USE_CHECKPOINT, applied around
-each block's call inside the stage), then compiling a block (nn.Module.compile() on the block,
-which keeps the module object), then `fully_shard` on that same block, then the root. Compile
-before sharding, never after: FSDP's hooks then stay outside the compiled graph.
+Composition: a block is compiled (nn.Module.compile(), which keeps the module object) before
+`fully_shard` wraps that same block, never after, so FSDP's hooks stay outside the compiled graph.
+Activation checkpointing (TRAIN.USE_CHECKPOINT) wraps the call of the sharded block in its stage;
+its recomputation in the backward pass runs while FSDP holds that block's gathered parameters.
 
 Mixed precision follows the autocast dtype of the run (utils.engine.autocast_dtype): with bf16 the
 parameters are all-gathered and computed in bf16 while the sharded master weights, the gradient
