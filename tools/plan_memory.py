@@ -26,7 +26,7 @@ from utils.memory_plan import (GIB, estimate, largest_batch, measure_activations
 SETTINGS = [('ddp', False), ('ddp', True), ('fsdp', False), ('fsdp', True)]
 
 
-def plan_table(config, stats, activations, gpus, budget, batch, precision):
+def plan_table(stats, activations, gpus, budget, batch, precision):
     """Markdown lines: one row per (sharding, checkpointing)."""
     lines = [f'| sharding | act. ckpt | weights | grads | AdamW | activations | other | peak at '
              f'batch {batch} | fits | largest batch/GPU |', '|---|---|---|---|---|---|---|---|---|---|']
@@ -73,7 +73,7 @@ def main(argv=None):
     print(f'{config.TAG}: {stats.params / 1e6:.1f} M parameters, {args.gpus} GPU(s) of '
           f'{args.gpu_memory:g} GiB ({budget / GIB:.1f} GiB usable), {precision}, activations '
           f'measured on {args.device}; GiB per GPU:\n')
-    print('\n'.join(plan_table(config, stats, activations, args.gpus, budget, batch, precision)))
+    print('\n'.join(plan_table(stats, activations, args.gpus, budget, batch, precision)))
     return 0
 
 
