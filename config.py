@@ -186,6 +186,10 @@ _C.TRAIN.CLIP_GRAD = 5.0  # 0 or None: no clipping (the norm is still measured a
 _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 0  # <= 1: off
 _C.TRAIN.USE_CHECKPOINT = False  # gradient checkpointing, per block
+# How ranks share the model (utils/sharding.py): 'ddp' (each holds everything) or 'fsdp' (PyTorch
+# FSDP2: parameters, gradients and optimizer state sharded, one unit per block; checkpoints become
+# sharded directories, tools/convert_checkpoint.py makes single files of them).
+_C.TRAIN.SHARDING = 'ddp'
 _C.TRAIN.LAYER_DECAY = 1.0  # [SimMIM] layer-wise LR decay for fine-tuning
 # Which parameters get no weight decay (optimizer.py): 'ours' = 1-D, biases, position tables (all
 # architectures, pre-training and fine-tuning), mask tokens, SwinV2 logit_scale / cpb_mlp;

@@ -33,3 +33,8 @@ echo "exit code $?" >> "$OUT/fp16_quickstart.log"
 timeout 60 torchrun --nproc_per_node 2 main_simmim.py --cfg tests/configs/tiny_swin_pretrain.yaml \
     --output /tmp/nccl --opts TRAIN.EPOCHS 1 DATA.BATCH_SIZE 4 > "$OUT/torchrun_nccl.log" 2>&1
 echo "exit code $?" >> "$OUT/torchrun_nccl.log"
+
+# --- Scale (issue 11): the memory planner against measured peaks, FSDP overhead and images/s of
+# SwinV2-B/L/H/G (benchmarks/memory_check.py; one GPU, so FSDP runs over a group of one rank). ---
+timeout 420 python3 benchmarks/memory_check.py --device cuda --out "$OUT/memory_gpu.md" > "$OUT/memory_gpu.log" 2>&1
+echo "exit code $?" >> "$OUT/memory_gpu.log"

@@ -31,6 +31,7 @@ from utils.launch import prepare_output_dir, run_tool  # noqa: E402
 from utils.pretrained import summarize_keys, unwrap_state_dict  # noqa: E402
 from utils.safe_load import load_checkpoint_file  # noqa: E402
 from utils.safetensors_io import SCALAR_KEYS, save_safetensors_checkpoint  # noqa: E402
+from utils.sharded_checkpoint import load_any_checkpoint  # noqa: E402
 from utils.timm_io import (MAX_RELATIVE_DIFFERENCE, export_timm_folder,  # noqa: E402
                            output_difference)
 
@@ -101,7 +102,7 @@ def _main(argv):
     fmt, out = args.to
     if fmt not in FORMATS:
         parser.error(f"--to {fmt}: unknown format; use one of {', '.join(FORMATS)}.")
-    checkpoint = load_checkpoint_file(args.checkpoint, 'CHECKPOINT')
+    checkpoint = load_any_checkpoint(args.checkpoint, 'CHECKPOINT', model_only=True)
     (export_timm if fmt == 'timm' else export_safetensors)(checkpoint, args, out)
     return 0
 

@@ -8,12 +8,14 @@ GradScaler's state when the run has none, as the Swin-Transformer repo's loader 
 
 Epoch checkpoints are ``ckpt_epoch_{e}.pth``; step checkpoints (CHECKPOINT.STEP_FREQ) are
 ``ckpt_epoch_{e}_step_{k}.pth`` and hold the position inside epoch e, so a resume continues with
-the very next batch.
+the very next batch. Under TRAIN.SHARDING fsdp the same content is a directory of that name
+without ``.pth`` (utils/sharded_checkpoint.py).
 """
 import glob
 import os
 import random
 import re
+import shutil
 
 import numpy as np
 import torch
@@ -27,8 +29,9 @@ from utils.safe_load import load_checkpoint_file
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ('model', 'optimizer', 'lr_scheduler', 'epoch')
-_STEP_NAME = re.compile(r'ckpt_epoch_(\d+)_step_(\d+)\.pth$')
-_EPOCH_NAME = re.compile(r'ckpt_epoch_(\d+)\.pth')
+# Files ``ckpt_epoch_{e}[_step_{k}].pth``, or the sharded directories of those names without .pth.
+_STEP_NAME = re.compile(r'ckpt_epoch_(\d+)_step_(\d+)(\.pth)?$')
+_EPOCH_NAME = re.compile(r'ckpt_epoch_(\d+)(\.pth)?$')
 
 
 def epoch_checkpoint_path(output_dir, epoch):
@@ -76,10 +79,16 @@ def _as_tuples(value):
 def build_checkpoint(config, model, optimizer, lr_scheduler, scaler, position, max_accuracy,
                      rng_states, train_state=None):
     """The dict written to disk. `position` = (epoch, step) where training continues."""
+    return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+            **progress_state(config, lr_scheduler, scaler, position, max_accuracy, rng_states,
+                             train_state)}
+
+
+def progress_state(config, lr_scheduler, scaler, position, max_accuracy, rng_states,
+                   train_state=None):
+    """Everything of a checkpoint but the model and optimizer tensors (both layouts)."""
     epoch, step = position
     return {
-        'model': model.state_dict(),
-        'optimizer': optimizer.state_dict(),
         'lr_scheduler': lr_scheduler.state_dict(),
         'scaler': (scaler or _idle_grad_scaler()).state_dict(),
         'epoch': epoch - 1,  # the last completed epoch (official meaning)
@@ -101,12 +110,12 @@ def _idle_grad_scaler():
 def prune_step_checkpoints(output_dir, keep):
     """Delete all but the `keep` newest step checkpoints (epoch checkpoints are never touched)."""
     found = []
-    for path in glob.glob(os.path.join(output_dir, 'ckpt_epoch_*_step_*.pth')):
+    for path in glob.glob(os.path.join(output_dir, 'ckpt_epoch_*_step_*')):
         match = _STEP_NAME.search(os.path.basename(path))
         if match:
             found.append(((int(match.group(1)), int(match.group(2))), path))
     for _, path in sorted(found)[:-keep] if keep > 0 else []:
-        os.remove(path)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)  # sharded: a directory
 
 
 def verify_checkpoint(path):
@@ -122,10 +131,10 @@ def verify_checkpoint(path):
 
 
 def checkpoint_position(path):
-    """The (epoch, step) where training continues from the checkpoint file `path`, read from its
-    name: ``ckpt_epoch_{e}.pth`` -> (e + 1, 0), ``ckpt_epoch_{e}_step_{k}.pth`` -> (e, k); None for
-    other names."""
-    name = os.path.basename(path)
+    """The (epoch, step) where training continues from the checkpoint `path`, read from its name:
+    ``ckpt_epoch_{e}.pth`` -> (e + 1, 0), ``ckpt_epoch_{e}_step_{k}.pth`` -> (e, k) (the same for
+    sharded directories, named without ``.pth``); None for other names."""
+    name = os.path.basename(os.path.normpath(path))
     match = _STEP_NAME.fullmatch(name)
     if match:
         return int(match.group(1)), int(match.group(2))
@@ -140,20 +149,26 @@ def _recorded_position(checkpoint):
     return int(checkpoint['epoch']) + 1, 0  # official checkpoints: the last completed epoch
 
 
-def find_resume_checkpoint(output_dir, logger):
+def _is_candidate(path):
+    """A checkpoint file, or a sharded checkpoint directory (never a ``.tmp`` / ``.old`` one)."""
+    return os.path.isfile(path) if path.endswith('.pth') else os.path.isdir(path)
+
+
+def find_resume_checkpoint(output_dir, logger, verify=verify_checkpoint):
     """The checkpoint in `output_dir` that continues furthest, with its dict.
 
-    Candidates are ``ckpt_epoch_*.pth`` files (so a weights-only ``model_best.pth`` is never taken),
-    ordered by the position their names give, furthest first; modification times are ignored, since
-    a copy, an rsync or a `touch` changes them. A candidate must load, have the resume keys and
-    record the position its name gives; one that fails is skipped with a warning saying why.
-    Returns (None, None) if none is usable.
+    Candidates are ``ckpt_epoch_*.pth`` files and sharded ``ckpt_epoch_*`` directories (so a
+    weights-only ``model_best.pth`` is never taken), ordered by the position their names give,
+    furthest first; modification times are ignored, since a copy, an rsync or a `touch` changes
+    them. A candidate must pass `verify` (load, have the resume keys) and record the position its
+    name gives; one that fails is skipped with a warning saying why. Returns (None, None) if none
+    is usable.
     """
     candidates = [(checkpoint_position(p), p)
-                  for p in glob.glob(os.path.join(output_dir, 'ckpt_epoch_*.pth'))]
+                  for p in glob.glob(os.path.join(output_dir, 'ckpt_epoch_*')) if _is_candidate(p)]
     for position, path in sorted((c for c in candidates if c[0] is not None), reverse=True):
         try:
-            checkpoint = verify_checkpoint(path)
+            checkpoint = verify(path)
             recorded = _recorded_position(checkpoint)
         except (CheckpointError, KeyError, TypeError, ValueError) as e:
             logger.warning(f"auto-resume: skipping {path}: {e}")
@@ -176,13 +191,22 @@ def load_training_state(checkpoint, model, optimizer, lr_scheduler, scaler, logg
     try:
         load_full_state_dict(model, checkpoint['model'], f'The resume checkpoint {path}'.rstrip())
     except IncompatibleCheckpointError as e:
-        if found_in:
-            fix = (f"Auto-resume found it in {found_in}, so that folder holds a run of another "
-                   f"model. Give this run its own folder with --tag NAME or --output DIR.")
-        else:
-            fix = "Pass a checkpoint of this config's model, or set MODEL.* to match the checkpoint."
-        raise CheckpointError(f"{e} {fix}") from None
+        raise CheckpointError(f"{e} {resume_mismatch_fix(found_in)}") from None
     load_optimizer_state(optimizer, checkpoint, model, config, logger)
+    return restore_progress(checkpoint, lr_scheduler, scaler, logger, rank, world_size)
+
+
+def resume_mismatch_fix(found_in):
+    """What to do about a resume checkpoint of another model (`found_in`: the folder auto-resume
+    found it in, None for --resume)."""
+    if found_in:
+        return (f"Auto-resume found it in {found_in}, so that folder holds a run of another "
+                f"model. Give this run its own folder with --tag NAME or --output DIR.")
+    return "Pass a checkpoint of this config's model, or set MODEL.* to match the checkpoint."
+
+
+def restore_progress(checkpoint, lr_scheduler, scaler, logger, rank=0, world_size=1):
+    """Restore what `progress_state` saved; return (epoch, step, max_accuracy, train_state)."""
     changes = lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
     if changes:
         logger.warning('The LR schedule of this config differs from the checkpoint\'s; the config '

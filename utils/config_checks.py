@@ -16,6 +16,7 @@ from models.registry import architecture_of, encoder_stride, model_patch_size
 from models.targets import check_target_config
 from optimizer import check_optimizer_config
 from utils.errors import require
+from utils.sharding import check_sharding_config
 
 DATASETS = ('imagenet', 'folder', 'synthetic')
 POSITIVE_KEYS = ('DATA.BATCH_SIZE', 'TRAIN.EPOCHS', 'PRINT_FREQ', 'SAVE_FREQ', 'DATA.IMG_SIZE')
@@ -64,6 +65,7 @@ def validate_config(config, task):
     check_common_keys(config)
     check_scheduler_config(config)
     check_optimizer_config(config)
+    check_sharding_config(config)
     architecture.check_config(config)
     if task.masked_image_modeling:
         check_masked_image_modeling(config)

@@ -4,8 +4,8 @@ Every checkpoint is read with ``torch.load(weights_only=True)``. Official SimMIM
 their yacs ``CfgNode`` config; the weights-only unpickler cannot rebuild that class, so it is read
 as a plain ``OrderedDict`` through an explicit alias (the only non-tensor class we admit). Any other
 pickled object makes the load fail with a message, and its code never runs. Safetensors files
-(utils.safetensors_io) hold no pickle and are recognised by their content; a directory is a
-sharded checkpoint (load_sharded_checkpoint).
+(utils.safetensors_io) hold no pickle and are recognised by their content. A directory is refused
+with what to pass instead (a sharded checkpoint is read by utils.sharded_checkpoint).
 """
 import collections
 import os
@@ -17,6 +17,7 @@ from utils.errors import CheckpointError
 
 # Classes official checkpoints pickle, mapped to the harmless type that stands in for them.
 _ALLOWED_ALIASES = [(collections.OrderedDict, 'yacs.config.CfgNode')]
+SHARDED_MARKER = 'COMPLETE'  # the last file a sharded checkpoint directory gets
 
 
 def load_checkpoint_file(path, purpose='checkpoint'):
@@ -27,7 +28,7 @@ def load_checkpoint_file(path, purpose='checkpoint'):
     if not path:
         raise CheckpointError(f"No {purpose} path given.")
     if os.path.isdir(path):
-        return load_sharded_checkpoint(path, purpose)
+        raise _folder_error(path, purpose)
     if not os.path.isfile(path):
         raise CheckpointError(f"{purpose}: file not found: {path}. Check the path.")
     if os.path.getsize(path) == 0:
@@ -57,12 +58,15 @@ def load_checkpoint_file(path, purpose='checkpoint'):
         raise _unreadable(path, purpose, e) from None
 
 
-def load_sharded_checkpoint(path, purpose='checkpoint'):
-    """The checkpoint stored as a directory of shards at `path`. The one place a sharded format
-    plugs in: it must return the same dict a single file gives ({'model': ..., 'config': ...})."""
-    raise CheckpointError(f"{purpose}: {path} is a folder, not a checkpoint file. Pass the file "
-                          f"itself, e.g. {os.path.join(path, 'ckpt_epoch_N.pth')} (a run's "
-                          f"folder is resumed by running its command again, with auto-resume).")
+def _folder_error(path, purpose):
+    if os.path.isfile(os.path.join(path, SHARDED_MARKER)):
+        return CheckpointError(
+            f"{purpose}: {path} is a sharded checkpoint directory (TRAIN.SHARDING fsdp). Convert it "
+            f"to one file with `python tools/convert_checkpoint.py {path} OUT.pth` and pass OUT.pth "
+            f"(resuming a training run takes the directory itself; tools/export.py reads it too).")
+    return CheckpointError(f"{purpose}: {path} is a folder, not a checkpoint file. Pass the file "
+                           f"itself, e.g. {os.path.join(path, 'ckpt_epoch_N.pth')} (a run's "
+                           f"folder is resumed by running its command again, with auto-resume).")
 
 
 def _unreadable(path, purpose, error):
