@@ -126,11 +126,11 @@ def test_checkpoint_of_another_size_names_the_mismatch(saved):
 
 def test_auto_resume_skips_a_directory_without_marker_and_ignores_tmp(saved, tmp_path, caplog):
     path, _ = saved
-    older = shutil.copytree(path, str(tmp_path / 'ckpt_epoch_0'))
-    unfinished = shutil.copytree(path, str(tmp_path / 'ckpt_epoch_1'))
+    # The saved checkpoint continues at epoch 1, step 2; the names order the candidates.
+    older = shutil.copytree(path, str(tmp_path / 'ckpt_epoch_1_step_2'))
+    unfinished = shutil.copytree(path, str(tmp_path / 'ckpt_epoch_1_step_3'))
     os.remove(os.path.join(unfinished, 'COMPLETE'))
-    shutil.copytree(path, str(tmp_path / 'ckpt_epoch_2.tmp'))  # complete but never renamed
-    os.utime(os.path.join(older, 'COMPLETE'), (1, 1))
+    shutil.copytree(path, str(tmp_path / 'ckpt_epoch_1_step_4.tmp'))  # complete, never renamed
     with caplog.at_level(logging.WARNING, logger='test'):
         found, checkpoint = sharded.find_any_resume_checkpoint(str(tmp_path), LOGGER)
     assert found == older and checkpoint['position'] == {'epoch': 1, 'step': 2}

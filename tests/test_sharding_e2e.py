@@ -18,7 +18,7 @@ import main_finetune
 import main_simmim
 from tests.conftest import ROOT
 from tools import convert_checkpoint
-from utils import engine
+from utils import tasks
 from utils.launch import run
 from utils.preemption import EXIT_PREEMPTED
 from utils.safe_load import load_checkpoint_file
@@ -37,10 +37,10 @@ NAN_WRAPPER = r'''
 import os, sys
 sys.path.insert(0, {root!r})
 import main_simmim
-from utils import engine
+from utils import tasks
 from utils.launch import run
 calls = [0]
-task = engine.PretrainTask.__call__
+task = tasks.PretrainBatchLoss.__call__
 
 def nan_once_on_rank0(self, model, batch, device):
     calls[0] += 1
@@ -49,7 +49,7 @@ def nan_once_on_rank0(self, model, batch, device):
         loss = loss * float('nan')
     return loss, batch_size
 
-engine.PretrainTask.__call__ = nan_once_on_rank0
+tasks.PretrainBatchLoss.__call__ = nan_once_on_rank0
 sys.exit(run(main_simmim.main, sys.argv[1:]))
 '''
 
@@ -137,7 +137,7 @@ def test_resume_on_one_process_with_a_preemption_on_the_way(fsdp_run, tmp_path, 
     shutil.copytree(os.path.join(fsdp_run, 'ckpt_epoch_0'), os.path.join(resumed, 'ckpt_epoch_0'))
     argv = ['--cfg', TINY_V2, '--output', str(tmp_path), '--opts', *COMMON, *FSDP,
             'DATA.BATCH_SIZE', '8']
-    task, calls = engine.PretrainTask.__call__, [0]
+    task, calls = tasks.PretrainBatchLoss.__call__, [0]
 
     def sigterm_at_the_third_batch(self, model, batch, device):
         calls[0] += 1
@@ -145,7 +145,7 @@ def test_resume_on_one_process_with_a_preemption_on_the_way(fsdp_run, tmp_path, 
             os.kill(os.getpid(), signal.SIGTERM)
         return task(self, model, batch, device)
 
-    monkeypatch.setattr(engine.PretrainTask, '__call__', sigterm_at_the_third_batch)
+    monkeypatch.setattr(tasks.PretrainBatchLoss, '__call__', sigterm_at_the_third_batch)
     assert run(main_simmim.main, argv) == EXIT_PREEMPTED
     monkeypatch.undo()
     assert os.path.isfile(os.path.join(resumed, 'ckpt_epoch_1_step_4', 'COMPLETE'))

@@ -28,7 +28,7 @@ def load_checkpoint_file(path, purpose='checkpoint'):
     if not path:
         raise CheckpointError(f"No {purpose} path given.")
     if os.path.isdir(path):
-        raise _folder_error(path, purpose)
+        raise folder_error(path, purpose)
     if not os.path.isfile(path):
         raise CheckpointError(f"{purpose}: file not found: {path}. Check the path.")
     if os.path.getsize(path) == 0:
@@ -58,7 +58,8 @@ def load_checkpoint_file(path, purpose='checkpoint'):
         raise _unreadable(path, purpose, e) from None
 
 
-def _folder_error(path, purpose):
+def folder_error(path, purpose):
+    """The error for a folder given where a checkpoint file is expected."""
     if os.path.isfile(os.path.join(path, SHARDED_MARKER)):
         return CheckpointError(
             f"{purpose}: {path} is a sharded checkpoint directory (TRAIN.SHARDING fsdp). Convert it "

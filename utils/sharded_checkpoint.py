@@ -37,7 +37,7 @@ from utils.checkpoint import (REQUIRED_KEYS, find_resume_checkpoint, restore_pro
 from utils.distributed import all_reduce_max, barrier
 from utils.errors import CheckpointError, CheckpointWriteError
 from utils.safe_load import SHARDED_MARKER as MARKER
-from utils.safe_load import load_checkpoint_file
+from utils.safe_load import folder_error, load_checkpoint_file
 
 PROGRESS_FILE = 'progress.pth'
 _OPTIMIZER_KEYS = ('optimizer_param_groups', 'optimizer_extra_state')
@@ -217,6 +217,8 @@ def verify_sharded_checkpoint(path):
     """Check that the directory `path` is a complete sharded checkpoint; return the dict of
     progress.pth (the single-file checkpoint's keys but 'model' and 'optimizer') or raise."""
     if not os.path.isfile(os.path.join(path, MARKER)):
+        if not any(os.path.exists(os.path.join(path, f)) for f in ('.metadata', PROGRESS_FILE)):
+            raise folder_error(path, 'resume checkpoint')  # not a sharded checkpoint at all
         raise CheckpointError(f"{path} is incomplete: it has no {MARKER} marker, so its write "
                               f"was interrupted. Use an earlier checkpoint.")
     progress = load_checkpoint_file(os.path.join(path, PROGRESS_FILE), 'resume checkpoint')
