@@ -57,8 +57,8 @@ _C.DATA.JPEG_DRAFT = True
 # JPEGs and the drawn crops to the main process, which decodes (nvJPEG) and augments on the GPU
 # (data/gpu_decode.py): far fewer CPU cores per GPU. Same crops, flips and masks either way.
 _C.DATA.DECODE = 'cpu'
-# What to do with a file that cannot be decoded: 'skip' (warn with its path, count it, use the next
-# readable image) or 'error' (stop with its path).
+# What to do with a file that cannot be decoded: 'skip' (use the next readable image; the log
+# names each such file once, after the epoch that found it) or 'error' (stop with its path).
 _C.DATA.ON_BAD_IMAGE = 'skip'
 # How images that are not 8-bit RGB become RGB: 'careful' composites transparency onto white and
 # scales 16-bit / float grey to 8 bits; 'official' is PIL's convert('RGB') as the official loaders
@@ -91,7 +91,9 @@ _C.DATA.SYNTHETIC.SEED = 0  # the images are a pure function of (SEED, split, in
 _C.MODEL = CN()
 _C.MODEL.TYPE = 'swin'  # a registered architecture (models/architectures.py): swin | swinv2 | vit
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'  # logger name and output sub-folder
-_C.MODEL.PRETRAINED = ''  # checkpoint to fine-tune from (Swin-Transformer key)
+# Weights to start from (Swin-Transformer key): fine-tuning's model, or pre-training's encoder. A
+# checkpoint (.pth or .safetensors), or timm:NAME_OR_FOLDER for a timm model (utils/timm_io.py).
+_C.MODEL.PRETRAINED = ''
 _C.MODEL.RESUME = ''  # checkpoint to resume from
 # Fine-tuning classes. 0 = the number of class sub-folders found in the data (the official code
 # hard-coded 1000 for ImageNet); a non-zero value that disagrees with the data is an error.
@@ -196,6 +198,10 @@ _C.TRAIN.CLIP_GRAD = 5.0  # 0 or None: no clipping (the norm is still measured a
 _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 0  # <= 1: off
 _C.TRAIN.USE_CHECKPOINT = False  # gradient checkpointing, per block
+# How ranks share the model (utils/sharding.py): 'ddp' (each holds everything) or 'fsdp' (PyTorch
+# FSDP2: parameters, gradients and optimizer state sharded, one unit per block; checkpoints become
+# sharded directories, tools/convert_checkpoint.py makes single files of them).
+_C.TRAIN.SHARDING = 'ddp'
 _C.TRAIN.LAYER_DECAY = 1.0  # [SimMIM] layer-wise LR decay for fine-tuning
 # Which parameters get no weight decay (optimizer.py): 'ours' = 1-D, biases, position tables (all
 # architectures, pre-training and fine-tuning), mask tokens, SwinV2 logit_scale / cpb_mlp;

@@ -22,6 +22,7 @@ from utils.evaluation import evaluate, throughput
 from utils.launch import run
 from utils.pretrained import load_full_state_dict, load_pretrained
 from utils.safe_load import load_checkpoint_file
+from utils.sharding import full_model_state_dict
 from utils.tasks import FINETUNE, ClassificationBatchLoss
 
 BEST_CHECKPOINT = 'model_best.pth'
@@ -82,12 +83,17 @@ def main(config, dist_info, logger, writer):
         return
 
     batch_loss = ClassificationBatchLoss(build_criterion(config, data.mixup_fn), data.mixup_fn)
+    # FSDP shards the model in build_trainer, so pre-trained weights go in before (a resume then
+    # overwrites them).
+    before_sharding = config.TRAIN.SHARDING == 'fsdp' and dist_info.distributed
+    if before_sharding and config.MODEL.PRETRAINED:
+        load_pretrained(config, backbone, logger)
     trainer = build_trainer(config, model, data.train_loader, batch_loss, logger, dist_info, writer,
                             FINETUNE)
 
     start_epoch, start_step = trainer.resume()
     resumed = trainer.last_checkpoint is not None
-    if not resumed and config.MODEL.PRETRAINED:
+    if not resumed and config.MODEL.PRETRAINED and not before_sharding:
         load_pretrained(config, backbone, logger)
     if config.THROUGHPUT_MODE:
         throughput(model, data_loader_val, device, logger, trainer.amp_dtype)
@@ -97,17 +103,20 @@ def main(config, dist_info, logger, writer):
         acc1, acc5, loss, count = evaluate(model, data_loader_val, device, trainer.amp_dtype)
         logger.info(f' * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}')
         logger.info(f'Accuracy of the network on the {count} test images: {acc1:.3f}%')
-        if acc1 > trainer.max_accuracy and dist_info.is_main:
+        if acc1 > trainer.max_accuracy:  # the same on every rank (the counts are all-reduced)
+            state = full_model_state_dict(model)  # collective under FSDP
             path = os.path.join(config.OUTPUT, BEST_CHECKPOINT)
-            atomic_save({'model': model.state_dict(), 'epoch': epoch, 'accuracy': acc1,
-                         'acc5': acc5, 'max_accuracy': acc1, 'config': config.dump()}, path)
-            logger.info(f'{path} saved (best so far)')
+            if dist_info.is_main:
+                atomic_save({'model': state, 'epoch': epoch, 'accuracy': acc1, 'acc5': acc5,
+                             'max_accuracy': acc1, 'config': config.dump()}, path)
+                logger.info(f'{path} saved (best so far)')
         trainer.max_accuracy = max(trainer.max_accuracy, acc1)
         logger.info(f'Max accuracy: {trainer.max_accuracy:.2f}%')
         if writer is not None:
-            writer.add_scalar('val/acc1', acc1, epoch)
-            writer.add_scalar('val/acc5', acc5, epoch)
-            writer.add_scalar('val/loss', loss, epoch)
+            step = (epoch + 1) * trainer.steps_per_epoch - 1  # the training scalars' axis
+            writer.add_scalar('val/acc1', acc1, step)
+            writer.add_scalar('val/acc5', acc5, step)
+            writer.add_scalar('val/loss', loss, step)
 
     logger.info('Start training')
     trainer.fit(start_epoch, start_step, after_epoch=validate)

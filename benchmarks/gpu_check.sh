@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks for a machine with one CUDA GPU, in about 8 minutes (run from the repository root):
+# GPU checks for a machine with one CUDA GPU, in at most 9 minutes (run from the repository root):
 #   bash benchmarks/gpu_check.sh OUT_DIR [OFFICIAL_DIR]
 # Every part is time-boxed and writes into OUT_DIR; a part that runs out of time leaves what it had.
 #  1. benchmarks/speed.py: official SimMIM (fp16 + GradScaler, eager) vs ours eager (bf16) vs ours
@@ -10,7 +10,8 @@
 #  3. benchmarks/ddp_compile_check.py: DDP (NCCL, one rank) + compile, no recompilation after
 #     warm-up; then main_simmim.py --compile blocks end to end (synthetic data, Swin-B YAML);
 #  4. benchmarks/attention_speed.py: Swin window attention formulations (sdpa, flex, ...);
-#  5. benchmarks/profile_step.py: where a Swin-B step's GPU time goes, eager and compiled.
+#  5. benchmarks/profile_step.py: where a Swin-B step's GPU time goes, eager and compiled;
+#  6. fp16 + GradScaler end to end, two torchrun ranks on NCCL, benchmarks/memory_check.py.
 # OFFICIAL_DIR (a checkout of microsoft/SimMIM) defaults to reference/official_code/SimMIM under
 # ../shared, shared or ../../shared, whichever exists; without one speed.py has no official rows.
 # benchmarks/gpu_benchmark.py (fused-kernel and fp16 checks, in RESULTS.md) is not rerun here. Wheels of packages the machine
@@ -23,7 +24,7 @@ for candidate in ../shared shared ../../shared; do
     [ -z "$OFFICIAL" ] && [ -d "$candidate/reference/official_code/SimMIM/models" ] \
         && OFFICIAL=$candidate/reference/official_code/SimMIM
 done
-TOTAL=${GPU_CHECK_SECONDS:-480}
+TOTAL=${GPU_CHECK_SECONDS:-540}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
@@ -83,4 +84,14 @@ fi
 run attention 45 $PY benchmarks/attention_speed.py "${ATTN[@]}" --out "$OUT/attention.md"
 run profile_eager 30 $PY benchmarks/profile_step.py "${PROFILE[@]}" --variant eager --out "$OUT/profile_eager.md"
 run profile_blocks 40 $PY benchmarks/profile_step.py "${PROFILE[@]}" --variant blocks --out "$OUT/profile_blocks.md"
+if [ "$CUDA" = 1 ]; then
+    # fp16 + GradScaler through the training loop, two NCCL ranks, and (issue 11) the memory
+    # planner against measured peaks of SwinV2-B/L/H/G (for all sizes run memory_check.py alone).
+    run fp16_quickstart 60 $PY main_simmim.py \
+        --cfg configs/quickstart/simmim_pretrain__swin_tiny__img64__synthetic.yaml --output /tmp/fp16 \
+        --opts AMP_DTYPE float16 TRAIN.EPOCHS 2 PRINT_FREQ 16 DATA.NUM_WORKERS 8 VIS_FREQ 1
+    run torchrun_nccl 45 torchrun --nproc_per_node 2 main_simmim.py \
+        --cfg tests/configs/tiny_swin_pretrain.yaml --output /tmp/nccl --opts TRAIN.EPOCHS 1 DATA.BATCH_SIZE 4
+    run memory_gpu 120 $PY benchmarks/memory_check.py --device cuda --out "$OUT/memory_gpu.md"
+fi
 echo "total ${SECONDS}s" | tee -a "$OUT/summary.txt"

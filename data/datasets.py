@@ -16,7 +16,6 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.pgm', '.pbm', '.bmp', '.tif
                   '.gif')
 logger = logging.getLogger('simmim.data')
 
-_skipped_paths = set()  # unreadable files met by this process (each worker has its own)
 _small_images = [0]  # images smaller than the crop met by this process
 
 
@@ -32,16 +31,49 @@ def _expected_layout(root, problem):
             f"dataset with --opts DATA.DATASET synthetic.")
 
 
+def _file_in_the_way(path):
+    """The file that `path` or one of its parents is, if any (a file passed as a data folder)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path if os.path.isfile(path) else None
+
+
 def _is_image(name):
     return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith('.')
 
 
-def _scan_images(folder):
-    """Sorted paths of the image files under `folder`, recursively (hidden entries skipped)."""
-    found = []
+def _scan_images(folder, seen=None):
+    """Sorted paths of the image files under `folder`, recursively (hidden entries skipped).
+
+    Symbolic links are followed, but a folder or file whose real path is in `seen` (updated here;
+    share it between calls to scan a data set once) is skipped, so a link back up the tree or
+    two links to one place never list a file twice.
+    """
+    seen = set() if seen is None else seen
+    if os.path.realpath(folder) in seen:
+        return []
+    seen.add(os.path.realpath(folder))
+    found, repeated = [], 0
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+        kept = []
+        for name in sorted(d for d in dirnames if not d.startswith('.')):
+            real = os.path.realpath(os.path.join(dirpath, name))
+            repeated += real in seen
+            if real not in seen:
+                seen.add(real)
+                kept.append(name)
+        dirnames[:] = kept
+        for name in sorted(f for f in filenames if _is_image(f)):
+            path = os.path.join(dirpath, name)
+            real = os.path.realpath(path)
+            repeated += real in seen
+            if real not in seen:
+                seen.add(real)
+                found.append(path)
+    if repeated:
+        logger.warning("%s: %d linked folder(s) or file(s) lead to places already listed (a link "
+                       "loop or a second link); each image is listed once.", folder, repeated)
     return found
 
 
@@ -64,14 +96,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     Layouts: class sub-folders (labels = index in the sorted class list; sub-folders without images
     are left out), or images directly in `root` (every file under it gets label 0 and `classes` is
     empty; pre-training needs no classes). Files that cannot be decoded are, with
-    on_bad_image='skip', replaced by the next readable image (with a warning on logger
-    'simmim.data'), or with 'error' raise BadImageError. `rgb_conversion`: see
-    transforms.to_rgb (DATA.RGB_CONVERSION).
+    on_bad_image='skip', replaced by the next readable image and marked in `unreadable` (shared
+    with the DataLoader workers; see unreadable_report), or with 'error' raise BadImageError.
+    `rgb_conversion`: see transforms.to_rgb (DATA.RGB_CONVERSION).
     """
 
     def __init__(self, root, on_bad_image='skip', min_size=0, rgb_conversion='careful'):
         check_on_bad_image(on_bad_image)
         root = os.path.expanduser(root)
+        blocking = _file_in_the_way(root)
+        if blocking:
+            raise DataError(_expected_layout(
+                root, f'The data path leads through a file ({blocking}), not a folder'))
         if not os.path.isdir(root):
             raise FileNotFoundError(_expected_layout(root, 'Data folder not found'))
         self.root, self.on_bad_image, self.min_size = root, on_bad_image, min_size
@@ -79,18 +115,22 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.classes, self.samples = [], []
         with os.scandir(root) as entries:
             entries = sorted(entries, key=lambda e: e.name)
+        seen = {os.path.realpath(root)}
         if any(e.is_file() and _is_image(e.name) for e in entries):
             self.samples = [(path, 0) for path in _scan_images(root)]
         else:
             for entry in entries:
                 if not entry.is_dir() or entry.name.startswith('.'):
                     continue
-                paths = _scan_images(entry.path)
+                paths = _scan_images(entry.path, seen)
                 if paths:
                     self.samples += [(path, len(self.classes)) for path in paths]
                     self.classes.append(entry.name)
         if not self.samples:
             raise FileNotFoundError(_expected_layout(root, 'No images found in data folder'))
+        # Per file: 0 fine (or not read yet), 1 found unreadable, 2 already reported. In shared
+        # memory, so what the workers find is seen by the main process.
+        self.unreadable = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
 
     def __len__(self):
         return len(self.samples)
@@ -116,15 +156,35 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                         f"Cannot read image {path}: {type(err).__name__}: {err}. Fix or remove the "
                         f"file, or skip unreadable images with a warning: --opts DATA.ON_BAD_IMAGE "
                         f"skip.") from err
-                _skipped_paths.add(path)
-                logger.warning("Skipping unreadable image %s (%s: %s); using the next image "
-                               "instead. %d unreadable image(s) skipped so far in this process.",
-                               path, type(err).__name__, err, len(_skipped_paths))
+                position = (index + offset) % len(self.samples)
+                if not self.unreadable[position]:
+                    self.unreadable[position] = 1
                 continue
             self._warn_if_small(path, image)
             return image, label, offset == 0
         raise BadImageError(f"None of the {len(self.samples)} images under {self.root} can be read.")
 
+    def unreadable_report(self, limit=10):
+        """One paragraph naming the files found unreadable (in this process or its DataLoader
+        workers) since the last report, each file once; '' if none."""
+        new = (self.unreadable == 1).nonzero().flatten().tolist()
+        if not new:
+            return ''
+        self.unreadable[new] = 2
+        named = []
+        for index in new[:limit]:
+            path = self.samples[index][0]
+            try:
+                load_image(path)
+                reason = 'a read error that has passed'
+            except Exception as err:  # noqa: BLE001 -- PIL raises many types; only shown here
+                reason = f'{type(err).__name__}: {err}'
+            named.append(f'{path} ({reason})')
+        more = f'; and {len(new) - limit} more' if len(new) > limit else ''
+        return (f"{len(new)} unreadable image file(s) found: {'; '.join(named)}{more}. Each was "
+                f"replaced by the next readable image; {int((self.unreadable > 0).sum())} of the "
+                f"{len(self.samples)} files listed under {self.root} are unreadable so far "
+                f"(DATA.ON_BAD_IMAGE skip). Fix or remove them.")
 
     def _warn_if_small(self, path, image):
         if min(image.size) >= self.min_size:
@@ -160,6 +220,10 @@ class SeededTransformDataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.base)
+
+    def unreadable_report(self):
+        report = getattr(self.base, 'unreadable_report', None)
+        return report() if report is not None else ''
 
     def _transformed(self, key):
         epoch, index = _split_key(key)

@@ -4,6 +4,7 @@
     build_finetune_data(config, logger)                   -> FinetuneData
     build_loader(config, logger, is_pretrain)             the official tuples, from the two above
 """
+import functools
 import logging
 import os
 import random
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from yacs.config import CfgNode
 
 from utils.errors import ConfigError, require
-from utils.preemption import ignore_interrupt_in_worker
+from utils.preemption import shield_worker, worker_start_context
 from utils.tasks import PRETRAIN, Task, as_task
 from .datasets import DataError, ImageFolderDataset, MaskedImageDataset, SeededTransformDataset
 from .masking import build_mask_generator
@@ -36,11 +37,11 @@ def rank_and_world_size():
     return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
 
 
-def seed_worker(worker_id):
+def seed_worker(worker_id, main_pid=None):
     """Seed a worker's global RNGs from its torch seed (loader generator + worker id), for anything
-    drawn outside the per-sample seeding; leave Ctrl-C to the main process, which stops cleanly
-    (see utils/preemption.py)."""
-    ignore_interrupt_in_worker()
+    drawn outside the per-sample seeding; leave stop signals to the main process `main_pid`, which
+    stops cleanly (see utils/preemption.shield_worker)."""
+    shield_worker(main_pid)
     seed = torch.initial_seed()
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -112,7 +113,8 @@ def _data_loader(config, dataset, sampler, rank, drop_last, collate_fn=None):
         persistent_workers=data.PERSISTENT_WORKERS and data.NUM_WORKERS > 0,
         prefetch_factor=data.PREFETCH_FACTOR if data.NUM_WORKERS > 0 else None,
         collate_fn=collate_fn,
-        worker_init_fn=seed_worker,
+        worker_init_fn=functools.partial(seed_worker, main_pid=os.getpid()),
+        multiprocessing_context=worker_start_context(data.NUM_WORKERS),
         # Its own generator: worker seeds do not consume (or depend on) the training RNG.
         generator=torch.Generator().manual_seed(sample_seed(config.SEED, 0, rank, 'loader')),
     )

@@ -4,9 +4,10 @@ Importing the package registers the architectures (models/architectures.py)."""
 from . import architectures  # noqa: F401  (registers swin, swinv2, vit)
 from .build import build_classifier, build_encoder, build_model, build_simmim
 from .registry import (ARCHITECTURES, Architecture, architecture_of, encoder_stride,
-                       get_architecture, model_patch_size, register_architecture)
+                       get_architecture, model_patch_size, register_architecture,
+                       transformer_blocks)
 from .simmim import SimMIM
 
 __all__ = ['ARCHITECTURES', 'Architecture', 'SimMIM', 'architecture_of', 'build_classifier',
            'build_encoder', 'build_model', 'build_simmim', 'encoder_stride', 'get_architecture',
-           'model_patch_size', 'register_architecture']
+           'model_patch_size', 'register_architecture', 'transformer_blocks']

@@ -120,3 +120,12 @@ def ignore_saved_copy(module, name):
         state_dict.pop(prefix + name, None)
 
     module.register_load_state_dict_pre_hook(drop_saved_copy)
+
+
+def raise_recompile_limit(limit):
+    """Let dynamo keep at least `limit` graphs per function (torch < 2.7 calls it cache_size)."""
+    config = torch._dynamo.config
+    for name, value in (('recompile_limit', limit), ('accumulated_recompile_limit', 4 * limit),
+                        ('cache_size_limit', limit), ('accumulated_cache_size_limit', 4 * limit)):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), value))

@@ -8,6 +8,8 @@ The entries themselves are in models/architectures.py; adding an encoder is a mo
 from dataclasses import dataclass
 from typing import Callable
 
+import torch.nn as nn
+
 from utils.errors import ConfigError
 
 
@@ -69,3 +71,12 @@ def encoder_stride(config):
     """Side, in pixels, of one position of the encoder's output feature map."""
     arch = architecture_of(config)
     return arch.encoder_stride(arch.section(config))
+
+
+def transformer_blocks(model):
+    """The transformer blocks of `model` in forward order: each member of a ModuleList named
+    `blocks` (Swin and SwinV2 stages, the ViT, the inverse-Swin head). They are the units that
+    TRAIN.COMPILE blocks compiles and TRAIN.SHARDING fsdp shards, one at a time."""
+    return [block for name, module in model.named_modules()
+            if isinstance(module, nn.ModuleList) and name.split('.')[-1] == 'blocks'
+            for block in module]

@@ -15,7 +15,7 @@ import functools
 import torch
 
 from utils.errors import require
-from .attention import attention, is_eager
+from .attention import attention, is_eager, raise_recompile_limit
 
 WINDOW_ATTENTION = ('sdpa', 'flex')
 
@@ -45,7 +45,6 @@ def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
     # One cache entry per window shape and shift of the model (and train/eval): more than
     # dynamo's default limit of 8 for Swin-B, past which it would run the slow eager reference.
-    from utils.compile import raise_recompile_limit
     raise_recompile_limit(64)
     return torch.compile(flex_attention, dynamic=False)
 

@@ -1,8 +1,10 @@
 """Shared test set-up: the repository root on sys.path, and tiny-run helpers."""
+import logging
 import os
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,3 +24,22 @@ def smooth_photo(width, height, seed=0):
         (width, height), Image.BICUBIC)
     ramp = np.linspace(0, 120, width)[None, :, None] + np.linspace(0, 80, height)[:, None, None]
     return Image.fromarray(np.clip(np.asarray(field) * 0.4 + ramp, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(autouse=True)
+def _library_logger_left_to_its_run():
+    """An in-process run points the 'simmim' library logger at that test's captured stdout;
+    a later test must not write to it once pytest has closed it."""
+    yield
+    logging.getLogger('simmim').handlers.clear()
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for tiny models: on the shared 2-core CI machine, thread hand-offs cost
+    more than they save (a tiny export ran 6x faster)."""
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -79,3 +79,19 @@ def test_tool_prints_table_and_saves_plot(tmp_path, capsys):
     row = next(line for line in printed.splitlines() if line.startswith('random:32'))
     assert row.split()[-1] == '-'  # at 0.9 on a 2x2 grid every patch is masked: undefined
     assert os.path.isfile(out) and Image.open(out).size == (900, 560)
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['--ratios', '0', '1'], 'must lie in (0, 1), got 0.0'),
+    (['--num-masks', '0'], '--num-masks must be at least 1'),
+    (['--settings', 'random:24'], 'is not divisible by DATA.MASK_PATCH_SIZE 24'),
+    (['--settings', 'random:64', '--ratios', '0.95'], 'nothing to plot'),
+])
+def test_tool_bad_input_gets_one_paragraph_and_exit_code_2(tmp_path, capsys, args, expected):
+    from utils.launch import run_tool
+    out = tmp_path / 'avgdist.png'
+    code = run_tool(avgdist_tool.main, ['--img-size', '64', '--num-masks', '2', '--output',
+                                        str(out), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and 'Traceback' not in err
+    assert not out.exists()

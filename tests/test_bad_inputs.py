@@ -39,7 +39,14 @@ def folder_opts(path, *more):
 
 def test_missing_data_path(capsys, tmp_path):
     code, out = pretrain(capsys, tmp_path, opts=folder_opts(str(tmp_path / 'nowhere')))
-    assert code == 1 and 'Data folder not found' in out and '--data-path' in out
+    assert code == 2 and 'Data folder not found' in out and '--data-path' in out
+
+
+def test_data_path_naming_a_file(capsys, tmp_path):
+    (tmp_path / 'images.tar').write_text('an archive, not a folder')
+    code, out = pretrain(capsys, tmp_path, opts=folder_opts(str(tmp_path / 'images.tar')))
+    assert code == 2 and f"leads through a file ({tmp_path / 'images.tar'}), not a folder" in out
+    assert 'not found' not in out
 
 
 def test_data_path_not_given_for_an_image_folder_config(capsys, tmp_path):
@@ -54,7 +61,7 @@ def test_empty_folder_or_no_images(capsys, tmp_path, content):
     if content:
         (folder / content).write_text('not an image')
     code, out = pretrain(capsys, tmp_path, opts=folder_opts(str(folder)))
-    assert code == 1 and 'No images found in data folder' in out and '.jpg' in out
+    assert code == 2 and 'No images found in data folder' in out and '.jpg' in out
 
 
 def _add_bad_files(folder):
@@ -65,17 +72,20 @@ def _add_bad_files(folder):
 
 
 @pytest.mark.parametrize('workers', [0, 2])
-def test_bad_image_files_are_skipped_and_counted(capsys, tmp_path, workers):
+def test_bad_image_files_are_skipped_and_summarised_once(capsys, tmp_path, workers):
     folder = tmp_path / 'data'
     image_folder(folder)
     _add_bad_files(folder)
     code, out = pretrain(capsys, tmp_path, opts=folder_opts(str(folder), 'DATA.NUM_WORKERS', workers,
-                                                            'DATA.BATCH_SIZE', 19))
+                                                            'DATA.BATCH_SIZE', 19, 'TRAIN.EPOCHS', 2))
     assert code == 0
     log = open(os.path.join(str(tmp_path / 'out'), 'simmim_pretrain', 'tiny', 'log_rank0.txt')).read()
+    # One summary, after the epoch that found them, naming each file once (every epoch reads all).
+    assert log.count('unreadable image file(s) found') == 1
+    assert 'EPOCH 0: 3 unreadable image file(s) found' in log
     for name in ('zero.png', 'truncated.png', 'text.jpg'):
-        assert f'Skipping unreadable image {folder / name}' in log
-    assert 'unreadable image(s) skipped so far' in log
+        assert log.count(f'{folder / name} (') == 1
+    assert '3 of the 19 files listed under' in log  # not counted as images
 
 
 @pytest.mark.parametrize('workers', [0, 2])
@@ -85,7 +95,7 @@ def test_bad_image_file_is_fatal_when_configured(capsys, tmp_path, workers):
     _add_bad_files(folder)
     code, out = pretrain(capsys, tmp_path, opts=folder_opts(
         str(folder), 'DATA.ON_BAD_IMAGE', 'error', 'DATA.NUM_WORKERS', workers, 'DATA.BATCH_SIZE', 19))
-    assert code == 1 and 'Cannot read image' in out and 'DATA.ON_BAD_IMAGE skip' in out
+    assert code == 2 and 'Cannot read image' in out and 'DATA.ON_BAD_IMAGE skip' in out
     assert 'Original Traceback' not in out
 
 
@@ -109,7 +119,33 @@ def test_broken_file_passed_to_resume(capsys, tmp_path, content, expected):
     bad = tmp_path / 'bad.pth'
     bad.write_bytes(content)
     code, out = pretrain(capsys, tmp_path, '--resume', str(bad))
-    assert code == 1 and expected in out and str(bad) in out
+    assert code == 2 and expected in out and str(bad) in out
+
+
+def test_random_bytes_as_a_checkpoint_do_not_suggest_unsafe_loading(capsys, tmp_path):
+    bad = tmp_path / 'random.pth'
+    bad.write_bytes(bytes(range(256)) * 8)
+    code, out = pretrain(capsys, tmp_path, '--resume', str(bad))
+    assert code == 2 and 'not a readable PyTorch checkpoint' in out
+    assert 'weights_only' not in out and 'will likely succeed' not in out
+
+
+def test_a_folder_passed_to_resume(capsys, tmp_path):
+    code, out = pretrain(capsys, tmp_path, '--resume', str(tmp_path))
+    assert code == 2 and f'{tmp_path} is a folder, not a checkpoint file' in out
+    assert 'not found' not in out
+
+
+def test_eval_of_a_checkpoint_whose_model_entry_is_a_tensor(capsys, tmp_path):
+    bad = tmp_path / 'tensor.pth'
+    torch.save({'model': torch.zeros(3)}, bad)
+    code = run(main_finetune.main, ['--cfg', TINY, '--output', str(tmp_path / 'out'), '--eval',
+                                    '--resume', str(bad), '--opts', 'AUG.MIXUP', '0', 'AUG.CUTMIX',
+                                    '0'], is_pretrain=False)
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert code == 2 and "'model' entry is a Tensor, not a state dict" in out and str(bad) in out
+    assert 'Traceback' not in out
 
 
 def test_broken_file_passed_to_pretrained(capsys, tmp_path):
@@ -119,15 +155,23 @@ def test_broken_file_passed_to_pretrained(capsys, tmp_path):
                                     '--pretrained', str(bad), '--opts', 'TRAIN.EPOCHS', '1',
                                     'AUG.MIXUP', '0', 'AUG.CUTMIX', '0'], is_pretrain=False)
     captured = capsys.readouterr()
-    assert code == 1 and 'not a readable PyTorch checkpoint' in captured.out + captured.err
+    assert code == 2 and 'not a readable PyTorch checkpoint' in captured.out + captured.err
 
 
 def test_checkpoint_of_another_size_names_the_mismatching_keys(capsys, tmp_path):
     assert pretrain(capsys, tmp_path / 'small')[0] == 0
     small = os.path.join(str(tmp_path / 'small' / 'out'), 'simmim_pretrain', 'tiny', 'ckpt_epoch_0.pth')
     code, out = pretrain(capsys, tmp_path, '--resume', small, opts=['MODEL.SWIN.EMBED_DIM', 32])
-    assert code == 1 and 'does not fit the model' in out
+    assert code == 2 and f'The resume checkpoint {small} does not fit the model' in out
     assert "('encoder.mask_token', (1, 1, 16), (1, 1, 32))" in out
+
+
+def test_auto_resume_meeting_another_models_checkpoint_names_the_file_and_the_fix(capsys, tmp_path):
+    assert pretrain(capsys, tmp_path)[0] == 0
+    found = os.path.join(str(tmp_path / 'out'), 'simmim_pretrain', 'tiny', 'ckpt_epoch_0.pth')
+    code, out = pretrain(capsys, tmp_path, opts=['MODEL.SWIN.EMBED_DIM', 32])
+    assert code == 2 and f'The resume checkpoint {found} does not fit the model' in out
+    assert 'Auto-resume found it in' in out and '--tag NAME or --output DIR' in out
 
 
 def test_pretrained_checkpoint_of_another_architecture(capsys, tmp_path):
@@ -140,7 +184,7 @@ def test_pretrained_checkpoint_of_another_architecture(capsys, tmp_path):
                is_pretrain=False)
     captured = capsys.readouterr()
     out = captured.out + captured.err
-    assert code == 1 and 'another architecture' in out.lower() and 'Traceback' not in out
+    assert code == 2 and 'another architecture' in out.lower() and 'Traceback' not in out
 
 
 @pytest.mark.parametrize('args, expected', [

@@ -56,6 +56,51 @@ def test_auto_resume_skips_corrupt_newest_and_says_why(tmp_path, caplog):
     assert 'skipping ' + truncated in messages and 'not a readable PyTorch checkpoint' in messages
 
 
+def test_auto_resume_picks_the_furthest_position_not_the_newest_file(tmp_path, caplog):
+    def save(name, epoch, step):
+        path = str(tmp_path / name)
+        ckpt.atomic_save({**_resume_dict(epoch - 1), 'position': {'epoch': epoch, 'step': step}},
+                         path)
+        return path
+    save('ckpt_epoch_0.pth', 1, 0)
+    furthest = save('ckpt_epoch_1_step_4.pth', 1, 4)
+    save('ckpt_epoch_0_step_2.pth', 0, 2)
+    renamed = save('ckpt_epoch_7.pth', 1, 0)  # a copy under another name: its position disagrees
+    os.utime(tmp_path / 'ckpt_epoch_0.pth', (4e9, 4e9))  # touched: the newest by far
+    with caplog.at_level(logging.WARNING, logger='test'):
+        path, checkpoint = ckpt.find_resume_checkpoint(str(tmp_path), LOGGER)
+    assert path == furthest and checkpoint['position'] == {'epoch': 1, 'step': 4}
+    assert f'skipping {renamed}: its name says epoch 8, step 0 but it records epoch 1' in caplog.text
+
+
+def test_concurrent_saves_to_one_path_all_succeed(tmp_path, monkeypatch):
+    """Two writers of one file (two runs in one folder before the lock, or a save racing a
+    copy) must not share a temporary name, where one would rename away the other's file."""
+    import threading
+    real_save, barrier = torch.save, threading.Barrier(2)
+
+    def slow_save(obj, f):
+        barrier.wait(timeout=10)  # both temporary files are open before either is renamed
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, 'save', slow_save)
+    path, errors = str(tmp_path / 'ckpt_epoch_0.pth'), []
+
+    def write(value):
+        try:
+            ckpt.atomic_save(_resume_dict(value), path)
+        except Exception as e:  # noqa: BLE001 -- collected for the assertion
+            errors.append(e)
+    threads = [threading.Thread(target=write, args=(v,)) for v in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert load_checkpoint_file(path)['epoch'] in (1, 2) and os.listdir(tmp_path) == [
+        'ckpt_epoch_0.pth']
+
+
 def test_prune_keeps_newest_step_checkpoints_only(tmp_path):
     for epoch, step in [(0, 5), (0, 10), (1, 5), (1, 10)]:
         open(ckpt.step_checkpoint_path(str(tmp_path), epoch, step), 'w').close()

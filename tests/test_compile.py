@@ -19,9 +19,9 @@ from torch._dynamo.utils import counters
 import main_finetune
 import main_simmim
 from config import load_config
-from models import build_model
+from models import build_model, transformer_blocks
 from tests.conftest import ROOT
-from utils.compile import compile_model, transformer_blocks
+from utils.compile import compile_model
 from utils.distributed import wrap_ddp
 from utils.launch import run
 from utils.safe_load import load_checkpoint_file

@@ -61,6 +61,26 @@ def test_command_line_flags_map_to_keys(monkeypatch):
     assert config.LOCAL_RANK == 3  # torchrun's environment wins over the flag
 
 
+def test_a_batch_size_of_zero_is_rejected_not_ignored():
+    args = build_arg_parser().parse_args(['--cfg', SWIN_800, '--batch-size', '0'])
+    with pytest.raises(ConfigError, match='DATA.BATCH_SIZE must be positive, got 0'):
+        get_config(args)
+
+
+def test_repeated_opts_groups_all_apply_in_order():
+    args = build_arg_parser().parse_args(['--cfg', SWIN_800, '--opts', 'TRAIN.EPOCHS', '3',
+                                          'SEED', '1', '--opts', 'PRINT_FREQ', '7', 'SEED', '2'])
+    config = get_config(args)
+    assert (config.TRAIN.EPOCHS, config.PRINT_FREQ, config.SEED) == (3, 7, 2)
+
+
+def test_base_given_as_one_string(tmp_path):
+    (tmp_path / 'base.yaml').write_text('DATA:\n  MASK_PATCH_SIZE: 16\nTAG: base\n')
+    (tmp_path / 'child.yaml').write_text("BASE: base.yaml\nTRAIN:\n  EPOCHS: 3\n")
+    config = load_config(str(tmp_path / 'child.yaml'))
+    assert config.DATA.MASK_PATCH_SIZE == 16 and config.TAG == 'base' and config.TRAIN.EPOCHS == 3
+
+
 def test_local_rank_flag_spellings():
     parser = build_arg_parser()
     assert parser.parse_args(['--cfg', 'x', '--local-rank', '2']).local_rank == 2

@@ -138,16 +138,40 @@ def _bad_files(folder):
     return good
 
 
-def test_bad_files_are_skipped_with_a_warning_naming_the_path(tmp_path, caplog):
+def test_bad_files_are_skipped_and_reported_once_each(tmp_path):
     _bad_files(tmp_path)
     dataset = ImageFolderDataset(str(tmp_path), on_bad_image='skip')
-    with caplog.at_level(logging.WARNING, logger='simmim.data'):
-        for index in (1, 2, 3):
-            img, _ = dataset[index]  # each bad file is replaced by the next readable (wrapping)
-            assert img.getpixel((0, 0)) == (0, 255, 0)
+    for index in (1, 2, 3, 2):
+        img, _ = dataset[index]  # each bad file is replaced by the next readable (wrapping)
+        assert img.getpixel((0, 0)) == (0, 255, 0)
+    report = dataset.unreadable_report()
     for name in ('b_empty.jpg', 'c_truncated.jpg', 'd_text.jpg'):
-        assert any(name in r.getMessage() for r in caplog.records)
-    assert 'skipped so far in this process' in caplog.records[-1].getMessage()
+        assert report.count(f'{tmp_path / name} (') == 1  # named once, with its reason
+    assert report.startswith('3 unreadable image file(s) found') and '3 of the 4 files' in report
+    dataset[1]  # met again (the next epoch): already reported, so no new report
+    assert dataset.unreadable_report() == ''
+
+
+def test_bad_files_found_in_worker_processes_are_reported_by_the_main_process(tmp_path):
+    _bad_files(tmp_path)
+    dataset = ImageFolderDataset(str(tmp_path), on_bad_image='skip')
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2,
+                                         collate_fn=lambda sample: sample[1])
+    assert list(loader) == [0, 0, 0, 0]
+    report = dataset.unreadable_report()
+    assert all(name in report for name in ('b_empty.jpg', 'c_truncated.jpg', 'd_text.jpg'))
+
+
+def test_a_symlink_loop_lists_each_image_once(tmp_path):
+    for cls in ('classA', 'classB'):
+        for i in range(12):
+            _write_rgb(tmp_path / cls / f'{i:02d}.png')
+    (tmp_path / 'classB' / 'dirloop').symlink_to('..')  # back up to the data root
+    (tmp_path / 'classA' / 'again').symlink_to(tmp_path / 'classA')  # to itself
+    (tmp_path / 'classA' / 'alias.png').symlink_to(tmp_path / 'classA' / '00.png')
+    dataset = ImageFolderDataset(str(tmp_path))
+    assert dataset.classes == ['classA', 'classB'] and len(dataset) == 24
+    assert sorted(label for _, label in dataset.samples) == [0] * 12 + [1] * 12
 
 
 @pytest.mark.parametrize('name', ['b_empty.jpg', 'c_truncated.jpg', 'd_text.jpg'])

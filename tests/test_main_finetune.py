@@ -48,8 +48,8 @@ def test_eval_loads_a_released_swinv2_file_with_ddp_prefix_and_rebuilt_buffers(t
     assert_same_state(model.state_dict(), trained)
 
 
-def _resumable(model):
-    return {'model': model.state_dict(), 'optimizer': {}, 'lr_scheduler': {}, 'epoch': 0}
+def _resumable(model, epoch):
+    return {'model': model.state_dict(), 'optimizer': {}, 'lr_scheduler': {}, 'epoch': epoch}
 
 
 def test_eval_without_resume_takes_model_best_else_the_newest_checkpoint(tmp_path):
@@ -58,8 +58,8 @@ def test_eval_without_resume_takes_model_best_else_the_newest_checkpoint(tmp_pat
     out = config.OUTPUT
     os.makedirs(out)
     older, newer, best = (classifier(config, seed) for seed in (1, 2, 3))
-    torch.save(_resumable(older), os.path.join(out, 'ckpt_epoch_0.pth'))
-    torch.save(_resumable(newer), os.path.join(out, 'ckpt_epoch_1.pth'))
+    torch.save(_resumable(older, 0), os.path.join(out, 'ckpt_epoch_0.pth'))
+    torch.save(_resumable(newer, 1), os.path.join(out, 'ckpt_epoch_1.pth'))
     os.utime(os.path.join(out, 'ckpt_epoch_0.pth'), (1, 1))
 
     model = classifier(config, seed=0)
@@ -83,7 +83,7 @@ def test_eval_of_a_pretraining_checkpoint_is_refused_with_the_pretrained_hint(tm
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, 'OMP_NUM_THREADS': '1'})
     output = result.stdout + result.stderr
-    assert result.returncode == 1, output[-3000:]
+    assert result.returncode == 2, output[-3000:]  # wrong input (utils/errors.py)
     assert 'Traceback' not in output and 'Accuracy of the network' not in output
     assert 'does not match the model' in output
     assert 'missing: ' in output and 'head.*' in output  # named model tensors it lacks

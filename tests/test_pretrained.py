@@ -95,6 +95,22 @@ def test_geometric_resize_keeps_the_centre_and_extra_rows():
     torch.testing.assert_close(resize_rel_pos_bias_table(table, 11, 3), table, rtol=0, atol=0)
 
 
+def test_tables_of_windows_2_and_1_resize_to_any_window():
+    """A 3x3 table (window 2) has too few offsets for a bicubic spline or a geometric ratio: its
+    offsets -1, 0, 1 are stretched to the target's edges and interpolated quadratically, so a
+    product of quadratics in the offsets is reproduced exactly. A 1x1 table is a constant."""
+    quadratic = lambda x: 0.3 + 0.2 * x - 0.05 * x ** 2  # noqa: E731
+    def table_of(side, half):  # rows (dy, dx) in the models' order, dy and dx scaled to +-half
+        offsets = torch.linspace(-half, half, side, dtype=torch.float64)
+        grid = quadratic(offsets)[:, None] * (1 + quadratic(offsets))[None, :]
+        return grid.reshape(-1, 1)
+    for dst in (5, 13):
+        resized = resize_rel_pos_bias_table(table_of(3, dst // 2), dst)
+        torch.testing.assert_close(resized, table_of(dst, dst // 2), rtol=1e-9, atol=1e-9)
+    constant = torch.tensor([[0.7, -0.2]])
+    torch.testing.assert_close(resize_rel_pos_bias_table(constant, 7), constant.expand(49, 2))
+
+
 def test_abs_pos_embed_resize_keeps_cls_and_constant_fields():
     pos = torch.cat([torch.randn(1, 1, 8), torch.full((1, 14 * 14, 8), 0.5)], dim=1)
     resized = resize_abs_pos_embed(pos, (16, 16), num_extra_tokens=1)

@@ -75,8 +75,10 @@ def run_dir(tmp_path):
 
 def launch(tmp_path, fault='', *opts, wait=True):
     env = {**os.environ, 'FAULT': fault, 'PYTHONUNBUFFERED': '1'}
+    # Its own session (process group), as a job under a shell or scheduler has.
     proc = subprocess.Popen(command(tmp_path, *opts), cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     if wait:
         out, _ = proc.communicate(timeout=240)
         return proc.returncode, out
@@ -125,7 +127,8 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, refere
     code, out = launch(tmp_path, 'kill_in_save:2')
     assert code == -signal.SIGKILL
     names = os.listdir(run_dir(tmp_path))
-    assert 'ckpt_epoch_1.pth.tmp' in names and 'ckpt_epoch_1.pth' not in names
+    assert any(n.startswith('ckpt_epoch_1.pth.') and n.endswith('.tmp') for n in names)
+    assert 'ckpt_epoch_1.pth' not in names
     assert load_checkpoint_file(os.path.join(run_dir(tmp_path), 'ckpt_epoch_0.pth'))['epoch'] == 0
     code, out = launch(tmp_path)
     assert code == 0, out[-2000:]
@@ -148,6 +151,37 @@ def test_sigterm_writes_a_checkpoint_and_exits_with_the_requeue_code(tmp_path, r
     assert code == 0 and f'resumed from {os.path.join(run_dir(tmp_path), step_files[0])}' in out
     final = load_checkpoint_file(os.path.join(run_dir(tmp_path), 'ckpt_epoch_1.pth'))['model']
     assert_same_weights(reference_weights, final)
+
+
+def _stop_mid_epoch(tmp_path, send):
+    """Start a run with two DataLoader workers, `send` it a stop during epoch 0, and return its
+    exit code, output and the step checkpoints it left."""
+    proc = launch(tmp_path, 'slow:0.1', 'DATA.NUM_WORKERS', 2, wait=False)
+    wait_for(proc, os.path.join(run_dir(tmp_path), 'log_rank0.txt'), 'Train: [0/2][2/6]')
+    send(proc)
+    out, _ = proc.communicate(timeout=240)
+    return proc.returncode, out, [n for n in os.listdir(run_dir(tmp_path)) if '_step_' in n]
+
+
+def test_sigterm_to_the_whole_process_group_with_workers_saves_and_resumes_exactly(
+        tmp_path, reference_weights):
+    """`timeout -s TERM`, `kill -TERM -PGID`, systemd and `scancel` without --signal=B: signal
+    every process of the job, the DataLoader workers included."""
+    code, out, step_files = _stop_mid_epoch(tmp_path, lambda p: os.killpg(p.pid, signal.SIGTERM))
+    assert code == EXIT_PREEMPTED, out[-3000:]
+    assert 'Preempted: Stopped by SIGTERM after step' in out and 'Traceback' not in out
+    assert len(step_files) == 1
+    code, out = launch(tmp_path, '', 'DATA.NUM_WORKERS', 2)
+    assert code == 0 and f'resumed from {os.path.join(run_dir(tmp_path), step_files[0])}' in out
+    final = load_checkpoint_file(os.path.join(run_dir(tmp_path), 'ckpt_epoch_1.pth'))['model']
+    assert_same_weights(reference_weights, final)
+
+
+def test_ctrl_c_to_the_process_group_with_workers_saves_a_step_checkpoint(tmp_path):
+    code, out, step_files = _stop_mid_epoch(tmp_path, lambda p: os.killpg(p.pid, signal.SIGINT))
+    assert code == EXIT_PREEMPTED, out[-3000:]
+    assert 'Preempted: Stopped by SIGINT after step' in out and 'Traceback' not in out
+    assert len(step_files) == 1
 
 
 def test_a_nan_loss_is_skipped_and_counted(tmp_path):
@@ -175,11 +209,14 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
 
 
 def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step(tmp_path):
+    """torchrun forwards SIGTERM to each rank's whole process group (os.killpg), so the ranks'
+    DataLoader workers receive it too."""
     torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
     out = tmp_path / 'out'
     proc = subprocess.Popen(
         [torchrun, '--nproc_per_node', '2', '--master_port', '29541', os.path.join(ROOT, 'main_simmim.py'),
-         '--cfg', TINY, '--output', str(out), '--opts', 'TRAIN.EPOCHS', '50', 'DATA.BATCH_SIZE', '4'],
+         '--cfg', TINY, '--output', str(out), '--opts', 'TRAIN.EPOCHS', '50', 'DATA.BATCH_SIZE', '4',
+         'DATA.NUM_WORKERS', '1'],
         cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'})
     logs = os.path.join(str(out), 'simmim_pretrain', 'tiny')

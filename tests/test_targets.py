@@ -229,3 +229,24 @@ def test_palette_tool_on_a_tiny_synthetic_set(tmp_path):
     palette = load_palette(str(tmp_path / 'palette.npy'), 6)
     assert palette.shape == (6, 3) and 0 <= palette.min() and palette.max() <= 1
     assert (palette.sum(1).diff() >= 0).all()  # sorted by brightness
+
+
+@pytest.mark.parametrize('setup, args, expected', [
+    ('synthetic', ['--num-images', '1', '--pixels-per-image', '2'], 'need at least as many sampled'),
+    ('empty folder', [], 'No images found in data folder'),
+])
+def test_palette_tool_bad_input_gets_one_paragraph_and_exit_code_2(tmp_path, capsys, setup, args,
+                                                                   expected):
+    from utils.launch import run_tool
+    cfg = tmp_path / 'clusters.yaml'
+    cfg.write_text('DATA:\n  DATASET: synthetic\n  IMG_SIZE: 32\n  MASK_PATCH_SIZE: 8\n'
+                   '  SYNTHETIC:\n    TRAIN_SIZE: 8\nMODEL:\n  SWIN:\n    WINDOW_SIZE: 1\n'
+                   '  SIMMIM:\n    TARGET:\n      NAME: color_clusters\n      NUM_CLUSTERS: 6\n'
+                   f"      PALETTE: {tmp_path / 'palette.npy'}\n")
+    if setup == 'empty folder':
+        (tmp_path / 'images').mkdir()
+        args = ['--data-path', str(tmp_path / 'images'), '--opts', 'DATA.DATASET', 'folder']
+    code = run_tool(build_palette, ['--cfg', str(cfg), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and 'Traceback' not in err
+    assert not (tmp_path / 'palette.npy').exists()

@@ -95,3 +95,36 @@ def test_tool_reads_images_from_a_folder(checkpoint, tmp_path):
     out = tmp_path / 'out'
     assert visualize(['--checkpoint', checkpoint, '--images', str(folder), '--output', str(out)]) == 0
     assert Image.open(out / 'random_mask8_ratio0.6.png').size == grid_size(2, 32)
+
+
+@pytest.fixture(scope='module')
+def bad_inputs(tmp_path_factory, checkpoint):
+    """Files a user might pass by mistake."""
+    folder = tmp_path_factory.mktemp('bad')
+    config = load_config(os.path.join(os.path.dirname(checkpoint), 'tiny.yaml'), is_pretrain=False)
+    torch.save({'model': build_model(config, is_pretrain=False).state_dict()}, folder / 'ft.pth')
+    (folder / 'truncated.pth').write_bytes(open(checkpoint, 'rb').read()[:2000])
+    (folder / 'text.png').write_text('not an image')
+    (folder / 'a_file').write_text('x')
+    return folder
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['--checkpoint', '{bad}/ft.pth'], 'it has no decoder (a fine-tuned'),
+    (['--checkpoint', '{bad}/truncated.pth'], 'is not a readable PyTorch checkpoint'),
+    (['--mask-patch-size', '24'], 'is not divisible by DATA.MASK_PATCH_SIZE 24'),
+    (['--mask-ratio', '1.5'], 'MASK_RATIO must lie in (0, 1), got 1.5'),
+    (['--output', '{bad}/a_file/out'], 'Cannot write to the output folder'),
+    (['--mask-image', '{bad}/text.png'], 'cannot be read as an image'),
+    (['--box', '40', '40', '10', '10'], 'is empty: it needs x0 < x1 and y0 < y1'),
+    (['--box', '0', '0', '2', '2'], 'masks no model patch'),
+])
+def test_tool_bad_input_gets_one_paragraph_and_exit_code_2(checkpoint, bad_inputs, tmp_path,
+                                                           capsys, args, expected):
+    from utils.launch import run_tool
+    argv = ['--checkpoint', checkpoint, '--output', str(tmp_path / 'out')]
+    argv += [a.format(bad=bad_inputs) for a in args]
+    assert run_tool(visualize, argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and 'Traceback' not in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / 'out' / 'box.png')

@@ -17,8 +17,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from utils.errors import ConfigError  # noqa: E402
 from data.avgdist import mean_avg_dist  # noqa: E402
 from data.masking import MASK_GENERATORS  # noqa: E402
+from utils.launch import prepare_output_dir, run_tool  # noqa: E402
 
 FIGURE_3A_SETTINGS = ['random:4', 'random:8', 'random:16', 'random:32', 'random:64', 'square:16',
                       'square:32', 'blockwise:16', 'blockwise:32']
@@ -40,7 +42,13 @@ def measure(settings, ratios, img_size, model_patch_size, num_masks, seed):
     for strategy, mask_patch_size in settings:
         row = []
         for ratio in ratios:
-            generator = MASK_GENERATORS[strategy](img_size, mask_patch_size, model_patch_size, ratio)
+            try:
+                generator = MASK_GENERATORS[strategy](img_size, mask_patch_size, model_patch_size,
+                                                      ratio)
+            except ValueError as e:  # the generator names the size or ratio that does not fit
+                raise ConfigError(f"Setting {strategy}:{mask_patch_size} at ratio {ratio} with "
+                                  f"--img-size {img_size} and --model-patch-size "
+                                  f"{model_patch_size}: {e}") from None
             try:
                 dist, fraction = mean_avg_dist(generator, num_masks, seed)
             except ValueError:  # a mask without visible pixels
@@ -120,15 +128,21 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--output', default='docs/images/avgdist.png', help='PNG plot path')
     args = parser.parse_args(argv)
+    if args.num_masks < 1:
+        raise ConfigError(f"--num-masks must be at least 1, got {args.num_masks}.")
     table = measure(args.settings, args.ratios, args.img_size, args.model_patch_size,
                     args.num_masks, args.seed)
     print(f'image {args.img_size}px, model patch {args.model_patch_size}px, {args.num_masks} masks '
           f'per cell')
     print(format_table(table, args.ratios))
+    if all(math.isnan(d) for row in table.values() for _, _, d in row):
+        raise ConfigError("Every mask asked for masks the whole image, where AvgDist is undefined; "
+                          "nothing to plot. Use lower --ratios or smaller mask patch sizes.")
+    prepare_output_dir(os.path.dirname(os.path.abspath(args.output)))
     plot(table, args.output, f'AvgDist vs masked fraction, {args.img_size}x{args.img_size} images')
     print(f'plot saved to {args.output}')
     return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -22,7 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import load_config  # noqa: E402
 from data import build_pretrain_data  # noqa: E402
 from models import model_patch_size  # noqa: E402
+from utils.errors import ConfigError  # noqa: E402
 from models.targets import nearest_color_index, normalized_to_rgb  # noqa: E402
+from utils.launch import prepare_output_dir, run_tool  # noqa: E402
 
 
 def kmeans(points, k, iterations=30, generator=None):
@@ -69,7 +71,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--cfg', required=True, metavar='FILE', help='pre-training config')
     parser.add_argument('--data-path', help='training image folder (DATA.DATA_PATH)')
-    parser.add_argument('--opts', nargs='+', default=[], metavar='KEY VALUE')
+    parser.add_argument('--opts', nargs='+', action='extend', default=[], metavar='KEY VALUE')
     parser.add_argument('--output', help='palette file (.pt or .npy); default: '
                                          'MODEL.SIMMIM.TARGET.PALETTE')
     parser.add_argument('--num-colors', type=int, help='default: MODEL.SIMMIM.TARGET.NUM_CLUSTERS')
@@ -88,12 +90,22 @@ def main(argv=None):
     if not output:
         parser.error('give --output PATH (the config has no MODEL.SIMMIM.TARGET.PALETTE)')
     num_colors = args.num_colors or config.MODEL.SIMMIM.TARGET.NUM_CLUSTERS
+    for flag, value in (('--num-colors', num_colors), ('--num-images', args.num_images),
+                        ('--pixels-per-image', args.pixels_per_image)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}.")
+    prepare_output_dir(os.path.dirname(os.path.abspath(output)))
 
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     dataset = build_pretrain_data(config, model_patch_size(config),
                                   logging.getLogger('simmim.palette')).train_set
     generator = torch.Generator().manual_seed(args.seed)
     pixels = sample_pixels(dataset, args.num_images, args.pixels_per_image, generator)
+    if pixels.shape[0] < num_colors:
+        raise ConfigError(f"{num_colors} colours need at least as many sampled pixels, but "
+                          f"{min(args.num_images, len(dataset))} image(s) x --pixels-per-image "
+                          f"{args.pixels_per_image} give {pixels.shape[0]}. Raise --num-images or "
+                          f"--pixels-per-image, or lower --num-colors.")
     palette = kmeans(pixels, num_colors, args.iterations, generator)
     palette = palette[palette.sum(dim=1).argsort()]
     save_palette(palette, output)
@@ -103,4 +115,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_tool(main))

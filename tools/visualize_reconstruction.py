@@ -16,7 +16,6 @@ what the model sees and what the grid shows.
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 import torch
@@ -25,13 +24,16 @@ from torchvision import transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import load_config  # noqa: E402
 from data import ImageFolderDataset, SyntheticShapes, sample_seed  # noqa: E402
 from data.masking import MASK_GENERATORS, build_mask_generator  # noqa: E402
 from data.transforms import normalize  # noqa: E402
 from models import build_simmim, model_patch_size  # noqa: E402
+from utils.checkpoint_contents import checkpoint_config  # noqa: E402
+from utils.errors import CheckpointError, ConfigError, IncompatibleCheckpointError  # noqa: E402
+from utils.launch import prepare_output_dir, run_tool  # noqa: E402
 from utils.mask_grid import pixel_mask_to_patches  # noqa: E402
-from utils.pretrained import load_full_state_dict  # noqa: E402
+from utils.pretrained import load_full_state_dict, unwrap_state_dict  # noqa: E402
+from utils.state_dict import canonical_keys  # noqa: E402
 from utils.safe_load import load_checkpoint_file  # noqa: E402
 from utils.visualize import reconstruct_images, reconstruction_grid, save_png  # noqa: E402
 
@@ -40,17 +42,16 @@ def load_model(checkpoint_path, cfg=None, opts=()):
     """(config, SimMIM model with the checkpoint's weights) for `checkpoint_path`; the config is
     `cfg` if given, else the one stored in the checkpoint."""
     checkpoint = load_checkpoint_file(checkpoint_path, '--checkpoint')
-    if cfg is None:
-        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('config'), str):
-            raise SystemExit(f"{checkpoint_path} stores no config; pass the pre-training --cfg.")
-        with tempfile.NamedTemporaryFile('w', suffix='.yaml', delete=False) as f:
-            f.write(checkpoint['config'])
-        try:
-            config = load_config(f.name, opts)
-        finally:
-            os.remove(f.name)
-    else:
-        config = load_config(cfg, opts)
+    try:
+        state_dict = canonical_keys(unwrap_state_dict(checkpoint))
+    except IncompatibleCheckpointError as e:
+        raise CheckpointError(f"--checkpoint {checkpoint_path}: {e}") from None
+    if not any(k.startswith('decoder.') for k in state_dict):
+        raise CheckpointError(
+            f"--checkpoint {checkpoint_path} is not a SimMIM pre-training checkpoint: it has no "
+            f"decoder (a fine-tuned or encoder-only checkpoint?), and reconstructions need one. "
+            f"Pass a ckpt_epoch_*.pth written by main_simmim.py (or an official SimMIM one).")
+    config = checkpoint_config(checkpoint, cfg, opts, is_pretrain=True, source=checkpoint_path)
     model = build_simmim(config)
     load_full_state_dict(model, checkpoint, f'--checkpoint {checkpoint_path}')
     return config, model
@@ -73,8 +74,12 @@ def load_images(config, folder=None, num_images=8):
 def random_masks(config, strategy, mask_patch_size, mask_ratio, count, seed):
     """(count, h, w) masks of a strategy at one mask patch size and ratio, mask i drawn from
     (seed, i)."""
-    generator = build_mask_generator(config, model_patch_size(config), strategy, mask_patch_size,
-                                     mask_ratio)
+    try:
+        generator = build_mask_generator(config, model_patch_size(config), strategy,
+                                         mask_patch_size, mask_ratio)
+    except ValueError as e:  # the generator names the size or ratio that does not fit
+        raise ConfigError(f"--mask-patch-size {mask_patch_size} / --mask-ratio {mask_ratio} with "
+                          f"{config.DATA.IMG_SIZE}-px images: {e}") from None
     return torch.stack([generator(torch.Generator().manual_seed(sample_seed(seed, 0, i, 'mask')))
                         for i in range(count)])
 
@@ -82,17 +87,35 @@ def random_masks(config, strategy, mask_patch_size, mask_ratio, count, seed):
 def mask_from_image(path, config):
     """(h, w) model-patch mask from a black-and-white image (white = masked), resized to the input."""
     size = config.DATA.IMG_SIZE
-    grey = Image.open(path).convert('L').resize((size, size), Image.NEAREST)
-    return pixel_mask_to_patches(np.asarray(grey) > 127, model_patch_size(config))
+    try:
+        grey = Image.open(path).convert('L').resize((size, size), Image.NEAREST)
+    except OSError as e:
+        raise ConfigError(f"--mask-image {path} cannot be read as an image ({e}). Pass a black-"
+                          f"and-white image (PNG), white = masked.") from None
+    mask = pixel_mask_to_patches(np.asarray(grey) > 127, model_patch_size(config))
+    return _masking_something(mask, f'--mask-image {path}')
 
 
 def mask_from_box(box, config):
     """(h, w) model-patch mask of the pixel box (x0, y0, x1, y1), x1/y1 exclusive."""
     x0, y0, x1, y1 = box
     size = config.DATA.IMG_SIZE
+    if not (x0 < x1 and y0 < y1):
+        raise ConfigError(f"--box {x0} {y0} {x1} {y1} is empty: it needs x0 < x1 and y0 < y1 "
+                          f"(corners top-left then bottom-right, x1 and y1 exclusive).")
     pixels = torch.zeros(size, size)
     pixels[max(y0, 0):y1, max(x0, 0):x1] = 1
-    return pixel_mask_to_patches(pixels, model_patch_size(config))
+    return _masking_something(pixel_mask_to_patches(pixels, model_patch_size(config)),
+                              f'--box {x0} {y0} {x1} {y1}')
+
+
+def _masking_something(mask, source):
+    """`mask`, or a ConfigError when it masks no model patch (the grid would show no prediction)."""
+    if not mask.any():
+        raise ConfigError(f"{source} masks no model patch of the {tuple(mask.shape)} grid (a patch "
+                          f"is masked when at least half of its pixels are): mask a larger area "
+                          f"inside the image.")
+    return mask
 
 
 def mask_settings(args, config, count):
@@ -112,7 +135,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--checkpoint', required=True, help='SimMIM pre-training checkpoint')
     parser.add_argument('--cfg', help='config (default: the one stored in the checkpoint)')
-    parser.add_argument('--opts', nargs='+', default=[], metavar='KEY VALUE')
+    parser.add_argument('--opts', nargs='+', action='extend', default=[], metavar='KEY VALUE')
     parser.add_argument('--images', help='image folder (default: synthetic validation images)')
     parser.add_argument('--num-images', type=int, default=8)
     parser.add_argument('--mask-strategy', choices=sorted(MASK_GENERATORS),
@@ -130,7 +153,10 @@ def main(argv=None):
     parser.add_argument('--output', default='output/reconstructions', help='folder for the PNGs')
     args = parser.parse_args(argv)
 
+    if args.num_images < 1:
+        raise ConfigError(f"--num-images must be at least 1, got {args.num_images}.")
     config, model = load_model(args.checkpoint, args.cfg, args.opts)
+    prepare_output_dir(args.output)
     model.to(args.device)
     images = load_images(config, args.images, args.num_images).to(args.device)
     for stem, masks in mask_settings(args, config, images.shape[0]):
@@ -143,4 +169,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -26,8 +26,9 @@ def build_arg_parser(finetune=False):
     name = 'SimMIM fine-tuning' if finetune else 'SimMIM pre-training'
     parser = _ArgumentParser(name, allow_abbrev=False)
     parser.add_argument('--cfg', type=str, required=True, metavar='FILE', help='path to config file')
-    parser.add_argument('--opts', nargs='+', default=None, metavar='KEY VALUE',
-                        help="override config keys, e.g. --opts TRAIN.EPOCHS 1 DATA.NUM_WORKERS 0")
+    parser.add_argument('--opts', nargs='+', action='extend', default=None, metavar='KEY VALUE',
+                        help="override config keys, e.g. --opts TRAIN.EPOCHS 1 DATA.NUM_WORKERS 0 "
+                             "(given twice, both groups apply, in order)")
     parser.add_argument('--batch-size', type=int, help='batch size per GPU (DATA.BATCH_SIZE)')
     parser.add_argument('--data-path', type=str, help='path to the dataset (DATA.DATA_PATH)')
     parser.add_argument('--resume', help='resume from this checkpoint (MODEL.RESUME)')
@@ -61,7 +62,7 @@ def apply_args(config, args):
     """Write the flags given in `args` (an argparse Namespace) into their config keys."""
     # Like the official update_config: each flag applies only when given.
     given = lambda name: getattr(args, name, None)  # noqa: E731
-    if given('batch_size'):
+    if given('batch_size') is not None:  # 0 is given too, and rejected by validation
         config.DATA.BATCH_SIZE = args.batch_size
     if given('data_path'):
         config.DATA.DATA_PATH = args.data_path
@@ -69,7 +70,7 @@ def apply_args(config, args):
         config.MODEL.RESUME = args.resume
     if given('pretrained'):
         config.MODEL.PRETRAINED = args.pretrained
-    if given('accumulation_steps'):
+    if given('accumulation_steps') is not None:
         config.TRAIN.ACCUMULATION_STEPS = args.accumulation_steps
     if given('use_checkpoint'):
         config.TRAIN.USE_CHECKPOINT = True

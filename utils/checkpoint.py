@@ -8,25 +8,30 @@ GradScaler's state when the run has none, as the Swin-Transformer repo's loader 
 
 Epoch checkpoints are ``ckpt_epoch_{e}.pth``; step checkpoints (CHECKPOINT.STEP_FREQ) are
 ``ckpt_epoch_{e}_step_{k}.pth`` and hold the position inside epoch e, so a resume continues with
-the very next batch.
+the very next batch. Under TRAIN.SHARDING fsdp the same content is a directory of that name
+without ``.pth`` (utils/sharded_checkpoint.py).
 """
-import errno
 import glob
 import os
 import random
 import re
+import shutil
 
 import numpy as np
 import torch
 
-from utils.errors import CheckpointError, CheckpointWriteError  # noqa: F401  (re-exported)
+from utils.atomic_write import atomic_save  # noqa: F401  (re-exported)
+from utils.errors import (CheckpointError, CheckpointWriteError,  # noqa: F401  (re-exported)
+                          IncompatibleCheckpointError)
 from utils.official_checkpoint import load_optimizer_state
 from utils.pretrained import load_full_state_dict
 from utils.safe_load import load_checkpoint_file
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ('model', 'optimizer', 'lr_scheduler', 'epoch')
-_STEP_NAME = re.compile(r'ckpt_epoch_(\d+)_step_(\d+)\.pth$')
+# Files ``ckpt_epoch_{e}[_step_{k}].pth``, or the sharded directories of those names without .pth.
+_STEP_NAME = re.compile(r'ckpt_epoch_(\d+)_step_(\d+)(\.pth)?$')
+_EPOCH_NAME = re.compile(r'ckpt_epoch_(\d+)(\.pth)?$')
 
 
 def epoch_checkpoint_path(output_dir, epoch):
@@ -35,35 +40,6 @@ def epoch_checkpoint_path(output_dir, epoch):
 
 def step_checkpoint_path(output_dir, epoch, step):
     return os.path.join(output_dir, f'ckpt_epoch_{epoch}_step_{step}.pth')
-
-
-def atomic_save(obj, path):
-    """Write `obj` to `path` so that a crash at any moment leaves either the old file or the new.
-
-    The bytes go to a temporary file in the same folder, which is flushed, fsynced and renamed over
-    `path`; the folder is fsynced so the rename itself survives a power loss.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = f'{path}.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        reason = 'the disk is full' if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
-        raise CheckpointWriteError(
-            f"Could not write checkpoint {path}: {reason}. Nothing was overwritten: earlier "
-            f"checkpoints in {folder} are intact. Free space (or pass --output on a larger disk) "
-            f"and resume from the newest checkpoint.") from e
 
 
 def capture_rng_state():
@@ -103,10 +79,16 @@ def _as_tuples(value):
 def build_checkpoint(config, model, optimizer, lr_scheduler, scaler, position, max_accuracy,
                      rng_states, train_state=None):
     """The dict written to disk. `position` = (epoch, step) where training continues."""
+    return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+            **progress_state(config, lr_scheduler, scaler, position, max_accuracy, rng_states,
+                             train_state)}
+
+
+def progress_state(config, lr_scheduler, scaler, position, max_accuracy, rng_states,
+                   train_state=None):
+    """Everything of a checkpoint but the model and optimizer tensors (both layouts)."""
     epoch, step = position
     return {
-        'model': model.state_dict(),
-        'optimizer': optimizer.state_dict(),
         'lr_scheduler': lr_scheduler.state_dict(),
         'scaler': (scaler or _idle_grad_scaler()).state_dict(),
         'epoch': epoch - 1,  # the last completed epoch (official meaning)
@@ -128,12 +110,12 @@ def _idle_grad_scaler():
 def prune_step_checkpoints(output_dir, keep):
     """Delete all but the `keep` newest step checkpoints (epoch checkpoints are never touched)."""
     found = []
-    for path in glob.glob(os.path.join(output_dir, 'ckpt_epoch_*_step_*.pth')):
+    for path in glob.glob(os.path.join(output_dir, 'ckpt_epoch_*_step_*')):
         match = _STEP_NAME.search(os.path.basename(path))
         if match:
             found.append(((int(match.group(1)), int(match.group(2))), path))
     for _, path in sorted(found)[:-keep] if keep > 0 else []:
-        os.remove(path)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)  # sharded: a directory
 
 
 def verify_checkpoint(path):
@@ -148,30 +130,83 @@ def verify_checkpoint(path):
     return checkpoint
 
 
-def find_resume_checkpoint(output_dir, logger):
-    """The newest checkpoint in `output_dir` that loads and has the resume keys, with its dict.
+def checkpoint_position(path):
+    """The (epoch, step) where training continues from the checkpoint `path`, read from its name:
+    ``ckpt_epoch_{e}.pth`` -> (e + 1, 0), ``ckpt_epoch_{e}_step_{k}.pth`` -> (e, k) (the same for
+    sharded directories, named without ``.pth``); None for other names."""
+    name = os.path.basename(os.path.normpath(path))
+    match = _STEP_NAME.fullmatch(name)
+    if match:
+        return int(match.group(1)), int(match.group(2))
+    match = _EPOCH_NAME.fullmatch(name)
+    return (int(match.group(1)) + 1, 0) if match else None
 
-    Candidates are ``ckpt_epoch_*.pth`` files (so a weights-only ``model_best.pth`` is never taken),
-    newest modification time first as in the official auto-resume; a file that fails verification
-    is skipped with a warning saying why. Returns (None, None) if none is usable.
+
+def _recorded_position(checkpoint):
+    position = checkpoint.get('position')
+    if isinstance(position, dict) and {'epoch', 'step'} <= position.keys():
+        return int(position['epoch']), int(position['step'])
+    return int(checkpoint['epoch']) + 1, 0  # official checkpoints: the last completed epoch
+
+
+def _is_candidate(path):
+    """A checkpoint file, or a sharded checkpoint directory (never a ``.tmp`` / ``.old`` one)."""
+    return os.path.isfile(path) if path.endswith('.pth') else os.path.isdir(path)
+
+
+def find_resume_checkpoint(output_dir, logger, verify=verify_checkpoint):
+    """The checkpoint in `output_dir` that continues furthest, with its dict.
+
+    Candidates are ``ckpt_epoch_*.pth`` files and sharded ``ckpt_epoch_*`` directories (so a
+    weights-only ``model_best.pth`` is never taken), ordered by the position their names give,
+    furthest first; modification times are ignored, since a copy, an rsync or a `touch` changes
+    them. A candidate must pass `verify` (load, have the resume keys) and record the position its
+    name gives; one that fails is skipped with a warning saying why. Returns (None, None) if none
+    is usable.
     """
-    candidates = sorted(glob.glob(os.path.join(output_dir, 'ckpt_epoch_*.pth')),
-                        key=os.path.getmtime, reverse=True)
-    for path in candidates:
+    candidates = [(checkpoint_position(p), p)
+                  for p in glob.glob(os.path.join(output_dir, 'ckpt_epoch_*')) if _is_candidate(p)]
+    for position, path in sorted((c for c in candidates if c[0] is not None), reverse=True):
         try:
-            return path, verify_checkpoint(path)
-        except CheckpointError as e:
+            checkpoint = verify(path)
+            recorded = _recorded_position(checkpoint)
+        except (CheckpointError, KeyError, TypeError, ValueError) as e:
             logger.warning(f"auto-resume: skipping {path}: {e}")
+            continue
+        if recorded != position:
+            logger.warning(f"auto-resume: skipping {path}: its name says epoch {position[0]}, step "
+                           f"{position[1]} but it records epoch {recorded[0]}, step {recorded[1]} "
+                           f"(renamed or copied over?).")
+            continue
+        return path, checkpoint
     return None, None
 
 
 def load_training_state(checkpoint, model, optimizer, lr_scheduler, scaler, logger, rank=0,
-                        world_size=1, config=None):
+                        world_size=1, config=None, path='', found_in=None):
     """Restore everything a resume needs from `checkpoint` (ours, or official: see
-    utils/official_checkpoint.py); return (epoch, step, max_accuracy, train_state) where
-    (epoch, step) is the position where training continues."""
-    load_full_state_dict(model, checkpoint['model'], 'The resume checkpoint')
+    utils/official_checkpoint.py; read from `path`; `found_in`: the folder auto-resume found it in,
+    None for --resume); return (epoch, step, max_accuracy, train_state) where (epoch, step) is the
+    position where training continues."""
+    try:
+        load_full_state_dict(model, checkpoint['model'], f'The resume checkpoint {path}'.rstrip())
+    except IncompatibleCheckpointError as e:
+        raise CheckpointError(f"{e} {resume_mismatch_fix(found_in)}") from None
     load_optimizer_state(optimizer, checkpoint, model, config, logger)
+    return restore_progress(checkpoint, lr_scheduler, scaler, logger, rank, world_size)
+
+
+def resume_mismatch_fix(found_in):
+    """What to do about a resume checkpoint of another model (`found_in`: the folder auto-resume
+    found it in, None for --resume)."""
+    if found_in:
+        return (f"Auto-resume found it in {found_in}, so that folder holds a run of another "
+                f"model. Give this run its own folder with --tag NAME or --output DIR.")
+    return "Pass a checkpoint of this config's model, or set MODEL.* to match the checkpoint."
+
+
+def restore_progress(checkpoint, lr_scheduler, scaler, logger, rank=0, world_size=1):
+    """Restore what `progress_state` saved; return (epoch, step, max_accuracy, train_state)."""
     changes = lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
     if changes:
         logger.warning('The LR schedule of this config differs from the checkpoint\'s; the config '

@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from models import transformer_blocks
+from models.attention import raise_recompile_limit
 from utils.errors import require
 
 COMPILE_MODES = ('', 'blocks', 'model')
@@ -30,16 +32,6 @@ def check_compile_config(config):
     require(config.TRAIN.COMPILE_BACKEND in COMPILE_BACKENDS,
             f"TRAIN.COMPILE_BACKEND must be one of {COMPILE_BACKENDS}, got "
             f"'{config.TRAIN.COMPILE_BACKEND}'.")
-
-
-def transformer_blocks(model):
-    """The transformer blocks of `model`, in order: every child of a container attribute named
-    `blocks` (Swin and SwinV2 stages, the ViT, the inverse-Swin head)."""
-    found = []
-    for name, module in model.named_modules():
-        if name == 'blocks' or name.endswith('.blocks'):
-            found.extend(module.children())
-    return found
 
 
 class CompileMonitor:
@@ -74,15 +66,6 @@ class CompileMonitor:
 
 
 _monitor = None
-
-
-def raise_recompile_limit(limit):
-    """Let dynamo keep at least `limit` graphs per function (torch < 2.7 calls it cache_size)."""
-    config = torch._dynamo.config
-    for name, value in (('recompile_limit', limit), ('accumulated_recompile_limit', 4 * limit),
-                        ('cache_size_limit', limit), ('accumulated_cache_size_limit', 4 * limit)):
-        if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), value))
 
 
 def compile_monitor():

@@ -19,6 +19,7 @@ from models.window_attention import check_window_attention
 from optimizer import check_optimizer_config
 from utils.compile import check_compile_config
 from utils.errors import require
+from utils.sharding import check_sharding_config
 
 DATASETS = ('imagenet', 'folder', 'synthetic')
 POSITIVE_KEYS = ('DATA.BATCH_SIZE', 'TRAIN.EPOCHS', 'PRINT_FREQ', 'SAVE_FREQ', 'DATA.IMG_SIZE')
@@ -67,6 +68,7 @@ def validate_config(config, task):
     check_common_keys(config)
     check_scheduler_config(config)
     check_optimizer_config(config)
+    check_sharding_config(config)
     architecture.check_config(config)
     check_loader_config(config, task)
     check_window_attention(config.MODEL.WINDOW_ATTENTION)

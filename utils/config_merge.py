@@ -87,7 +87,8 @@ def merge_yaml(config, cfg_file, _stack=()):
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"Cannot parse YAML {cfg_file}: {e}") from None
-    for base in data.get('BASE', ['']) or []:
+    bases = data.get('BASE', ['']) or []
+    for base in [bases] if isinstance(bases, str) else bases:  # one file may be given bare
         if base:
             merge_yaml(config, os.path.join(os.path.dirname(cfg_file), base), _stack + (cfg_file,))
     data.pop('BASE', None)

@@ -10,7 +10,6 @@ No step forces a host-device sync: loss and gradient-norm statistics accumulate 
 are read every PRINT_FREQ steps, and a non-finite step is skipped inside the fused optimizer kernel
 (its `found_inf` input) rather than by an `if` on the host.
 """
-import contextlib
 import datetime
 import time
 
@@ -20,11 +19,15 @@ from config import amp_enabled
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer, supports_found_inf
 from utils.checkpoint import (build_checkpoint, epoch_checkpoint_path, load_training_state,
-                              prune_step_checkpoints, step_checkpoint_path)
-from utils.checkpoint_protocol import choose_resume_checkpoint, save_on_main_rank
-from utils.distributed import all_reduce_max, broadcast_batchnorm_stats, wrap_ddp
+                              progress_state, prune_step_checkpoints, step_checkpoint_path)
+from utils.checkpoint_protocol import (choose_resume_checkpoint, save_on_main_rank,
+                                       save_sharded_on_every_rank)
+from utils.distributed import all_reduce_max, broadcast_batchnorm_stats
 from utils.errors import EXIT_NONFINITE, NonFiniteLossError, Preempted  # noqa: F401  (re-exported)
 from utils.preemption import PreemptionHandler
+from utils.run_folder import finished_message, record_config
+from utils.sharded_checkpoint import is_sharded_checkpoint, load_any_training_state, sharded_path
+from utils.sharding import full_tensor, gradient_sync, is_fsdp, wrap_model
 from utils.tasks import PRETRAIN
 from utils.train_stats import (EpochStats, NonFiniteCounter, peak_memory_mb, progress_line,
                                write_train_scalars)
@@ -46,15 +49,16 @@ def build_grad_scaler(dtype):
 
 def build_trainer(config, model, data_loader, batch_loss, logger, dist_info, writer=None,
                   task=PRETRAIN):
-    """The optimizer, autocast dtype and GradScaler, DDP wrapper and LR schedule for `model` (on
-    its device already), assembled into a Trainer; `task` (utils.tasks) says whether layer decay
-    applies."""
+    """The optimizer, autocast dtype and GradScaler, DDP/FSDP wrapper and LR schedule for `model`
+    (on its device already), assembled into a Trainer; `task` (utils.tasks) says whether layer
+    decay applies."""
     logger.info(f'number of trainable params: '
                 f'{sum(p.numel() for p in model.parameters() if p.requires_grad)}')
-    optimizer = build_optimizer(config, model, logger, task)
     amp_dtype = autocast_dtype(config, dist_info.device)
     logger.info(f'autocast: {amp_dtype or "off (fp32)"}')
-    wrapped = wrap_ddp(model, dist_info.device) if dist_info.distributed else model
+    # FSDP replaces the parameters by their shards in place, so the optimizer comes after it.
+    wrapped = wrap_model(config, model, dist_info, amp_dtype, logger)
+    optimizer = build_optimizer(config, model, logger, task)
     lr_scheduler = build_scheduler(config, optimizer, len(data_loader))
     return Trainer(config, wrapped, model, optimizer, lr_scheduler, build_grad_scaler(amp_dtype),
                    data_loader, batch_loss, logger, dist_info, writer, amp_dtype)
@@ -94,6 +98,7 @@ class Trainer:
         self._skip_in_kernel = scaler is None and supports_found_inf(optimizer)
         self._nonfinite = NonFiniteCounter(self.device)
         self.preemption = PreemptionHandler()
+        self.sharded_checkpoints = config.TRAIN.SHARDING == 'fsdp'  # DCP directories
 
     # ------------------------------------------------------------------ resume bookkeeping
     def train_state(self):
@@ -112,9 +117,14 @@ class Trainer:
         if path is None:
             logger.info(f'no checkpoint found in {config.OUTPUT}, training from the start')
             return config.TRAIN.START_EPOCH, 0
-        epoch, step, max_accuracy, train_state = load_training_state(
-            checkpoint, self.model_without_ddp, self.optimizer, self.lr_scheduler, self.scaler,
-            logger, self.dist.rank, self.dist.world_size, config)
+        found_in = config.OUTPUT if path != config.MODEL.RESUME else None
+        state = (self.model_without_ddp, self.optimizer, self.lr_scheduler, self.scaler, logger,
+                 self.dist.rank, self.dist.world_size)
+        if is_sharded_checkpoint(path) or is_fsdp(self.model):  # any layout, any world size
+            epoch, step, max_accuracy, train_state = load_any_training_state(path, checkpoint, *state)
+        else:
+            epoch, step, max_accuracy, train_state = load_training_state(
+                checkpoint, *state, config, path=path, found_in=found_in)
         self.load_train_state(train_state, max_accuracy)
         self.last_checkpoint = path
         logger.info(f'resumed from {path}: continuing at epoch {epoch}, step {step}')
@@ -124,6 +134,11 @@ class Trainer:
     def fit(self, start_epoch, start_step=0, after_epoch=None):
         """Train from (start_epoch, start_step) to TRAIN.EPOCHS, checkpointing as configured."""
         config = self.config
+        if start_epoch >= config.TRAIN.EPOCHS:
+            self.logger.info(finished_message(config, self.last_checkpoint))
+            return
+        if self.dist.is_main:
+            record_config(config, self.logger)  # only now: this config is known to start
         self.preemption.install()
         try:
             start_time = time.time()
@@ -156,9 +171,7 @@ class Trainer:
             data_time += time.perf_counter() - fetch_start
 
             is_update = (idx + 1) % self.accumulation == 0
-            no_sync = (self.model.no_sync if self.dist.distributed and not is_update
-                       else contextlib.nullcontext)
-            with no_sync():
+            with gradient_sync(self.model, enabled=is_update):
                 with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
                     loss, batch_size = self.batch_loss(self.model, batch, device)
@@ -184,7 +197,11 @@ class Trainer:
         self.skipped_total += stats.skipped_in_epoch()
         broadcast_batchnorm_stats(self.model_without_ddp)  # every rank evaluates and saves the same
         took = datetime.timedelta(seconds=int(time.perf_counter() - epoch_start))
-        self.logger.info(f'EPOCH {epoch} training takes {took}')
+        self.logger.info(f'EPOCH {epoch} training takes {took}, loss avg '
+                         f'{stats.read()["loss_avg"]:.4f}')
+        bad_images = getattr(self.data_loader.dataset, 'unreadable_report', lambda: '')()
+        if bad_images:
+            self.logger.warning(f'EPOCH {epoch}: {bad_images}')
 
     def _optimizer_step(self, loss_since_update):
         """Clip, step unless non-finite, zero the gradients; return the pre-clip gradient norm and
@@ -197,6 +214,7 @@ class Trainer:
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params
                                                        if p.grad is not None], foreach=True)
+        grad_norm = full_tensor(grad_norm)  # FSDP: the norm over all shards, as a plain tensor
         bad = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_since_update))
         bad = all_reduce_max(bad.to(torch.int32)).float()  # every rank skips the same steps
         if self.scaler is not None:
@@ -222,8 +240,8 @@ class Trainer:
             if self.dist.is_main:
                 prune_step_checkpoints(config.OUTPUT, config.CHECKPOINT.KEEP_STEP_CKPTS)
         if self.preemption.stop_requested():
-            path = step_checkpoint_path(config.OUTPUT, epoch, idx + 1)
-            self.save_checkpoint(epoch, idx + 1, path)
+            path = self.save_checkpoint(epoch, idx + 1,
+                                        step_checkpoint_path(config.OUTPUT, epoch, idx + 1))
             raise Preempted(f"Stopped by {self.preemption.signal_name} after step {idx + 1} of "
                             f"epoch {epoch}; checkpoint written to {path}. Run the same command "
                             f"again (TRAIN.AUTO_RESUME) or pass --resume {path} to continue.")
@@ -253,9 +271,10 @@ class Trainer:
         lr = self.optimizer.param_groups[-1]['lr']
         images_per_sec = window_steps * config.DATA.BATCH_SIZE * self.dist.world_size / max(elapsed, 1e-9)
         data_fraction = data_time / max(elapsed, 1e-9)
+        steps_left = (config.TRAIN.EPOCHS - epoch - 1) * num_steps + num_steps - idx - 1
         self.logger.info(progress_line(epoch, config.TRAIN.EPOCHS, idx, num_steps, values, lr,
                                        step_time, avg_time, data_fraction, images_per_sec,
-                                       peak_memory_mb(self.device)))
+                                       peak_memory_mb(self.device), steps_left))
         if self.writer is not None:
             write_train_scalars(self.writer, epoch * num_steps + idx, {
                 'loss': values['loss'], 'lr': lr, 'grad_norm': values['grad_norm'],
@@ -264,11 +283,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, epoch, step, path):
-        """Write the state for continuing at (epoch, step). Called on every rank (see
-        save_on_main_rank)."""
-        def make_checkpoint(rng_states):
-            return build_checkpoint(self.config, self.model_without_ddp, self.optimizer,
-                                    self.lr_scheduler, self.scaler, (epoch, step),
-                                    self.max_accuracy, rng_states, self.train_state())
-        save_on_main_rank(path, make_checkpoint, self.dist, self.device, self.logger)
+        """Write the state for continuing at (epoch, step); return the path written (a directory
+        under TRAIN.SHARDING fsdp). Called on every rank (see save_on_main_rank; under FSDP every
+        rank writes its shards)."""
+        if self.sharded_checkpoints:
+            path = sharded_path(path)
+            def make_progress(rng_states):
+                return progress_state(self.config, self.lr_scheduler, self.scaler, (epoch, step),
+                                      self.max_accuracy, rng_states, self.train_state())
+            save_sharded_on_every_rank(path, self.model_without_ddp, self.optimizer, make_progress,
+                                       self.dist, self.logger)
+        else:
+            def make_checkpoint(rng_states):
+                return build_checkpoint(self.config, self.model_without_ddp, self.optimizer,
+                                        self.lr_scheduler, self.scaler, (epoch, step),
+                                        self.max_accuracy, rng_states, self.train_state())
+            save_on_main_rank(path, make_checkpoint, self.dist, self.device, self.logger)
         self.last_checkpoint = path
+        return path

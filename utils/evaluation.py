@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.distributed import all_reduce_sum
+from utils.sharding import lockstep_extra_batches
 
 
 @torch.no_grad()
@@ -17,6 +18,7 @@ def evaluate(model, data_loader, device, amp_dtype=None, logger=None, print_freq
     """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss, count
+    extra = lockstep_extra_batches(model, len(data_loader), device)
     for idx, (images, target) in enumerate(data_loader):
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
@@ -31,6 +33,12 @@ def evaluate(model, data_loader, device, amp_dtype=None, logger=None, print_freq
                                torch.tensor(target.shape[0], device=device)]).double()
         if logger is not None and idx % print_freq == 0:
             logger.info(f'Test: [{idx}/{len(data_loader)}]')
+    if extra:  # FSDP: join the all-gathers of ranks with a longer shard; the outputs are unused
+        image = data_loader.dataset[0][0].unsqueeze(0).to(device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            for _ in range(extra):
+                model(image)
     all_reduce_sum(totals)
     correct1, correct5, loss_sum, count = totals.tolist()
     count = max(count, 1)

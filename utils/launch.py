@@ -8,7 +8,8 @@ import torch
 from config import build_arg_parser, get_config
 from logger import create_logger
 from utils.distributed import cleanup, init_distributed, seed_everything
-from utils.errors import EXIT_CONFIG, EXIT_PREEMPTED, KNOWN_ERRORS, ConfigError, exit_code_of
+from utils.errors import EXIT_PREEMPTED, KNOWN_ERRORS, ConfigError, exit_code_of, title_of
+from utils.run_folder import release_output_folders, take_output_folder
 from utils.tasks import PRETRAIN, as_task
 
 
@@ -36,21 +37,36 @@ def setup(argv, task):
     config = get_config(args, task)
     dist_info = init_distributed(config.LOCAL_RANK)
     prepare_output_dir(config.OUTPUT)
+    takeover = take_output_folder(config.OUTPUT, dist_info)  # before anything is written there
     seed_everything(config.SEED + dist_info.rank)
     torch.backends.cudnn.benchmark = True
     logger = create_logger(config.OUTPUT, dist_info.rank, config.MODEL.NAME)
     logger.info(f'RANK {dist_info.rank} WORLD_SIZE {dist_info.world_size} device {dist_info.device}')
+    if takeover:
+        logger.warning(takeover)
     writer = None
     if dist_info.is_main:
-        path = os.path.join(config.OUTPUT, 'config.yaml')
-        with open(path, 'w') as f:
-            f.write(config.dump())
-        logger.info(f'Full config saved to {path}')
-        logger.debug(config.dump())
+        logger.debug(config.dump())  # config.yaml is written once the run starts (record_config)
         if config.TENSORBOARD:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(log_dir=os.path.join(config.OUTPUT, 'tensorboard'))
     return config, dist_info, logger, writer
+
+
+def describe_failure(error):
+    """(exit code, one-paragraph message) for a failure of one of the KNOWN_ERRORS types."""
+    return exit_code_of(error), f'{title_of(error)}: {_message(error)}'
+
+
+def run_tool(main_fn, argv=None):
+    """Run a tool's main_fn(argv) with the scripts' handling of known failures: one paragraph on
+    stderr and the same exit codes, no traceback."""
+    try:
+        return main_fn(argv)
+    except KNOWN_ERRORS as e:
+        code, message = describe_failure(e)
+        print(message, file=sys.stderr)
+        return code
 
 
 def _message(error):
@@ -74,9 +90,7 @@ def run(main_fn, argv=None, task=PRETRAIN, *, is_pretrain=None):
         main_fn(config, dist_info, logger, writer)
         return 0
     except KNOWN_ERRORS as e:
-        code = exit_code_of(e)
-        title = {EXIT_CONFIG: 'Configuration error', EXIT_PREEMPTED: 'Preempted'}.get(code, 'Error')
-        message = f'{title}: {_message(e)}'
+        code, message = describe_failure(e)
         if logger is not None:
             (logger.warning if code == EXIT_PREEMPTED else logger.error)(message)
         if logger is None or os.environ.get('RANK', '0') != '0':
@@ -85,4 +99,5 @@ def run(main_fn, argv=None, task=PRETRAIN, *, is_pretrain=None):
     finally:
         if writer is not None:
             writer.close()
+        release_output_folders()
         cleanup()

@@ -14,7 +14,8 @@ the integer target offsets. Near offsets therefore keep their values and far one
 SciPy removed the interp2d the official code used; RectBivariateSpline(x, y, z.T, kx=3, ky=3,
 s=0) evaluated and transposed is its exact replacement (SciPy's migration guide). That spline is
 the not-a-knot bicubic interpolant, and FITPACK evaluates targets outside the source range (e.g.
-+-13 when the outermost source offset is 12.99994) at the nearest end of the range.
++-13 when the outermost source offset is 12.99994) at the nearest end of the range. Tables of
+windows 1 and 2 are too small for that (see SMALLEST_GEOMETRIC_SIDE).
 """
 import math
 
@@ -23,6 +24,11 @@ import torch
 from scipy.interpolate import RectBivariateSpline
 from timm.layers import resample_abs_pos_embed
 
+# A table of side 3 (window 2) has one offset on each side of 0, which no ratio q can stretch
+# (1 + q + ... has a single term): its offsets are placed at 0 and +-(target side // 2) instead,
+# so the outermost source offset still lands on the outermost target one, and the spline is
+# quadratic (three points per axis allow no higher order). Side 1 (window 1) is a constant.
+SMALLEST_GEOMETRIC_SIDE = 5
 GEOMETRIC_Q_BOUNDS = (1.01, 1.5)  # bisection interval of the official code
 GEOMETRIC_Q_TOLERANCE = 1e-6
 
@@ -59,14 +65,19 @@ def resize_rel_pos_bias_table(table, dst_side, num_extra_tokens=0):
     if src_side == dst_side:
         return table.clone()
     grid, extra = table[:grid_rows], table[grid_rows:]
-    q = geometric_ratio(src_side, dst_side)
-    src_pos = geometric_positions(src_side, q)
     half = dst_side // 2
+    if src_side == 1:  # window 1: a single offset, the same bias everywhere
+        return torch.cat([grid.expand(dst_side * dst_side, num_heads), extra], dim=0)
+    if src_side < SMALLEST_GEOMETRIC_SIDE:
+        src_pos = np.array([-1.0, 0.0, 1.0]) * max(half, 1)
+    else:
+        src_pos = geometric_positions(src_side, geometric_ratio(src_side, dst_side))
+    order = min(3, src_side - 1)
     dst_pos = np.arange(-half, half + 0.1, 1.0)
     heads = []
     for h in range(num_heads):
         z = grid[:, h].reshape(src_side, src_side).double().cpu().numpy()
-        spline = RectBivariateSpline(src_pos, src_pos, z.T, kx=3, ky=3, s=0)
+        spline = RectBivariateSpline(src_pos, src_pos, z.T, kx=order, ky=order, s=0)
         heads.append(torch.from_numpy(spline(dst_pos, dst_pos).T.copy()).reshape(-1))
     resized = torch.stack(heads, dim=1).to(device=table.device, dtype=table.dtype)
     return torch.cat([resized, extra], dim=0)

@@ -4,6 +4,7 @@
 and the pure state-dict steps it runs, in order:
     unwrap_state_dict(obj)                     {'model'|'state_dict'|'module': sd} or a bare sd
     strip_prefixes(sd)                         'module.' / '_orig_mod.'; keep encoder.* and strip it
+                                               (these two in utils/state_dict.py)
     the architecture's remap_checkpoint        e.g. rpe_mlp -> cpb_mlp (Swin), shared -> per-layer
                                                RPB (ViT); drop index buffers, resize tables and
                                                position embeddings (models/architectures.py)
@@ -40,8 +41,8 @@ from utils.distributed import unwrap_model
 from utils.errors import IncompatibleCheckpointError
 from utils.safe_load import load_checkpoint_file
 from utils.state_dict import (REBUILT_BUFFERS, canonical_keys,  # noqa: F401  (re-exported)
-                              drop_rebuilt_buffers, log_info, strip_wrapper_prefixes,
-                              summarize_keys)
+                              drop_rebuilt_buffers, log_info, strip_prefixes, summarize_keys,
+                              unwrap_state_dict)
 
 MAX_MISSING_FRACTION = 0.1
 NEW_IN_FINETUNING = ('head.', 'fc_norm.')  # classifier parts never in a pre-trained encoder
@@ -57,32 +58,8 @@ class LoadReport:
 
 
 # -----------------------------------------------------------------------------------------------
-# Generic steps
+# Adapting a state dict
 # -----------------------------------------------------------------------------------------------
-
-
-def unwrap_state_dict(obj):
-    """The state dict inside a checkpoint object ({'model': sd}, 'state_dict', 'module', or sd)."""
-    for key in ('model', 'state_dict', 'module'):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(hasattr(v, 'shape') for v in obj.values()):
-        raise IncompatibleCheckpointError(
-            "The checkpoint holds no state dict: expected {'model': state_dict}, "
-            "{'state_dict': ...}, {'module': ...} or a bare {name: tensor} mapping.")
-    return dict(obj)
-
-
-def strip_prefixes(state_dict):
-    """Remove DDP / torch.compile prefixes; if it is a SimMIM checkpoint (keys 'encoder.*'), keep
-    the encoder only, without its prefix. mask_token is dropped."""
-    sd = {strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
-    if any(k.startswith('encoder.') for k in sd):
-        sd = {strip_wrapper_prefixes(k[len('encoder.'):]): v for k, v in sd.items()
-              if k.startswith('encoder.')}
-    sd.pop('mask_token', None)
-    return sd
 
 
 def adapt_state_dict(state_dict, model_state, model_type, patch_grid=None, logger=None):
@@ -159,12 +136,17 @@ def load_pretrained(config: CfgNode, model: nn.Module,
                     logger: Optional[logging.Logger] = None) -> LoadReport:
     """Load config.MODEL.PRETRAINED into `model` (strict=False after adapting names and shapes)
     and log what was loaded, what is newly initialised and what was ignored. Returns a
-    LoadReport; raises IncompatibleCheckpointError for a checkpoint of another model."""
+    LoadReport; raises IncompatibleCheckpointError for a checkpoint of another model.
+    'timm:NAME_OR_FOLDER' reads a timm model's weights (utils.timm_io) under our names."""
     path = config.MODEL.PRETRAINED
-    log_info(logger, f"Loading pre-trained weights for fine-tuning from {path}")
+    log_info(logger, f"Loading pre-trained weights from {path}")
     model = unwrap_model(model)
     model_state = model.state_dict()
-    checkpoint = load_checkpoint_file(path, 'MODEL.PRETRAINED')
+    if path.startswith('timm:'):
+        from utils.timm_io import read_timm_checkpoint  # imported here: it imports this module
+        checkpoint = read_timm_checkpoint(path[len('timm:'):], config.MODEL.TYPE)
+    else:
+        checkpoint = load_checkpoint_file(path, 'MODEL.PRETRAINED')
     sd = adapt_state_dict(checkpoint, model_state, config.MODEL.TYPE, _patch_grid(model), logger)
     check_compatible(sd, model_state)
     result = model.load_state_dict(sd, strict=False)
@@ -192,7 +174,10 @@ def load_full_state_dict(model, checkpoint, source):
     the message (e.g. '--resume checkpoint /path')."""
     model = unwrap_model(model)
     model_state = model.state_dict()  # rebuilt buffers are not persistent, so not in here
-    sd = canonical_keys(unwrap_state_dict(checkpoint))
+    try:
+        sd = canonical_keys(unwrap_state_dict(checkpoint))
+    except IncompatibleCheckpointError as e:
+        raise IncompatibleCheckpointError(f"{source}: {e}") from None
     mismatched = shape_mismatches(sd, model_state)
     if mismatched:
         raise IncompatibleCheckpointError(

@@ -3,7 +3,9 @@
 Every checkpoint is read with ``torch.load(weights_only=True)``. Official SimMIM checkpoints pickle
 their yacs ``CfgNode`` config; the weights-only unpickler cannot rebuild that class, so it is read
 as a plain ``OrderedDict`` through an explicit alias (the only non-tensor class we admit). Any other
-pickled object makes the load fail with a message, and its code never runs.
+pickled object makes the load fail with a message, and its code never runs. Safetensors files
+(utils.safetensors_io) hold no pickle and are recognised by their content. A directory is refused
+with what to pass instead (a sharded checkpoint is read by utils.sharded_checkpoint).
 """
 import collections
 import os
@@ -15,6 +17,7 @@ from utils.errors import CheckpointError
 
 # Classes official checkpoints pickle, mapped to the harmless type that stands in for them.
 _ALLOWED_ALIASES = [(collections.OrderedDict, 'yacs.config.CfgNode')]
+SHARDED_MARKER = 'COMPLETE'  # the last file a sharded checkpoint directory gets
 
 
 def load_checkpoint_file(path, purpose='checkpoint'):
@@ -24,11 +27,20 @@ def load_checkpoint_file(path, purpose='checkpoint'):
     """
     if not path:
         raise CheckpointError(f"No {purpose} path given.")
+    if os.path.isdir(path):
+        raise folder_error(path, purpose)
     if not os.path.isfile(path):
         raise CheckpointError(f"{purpose}: file not found: {path}. Check the path.")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{purpose}: {path} is empty (0 bytes), probably left by a write "
                               f"that was interrupted. Use an earlier checkpoint.")
+    # Imported here: it writes through utils.checkpoint, which imports this module.
+    from utils.safetensors_io import is_safetensors_file, load_safetensors_checkpoint
+    if path.endswith('.safetensors') or is_safetensors_file(path):
+        try:
+            return load_safetensors_checkpoint(path)
+        except Exception as e:  # safetensors' own error for a damaged header or truncated data
+            raise _unreadable(path, purpose, e) from None
     try:
         with torch.serialization.safe_globals(_ALLOWED_ALIASES):
             return torch.load(path, map_location='cpu', weights_only=True)
@@ -46,8 +58,23 @@ def load_checkpoint_file(path, purpose='checkpoint'):
         raise _unreadable(path, purpose, e) from None
 
 
+def folder_error(path, purpose):
+    """The error for a folder given where a checkpoint file is expected."""
+    if os.path.isfile(os.path.join(path, SHARDED_MARKER)):
+        return CheckpointError(
+            f"{purpose}: {path} is a sharded checkpoint directory (TRAIN.SHARDING fsdp). Convert it "
+            f"to one file with `python tools/convert_checkpoint.py {path} OUT.pth` and pass OUT.pth "
+            f"(resuming a training run takes the directory itself; tools/export.py reads it too).")
+    return CheckpointError(f"{purpose}: {path} is a folder, not a checkpoint file. Pass the file "
+                           f"itself, e.g. {os.path.join(path, 'ckpt_epoch_N.pth')} (a run's "
+                           f"folder is resumed by running its command again, with auto-resume).")
+
+
 def _unreadable(path, purpose, error):
-    detail = str(error).splitlines()[0] if str(error) else ''
+    first_line = str(error).splitlines()[0] if str(error) else ''
+    detail = first_line.split('. ')[0]
+    if 'weights_only' in first_line:  # torch's advice to load unsafely; the bytes are no pickle
+        detail = 'its bytes are not a pickled checkpoint'
     return CheckpointError(
         f"{purpose}: {path} is not a readable PyTorch checkpoint (truncated or not a checkpoint "
         f"at all: {type(error).__name__}: {detail}). Use an earlier checkpoint or re-download "

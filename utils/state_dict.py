@@ -3,6 +3,7 @@ checkpoint remap (models/architectures.py) and by load_pretrained (utils/pretrai
 
     drop_rebuilt_buffers(sd)                          index / mask buffers the models rebuild
     canonical_keys(sd)                                no DDP/compile prefix, released names renamed
+    unwrap_state_dict(obj), strip_prefixes(sd)        the state dict in a checkpoint; its encoder
     resize_position_tables(sd, model_state, ...)      relative-position tables to the model's window
     resize_pos_embed_entry(sd, model_state, key, ...) an absolute position embedding to its grid
     summarize_keys(keys, reference_keys)              keys in plain words, for log lines
@@ -119,3 +120,34 @@ def summarize_keys(keys, reference_keys=(), limit=12):
     if len(words) > limit:
         words = words[:limit] + [f"... {len(words) - limit} more"]
     return ', '.join(words)
+
+
+def unwrap_state_dict(obj):
+    """The state dict inside a checkpoint object ({'model': sd}, 'state_dict', 'module', or sd)."""
+    for key in ('model', 'state_dict', 'module'):
+        if isinstance(obj, dict) and key in obj:
+            if not isinstance(obj[key], dict):
+                raise IncompatibleCheckpointError(
+                    f"The checkpoint's '{key}' entry is a {type(obj[key]).__name__}, not a state "
+                    f"dict ({{parameter name: tensor}}); it was not saved from a model's "
+                    f"state_dict(). Re-save it with torch.save({{'{key}': model.state_dict()}}, "
+                    f"path).")
+            obj = obj[key]
+            break
+    if (not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj)
+            or not all(hasattr(v, 'shape') for v in obj.values())):
+        raise IncompatibleCheckpointError(
+            "The checkpoint holds no state dict: expected {'model': state_dict}, "
+            "{'state_dict': ...}, {'module': ...} or a bare {name: tensor} mapping.")
+    return dict(obj)
+
+
+def strip_prefixes(state_dict):
+    """Remove DDP / torch.compile prefixes; if it is a SimMIM checkpoint (keys 'encoder.*'), keep
+    the encoder only, without its prefix. mask_token is dropped."""
+    sd = {strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
+    if any(k.startswith('encoder.') for k in sd):
+        sd = {strip_wrapper_prefixes(k[len('encoder.'):]): v for k, v in sd.items()
+              if k.startswith('encoder.')}
+    sd.pop('mask_token', None)
+    return sd

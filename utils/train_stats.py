@@ -72,12 +72,14 @@ def peak_memory_mb(device):
 
 
 def progress_line(epoch, num_epochs, idx, num_steps, values, lr, step_time, avg_time,
-                  data_fraction, images_per_sec, memory_mb):
-    """The official-style 'Train: [epoch/epochs][idx/steps] ...' log line."""
+                  data_fraction, images_per_sec, memory_mb, run_steps_left):
+    """The official-style 'Train: [epoch/epochs][idx/steps] ...' log line, with the ETA of the
+    epoch and of the whole run (`run_steps_left` training steps at the average step time)."""
     eta = datetime.timedelta(seconds=int(avg_time * (num_steps - idx - 1)))
+    run_eta = datetime.timedelta(seconds=int(avg_time * run_steps_left))
     skipped = f'\tskipped {values["skipped"]:.0f}' if values['skipped'] else ''
     return (f'Train: [{epoch}/{num_epochs}][{idx}/{num_steps}]\t'
-            f'eta {eta} lr {lr:.6f}\t'
+            f'eta {eta} (run {run_eta}) lr {lr:.6f}\t'
             f'time {step_time:.4f} ({avg_time:.4f})\t'
             f'loss {values["loss"]:.4f} ({values["loss_avg"]:.4f})\t'
             f'grad_norm {values["grad_norm"]:.4f} ({values["grad_norm_avg"]:.4f})\t'

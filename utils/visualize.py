@@ -59,10 +59,16 @@ def reconstruct_images(model, images, mask):
 
 class ReconstructionLogger:
     """Writes the grid of a fixed batch every VIS_FREQ epochs (and after the last epoch), as
-    OUTPUT/reconstructions/epoch_{e}.png and to TensorBoard."""
+    OUTPUT/reconstructions/epoch_{e}.png and to TensorBoard, at the global step of the epoch's last
+    training step (the axis of the training scalars) when `steps_per_epoch` is given. With `write`
+    False it only runs the model (the other ranks of a sharded model, which must join every
+    forward)."""
 
-    def __init__(self, config, dataset, model, device, writer=None):
+    def __init__(self, config, dataset, model, device, writer=None, steps_per_epoch=None,
+                 write=True):
         self.config = config
+        self.steps_per_epoch = steps_per_epoch
+        self.write = write
         self.model = model
         self.writer = writer
         count = min(config.VIS_NUM_IMAGES, len(dataset))
@@ -77,9 +83,12 @@ class ReconstructionLogger:
         if not config.VIS_FREQ or not (epoch % config.VIS_FREQ == 0 or last):
             return None
         prediction = reconstruct_images(self.model, self.images, self.mask)
+        if not self.write:
+            return None
         grid = reconstruction_grid(self.images, self.mask, prediction)
         path = os.path.join(config.OUTPUT, 'reconstructions', f'epoch_{epoch}.png')
         save_png(grid, path, min_cell=128)
         if self.writer is not None:
-            self.writer.add_image('reconstruction', grid, epoch)
+            step = (epoch + 1) * self.steps_per_epoch - 1 if self.steps_per_epoch else epoch
+            self.writer.add_image('reconstruction', grid, step)
         return path

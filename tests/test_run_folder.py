@@ -1,0 +1,203 @@
+"""utils/run_folder.py and what a run shows about itself: one run per output folder, the config
+record, a finished run started again, the whole-run ETA, the epoch's loss, TensorBoard's axis."""
+import datetime
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import main_simmim
+from tests.conftest import ROOT
+from utils import run_folder
+from utils.launch import run
+
+pytestmark = pytest.mark.slow
+
+TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')
+# main_simmim as on the command line, but its first step waits until the file $RELEASE exists.
+WAITING_MAIN = ('import os, sys, time; sys.path.insert(0, {root!r})\n'
+                'import main_simmim\nfrom utils import tasks\nfrom utils.launch import run\n'
+                'task = tasks.PretrainBatchLoss.__call__\n'
+                'def waiting(*args):\n'
+                '    while not os.path.exists(os.environ["RELEASE"]):\n'
+                '        time.sleep(0.05)\n'
+                '    return task(*args)\n'
+                'tasks.PretrainBatchLoss.__call__ = waiting\n'
+                'sys.exit(run(main_simmim.main, sys.argv[1:]))\n')
+
+
+def pretrain(output, *opts, extra=()):
+    argv = ['--cfg', TINY, '--output', str(output), *extra]
+    return run(main_simmim.main, argv + (['--opts', *map(str, opts)] if opts else []))
+
+
+def run_dir(output):
+    return os.path.join(str(output), 'simmim_pretrain', 'tiny')
+
+
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, '-c', 'pass'])
+    proc.wait()
+    return proc.pid
+
+
+# ------------------------------------------------------------------------------------------------
+# One run per output folder
+# ------------------------------------------------------------------------------------------------
+def test_a_second_run_into_the_same_folder_stops_at_once_naming_the_first(tmp_path):
+    release = tmp_path / 'release'
+    first = subprocess.Popen(
+        [sys.executable, '-c', WAITING_MAIN.format(root=ROOT), '--cfg', TINY, '--output',
+         str(tmp_path), '--opts', 'TRAIN.EPOCHS', '1'],
+        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, 'PYTHONUNBUFFERED': '1', 'RELEASE': str(release)})
+    log = os.path.join(run_dir(tmp_path), 'log_rank0.txt')
+    deadline = time.time() + 180
+    while not (os.path.exists(log) and 'Start training' in open(log).read()):
+        assert first.poll() is None and time.time() < deadline, first.communicate()[0][-3000:]
+        time.sleep(0.1)
+    second = subprocess.run([sys.executable, os.path.join(ROOT, 'main_simmim.py'), '--cfg', TINY,
+                             '--output', str(tmp_path), '--opts', 'TRAIN.EPOCHS', '1'],
+                            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert first.poll() is None  # still in its first step
+    release.touch()
+    out, _ = first.communicate(timeout=240)
+    assert first.returncode == 0, out[-3000:]
+    assert second.returncode == 2, second.stdout[-3000:] + second.stderr[-3000:]
+    message = second.stderr
+    assert f'is in use by another run: pid {first.pid} on host {socket.gethostname()}' in message
+    assert '--tag NAME' in message and '--output DIR' in message and 'Traceback' not in message
+    # The folder holds one run's files: the log never mentions a second start.
+    assert open(log).read().count('RANK 0 WORLD_SIZE 1') == 1
+    assert not os.path.exists(os.path.join(run_dir(tmp_path), run_folder.LOCK_NAME))
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_log_line(tmp_path):
+    folder = run_dir(tmp_path)
+    os.makedirs(folder)
+    stale = {'host': socket.gethostname(), 'pid': dead_pid(), 'started': '2026-01-02T03:04:05'}
+    with open(os.path.join(folder, run_folder.LOCK_NAME), 'w') as f:
+        json.dump(stale, f)
+    assert pretrain(tmp_path, 'TRAIN.EPOCHS', 1) == 0
+    log = open(os.path.join(folder, 'log_rank0.txt')).read()
+    assert (f"left by a run that did not exit cleanly (pid {stale['pid']} on host "
+            f"{stale['host']}, started 2026-01-02T03:04:05)") in log
+    assert not os.path.exists(os.path.join(folder, run_folder.LOCK_NAME))
+
+
+@pytest.mark.parametrize('holder, busy', [('live pid here', True), ('dead pid here', False),
+                                          ('another host', True)])
+def test_without_flock_the_lock_file_content_decides(tmp_path, monkeypatch, holder, busy):
+    """On a file system without working flock, a lock naming a live process (or one on another
+    host, which cannot be checked) stops the run; one naming a dead process here is stale."""
+    monkeypatch.setattr(run_folder, 'fcntl', None)
+    pid = {'live pid here': os.getppid(), 'dead pid here': dead_pid(), 'another host': 1}[holder]
+    host = 'elsewhere.example' if holder == 'another host' else socket.gethostname()
+    (tmp_path / run_folder.LOCK_NAME).write_text(json.dumps({'host': host, 'pid': pid}))
+    if busy:
+        with pytest.raises(run_folder.OutputFolderBusy, match=f'pid {pid} on host {host}'):
+            run_folder.acquire_output_folder(str(tmp_path))
+    else:
+        assert 'Took over' in run_folder.acquire_output_folder(str(tmp_path))
+        assert json.loads((tmp_path / run_folder.LOCK_NAME).read_text())['pid'] == os.getpid()
+        run_folder.release_output_folders()
+        assert not (tmp_path / run_folder.LOCK_NAME).exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# A finished two-epoch run, started again in several ways
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+    """A finished 2-epoch run with TensorBoard, reconstructions and a log line every step."""
+    output = tmp_path_factory.mktemp('finished')
+    assert pretrain(output, 'TENSORBOARD', True, 'VIS_FREQ', 1, 'PRINT_FREQ', 1) == 0
+    return output
+
+
+def copy_of(finished, tmp_path):
+    shutil.copytree(finished, tmp_path / 'out')
+    return tmp_path / 'out'
+
+
+def test_a_failed_start_keeps_the_config_of_the_run(finished, tmp_path):
+    output = copy_of(finished, tmp_path)
+    config_path = os.path.join(run_dir(output), 'config.yaml')
+    before = open(config_path).read()
+    code = pretrain(output, 'TENSORBOARD', True, 'VIS_FREQ', 1, 'PRINT_FREQ', 1, 'DATA.DATASET',
+                    'folder', extra=['--data-path', str(tmp_path / 'mistyped'),
+                                     '--batch-size', '4'])
+    assert open(config_path).read() == before
+    assert [n for n in os.listdir(run_dir(output)) if n.startswith('config')] == ['config.yaml']
+    assert code == 2  # a data error: the command must change
+
+
+def test_a_changed_config_keeps_the_previous_one_beside_it(finished, tmp_path):
+    output = copy_of(finished, tmp_path)
+    before = open(os.path.join(run_dir(output), 'config.yaml')).read()
+    assert pretrain(output, 'TENSORBOARD', True, 'VIS_FREQ', 1, 'PRINT_FREQ', 1,
+                    'TRAIN.EPOCHS', 3) == 0
+    configs = sorted(n for n in os.listdir(run_dir(output)) if n.startswith('config'))
+    assert len(configs) == 2 and re.fullmatch(r'config\.\d{8}-\d{6}\.yaml', configs[0])
+    assert open(os.path.join(run_dir(output), configs[0])).read() == before
+    assert 'EPOCHS: 3' in open(os.path.join(run_dir(output), 'config.yaml')).read()
+    log = open(os.path.join(run_dir(output), 'log_rank0.txt')).read()
+    assert f'the previous config is kept as {os.path.join(run_dir(output), configs[0])}' in log
+    assert 'TRAIN.EPOCHS 2 -> 3' in log.split('Changed: ')[1].splitlines()[0]
+
+
+def test_a_finished_run_started_again_says_so_and_trains_nothing(finished, tmp_path, capsys):
+    output = copy_of(finished, tmp_path)
+    files = {n: os.path.getmtime(os.path.join(run_dir(output), n))
+             for n in os.listdir(run_dir(output)) if n.endswith(('.pth', '.yaml'))}
+    capsys.readouterr()
+    assert pretrain(output, 'TENSORBOARD', True, 'VIS_FREQ', 1, 'PRINT_FREQ', 1) == 0
+    out = capsys.readouterr().out
+    assert 'This run has already finished' in out and 'ckpt_epoch_1.pth holds all 2 epochs' in out
+    assert 'Train: [' not in out
+    assert files == {n: os.path.getmtime(os.path.join(run_dir(output), n)) for n in files}
+
+
+# ------------------------------------------------------------------------------------------------
+# What the log and TensorBoard show
+# ------------------------------------------------------------------------------------------------
+def _progress_lines(log):
+    pattern = (r'Train: \[(\d+)/2\]\[(\d+)/6\]\teta (\S+) \(run (\S+)\) .*?\tloss (\S+) ')
+    return [(int(e), int(i), _seconds(eta), _seconds(run_eta), float(loss))
+            for e, i, eta, run_eta, loss in re.findall(pattern, log)]
+
+
+def _seconds(text):
+    t = datetime.datetime.strptime(text, '%H:%M:%S')
+    return t.hour * 3600 + t.minute * 60 + t.second
+
+
+def test_log_lines_show_the_run_eta_and_the_epochs_average_loss(finished):
+    log = open(os.path.join(run_dir(finished), 'log_rank0.txt')).read()
+    lines = _progress_lines(log)
+    assert [(e, i) for e, i, *_ in lines] == [(e, i) for e in (0, 1) for i in range(6)]
+    for epoch, idx, eta, run_eta, _ in lines:
+        assert run_eta >= eta and (epoch == 0 or run_eta == eta)  # the last epoch: the same
+    assert lines[-1][2:4] == (0, 0)
+    for epoch in (0, 1):
+        losses = [loss for e, _, _, _, loss in lines if e == epoch]  # equal batches: plain mean
+        average = float(re.search(rf'EPOCH {epoch} training takes \S+, loss avg (\S+)',
+                                  log).group(1))
+        assert average == pytest.approx(sum(losses) / len(losses), abs=2e-4)
+
+
+def test_reconstructions_are_on_the_training_scalars_step_axis(finished):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(os.path.join(run_dir(finished), 'tensorboard'),
+                              size_guidance={'images': 0, 'scalars': 0})
+    events.Reload()
+    loss_steps = [e.step for e in events.Scalars('train/loss')]
+    assert loss_steps == list(range(12))  # epoch * 6 + index, one per step
+    # Each grid sits at the last training step of its epoch, beside that step's scalars.
+    assert [e.step for e in events.Images('reconstruction')] == [5, 11]

@@ -1,0 +1,314 @@
+"""Sharded checkpoints (TRAIN.SHARDING fsdp): one directory per checkpoint, each rank writing its
+own shards with torch.distributed.checkpoint (DCP), readable again on any number of ranks.
+
+A directory ``ckpt_epoch_{e}`` or ``ckpt_epoch_{e}_step_{k}`` (the single-file names without
+``.pth``) holds:
+
+    .metadata, __{rank}_0.distcp   DCP: 'model' (the state dict, official names) and
+                                   'optimizer_state' (the optimizer's tensors, keyed by parameter name)
+    progress.pth                   the rest, as in a single-file checkpoint (`progress_state`: config
+                                   YAML, position, lr_scheduler, scaler, every rank's RNG states,
+                                   train_state), plus the optimizer's param_groups and non-tensor state
+    COMPLETE                       written last
+
+It is written as ``NAME.tmp`` and renamed when complete, so a directory without the marker is
+never resumed from. DCP pickles its `.metadata`: it is read through an allow-list of DCP's own
+classes first (like `utils.safe_load`), and every tensor is read with ``weights_only=True``.
+Resharding (another world size, or one process without a process group) is DCP's
+`get_state_dict` / `set_state_dict`; `read_sharded_checkpoint` gives the single-file layout
+(tools/convert_checkpoint.py).
+"""
+import contextlib
+import errno
+import json
+import os
+import pickle
+import shutil
+import warnings
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from utils.atomic_write import atomic_save
+from utils.checkpoint import (REQUIRED_KEYS, find_resume_checkpoint, restore_progress,
+                              verify_checkpoint)
+from utils.distributed import all_reduce_max, barrier
+from utils.errors import CheckpointError, CheckpointWriteError
+from utils.safe_load import SHARDED_MARKER as MARKER
+from utils.safe_load import folder_error, load_checkpoint_file
+
+PROGRESS_FILE = 'progress.pth'
+_OPTIMIZER_KEYS = ('optimizer_param_groups', 'optimizer_extra_state')
+
+
+@contextlib.contextmanager
+def _quiet_without_process_group():
+    """DCP warns on every call without a process group that it assumes one process: we mean it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message=r'torch\.distributed is (disabled, )?unavailable')
+        yield
+
+
+def sharded_path(path):
+    """The directory name of a sharded checkpoint for a single-file path (drops ``.pth``)."""
+    return path[:-len('.pth')] if path.endswith('.pth') else path
+
+
+def is_sharded_checkpoint(path):
+    return os.path.isdir(path)
+
+
+# -----------------------------------------------------------------------------------------------
+# Reading DCP metadata without running pickled code
+# -----------------------------------------------------------------------------------------------
+_METADATA_CLASSES = {
+    ('torch.distributed.checkpoint.metadata', name)
+    for name in ('Metadata', 'TensorStorageMetadata', 'TensorProperties', 'ChunkStorageMetadata',
+                 'MetadataIndex', 'StorageMeta', '_MEM_FORMAT_ENCODING')
+} | {('torch.distributed.checkpoint.filesystem', '_StorageInfo'), ('torch', 'Size'),
+     ('torch.serialization', '_get_layout'), ('collections', 'OrderedDict'),
+     ('pathlib', 'PosixPath'), ('pathlib', 'PurePosixPath'), ('pathlib', 'WindowsPath')}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits DCP's metadata classes and torch dtypes, nothing else (not even DCP's pickled
+    non-tensor items, which our checkpoints never hold)."""
+
+    def find_class(self, module, name):
+        is_dtype = module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _METADATA_CLASSES or is_dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f'{module}.{name}')
+
+
+def read_metadata(path):
+    """The DCP Metadata of the checkpoint directory `path`, read through the allow-list."""
+    file = os.path.join(path, '.metadata')
+    try:
+        with open(file, 'rb') as f:
+            return _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"Refused to load {path}: its .metadata holds a pickled {e}, which is not part of a "
+            f"checkpoint written by this framework, so loading it could run arbitrary code.") from None
+    except (OSError, EOFError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{file} is not readable DCP metadata ({type(e).__name__}: {e}). "
+                              f"Use an earlier checkpoint.") from None
+
+
+def _stored_tensors(metadata, top_key):
+    """{name: shape} of the tensors stored under `top_key` ('model' or 'optimizer_state')."""
+    return {'.'.join(path[1:]): tuple(metadata.state_dict_metadata[flat].size)
+            for flat, path in metadata.planner_data.items() if path[0] == top_key}
+
+
+# -----------------------------------------------------------------------------------------------
+# The optimizer state: parameters by name (DCP) vs numbered (torch's optimizer.state_dict())
+# -----------------------------------------------------------------------------------------------
+def optimizer_state_by_name(state_dict):
+    """torch's `optimizer.state_dict()` (parameters numbered) keyed by parameter names instead, as
+    `set_state_dict` wants; uses the 'param_names' our parameter groups carry (optimizer.py)."""
+    names, groups = {}, []
+    for group in state_dict['param_groups']:
+        names.update(zip(group['params'], group['param_names']))
+        groups.append({**group, 'params': list(group['param_names'])})
+    return {'state': {names[i]: s for i, s in state_dict['state'].items()}, 'param_groups': groups}
+
+
+def optimizer_state_by_index(state_dict):
+    """The inverse of `optimizer_state_by_name`: torch's own numbered layout."""
+    index, groups = {}, []
+    for group in state_dict['param_groups']:
+        groups.append({**group, 'params': [index.setdefault(n, len(index)) for n in group['params']]})
+    return {'state': {index[n]: s for n, s in state_dict['state'].items()}, 'param_groups': groups}
+
+
+def _split_tensors(state):
+    """{name: {key: value}} -> (tensor values, other values), two trees of that shape: DCP gets
+    the tensors, progress.pth the rest (e.g. a None momentum buffer)."""
+    tensors = {n: {k: v for k, v in s.items() if torch.is_tensor(v)} for n, s in state.items()}
+    others = {n: {k: v for k, v in s.items() if not torch.is_tensor(v)} for n, s in state.items()}
+    return tensors, others
+
+
+def _merge_state(tensors, others):
+    return {n: {**tensors.get(n, {}), **others.get(n, {})} for n in {**tensors, **others}}
+
+
+# -----------------------------------------------------------------------------------------------
+# Writing
+# -----------------------------------------------------------------------------------------------
+def _write_marker(folder, world_size):
+    with open(os.path.join(folder, MARKER), 'w') as f:
+        json.dump({'layout': 'torch.distributed.checkpoint', 'world_size': world_size}, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp, path, world_size):
+    """Marker last, then rename `tmp` to `path` (a directory of that name is replaced)."""
+    _write_marker(tmp, world_size)
+    old = f'{path}.old'
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_error(path, error):
+    failures = getattr(error, 'failures', None) or {}  # DCP's CheckpointException: per rank
+    causes = [error] + [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    full = any(getattr(c, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) for c in causes)
+    reason = 'the disk is full' if full else f'{type(error).__name__}: {str(error)[:300]}'
+    return CheckpointWriteError(
+        f"Could not write the sharded checkpoint {path}: {reason}. Nothing was overwritten: "
+        f"earlier checkpoints in {os.path.dirname(os.path.abspath(path))} are intact. Free space "
+        f"(or pass --output on a larger disk shared by all nodes) and resume from the newest one.")
+
+
+def save_sharded_checkpoint(path, model, optimizer, progress, dist_info):
+    """Write `model`, `optimizer` and `progress` (utils.checkpoint.progress_state) as the sharded
+    directory `path`. Collective: every rank calls it with the same path, on a file system all
+    ranks share. A failure on any rank raises CheckpointWriteError on every rank and leaves the
+    earlier checkpoints as they were."""
+    tmp = f'{path}.tmp'
+    if dist_info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted write; DCP creates it anew
+    barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    tensors, others = _split_tensors(optimizer_state['state'])
+    error = None
+    try:
+        with _quiet_without_process_group():  # raises on every rank if any rank failed
+            dcp.save({'model': model_state, 'optimizer_state': tensors},
+                     storage_writer=FileSystemWriter(tmp))
+        if dist_info.is_main:
+            atomic_save({**progress, 'optimizer_param_groups': optimizer_state['param_groups'],
+                         'optimizer_extra_state': others}, os.path.join(tmp, PROGRESS_FILE))
+            _publish(tmp, path, dist_info.world_size)
+    except Exception as e:  # noqa: BLE001 -- every rank learns of it below
+        error = e
+    failed = all_reduce_max(torch.tensor([float(error is not None)], device=dist_info.device))
+    if failed.item():
+        if dist_info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is None:
+            raise CheckpointWriteError(f'Rank 0 failed to write {path}; see its log.')
+        raise error if isinstance(error, CheckpointWriteError) else _write_error(path, error)
+    barrier()
+
+
+# -----------------------------------------------------------------------------------------------
+# Finding, verifying, resuming
+# -----------------------------------------------------------------------------------------------
+def verify_sharded_checkpoint(path):
+    """Check that the directory `path` is a complete sharded checkpoint; return the dict of
+    progress.pth (the single-file checkpoint's keys but 'model' and 'optimizer') or raise."""
+    if not os.path.isfile(os.path.join(path, MARKER)):
+        if not any(os.path.exists(os.path.join(path, f)) for f in ('.metadata', PROGRESS_FILE)):
+            raise folder_error(path, 'resume checkpoint')  # not a sharded checkpoint at all
+        raise CheckpointError(f"{path} is incomplete: it has no {MARKER} marker, so its write "
+                              f"was interrupted. Use an earlier checkpoint.")
+    progress = load_checkpoint_file(os.path.join(path, PROGRESS_FILE), 'resume checkpoint')
+    missing = [k for k in (*REQUIRED_KEYS[2:], *_OPTIMIZER_KEYS) if k not in progress]
+    if missing:
+        raise CheckpointError(f"{path}/{PROGRESS_FILE} lacks {', '.join(missing)}.")
+    read_metadata(path)
+    return progress
+
+
+def verify_resume_checkpoint(path):
+    """Either layout: a directory is sharded, a file single."""
+    return verify_sharded_checkpoint(path) if is_sharded_checkpoint(path) else verify_checkpoint(path)
+
+
+def find_any_resume_checkpoint(output_dir, logger):
+    """`utils.checkpoint.find_resume_checkpoint` over both layouts."""
+    return find_resume_checkpoint(output_dir, logger, verify_resume_checkpoint)
+
+
+def _check_fits(path, stored, model_state):
+    """Raise a CheckpointError naming missing, unexpected and mis-shaped keys; `stored` maps the
+    checkpoint's names to shapes."""
+    missing = [k for k in model_state if k not in stored]
+    unexpected = [k for k in stored if k not in model_state]
+    shapes = [(k, stored[k], tuple(v.shape)) for k, v in model_state.items()
+              if k in stored and stored[k] != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"The resume checkpoint {path} does not fit the model (another architecture or size?): "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, first shape mismatches (key, "
+            f"checkpoint shape, model shape): {shapes[:5]}.")
+
+
+def load_any_training_state(path, checkpoint, model, optimizer, lr_scheduler, scaler, logger,
+                            rank=0, world_size=1):
+    """Resume `model` (FSDP-sharded or whole) and `optimizer` from either layout on any number of
+    ranks; `checkpoint` is what `verify_resume_checkpoint(path)` returned. Returns (epoch, step,
+    max_accuracy, train_state) as `utils.checkpoint.load_training_state`."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # this run's shards
+    if is_sharded_checkpoint(path):
+        _check_fits(path, _stored_tensors(read_metadata(path), 'model'), model_state)
+        tensors = {'model': model_state, 'optimizer_state': _split_tensors(optimizer_state['state'])[0]}
+        with _quiet_without_process_group():
+            dcp.load(tensors, storage_reader=FileSystemReader(path))
+        state = _merge_state(tensors['optimizer_state'], checkpoint['optimizer_extra_state'])
+        full = {'state': state, 'param_groups': checkpoint['optimizer_param_groups']}
+        set_state_dict(model, optimizer, model_state_dict=tensors['model'], optim_state_dict=full)
+    else:  # a single file (a DDP run, or converted): every rank reads it whole and keeps its shard
+        _check_fits(path, {k: tuple(v.shape) for k, v in checkpoint['model'].items()}, model_state)
+        set_state_dict(model, optimizer, model_state_dict=checkpoint['model'],
+                       optim_state_dict=optimizer_state_by_name(checkpoint['optimizer']),
+                       options=StateDictOptions(full_state_dict=True))
+    return restore_progress(checkpoint, lr_scheduler, scaler, logger, rank, world_size)
+
+
+# -----------------------------------------------------------------------------------------------
+# Conversion to the single-file layout
+# -----------------------------------------------------------------------------------------------
+def read_sharded_checkpoint(path, model_only=False):
+    """The single-file checkpoint (the keys of ckpt_epoch_*.pth, official names, every tensor whole
+    on the CPU) of the sharded directory `path`, read in this process without a process group.
+    `model_only` skips the optimizer state (two thirds of the memory under AdamW)."""
+    progress = verify_sharded_checkpoint(path)
+    metadata = read_metadata(path)
+    wanted = {flat: md for flat, md in metadata.state_dict_metadata.items()
+              if not model_only or metadata.planner_data[flat][0] == 'model'}
+    flat = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in wanted.items()}
+    with _quiet_without_process_group():
+        dcp.load(flat, storage_reader=FileSystemReader(path),
+                 planner=DefaultLoadPlanner(flatten_state_dict=False), no_dist=True)
+    nested = {'model': {}, 'optimizer_state': {}}
+    for key, tensor in flat.items():
+        top, name, *rest = metadata.planner_data[key]
+        if rest:
+            nested[top].setdefault(name, {})[rest[0]] = tensor
+        else:
+            nested[top][name] = tensor
+    checkpoint = {'model': nested['model']}
+    if not model_only:
+        state = _merge_state(nested['optimizer_state'], progress['optimizer_extra_state'])
+        checkpoint['optimizer'] = optimizer_state_by_index(
+            {'state': state, 'param_groups': progress['optimizer_param_groups']})
+    checkpoint.update((k, v) for k, v in progress.items() if k not in _OPTIMIZER_KEYS)
+    return checkpoint
+
+
+def load_any_checkpoint(path, purpose='checkpoint', model_only=False):
+    """A checkpoint dict of either layout: a complete sharded directory (read whole on the CPU,
+    see read_sharded_checkpoint) or a single file (utils.safe_load)."""
+    if os.path.isfile(os.path.join(path, MARKER)):
+        return read_sharded_checkpoint(path, model_only)
+    return load_checkpoint_file(path, purpose)

@@ -1,0 +1,207 @@
+"""timm model folders and timm models, in and out (the name mappings are in utils.timm_interop).
+
+    export_timm_folder(config, state_dict, out_dir, info=None) -> the timm model written
+        OUT_DIR/config.json (timm's format) + OUT_DIR/model.safetensors, loadable offline with
+        timm.create_model('local-dir:OUT_DIR', pretrained=True)
+    load_timm_model(spec, cache_dir=None)        spec: such a folder, or a timm model name whose
+                                                 weights are already in the local HF cache
+    read_timm_checkpoint(spec, model_type=None)  {'model': its weights under our names}
+    output_difference(config, state_dict, timm_model)   ours vs timm on a random batch
+    timm_config_yaml(timm_model)                 our config (YAML text) for a timm model
+
+Nothing here downloads: a model name is only looked up in the local Hugging Face cache.
+"""
+import difflib
+import json
+import os
+import shutil
+import tempfile
+
+import timm
+import torch
+from huggingface_hub import try_to_load_from_cache
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import get_pretrained_cfg, save_for_hf
+
+from models import build_classifier
+from utils.checkpoint_contents import load_config_text, num_classes_of
+from utils.errors import CheckpointError, ConfigError, IncompatibleCheckpointError
+from utils.state_dict import summarize_keys
+from utils.timm_interop import TIMM_INTEROP, UnsupportedInTimm, model_type_of
+
+WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')  # timm's names on the Hugging Face hub
+EVAL_CROP_PCT = 224 / 256  # TEST.CROP: resize to 256/224 of the input size, centre-crop
+MAX_RELATIVE_DIFFERENCE = 1e-4  # float32 round-off between two attention implementations
+INTERPOLATIONS = ('bilinear', 'bicubic')  # DATA.INTERPOLATION at evaluation ('random' is bilinear)
+
+
+def interop_for(model_type):
+    if model_type not in TIMM_INTEROP:
+        raise ConfigError(f"MODEL.TYPE '{model_type}' has no timm mapping; known: "
+                          f"{', '.join(TIMM_INTEROP)} (utils/timm_interop.py).")
+    return TIMM_INTEROP[model_type]
+
+
+def eval_data_config(config, in_chans):
+    """timm's preprocessing fields for our evaluation transform (data.transforms)."""
+    crop = config.TEST.CROP and config.DATA.IMG_SIZE > 32
+    interpolation = config.DATA.INTERPOLATION
+    return dict(input_size=(in_chans, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE),
+                interpolation=interpolation if interpolation in INTERPOLATIONS else 'bilinear',
+                crop_pct=EVAL_CROP_PCT if crop else 1.0, crop_mode='center' if crop else 'squash',
+                mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+
+
+def build_timm_model(config, state_dict):
+    """The timm model equal to ours for `config`, holding `state_dict` (our names)."""
+    interop = interop_for(config.MODEL.TYPE)
+    architecture, model_args = interop.timm_model(config)
+    model = timm.create_model(architecture, pretrained=False, num_classes=num_classes_of(state_dict),
+                              **model_args)
+    weights, expected = interop.to_timm(state_dict, config), model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [k for k in weights if k in expected and weights[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        shapes = '; '.join(f"{k}: checkpoint {tuple(weights[k].shape)} vs timm "
+                           f"{tuple(expected[k].shape)}" for k in wrong[:3])
+        raise IncompatibleCheckpointError(
+            f"The weights do not fit timm's {architecture} built from the config (MODEL.TYPE "
+            f"{config.MODEL.TYPE}): missing {summarize_keys(missing) or 'none'}; not in timm "
+            f"{summarize_keys(unexpected) or 'none'}; {shapes or 'no shape differs'}. Pass the "
+            f"config the checkpoint was trained with (--cfg FILE).")
+    model.load_state_dict(weights)
+    return model.eval(), model_args
+
+
+def export_timm_folder(config, state_dict, out_dir, info=None):
+    """Write `state_dict` (our names) as a timm folder in `out_dir`; return the timm model.
+
+    timm's own save_for_hf writes the files (so config.json is exactly its format), into a
+    staging folder first; the two files then replace any earlier export one by one. `info` goes
+    into config.json's 'simmim' entry, which timm ignores."""
+    created = not os.path.isdir(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix='.export-', dir=out_dir)
+    except OSError as e:
+        raise ConfigError(f"Cannot write to {out_dir}: {e.strerror or e}. Pick a folder you can "
+                          f"write to.") from None
+    done = False
+    try:
+        model, model_args = build_timm_model(config, state_dict)
+        save_for_hf(model, staging, model_args=model_args, safe_serialization=True,
+                    data_config=eval_data_config(config, model.in_chans))
+        path = os.path.join(staging, 'config.json')
+        with open(path) as f:
+            hf_config = json.load(f)
+        # The named variant's tag and licence describe timm's weights, not these.
+        hf_config['pretrained_cfg'].update(tag='simmim')
+        hf_config['pretrained_cfg'].pop('license', None)
+        hf_config['simmim'] = dict(info or {})
+        with open(path, 'w') as f:
+            json.dump(hf_config, f, indent=2)
+        for name in ('model.safetensors', 'config.json'):
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        done = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not done:
+            os.rmdir(out_dir)  # a failed export leaves no empty folder behind
+    return model
+
+
+def output_difference(config, state_dict, timm_model, batch_size=2, seed=0):
+    """max |ours - timm| / max |ours| of the models' outputs (logits, or pooled features when there
+    is no head) on a random batch: ours built from `config` with `state_dict` (our names)."""
+    config = config.clone()
+    config.defrost()
+    config.MODEL.NUM_CLASSES = num_classes_of(state_dict)
+    ours = build_classifier(config).eval()
+    try:
+        missing, unexpected = ours.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # a shape differs
+        raise UnsupportedInTimm(f"The weights do not fit our {config.MODEL.TYPE} model: "
+                                f"{str(e).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise UnsupportedInTimm(
+            f"The weights do not fit our {config.MODEL.TYPE} model: it has no place for "
+            f"{summarize_keys(unexpected) or 'none'} and lacks {summarize_keys(missing) or 'none'}.")
+    size = config.DATA.IMG_SIZE
+    x = torch.randn(batch_size, timm_model.in_chans, size, size,
+                    generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected, got = ours(x), timm_model(x)
+    return ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+# -----------------------------------------------------------------------------------------------
+# Import
+# -----------------------------------------------------------------------------------------------
+def _cached_weights(name, cache_dir):
+    """Path of `name`'s weights in the local Hugging Face cache, or raise naming the fix."""
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        raise CheckpointError(f"timm:{name}: timm has no released weights under this name. Pass "
+                              f"a name with weights (timm.list_pretrained()) or a timm folder.")
+    cache_dir = cache_dir or os.environ.get('HF_HUB_CACHE')
+    for filename in ([cfg.hf_hub_filename] if cfg.hf_hub_filename else WEIGHT_FILES):
+        path = try_to_load_from_cache(cfg.hf_hub_id, filename, cache_dir=cache_dir)
+        if isinstance(path, str):
+            return path
+    raise CheckpointError(
+        f"timm:{name}: the weights ({cfg.hf_hub_id}) are not in the local Hugging Face cache"
+        f"{' ' + cache_dir if cache_dir else ''}, and nothing is downloaded here. Fetch them once "
+        f"(`hf download {cfg.hf_hub_id} {WEIGHT_FILES[0]}`, or timm.create_model('{name}', "
+        f"pretrained=True) with network), or pass a timm folder: timm:/path/to/folder.")
+
+
+def load_timm_model(spec, cache_dir=None):
+    """A timm model with weights from a folder (config.json + weights) or, for a timm model name,
+    from the local Hugging Face cache only."""
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, 'config.json')):
+            raise CheckpointError(f"timm:{spec} has no config.json, so it is not a timm model "
+                                  f"folder (tools/export.py --to timm writes one).")
+        name, kwargs = f'local-dir:{spec}', {}
+    elif os.sep in spec or not timm.is_model(spec.split('.')[0]):
+        close = difflib.get_close_matches(spec, timm.list_models(), n=3)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ''
+        raise CheckpointError(f"timm:{spec} is neither a folder nor a timm model name.{hint}")
+    else:
+        name, kwargs = spec, {'pretrained_cfg_overlay': {'file': _cached_weights(spec, cache_dir)}}
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs).eval()
+    except (RuntimeError, ValueError, OSError, KeyError) as e:  # timm's own load errors
+        raise CheckpointError(f"timm:{spec} could not be loaded by timm: {e}") from None
+
+
+def timm_weights(timm_model, model_type=None, spec='the timm model'):
+    """(MODEL.TYPE, state dict under our names) of a timm model; `model_type` must match."""
+    found = model_type_of(timm_model)
+    if model_type is not None and found != model_type:
+        raise IncompatibleCheckpointError(
+            f"{spec} is timm's {type(timm_model).__name__}, our MODEL.TYPE {found}, but the config "
+            f"has MODEL.TYPE {model_type}. Use a config of that architecture.")
+    return found, TIMM_INTEROP[found].from_timm(timm_model.state_dict())
+
+
+def read_timm_checkpoint(spec, model_type=None, cache_dir=None):
+    """{'model': weights under our names} for MODEL.PRETRAINED timm:SPEC."""
+    model = load_timm_model(spec, cache_dir)
+    try:
+        return {'model': timm_weights(model, model_type, f'timm:{spec}')[1]}
+    except UnsupportedInTimm as e:
+        raise IncompatibleCheckpointError(f"timm:{spec}: {e}") from None
+
+
+def timm_config_yaml(timm_model):
+    """Our full config (YAML text) describing `timm_model` and its evaluation preprocessing."""
+    overrides = TIMM_INTEROP[model_type_of(timm_model)].config_from_timm(timm_model)
+    cfg = timm_model.pretrained_cfg
+    interpolation = cfg.get('interpolation', 'bicubic')
+    overrides['DATA']['INTERPOLATION'] = interpolation if interpolation in INTERPOLATIONS else 'bicubic'
+    overrides['TEST'] = {'CROP': cfg.get('crop_pct', EVAL_CROP_PCT) < 1}
+    overrides['MODEL']['NAME'] = 'timm_import'
+    text = json.dumps(overrides)  # JSON is YAML, and keeps the types the config checks
+    return load_config_text(text).dump()
