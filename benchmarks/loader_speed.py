@@ -125,7 +125,7 @@ def draft_difference(paths, transform):
             plan = transform.plan(Image.open(path).size)
         full = np.asarray(transform.crop_resize(load_image(path), plan), dtype=np.float64)
         reduced = []
-        image = load_image(path, lambda header: reduced.append(
+        image = load_image(path, before_decode=lambda header: reduced.append(
             draft_jpeg(header, transform.reduction(plan))))
         draft = np.asarray(transform.crop_resize(image, plan, reduced[0]), dtype=np.float64)
         differences.append(np.abs(full - draft).ravel())
