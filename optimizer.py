@@ -27,7 +27,7 @@ Choices (reference section 5):
 - Every group has the keys group_name, params, param_names, weight_decay, lr, lr_scale, in the
   order their first parameter appears in ``model.named_parameters()``; empty groups are omitted.
 - AdamW and SGD use the fused kernels whenever every parameter is a floating-point tensor on CPU
-  or CUDA (else foreach). The fused kernels skip a step on device when the training loop sets
+  or CUDA (else foreach; SGD also under FSDP, whose sharded parameters fused SGD does not take). The fused kernels skip a step on device when the training loop sets
   ``optimizer.found_inf`` to a non-zero tensor, without a host sync; ``supports_found_inf`` says
   whether that is available. LARS (timm, for linear probing) adapts the decay groups (weight
   matrices) whatever the weight decay, and never the no-decay groups, as MAE's LARS.
@@ -38,6 +38,7 @@ from typing import Optional, Union
 import torch
 from timm.optim import Lars
 from torch import nn
+from torch.distributed.tensor import DTensor
 from yacs.config import CfgNode
 
 from models.registry import architecture_of
@@ -132,7 +133,14 @@ def build_param_groups(config: CfgNode, model: nn.Module, task: Union[Task, bool
 # -----------------------------------------------------------------------------------------------
 
 
-def _fused_kernels_apply(params):
+# Fused kernels that also take FSDP's sharded parameters (DTensors): torch registers a sharding
+# rule for fused Adam/AdamW but not for fused SGD, which then runs as foreach.
+_FUSED_ON_DTENSORS = ('adamw',)
+
+
+def _fused_kernels_apply(params, name):
+    if name not in _FUSED_ON_DTENSORS and any(isinstance(p, DTensor) for p in params):
+        return False
     return all(p.is_floating_point() and p.device.type in ('cpu', 'cuda') for p in params)
 
 
@@ -200,8 +208,9 @@ def build_optimizer(config: CfgNode, model: nn.Module, logger: Optional[logging.
     params = [p for g in groups for p in g['params']]
     if not params:
         raise ValueError("The model has no trainable parameters (all have requires_grad=False).")
-    fast = {'fused': True} if _fused_kernels_apply(params) else {'foreach': True}
-    optimizer = OPTIMIZERS[config.TRAIN.OPTIMIZER.NAME](groups, config, fast)
+    name = config.TRAIN.OPTIMIZER.NAME
+    fast = {'fused': True} if _fused_kernels_apply(params, name) else {'foreach': True}
+    optimizer = OPTIMIZERS[name](groups, config, fast)
     if logger is not None:
         _log_groups(logger, groups, optimizer)
     return optimizer

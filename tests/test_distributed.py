@@ -1,9 +1,11 @@
 """utils/distributed.py with two gloo ranks: after an epoch of linear probing every rank holds the
-same BatchNorm statistics (so every rank evaluates alike and model_best.pth is not one rank's)."""
+same BatchNorm statistics (so every rank evaluates alike and model_best.pth is not one rank's),
+under DDP and under FSDP (whose sharded parameters fused SGD does not take: it runs as foreach)."""
 import logging
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -19,13 +21,14 @@ from utils.tasks import FINETUNE, ClassificationBatchLoss
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')
 
 
-def _probe_one_epoch(rank, world_size, port, output, results):
+def _probe_one_epoch(rank, world_size, port, output, results, sharding, optimizer):
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
                             world_size=world_size)
     torch.set_num_threads(1)
-    config = load_config(TINY, ['LINEAR_PROBE.ENABLE', 'True', 'TRAIN.OPTIMIZER.NAME', 'sgd',
+    config = load_config(TINY, ['LINEAR_PROBE.ENABLE', 'True', 'TRAIN.OPTIMIZER.NAME', optimizer,
                                 'TRAIN.EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0', 'AUG.MIXUP', '0',
                                 'AUG.CUTMIX', '0', 'DATA.SYNTHETIC.TRAIN_SIZE', '32',
+                                'TRAIN.SHARDING', sharding,
                                 'OUTPUT', output], task=FINETUNE)
     data = build_finetune_data(config)
     config.defrost()
@@ -49,9 +52,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_linear_probe_batchnorm_statistics_are_the_same_on_every_rank(tmp_path):
+@pytest.mark.parametrize('sharding, optimizer', [('ddp', 'sgd'), ('fsdp', 'sgd'), ('fsdp', 'lars')])
+def test_linear_probe_batchnorm_statistics_are_the_same_on_every_rank(tmp_path, sharding,
+                                                                      optimizer):
     results = mp.Manager().dict()
-    mp.spawn(_probe_one_epoch, args=(2, _free_port(), str(tmp_path), results), nprocs=2, join=True)
+    mp.spawn(_probe_one_epoch, args=(2, _free_port(), str(tmp_path), results, sharding, optimizer),
+             nprocs=2, join=True)
     rank0, rank1 = results[0], results[1]
     assert set(rank0) == {'running_mean', 'running_var', 'num_batches_tracked'}
     assert int(rank0['num_batches_tracked']) == 2  # 32 images / 2 ranks / batch 8
