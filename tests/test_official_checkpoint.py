@@ -113,6 +113,28 @@ def test_official_pretraining_state_is_loaded_by_parameter(official):
                 assert group['weight_decay'] == 0.0  # our rule, not the checkpoint's 0.05
 
 
+def test_official_state_loads_alike_through_the_fsdp_path(official):
+    # The loader of sharded runs (any layout, any world size: set_state_dict by parameter name)
+    # must give what the tested single-process path above gives.
+    from utils.sharded_checkpoint import load_any_training_state
+    config = load_config(TINY, is_pretrain=True)
+    reference, ref_optimizer, ref_scheduler = our_run(config)
+    expected = load_training_state(load_checkpoint_file(official[0]), reference, ref_optimizer,
+                                   ref_scheduler, None, LOGGER, config=config)
+    model, optimizer, scheduler = our_run(config)
+    position = load_any_training_state(official[0], load_checkpoint_file(official[0]), model,
+                                       optimizer, scheduler, None, LOGGER, config=config)
+    assert position[:2] == expected[:2] == (1, 0)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+    for ref_group, group in zip(ref_optimizer.param_groups, optimizer.param_groups):
+        assert group['param_names'] == ref_group['param_names']
+        assert group['weight_decay'] == ref_group['weight_decay']
+        for ref_param, param in zip(ref_group['params'], group['params']):
+            for key, value in ref_optimizer.state[ref_param].items():
+                torch.testing.assert_close(optimizer.state[param][key], value, rtol=0, atol=0)
+
+
 def test_official_state_of_another_layout_is_one_clear_paragraph(official):
     from utils.official_checkpoint import load_optimizer_state
     checkpoint = load_checkpoint_file(official[0])

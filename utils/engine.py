@@ -121,7 +121,8 @@ class Trainer:
         state = (self.model_without_ddp, self.optimizer, self.lr_scheduler, self.scaler, logger,
                  self.dist.rank, self.dist.world_size)
         if is_sharded_checkpoint(path) or is_fsdp(self.model):  # any layout, any world size
-            epoch, step, max_accuracy, train_state = load_any_training_state(path, checkpoint, *state)
+            epoch, step, max_accuracy, train_state = load_any_training_state(path, checkpoint, *state,
+                                                                             config=config)
         else:
             epoch, step, max_accuracy, train_state = load_training_state(
                 checkpoint, *state, config, path=path, found_in=found_in)

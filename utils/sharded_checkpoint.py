@@ -36,8 +36,10 @@ from utils.checkpoint import (REQUIRED_KEYS, find_resume_checkpoint, restore_pro
                               verify_checkpoint)
 from utils.distributed import all_reduce_max, barrier
 from utils.errors import CheckpointError, CheckpointWriteError
+from utils.official_checkpoint import named_optimizer_state
 from utils.safe_load import SHARDED_MARKER as MARKER
 from utils.safe_load import folder_error, load_checkpoint_file
+from utils.state_dict import canonical_keys
 
 PROGRESS_FILE = 'progress.pth'
 _OPTIMIZER_KEYS = ('optimizer_param_groups', 'optimizer_extra_state')
@@ -254,10 +256,12 @@ def _check_fits(path, stored, model_state):
 
 
 def load_any_training_state(path, checkpoint, model, optimizer, lr_scheduler, scaler, logger,
-                            rank=0, world_size=1):
+                            rank=0, world_size=1, config=None):
     """Resume `model` (FSDP-sharded or whole) and `optimizer` from either layout on any number of
-    ranks; `checkpoint` is what `verify_resume_checkpoint(path)` returned. Returns (epoch, step,
-    max_accuracy, train_state) as `utils.checkpoint.load_training_state`."""
+    ranks; `checkpoint` is what `verify_resume_checkpoint(path)` returned. A single file of the
+    official code (optimizer groups without parameter names) needs the run's `config` to name
+    them. Returns (epoch, step, max_accuracy, train_state) as
+    `utils.checkpoint.load_training_state`."""
     model_state, optimizer_state = get_state_dict(model, optimizer)  # this run's shards
     if is_sharded_checkpoint(path):
         _check_fits(path, _stored_tensors(read_metadata(path), 'model'), model_state)
@@ -268,9 +272,16 @@ def load_any_training_state(path, checkpoint, model, optimizer, lr_scheduler, sc
         full = {'state': state, 'param_groups': checkpoint['optimizer_param_groups']}
         set_state_dict(model, optimizer, model_state_dict=tensors['model'], optim_state_dict=full)
     else:  # a single file (a DDP run, or converted): every rank reads it whole and keeps its shard
-        _check_fits(path, {k: tuple(v.shape) for k, v in checkpoint['model'].items()}, model_state)
-        set_state_dict(model, optimizer, model_state_dict=checkpoint['model'],
-                       optim_state_dict=optimizer_state_by_name(checkpoint['optimizer']),
+        weights = canonical_keys(checkpoint['model'])  # e.g. an official file's rebuilt buffers
+        _check_fits(path, {k: tuple(v.shape) for k, v in weights.items()}, model_state)
+        saved = checkpoint['optimizer']
+        if all('param_names' in group for group in saved['param_groups']):
+            named = optimizer_state_by_name(saved)
+        else:  # the official code's: named by rebuilding its groups for this model
+            named = named_optimizer_state(saved, optimizer, model, config)
+            logger.info('Optimizer state of the official code loaded by parameter name; learning '
+                        'rates and weight decay come from this config.')
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=named,
                        options=StateDictOptions(full_state_dict=True))
     return restore_progress(checkpoint, lr_scheduler, scaler, logger, rank, world_size)
 
