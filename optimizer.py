@@ -27,7 +27,8 @@ Choices (reference section 5):
 - Every group has the keys group_name, params, param_names, weight_decay, lr, lr_scale, in the
   order their first parameter appears in ``model.named_parameters()``; empty groups are omitted.
 - AdamW and SGD use the fused kernels whenever every parameter is a floating-point tensor on CPU
-  or CUDA (else foreach; SGD also under FSDP, whose sharded parameters fused SGD does not take). The fused kernels skip a step on device when the training loop sets
+  or CUDA (else foreach; SGD also under FSDP, whose sharded parameters fused SGD does not take).
+  The fused kernels skip a step on device when the training loop sets
   ``optimizer.found_inf`` to a non-zero tensor, without a host sync; ``supports_found_inf`` says
   whether that is available. LARS (timm, for linear probing) adapts the decay groups (weight
   matrices) whatever the weight decay, and never the no-decay groups, as MAE's LARS.

@@ -45,7 +45,7 @@ def official_group_names(config, model, task):
     return groups
 
 
-def saved_parameter_names(saved_groups, config, model):
+def _saved_names(saved_groups, config, model):
     """Parameter names for each saved group, and where they came from."""
     if all('param_names' in g for g in saved_groups):
         return [list(g['param_names']) for g in saved_groups], 'this framework'
@@ -108,7 +108,7 @@ def load_optimizer_state(optimizer, checkpoint, model, config, logger):
     if [g.get('param_names') for g in saved_groups] == ours:
         optimizer.load_state_dict(saved)
         return
-    names_per_group, source = saved_parameter_names(saved_groups, config, model)
+    names_per_group, source = _saved_names(saved_groups, config, model)
     optimizer.load_state_dict(_remapped(saved, names_per_group, optimizer))
     logger.info(f"Optimizer state written by {source} with {len(saved_groups)} parameter groups "
                 f"loaded into this run's {len(ours)} groups by parameter name; learning rates and "
@@ -123,7 +123,7 @@ def named_optimizer_state(saved, optimizer, model, config):
     """`saved` (torch's numbered optimizer state, ours or official) keyed by parameter name with
     this run's groups, as FSDP's set_state_dict wants it (the sharded counterpart of
     load_optimizer_state)."""
-    names_per_group, _ = saved_parameter_names(saved['param_groups'], config, model)
+    names_per_group, _ = _saved_names(saved['param_groups'], config, model)
     state = {name: _as_tensor_step(saved['state'][index])
              for group, names in zip(saved['param_groups'], names_per_group)
              for index, name in zip(group['params'], names) if index in saved['state']}
