@@ -79,3 +79,13 @@ def test_a_new_architecture_works_everywhere_from_one_registration(small_vit_typ
     config.MODEL.SMALL_VIT.DEPTH = 5
     with pytest.raises(ConfigError, match='SMALL_VIT.DEPTH must be at most 4'):
         validate_config(config, PRETRAIN)
+
+
+def test_the_timm_mapping_is_a_field_of_the_entry(small_vit_type):
+    from utils.timm_io import interop_for
+    with_timm = {name for name, arch in ARCHITECTURES.items() if arch.timm is not None}
+    assert with_timm == {'swin', 'swinv2', 'vit'}
+    assert all(interop_for(name) is ARCHITECTURES[name].timm for name in with_timm)
+    with pytest.raises(ConfigError, match="'small_vit' has no timm mapping; known: swin, swinv2, "
+                                          "vit .*`timm` field"):
+        interop_for('small_vit')  # registered without one

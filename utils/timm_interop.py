@@ -1,6 +1,7 @@
 """Encoders between this framework's layout (the official SimMIM state-dict names) and timm 1.0's.
 
-TIMM_INTEROP[MODEL.TYPE] holds one entry per architecture (a field the models registry can adopt):
+One TimmInterop per architecture (SWIN, SWINV2, VIT), held by its registry entry as `timm`
+(models/architectures.py):
     timm_model(config) -> (architecture, model_args)   the timm model equal to ours; raises
                                                        UnsupportedInTimm naming a key timm lacks
     to_timm(state_dict, config) -> state dict under timm's names
@@ -259,21 +260,7 @@ class TimmInterop(NamedTuple):
     timm_classes: tuple
 
 
-TIMM_INTEROP = {
-    'swin': TimmInterop(_swin_timm_model, _swin_to_timm, _swin_from_timm, _swin_config, (TimmSwin,)),
-    'swinv2': TimmInterop(_swinv2_timm_model, _swin_to_timm, _swin_from_timm, _swinv2_config,
-                          (TimmSwinV2,)),
-    'vit': TimmInterop(_vit_timm_model, _vit_to_timm, _vit_from_timm, _vit_config, (Beit, TimmViT)),
-}
-
-
-def model_type_of(timm_model):
-    """Our MODEL.TYPE for a timm model instance (exact class match: timm subclasses such as
-    EVA or DeiT distillation add tensors ours cannot hold)."""
-    for model_type, interop in TIMM_INTEROP.items():
-        if type(timm_model) in interop.timm_classes:
-            return model_type
-    supported = ', '.join(f'{c.__name__} ({t})' for t, i in TIMM_INTEROP.items()
-                          for c in i.timm_classes)
-    raise UnsupportedInTimm(f"timm's {type(timm_model).__name__} has no counterpart here; "
-                            f"supported timm classes: {supported}.")
+SWIN = TimmInterop(_swin_timm_model, _swin_to_timm, _swin_from_timm, _swin_config, (TimmSwin,))
+SWINV2 = TimmInterop(_swinv2_timm_model, _swin_to_timm, _swin_from_timm, _swinv2_config,
+                     (TimmSwinV2,))
+VIT = TimmInterop(_vit_timm_model, _vit_to_timm, _vit_from_timm, _vit_config, (Beit, TimmViT))

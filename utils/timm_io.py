@@ -23,11 +23,11 @@ from huggingface_hub import try_to_load_from_cache
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_pretrained_cfg, save_for_hf
 
-from models import build_classifier
+from models import ARCHITECTURES, build_classifier
 from utils.checkpoint_contents import load_config_text, num_classes_of
 from utils.errors import CheckpointError, ConfigError, IncompatibleCheckpointError
 from utils.state_dict import summarize_keys
-from utils.timm_interop import TIMM_INTEROP, UnsupportedInTimm, model_type_of
+from utils.timm_interop import UnsupportedInTimm
 
 WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')  # timm's names on the Hugging Face hub
 EVAL_CROP_PCT = 224 / 256  # TEST.CROP: resize to 256/224 of the input size, centre-crop
@@ -35,11 +35,29 @@ MAX_RELATIVE_DIFFERENCE = 1e-4  # float32 round-off between two attention implem
 INTERPOLATIONS = ('bilinear', 'bicubic')  # DATA.INTERPOLATION at evaluation ('random' is bilinear)
 
 
+def _timm_types():
+    return {name: arch.timm for name, arch in ARCHITECTURES.items() if arch.timm is not None}
+
+
 def interop_for(model_type):
-    if model_type not in TIMM_INTEROP:
+    """The timm mapping of MODEL.TYPE `model_type` (its registry entry's `timm`)."""
+    known = _timm_types()
+    if model_type not in known:
         raise ConfigError(f"MODEL.TYPE '{model_type}' has no timm mapping; known: "
-                          f"{', '.join(TIMM_INTEROP)} (utils/timm_interop.py).")
-    return TIMM_INTEROP[model_type]
+                          f"{', '.join(known)} (the `timm` field of models/architectures.py).")
+    return known[model_type]
+
+
+def model_type_of(timm_model):
+    """Our MODEL.TYPE for a timm model instance (exact class match: timm subclasses such as
+    EVA or DeiT distillation add tensors ours cannot hold)."""
+    known = _timm_types()
+    for model_type, interop in known.items():
+        if type(timm_model) in interop.timm_classes:
+            return model_type
+    supported = ', '.join(f'{c.__name__} ({t})' for t, i in known.items() for c in i.timm_classes)
+    raise UnsupportedInTimm(f"timm's {type(timm_model).__name__} has no counterpart here; "
+                            f"supported timm classes: {supported}.")
 
 
 def eval_data_config(config, in_chans):
@@ -183,7 +201,7 @@ def timm_weights(timm_model, model_type=None, spec='the timm model'):
         raise IncompatibleCheckpointError(
             f"{spec} is timm's {type(timm_model).__name__}, our MODEL.TYPE {found}, but the config "
             f"has MODEL.TYPE {model_type}. Use a config of that architecture.")
-    return found, TIMM_INTEROP[found].from_timm(timm_model.state_dict())
+    return found, interop_for(found).from_timm(timm_model.state_dict())
 
 
 def read_timm_checkpoint(spec, model_type=None, cache_dir=None):
@@ -197,7 +215,7 @@ def read_timm_checkpoint(spec, model_type=None, cache_dir=None):
 
 def timm_config_yaml(timm_model):
     """Our full config (YAML text) describing `timm_model` and its evaluation preprocessing."""
-    overrides = TIMM_INTEROP[model_type_of(timm_model)].config_from_timm(timm_model)
+    overrides = interop_for(model_type_of(timm_model)).config_from_timm(timm_model)
     cfg = timm_model.pretrained_cfg
     interpolation = cfg.get('interpolation', 'bicubic')
     overrides['DATA']['INTERPOLATION'] = interpolation if interpolation in INTERPOLATIONS else 'bicubic'
