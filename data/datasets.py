@@ -54,22 +54,25 @@ def _scan_images(folder, seen=None):
     if os.path.realpath(folder) in seen:
         return []
     seen.add(os.path.realpath(folder))
-    found, repeated = [], 0
+    repeated = 0
+
+    def first_visit(real):
+        nonlocal repeated
+        if real in seen:
+            repeated += 1
+            return False
+        seen.add(real)
+        return True
+
+    found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        kept = []
-        for name in sorted(d for d in dirnames if not d.startswith('.')):
-            real = os.path.realpath(os.path.join(dirpath, name))
-            repeated += real in seen
-            if real not in seen:
-                seen.add(real)
-                kept.append(name)
-        dirnames[:] = kept
+        dirnames[:] = [name for name in sorted(d for d in dirnames if not d.startswith('.'))
+                       if first_visit(os.path.realpath(os.path.join(dirpath, name)))]
+        real_dir = os.path.realpath(dirpath)  # once per folder: realpath costs a stat per part
         for name in sorted(f for f in filenames if _is_image(f)):
             path = os.path.join(dirpath, name)
-            real = os.path.realpath(path)
-            repeated += real in seen
-            if real not in seen:
-                seen.add(real)
+            real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_dir, name)
+            if first_visit(real):
                 found.append(path)
     if repeated:
         logger.warning("%s: %d linked folder(s) or file(s) lead to places already listed (a link "
