@@ -12,7 +12,6 @@ the machine they ran on. Not a test: it takes minutes.
 import argparse
 import datetime
 import os
-import platform
 import sys
 import time
 
@@ -23,24 +22,13 @@ sys.path.insert(0, ROOT)
 
 import main_finetune  # noqa: E402
 import main_simmim  # noqa: E402
+from report import machine_description  # noqa: E402  (benchmarks/report.py)
 from utils.launch import run  # noqa: E402
 from utils.safe_load import load_checkpoint_file  # noqa: E402
 from utils.tasks import FINETUNE, PRETRAIN  # noqa: E402
 
 PRETRAIN_CFG = 'configs/quickstart/simmim_pretrain__swin_tiny__img64__synthetic.yaml'
 FINETUNE_CFG = 'configs/quickstart/simmim_finetune__swin_tiny__img64__synthetic.yaml'
-
-
-def machine_description():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'
-    return (f'{platform.node()}: {cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch '
-            f'threads), {gpu}; Python {platform.python_version()}, torch {torch.__version__}')
 
 
 def timed(main_fn, argv, task):
@@ -84,7 +72,8 @@ def main():
 
     lines = [
         f'\n## Pre-training vs. random initialisation ({datetime.date.today()})\n',
-        f'Machine: {machine_description()}.\n',
+        f"Machine: {machine_description('cuda' if torch.cuda.is_available() else 'cpu')} "
+        f'({torch.get_num_threads()} torch threads).\n',
         f'`python benchmarks/pretrain_vs_scratch.py --pretrain-epochs {args.pretrain_epochs} '
         f'--finetune-epochs {args.finetune_epochs}`: SimMIM pre-training of `{PRETRAIN_CFG}` '
         f'took {pretrain_time / 60:.1f} min; then `{FINETUNE_CFG}` on the synthetic set '

@@ -342,13 +342,10 @@ def format_table(rows, peak):
         if base is not None:
             ratio = f"{base['ms_per_step'] / row['ms_per_step']:.2f}x"
             mem_ratio = f"{row['peak_gib'] / base['peak_gib']:.2f}x"
+        tflops_cell = f'{tflops:.3f}' if tflops is not None else ''
         lines.append(f"| {row['model']} | {row['variant']} | {row['precision']} | {ips:.1f} | "
-                     f"{row['ms_per_step']:.1f} | {row['peak_gib']:.2f} | "
-                     f"{tflops:.3f} | {mfu} | {ratio} | {mem_ratio} | {row['warmup_s']:.0f} |"
-                     if tflops is not None else
-                     f"| {row['model']} | {row['variant']} | {row['precision']} | {ips:.1f} | "
-                     f"{row['ms_per_step']:.1f} | {row['peak_gib']:.2f} | | {mfu} | {ratio} | "
-                     f"{mem_ratio} | {row['warmup_s']:.0f} |")
+                     f"{row['ms_per_step']:.1f} | {row['peak_gib']:.2f} | {tflops_cell} | {mfu} | "
+                     f"{ratio} | {mem_ratio} | {row['warmup_s']:.0f} |")
     return lines
 
 
@@ -388,22 +385,25 @@ def main():
     variants = args.variants.split(',')
     official_dir = os.path.abspath(args.official_dir) if args.official_dir else None
     start = time.time()
-    rows = []
+    rows, specs = [], []
     for name in models:
+        wanted = [v for v in variants
+                  if v != 'official' or (official_dir is not None and MODELS[name][2])]
+        if not wanted:  # e.g. --variants official for a model the official code lacks
+            continue
         batch = args.batch_size or (128 if device == 'cuda' else 8 if 'tiny' in name else 4)
         flops = count_flops(name, batch)
-        for variant in variants:
-            if variant == 'official' and (official_dir is None or not MODELS[name][2]):
-                continue
-            rows.append({'model': name, 'variant': variant, 'batch_size': batch, 'flops': flops,
-                         'precision': ('fp16 autocast + GradScaler' if variant == 'official'
-                                       else 'bf16 autocast') if device == 'cuda' else 'fp32'})
+        model_rows = [{'model': name, 'variant': variant, 'batch_size': batch, 'flops': flops,
+                       'precision': ('fp16 autocast + GradScaler' if variant == 'official'
+                                     else 'bf16 autocast') if device == 'cuda' else 'fp32'}
+                      for variant in wanted]
+        rows += model_rows
+        specs.append((model_rows, {'model': name, 'device': device, 'official_dir': official_dir,
+                                   'batch_size': batch, 'threads': args.threads,
+                                   'steps': args.steps or (10 if device == 'cuda' else 3)}))
     deadline = start + args.budget if args.budget else None
-    for name in models:
-        spec = {'model': name, 'device': device, 'official_dir': official_dir,
-                'batch_size': next(r['batch_size'] for r in rows if r['model'] == name),
-                'steps': args.steps or (10 if device == 'cuda' else 3), 'threads': args.threads}
-        measure_model([r for r in rows if r['model'] == name], spec, args, deadline)
+    for model_rows, spec in specs:
+        measure_model(model_rows, spec, args, deadline)
     machine = machine_description(device) + (f' ({args.threads} torch thread(s) per row)'
                                              if args.threads else '')
     peak = peak_tflops(device)
