@@ -73,20 +73,15 @@ def _as_tensor_step(entry):
     return entry
 
 
-def _remapped(saved, names_per_group, optimizer):
-    """`saved` re-keyed for `optimizer` by parameter name, with the optimizer's own group
-    settings."""
-    by_name = {}
-    for group, names in zip(saved['param_groups'], names_per_group):
-        for index, name in zip(group['params'], names):
-            if index in saved['state']:
-                by_name[name] = saved['state'][index]
-    current = optimizer.state_dict()
-    ours = [(index, name, param) for group, live in zip(current['param_groups'],
-                                                         optimizer.param_groups)
-            for index, name, param in zip(group['params'], live['param_names'], live['params'])]
-    unknown = sorted(set(by_name) - {name for _, name, _ in ours})
-    wrong = [(name, tuple(value.shape), tuple(param.shape)) for _, name, param in ours
+def _state_by_name(saved, names_per_group, optimizer):
+    """{parameter name: state entry} of `saved`, checked against the parameters of `optimizer`."""
+    by_name = {name: _as_tensor_step(saved['state'][index])
+               for group, names in zip(saved['param_groups'], names_per_group)
+               for index, name in zip(group['params'], names) if index in saved['state']}
+    ours = [(name, param) for group in optimizer.param_groups
+            for name, param in zip(group['param_names'], group['params'])]
+    unknown = sorted(set(by_name) - {name for name, _ in ours})
+    wrong = [(name, tuple(value.shape), tuple(param.shape)) for name, param in ours
              for value in by_name.get(name, {}).values()
              if torch.is_tensor(value) and value.dim() and value.shape != param.shape]
     if unknown or wrong:
@@ -95,7 +90,17 @@ def _remapped(saved, names_per_group, optimizer):
             f"{len(unknown)} of its entries name parameters the model lacks {unknown[:3]}, and "
             f"{len(wrong)} have other shapes (name, saved, model) {wrong[:3]}. It was written for "
             f"another model or size; pass it with --pretrained to start from its weights alone.")
-    state = {index: _as_tensor_step(by_name[name]) for index, name, _ in ours if name in by_name}
+    return by_name
+
+
+def _remapped(saved, names_per_group, optimizer):
+    """`saved` re-keyed for `optimizer` by parameter name, with the optimizer's own group
+    settings."""
+    by_name = _state_by_name(saved, names_per_group, optimizer)
+    current = optimizer.state_dict()
+    indices = [(index, name) for group, live in zip(current['param_groups'], optimizer.param_groups)
+               for index, name in zip(group['params'], live['param_names'])]
+    state = {index: by_name[name] for index, name in indices if name in by_name}
     return {'state': state, 'param_groups': current['param_groups']}
 
 
@@ -124,9 +129,7 @@ def named_optimizer_state(saved, optimizer, model, config):
     this run's groups, as FSDP's set_state_dict wants it (the sharded counterpart of
     load_optimizer_state)."""
     names_per_group, _ = _saved_names(saved['param_groups'], config, model)
-    state = {name: _as_tensor_step(saved['state'][index])
-             for group, names in zip(saved['param_groups'], names_per_group)
-             for index, name in zip(group['params'], names) if index in saved['state']}
+    state = _state_by_name(saved, names_per_group, optimizer)
     groups = [{**{k: v for k, v in group.items() if k != 'params'},
                'params': list(group['param_names'])} for group in optimizer.param_groups]
     return {'state': state, 'param_groups': groups}
