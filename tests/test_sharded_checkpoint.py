@@ -182,3 +182,13 @@ def test_optimizer_state_by_name_and_by_index_are_inverse(saved):
     by_name = sharded.optimizer_state_by_name(single['optimizer'])
     assert 'encoder.patch_embed.proj.weight' in by_name['state']
     assert_equal_trees(sharded.optimizer_state_by_index(by_name), single['optimizer'])
+
+
+def test_an_interrupted_directory_is_named_incomplete_wherever_it_is_given(saved, tmp_path):
+    path, _ = saved
+    unfinished = shutil.copytree(path, str(tmp_path / 'ckpt_epoch_1'))
+    os.remove(os.path.join(unfinished, 'COMPLETE'))
+    for read in (sharded.verify_sharded_checkpoint, sharded.load_any_checkpoint):
+        with pytest.raises(CheckpointError, match='is an incomplete sharded checkpoint: it has no '
+                                                  'COMPLETE marker'):
+            read(unfinished)

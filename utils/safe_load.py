@@ -14,6 +14,7 @@ import pickle
 import torch
 
 from utils.errors import CheckpointError
+from utils.safetensors_io import is_safetensors_file, load_safetensors_checkpoint
 
 # Classes official checkpoints pickle, mapped to the harmless type that stands in for them.
 _ALLOWED_ALIASES = [(collections.OrderedDict, 'yacs.config.CfgNode')]
@@ -34,8 +35,6 @@ def load_checkpoint_file(path, purpose='checkpoint'):
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{purpose}: {path} is empty (0 bytes), probably left by a write "
                               f"that was interrupted. Use an earlier checkpoint.")
-    # Imported here: it writes through utils.checkpoint, which imports this module.
-    from utils.safetensors_io import is_safetensors_file, load_safetensors_checkpoint
     if path.endswith('.safetensors') or is_safetensors_file(path):
         try:
             return load_safetensors_checkpoint(path)
@@ -59,12 +58,17 @@ def load_checkpoint_file(path, purpose='checkpoint'):
 
 
 def folder_error(path, purpose):
-    """The error for a folder given where a checkpoint file is expected."""
+    """The error for a folder given where a checkpoint file is expected: a sharded checkpoint
+    (complete or not) or any other folder."""
     if os.path.isfile(os.path.join(path, SHARDED_MARKER)):
         return CheckpointError(
             f"{purpose}: {path} is a sharded checkpoint directory (TRAIN.SHARDING fsdp). Convert it "
             f"to one file with `python tools/convert_checkpoint.py {path} OUT.pth` and pass OUT.pth "
             f"(resuming a training run takes the directory itself; tools/export.py reads it too).")
+    if os.path.isfile(os.path.join(path, '.metadata')):  # DCP's index, written before the marker
+        return CheckpointError(
+            f"{purpose}: {path} is an incomplete sharded checkpoint: it has no {SHARDED_MARKER} "
+            f"marker, so its write was interrupted. Use an earlier checkpoint.")
     return CheckpointError(f"{purpose}: {path} is a folder, not a checkpoint file. Pass the file "
                            f"itself, e.g. {os.path.join(path, 'ckpt_epoch_N.pth')} (a run's "
                            f"folder is resumed by running its command again, with auto-resume).")

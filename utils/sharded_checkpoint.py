@@ -218,11 +218,8 @@ def save_sharded_checkpoint(path, model, optimizer, progress, dist_info):
 def verify_sharded_checkpoint(path):
     """Check that the directory `path` is a complete sharded checkpoint; return the dict of
     progress.pth (the single-file checkpoint's keys but 'model' and 'optimizer') or raise."""
-    if not os.path.isfile(os.path.join(path, MARKER)):
-        if not any(os.path.exists(os.path.join(path, f)) for f in ('.metadata', PROGRESS_FILE)):
-            raise folder_error(path, 'resume checkpoint')  # not a sharded checkpoint at all
-        raise CheckpointError(f"{path} is incomplete: it has no {MARKER} marker, so its write "
-                              f"was interrupted. Use an earlier checkpoint.")
+    if not os.path.isfile(os.path.join(path, MARKER)):  # interrupted, or no sharded checkpoint
+        raise folder_error(path, 'resume checkpoint')
     progress = load_checkpoint_file(os.path.join(path, PROGRESS_FILE), 'resume checkpoint')
     missing = [k for k in (*REQUIRED_KEYS[2:], *_OPTIMIZER_KEYS) if k not in progress]
     if missing:
