@@ -276,7 +276,11 @@ class MaskedImageDataset(SeededTransformDataset):
                 planned.append((self.transform.plan(item.size), 1))
         return item, label, planned[-1]
 
+    def mask(self, epoch, index):
+        """The mask of sample `index` in `epoch`, from its own seeded generator."""
+        return self.mask_generator(
+            torch.Generator().manual_seed(sample_seed(self.seed, epoch, index, 'mask')))
+
     def __getitem__(self, key):
         img, label, epoch, index = self._transformed(key)
-        mask_rng = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index, 'mask'))
-        return img, self.mask_generator(mask_rng), label
+        return img, self.mask(epoch, index), label

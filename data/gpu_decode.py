@@ -23,7 +23,6 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from utils.errors import BadImageError, ConfigError
 from .datasets import ImageFolderDataset, MaskedImageDataset, _split_key, load_image
 from .pretrain_transform import _MEAN, _STD
-from .seeding import sample_seed
 from .transforms import to_rgb
 
 
@@ -58,8 +57,7 @@ class EncodedMaskedImageDataset(MaskedImageDataset):
     def __getitem__(self, key):
         epoch, index = _split_key(key)
         item, label, (plan, _) = self.planned_load(epoch, index, reader=read_encoded, draft=False)
-        mask_rng = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index, 'mask'))
-        return item, torch.tensor(plan, dtype=torch.int64), self.mask_generator(mask_rng), label
+        return item, torch.tensor(plan, dtype=torch.int64), self.mask(epoch, index), label
 
 
 def collate_encoded(samples):
@@ -128,13 +126,14 @@ class DeviceDecodeLoader:
             yield decode_batch(datas, paths, plans, self.size, self.device), masks, labels
 
 
-def build_device_decode_loader(config, base, dataset, make_loader):
-    """The DATA.DECODE gpu loader over image folder `base` for the CPU pipeline's `dataset` (whose
-    transform and mask generator it reuses); `make_loader(dataset, collate_fn)` builds the
-    DataLoader as for the CPU pipeline."""
+def build_device_decode_loader(config, dataset, make_loader):
+    """The DATA.DECODE gpu loader for the CPU pipeline's `dataset` (whose image folder, transform
+    and mask generator it reuses); `make_loader(dataset, collate_fn)` builds the DataLoader as for
+    the CPU pipeline."""
     if not torch.cuda.is_available():
         raise ConfigError("DATA.DECODE gpu decodes JPEGs on a CUDA GPU, and none is available. Use "
                           "DATA.DECODE cpu (the default).")
+    base = dataset.base
     if not isinstance(base, ImageFolderDataset):
         raise ConfigError(f"DATA.DECODE gpu reads JPEG files from DATA.DATA_PATH; DATA.DATASET "
                           f"'{config.DATA.DATASET}' has none. Use DATA.DECODE cpu.")

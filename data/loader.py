@@ -163,7 +163,7 @@ def build_pretrain_data(config: CfgNode, model_patch_size: int,
     if config.DATA.DECODE == 'gpu':
         from .gpu_decode import build_device_decode_loader
         return PretrainData(dataset_train, build_device_decode_loader(
-            config, base, dataset_train,
+            config, dataset_train,
             lambda dataset, collate: _data_loader(config, dataset, sampler, rank, True, collate)))
     return PretrainData(dataset_train,
                         _data_loader(config, dataset_train, sampler, rank, drop_last=True))
