@@ -213,7 +213,6 @@ def restore_progress(checkpoint, lr_scheduler, scaler, logger, rank=0, world_siz
                        'wins: ' + '; '.join(changes))
     if scaler is not None and checkpoint.get('scaler'):
         scaler.load_state_dict(checkpoint['scaler'])
-    position = checkpoint.get('position') or {'epoch': checkpoint['epoch'] + 1, 'step': 0}
     rng_states = checkpoint.get('rng_states')
     if rng_states and len(rng_states) == world_size:
         restore_rng_state(rng_states[rank])
@@ -221,6 +220,6 @@ def restore_progress(checkpoint, lr_scheduler, scaler, logger, rank=0, world_siz
         logger.warning(f"The checkpoint was written by {len(rng_states)} processes and this run has "
                        f"{world_size}: RNG states are not restored, so the continuation is not "
                        f"bit-identical (it is still correct).")
-    return (position['epoch'], position['step'], checkpoint.get('max_accuracy', 0.0),
-            checkpoint.get('train_state', {}))
+    epoch, step = _recorded_position(checkpoint)
+    return epoch, step, checkpoint.get('max_accuracy', 0.0), checkpoint.get('train_state', {})
 
