@@ -20,7 +20,7 @@ from .registry import Architecture, register_architecture
 from .simmim import SwinTransformerForSimMIM, SwinTransformerV2ForSimMIM, VisionTransformerForSimMIM
 from .swin_transformer import SwinTransformer
 from .swin_transformer_v2 import SwinTransformerV2
-from .vision_transformer import VisionTransformer
+from .vision_transformer import VisionTransformer, check_init_values
 
 VIT_NUM_EXTRA_TOKENS = 3  # rows of cls->token, token->cls, cls->cls in a ViT RPB table
 SHARED_VIT_TABLE = 'rel_pos_bias.relative_position_bias_table'
@@ -157,9 +157,7 @@ def check_vit(config):
                                        f"MODEL.VIT.PATCH_SIZE {vit.PATCH_SIZE}.")
     require(vit.EMBED_DIM % vit.NUM_HEADS == 0, f"MODEL.VIT.EMBED_DIM {vit.EMBED_DIM} must be "
                                                 f"divisible by MODEL.VIT.NUM_HEADS {vit.NUM_HEADS}.")
-    require(vit.INIT_VALUES is None or vit.INIT_VALUES > 0,
-            f"MODEL.VIT.INIT_VALUES {vit.INIT_VALUES}: use a positive layer scale (0.1 in the "
-            f"official configs) or None to turn layer scale off.")
+    check_init_values(vit.INIT_VALUES)
 
 
 def remap_vit(state_dict, model_state, patch_grid=None, logger=None):

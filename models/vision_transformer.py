@@ -15,7 +15,17 @@ from timm.layers import trunc_normal_
 from timm.models.beit import Beit
 from torch.utils.checkpoint import checkpoint
 
+from utils.errors import require
 from .attention import ignore_saved_copy
+
+
+def check_init_values(init_values):
+    """MODEL.VIT.INIT_VALUES: None (no layer scale) or positive. timm's Beit reads 0 as "no layer
+    scale" (no gamma parameters); the official code would build gammas fixed at 0, which silence
+    every block."""
+    require(init_values is None or init_values > 0,
+            f"MODEL.VIT.INIT_VALUES {init_values}: use a positive layer scale (0.1 in the official "
+            f"configs) or None to turn layer scale off.")
 
 
 class VisionTransformer(Beit):
@@ -32,11 +42,7 @@ class VisionTransformer(Beit):
                  norm_layer=partial(nn.LayerNorm, eps=1e-6), init_values=None,
                  use_abs_pos_emb=True, use_rel_pos_bias=False, use_shared_rel_pos_bias=False,
                  use_mean_pooling=True, init_scale=0.001, use_checkpoint=False):
-        if init_values is not None and not init_values:
-            # timm's Beit reads 0 as "no layer scale" (no gamma parameters); the official code
-            # would build gammas fixed at 0, which silence every block.
-            raise ValueError(f'MODEL.VIT.INIT_VALUES {init_values!r}: use a positive layer scale '
-                             f'(0.1 in the official configs) or None to turn layer scale off.')
+        check_init_values(init_values)
         # The official dropout: drop_rate after the position embedding and on the outputs of
         # attention and MLP; none before the head.
         super().__init__(
