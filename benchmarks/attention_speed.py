@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 
 from models.attention import eager_attention  # noqa: E402
 from models.swin_transformer import shifted_window_mask  # noqa: E402
-from models.window_attention import WINDOW_ATTENTION, attend_windows  # noqa: E402
+from models.window_attention import WINDOW_ATTENTION, attend_windows, window_bias  # noqa: E402
 from report import machine_description, write_report  # noqa: E402
 
 # Swin-B at 192 px, window 6: (feature map side, heads) of stages 1 and 3 (the most blocks).
@@ -44,7 +44,7 @@ def textbook(q, k, v, bias, mask, scale):
 
 def sdpa_expanded(q, k, v, bias, mask, scale):
     num_windows = mask.shape[0]
-    full = (bias.unsqueeze(0) + mask.unsqueeze(1)).repeat(q.shape[0] // num_windows, 1, 1, 1)
+    full = window_bias(bias, mask).repeat(q.shape[0] // num_windows, 1, 1, 1)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full.to(q.dtype),
                                                             scale=scale)
 
@@ -115,9 +115,12 @@ def main():
         reference = textbook(q, k, v, bias, mask, HEAD_DIM ** -0.5)
         times = {(name, mode): [] for name in variants for mode in ('train', 'fwd')}
         errors, skipped = {}, {}
+        qq, kk, vv = (t.to(dtype) for t in (q, k, v))
+        # One set of inputs per mode, reused by every call (their gradients reset between calls).
+        timed_inputs = {mode: inputs(stage, batch, args.device, dtype, mode == 'train')
+                        for mode in ('train', 'fwd')}
         for name, fn in variants.items():
             try:
-                qq, kk, vv = (t.to(dtype) for t in (q, k, v))
                 errors[name] = (fn(qq, kk, vv, bias, mask, HEAD_DIM ** -0.5).float()
                                 - reference).abs().max().item()
             except Exception as e:  # noqa: BLE001 -- a formulation this device lacks is reported
@@ -129,16 +132,22 @@ def main():
                 for mode in ('train', 'fwd'):
                     if mode == 'train' and name == 'flex' and not cuda:
                         continue  # FlexAttention has no CPU backward
-                    data = inputs(stage, batch, args.device, dtype, mode == 'train')
+                    data = timed_inputs[mode]
                     context = torch.enable_grad() if mode == 'train' else torch.no_grad()
+
+                    def call():
+                        out = fn(*data, HEAD_DIM ** -0.5)
+                        if mode == 'train':
+                            out.sum().backward()
+                            for tensor in data:
+                                tensor.grad = None
+
                     with context:
-                        fn(*data, HEAD_DIM ** -0.5)  # warm-up (and compilation)
+                        call()  # warm-up (and compilation), the backward included
                         sync()
                         start = time.perf_counter()
                         for _ in range(reps):
-                            out = fn(*data, HEAD_DIM ** -0.5)
-                            if mode == 'train':
-                                out.sum().backward()
+                            call()
                         sync()
                     times[(name, mode)].append((time.perf_counter() - start) / reps * 1000)
         for name in variants:

@@ -16,8 +16,10 @@ Cores per GPU = the model's images/s (--model-rate; 1400 is Swin-B/192 bf16 on o
 benchmarks/RESULTS.md) / images/s of one worker.
 """
 import argparse
+import atexit
 import io
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -180,7 +182,10 @@ def main():
     parser.add_argument('--out', default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)  # as in a DataLoader worker
-    root = args.data_dir or tempfile.mkdtemp(prefix='loader_speed_')
+    root = args.data_dir
+    if root is None:  # generated JPEGs (about 80 MB) go away with the run
+        root = tempfile.mkdtemp(prefix='loader_speed_')
+        atexit.register(shutil.rmtree, root, True)
     sets = {'ImageNet-sized 500x375': write_photos(os.path.join(root, 'imagenet'), args.num_images,
                                                    (500, 375), 0),
             'large 1600x1200': write_photos(os.path.join(root, 'large'), args.num_images // 4,
