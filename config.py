@@ -92,7 +92,7 @@ _C.MODEL = CN()
 _C.MODEL.TYPE = 'swin'  # a registered architecture (models/architectures.py): swin | swinv2 | vit
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'  # logger name and output sub-folder
 # Weights to start from (Swin-Transformer key): fine-tuning's model, or pre-training's encoder. A
-# checkpoint (.pth or .safetensors), or timm:NAME_OR_FOLDER for a timm model (utils/timm_io.py).
+# checkpoint (.pth or .safetensors), or timm:NAME_OR_FOLDER for a timm model (checkpoint/timm_folder.py).
 _C.MODEL.PRETRAINED = ''
 _C.MODEL.RESUME = ''  # checkpoint to resume from
 # Fine-tuning classes. 0 = the number of class sub-folders found in the data (the official code
@@ -198,7 +198,7 @@ _C.TRAIN.CLIP_GRAD = 5.0  # 0 or None: no clipping (the norm is still measured a
 _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 0  # <= 1: off
 _C.TRAIN.USE_CHECKPOINT = False  # gradient checkpointing, per block
-# How ranks share the model (utils/sharding.py): 'ddp' (each holds everything) or 'fsdp' (PyTorch
+# How ranks share the model (engine/sharding.py): 'ddp' (each holds everything) or 'fsdp' (PyTorch
 # FSDP2: parameters, gradients and optimizer state sharded, one unit per block; checkpoints become
 # sharded directories, tools/convert_checkpoint.py makes single files of them).
 _C.TRAIN.SHARDING = 'ddp'
@@ -210,7 +210,7 @@ _C.TRAIN.WEIGHT_DECAY_RULES = 'ours'
 # Consecutive optimizer steps with a non-finite loss or gradient norm that are skipped (parameters
 # untouched) before the run stops with an error.
 _C.TRAIN.MAX_NONFINITE_STEPS = 20
-# torch.compile (utils/compile.py): '' off, 'blocks' each transformer block on its own (short
+# torch.compile (engine/compilation.py): '' off, 'blocks' each transformer block on its own (short
 # compile, graphs shared by blocks of one shape), 'model' the whole model in one graph.
 _C.TRAIN.COMPILE = ''
 _C.TRAIN.COMPILE_BACKEND = 'inductor'  # aot_eager / eager: trace without code generation (debugging)

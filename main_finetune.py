@@ -14,15 +14,15 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from data import build_finetune_data
 from models import build_classifier
 from models.linear_probe import build_linear_probe
-from utils.checkpoint import atomic_save, find_resume_checkpoint
-from utils.compile import compile_model
-from utils.engine import autocast_dtype, build_trainer
+from checkpoint.layout import atomic_save, find_resume_checkpoint
+from engine.compilation import compile_model
+from engine.trainer import autocast_dtype, build_trainer
 from utils.errors import CheckpointError
-from utils.evaluation import evaluate, throughput
-from utils.launch import run
-from utils.pretrained import load_full_state_dict, load_pretrained
+from engine.evaluation import evaluate, throughput
+from engine.launch import run
+from checkpoint.weights import load_full_state_dict, load_pretrained
 from utils.safe_load import load_checkpoint_file
-from utils.sharding import full_model_state_dict
+from engine.sharding import full_model_state_dict
 from utils.tasks import FINETUNE, ClassificationBatchLoss
 
 BEST_CHECKPOINT = 'model_best.pth'
@@ -39,7 +39,7 @@ def build_criterion(config, mixup_fn):
 def load_weights_for_eval(config, model, logger):
     """--eval: load the model weights of MODEL.RESUME; without it, of OUTPUT/model_best.pth, else of
     the newest resumable ckpt_epoch_*.pth in OUTPUT. The file must hold every tensor of the model
-    (utils.pretrained.load_full_state_dict), so evaluation never runs on initial weights."""
+    (checkpoint.weights.load_full_state_dict), so evaluation never runs on initial weights."""
     path, checkpoint = config.MODEL.RESUME, None
     if not path and os.path.isfile(os.path.join(config.OUTPUT, BEST_CHECKPOINT)):
         path = os.path.join(config.OUTPUT, BEST_CHECKPOINT)

@@ -7,13 +7,13 @@ import sys
 
 from data import build_pretrain_data
 from models import build_simmim, model_patch_size
-from utils.compile import compile_model
-from utils.engine import build_trainer
-from utils.launch import run
-from utils.pretrained import load_pretrained
-from utils.sharding import is_fsdp
+from engine.compilation import compile_model
+from engine.trainer import build_trainer
+from engine.launch import run
+from checkpoint.weights import load_pretrained
+from engine.sharding import is_fsdp
 from utils.tasks import PRETRAIN, PretrainBatchLoss
-from utils.visualize import ReconstructionLogger
+from engine.figures import ReconstructionLogger
 
 
 def main(config, dist_info, logger, writer):

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 benchmarks/ddp_compile_check.py --mode model   # several
 
 Builds the model of an official pre-training YAML (Swin-B by default), compiles it in place
-(utils.compile.compile_model) and wraps it in DDP (utils.distributed.wrap_ddp) as the training
+(engine.compilation.compile_model) and wraps it in DDP (utils.distributed.wrap_ddp) as the training
 scripts do, then runs forward, backward and AdamW steps under autocast (bf16 on a GPU), counting
 dynamo's graphs after the first step and after the last. One rank is enough to exercise DDP's
 hooks (the process group is created even for a single process).
@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 
 from config import load_config  # noqa: E402
 from models import build_model  # noqa: E402
-from utils.compile import compile_model  # noqa: E402
+from engine.compilation import compile_model  # noqa: E402
 from utils.distributed import wrap_ddp  # noqa: E402
 
 SWIN_B = 'configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml'

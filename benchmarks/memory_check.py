@@ -1,5 +1,5 @@
 """Measured peak memory of a SimMIM training step against the planner's estimate
-(utils/memory_plan.py, tools/plan_memory.py), and images/s.
+(engine/memory_plan.py, tools/plan_memory.py), and images/s.
 
     python benchmarks/memory_check.py --device cpu --out benchmarks/memory_cpu.md      # this VM
     python benchmarks/memory_check.py --device cuda --out gpu_out/memory_gpu.md        # a GPU
@@ -28,8 +28,8 @@ sys.path.insert(0, ROOT)
 from config import load_config  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
-from utils.memory_plan import GIB, estimate, measure_activations, model_stats  # noqa: E402
-from utils.sharding import shard_model  # noqa: E402
+from engine.memory_plan import GIB, estimate, measure_activations, model_stats  # noqa: E402
+from engine.sharding import shard_model  # noqa: E402
 
 SWINV2_B = 'configs/simmim/simmim_pretrain__swinv2_base__img192_window12__800ep.yaml'
 SWINV2_L = 'configs/swinv2_large__800ep/simmim_pretrain__swinv2_large__img192_window12__800ep.yaml'

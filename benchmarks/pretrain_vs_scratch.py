@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 import main_finetune  # noqa: E402
 import main_simmim  # noqa: E402
 from report import machine_description  # noqa: E402  (benchmarks/report.py)
-from utils.launch import run  # noqa: E402
+from engine.launch import run  # noqa: E402
 from utils.safe_load import load_checkpoint_file  # noqa: E402
 from utils.tasks import FINETUNE, PRETRAIN  # noqa: E402
 

@@ -119,7 +119,7 @@ def build_row(spec):
         model, make_optimizer, config = _our_model(cfg, opts, spec['batch_size'])
     model = model.to(device)
     if spec['variant'] in ('blocks', 'model'):
-        from utils.compile import compile_model
+        from engine.compilation import compile_model
         compile_model(model, spec['variant'])
     optimizer = make_optimizer(model)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from yacs.config import CfgNode
 
 from utils.errors import ConfigError, require
-from utils.preemption import shield_worker, worker_start_context
+from engine.preemption import shield_worker, worker_start_context
 from utils.tasks import PRETRAIN, Task, as_task
 from .datasets import DataError, ImageFolderDataset, MaskedImageDataset, SeededTransformDataset
 from .masking import build_mask_generator

@@ -12,7 +12,7 @@ its defaults section in config.py (worked example in the README, "How the code i
 """
 import re
 
-from utils import timm_interop
+from . import timm_mapping
 from utils.errors import require
 from utils.state_dict import (drop_rebuilt_buffers, log_info, rename_released_keys,
                               resize_pos_embed_entry, resize_position_tables)
@@ -109,7 +109,7 @@ register_architecture(Architecture(
     check_config=lambda config: check_swin_family(config, 'SWIN'),
     official_no_weight_decay=(('absolute_pos_embed',), ('relative_position_bias_table',),
                               ('mask_token',)),
-    timm=timm_interop.SWIN,
+    timm=timm_mapping.SWIN,
 ))
 
 register_architecture(Architecture(
@@ -125,7 +125,7 @@ register_architecture(Architecture(
     official_no_weight_decay=(('absolute_pos_embed',),
                               ('cpb_mlp', 'logit_scale', 'relative_position_bias_table'),
                               ('mask_token',)),
-    timm=timm_interop.SWINV2,
+    timm=timm_mapping.SWINV2,
 ))
 
 
@@ -187,5 +187,5 @@ register_architecture(Architecture(
     remap_checkpoint=remap_vit,
     check_config=check_vit,
     official_no_weight_decay=(('pos_embed', 'cls_token'), (), ()),
-    timm=timm_interop.VIT,
+    timm=timm_mapping.VIT,
 ))

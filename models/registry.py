@@ -29,7 +29,7 @@ class Architecture:
     # What the official code left out of weight decay (TRAIN.WEIGHT_DECAY_RULES official):
     # (backbone names, backbone keywords, names its SimMIM encoder added).
     official_no_weight_decay: tuple = ((), (), ())
-    # The timm mapping (utils.timm_interop.TimmInterop) for tools/export.py, tools/import_timm.py
+    # The timm mapping (models.timm_mapping.TimmInterop) for tools/export.py, tools/import_timm.py
     # and MODEL.PRETRAINED timm:...; None: the type has no timm counterpart.
     timm: object = None
 

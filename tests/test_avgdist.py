@@ -88,7 +88,7 @@ def test_tool_prints_table_and_saves_plot(tmp_path, capsys):
     (['--settings', 'random:64', '--ratios', '0.95'], 'nothing to plot'),
 ])
 def test_tool_bad_input_gets_one_paragraph_and_exit_code_2(tmp_path, capsys, args, expected):
-    from utils.launch import run_tool
+    from engine.launch import run_tool
     out = tmp_path / 'avgdist.png'
     code = run_tool(avgdist_tool.main, ['--img-size', '64', '--num-masks', '2', '--output',
                                         str(out), *args])

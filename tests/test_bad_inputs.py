@@ -8,7 +8,7 @@ import torch
 import main_finetune
 import main_simmim
 from tests.conftest import ROOT
-from utils.launch import run
+from engine.launch import run
 
 pytestmark = pytest.mark.slow
 
@@ -224,7 +224,7 @@ def test_an_unexpected_error_in_a_worker_process_exits_instead_of_hanging(tmp_pa
         "    return transform\n"
         "data.loader.build_pretrain_transform = broken\n"
         "import main_simmim\n"
-        "from utils.launch import run\n"
+        "from engine.launch import run\n"
         "sys.exit(run(main_simmim.main, sys.argv[1:]))\n" % ROOT)
     result = subprocess.run(
         [sys.executable, '-c', script, '--cfg', TINY, '--output', str(tmp_path / 'out'),

@@ -1,4 +1,4 @@
-"""utils/checkpoint.py and utils/safe_load.py: atomic writes, verified auto-resume, safe loading."""
+"""checkpoint/layout.py and utils/safe_load.py: atomic writes, verified auto-resume, safe loading."""
 import errno
 import logging
 import os
@@ -9,7 +9,7 @@ import pytest
 import torch
 from yacs.config import CfgNode
 
-from utils import checkpoint as ckpt
+from checkpoint import layout as ckpt
 from utils.safe_load import CheckpointError, load_checkpoint_file
 
 LOGGER = logging.getLogger('test')

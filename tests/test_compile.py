@@ -1,4 +1,4 @@
-"""utils/compile.py (TRAIN.COMPILE): compiled models match eager ones, blocks share graphs, nothing
+"""engine/compilation.py (TRAIN.COMPILE): compiled models match eager ones, blocks share graphs, nothing
 recompiles after warm-up (also under DDP), and checkpoints keep the official names.
 
 Backends: 'aot_eager' traces like inductor (dynamo graph capture, AOT autograd) but runs the traced
@@ -21,9 +21,9 @@ import main_simmim
 from config import load_config
 from models import build_model, transformer_blocks
 from tests.conftest import ROOT
-from utils.compile import compile_model
+from engine.compilation import compile_model
 from utils.distributed import wrap_ddp
-from utils.launch import run
+from engine.launch import run
 from utils.safe_load import load_checkpoint_file
 
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')

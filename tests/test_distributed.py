@@ -15,7 +15,7 @@ from data import build_finetune_data
 from models.linear_probe import build_linear_probe
 from tests.conftest import ROOT
 from utils.distributed import DistInfo
-from utils.engine import build_trainer
+from engine.trainer import build_trainer
 from utils.tasks import FINETUNE, ClassificationBatchLoss
 
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')

@@ -1,4 +1,4 @@
-"""utils/evaluation.py: accuracy is exact under distributed evaluation with an uneven split."""
+"""engine/evaluation.py: accuracy is exact under distributed evaluation with an uneven split."""
 import os
 import socket
 
@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from data.sampler import EvalDistributedSampler
-from utils.evaluation import evaluate
+from engine.evaluation import evaluate
 
 NUM_SAMPLES, NUM_CLASSES = 7, 10  # 7 images over 2 ranks: shards of 4 and 3
 

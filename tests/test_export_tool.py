@@ -18,10 +18,10 @@ from models import build_model
 from tests.conftest import ROOT
 from tests.test_timm_interop import CONFIGS, images, randomize, relative_difference
 from tools.export import main as export
-from utils.checkpoint import verify_checkpoint
-from utils.checkpoint_contents import load_config_text
-from utils.launch import run
-from utils.pretrained import load_pretrained
+from checkpoint.layout import verify_checkpoint
+from checkpoint.stored_config import load_config_text
+from engine.launch import run
+from checkpoint.weights import load_pretrained
 from utils.safe_load import CheckpointError, load_checkpoint_file
 from utils.safetensors_io import is_safetensors_file
 

@@ -11,7 +11,7 @@ import main_finetune
 import main_simmim
 from data.synthetic import SyntheticShapes
 from tests.conftest import ROOT
-from utils.launch import run
+from engine.launch import run
 from utils.safe_load import load_checkpoint_file
 
 pytestmark = pytest.mark.slow

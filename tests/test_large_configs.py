@@ -13,7 +13,7 @@ import pytest
 
 from config import load_config
 from tests.conftest import ROOT
-from utils import memory_plan
+from engine import memory_plan
 
 LARGE_CONFIGS = {  # config -> the paper's parameter count of its 1000-class classifier
     'configs/swin_large__800ep/simmim_pretrain__swin_large__img192_window12__800ep.yaml': 197e6,

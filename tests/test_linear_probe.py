@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from models.linear_probe import build_linear_probe
 from tests.fixture_rule import config_from_yaml, official_data
 from tests.test_models import tiny_config
-from utils.pretrained import load_pretrained
+from checkpoint.weights import load_pretrained
 
 
 def probe_config(block):

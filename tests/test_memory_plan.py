@@ -1,4 +1,4 @@
-"""utils/memory_plan.py and tools/plan_memory.py: the estimate against the peak torch's own tensor
+"""engine/memory_plan.py and tools/plan_memory.py: the estimate against the peak torch's own tensor
 tracker measures for a real training step, and the planner's command line. Larger models and
 FSDP are compared in benchmarks/memory_check.py (results in benchmarks/RESULTS.md)."""
 import os
@@ -12,7 +12,7 @@ from models import build_model
 from optimizer import build_optimizer
 from tests.conftest import ROOT
 from tools import plan_memory
-from utils.memory_plan import (build_on_meta, estimate, largest_batch, measure_activations,
+from engine.memory_plan import (build_on_meta, estimate, largest_batch, measure_activations,
                                model_stats)
 
 TINY_V2 = os.path.join(ROOT, 'tests', 'configs', 'tiny_swinv2_pretrain.yaml')

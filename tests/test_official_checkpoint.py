@@ -1,4 +1,4 @@
-"""utils/official_checkpoint.py: optimizer states matched by parameter name, so that a run started
+"""checkpoint/optimizer_state.py: optimizer states matched by parameter name, so that a run started
 with the official code (its [decay, no_decay] groups and no-decay membership, pickled yacs config,
 apex 'amp' state) continues here with --resume; a state of another model is one clear paragraph."""
 import logging
@@ -16,7 +16,7 @@ from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
 from tests.conftest import ROOT
-from utils.checkpoint import load_training_state
+from checkpoint.layout import load_training_state
 from utils.safe_load import CheckpointError, load_checkpoint_file
 
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')  # 48 images, batch 8
@@ -116,7 +116,7 @@ def test_official_pretraining_state_is_loaded_by_parameter(official):
 def test_official_state_loads_alike_through_the_fsdp_path(official):
     # The loader of sharded runs (any layout, any world size: set_state_dict by parameter name)
     # must give what the tested single-process path above gives.
-    from utils.sharded_checkpoint import load_any_training_state
+    from checkpoint.sharded import load_any_training_state
     config = load_config(TINY, is_pretrain=True)
     reference, ref_optimizer, ref_scheduler = our_run(config)
     expected = load_training_state(load_checkpoint_file(official[0]), reference, ref_optimizer,
@@ -136,7 +136,7 @@ def test_official_state_loads_alike_through_the_fsdp_path(official):
 
 
 def test_official_state_of_another_layout_is_one_clear_paragraph(official):
-    from utils.official_checkpoint import load_optimizer_state
+    from checkpoint.optimizer_state import load_optimizer_state
     checkpoint = load_checkpoint_file(official[0])
     groups = checkpoint['optimizer']['param_groups']
     groups[1]['params'].append(groups[0]['params'].pop())  # e.g. another no-decay rule or model
@@ -152,7 +152,7 @@ def test_official_state_of_another_layout_is_one_clear_paragraph(official):
 
 def test_our_state_with_other_groups_is_matched_by_name():
     # A run that changes TRAIN.WEIGHT_DECAY_RULES (or LAYER_DECAY) between resumes.
-    from utils.official_checkpoint import load_optimizer_state
+    from checkpoint.optimizer_state import load_optimizer_state
     config = load_config(TINY, ['TRAIN.WEIGHT_DECAY_RULES', 'official'], is_pretrain=True)
     torch.manual_seed(0)
     model = build_model(config, is_pretrain=True)

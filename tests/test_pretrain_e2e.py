@@ -9,7 +9,7 @@ import torch
 
 import main_simmim
 from tests.conftest import ROOT
-from utils.launch import run
+from engine.launch import run
 from utils.safe_load import load_checkpoint_file
 
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')

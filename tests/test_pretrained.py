@@ -1,4 +1,4 @@
-"""utils/pretrained.py and utils/pos_embed.py: loading a SimMIM checkpoint for fine-tuning
+"""checkpoint/weights.py and utils/pos_embed.py: loading a SimMIM checkpoint for fine-tuning
 reproduces the official load_pretrained (compact fixtures of the official code, tests/fixtures)."""
 import logging
 
@@ -11,7 +11,7 @@ from config import load_config
 from models import build_model
 from utils.pos_embed import (geometric_positions, geometric_ratio, resize_abs_pos_embed,
                              resize_rel_pos_bias_table)
-from utils.pretrained import (IncompatibleCheckpointError, adapt_state_dict, check_compatible,
+from checkpoint.weights import (IncompatibleCheckpointError, adapt_state_dict, check_compatible,
                               load_pretrained, summarize_keys)
 from tests.fixture_rule import NAMES, official_data as load_fixture
 

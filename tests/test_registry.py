@@ -12,7 +12,7 @@ from models.vision_transformer import VisionTransformer
 from optimizer import layer_lr_scales
 from utils.config_checks import validate_config
 from utils.errors import ConfigError, require
-from utils.pretrained import adapt_state_dict
+from checkpoint.weights import adapt_state_dict
 from utils.tasks import PRETRAIN
 
 
@@ -82,7 +82,7 @@ def test_a_new_architecture_works_everywhere_from_one_registration(small_vit_typ
 
 
 def test_the_timm_mapping_is_a_field_of_the_entry(small_vit_type):
-    from utils.timm_io import interop_for
+    from checkpoint.timm_folder import interop_for
     with_timm = {name for name, arch in ARCHITECTURES.items() if arch.timm is not None}
     assert with_timm == {'swin', 'swinv2', 'vit'}
     assert all(interop_for(name) is ARCHITECTURES[name].timm for name in with_timm)

@@ -13,8 +13,8 @@ import torch
 
 import main_simmim
 from tests.conftest import ROOT
-from utils.launch import run
-from utils.preemption import EXIT_PREEMPTED
+from engine.launch import run
+from engine.preemption import EXIT_PREEMPTED
 from utils.safe_load import load_checkpoint_file
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ sys.path.insert(0, {root!r})
 import torch
 import main_simmim
 from utils import tasks
-from utils.launch import run
+from engine.launch import run
 
 fault, _, arg = os.environ.get('FAULT', '').partition(':')
 calls = [0]

@@ -1,4 +1,4 @@
-"""utils/run_folder.py and what a run shows about itself: one run per output folder, the config
+"""engine/run_folder.py and what a run shows about itself: one run per output folder, the config
 record, a finished run started again, the whole-run ETA, the epoch's loss, TensorBoard's axis."""
 import datetime
 import json
@@ -14,15 +14,15 @@ import pytest
 
 import main_simmim
 from tests.conftest import ROOT
-from utils import run_folder
-from utils.launch import run
+from engine import run_folder
+from engine.launch import run
 
 pytestmark = pytest.mark.slow
 
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')
 # main_simmim as on the command line, but its first step waits until the file $RELEASE exists.
 WAITING_MAIN = ('import os, sys, time; sys.path.insert(0, {root!r})\n'
-                'import main_simmim\nfrom utils import tasks\nfrom utils.launch import run\n'
+                'import main_simmim\nfrom utils import tasks\nfrom engine.launch import run\n'
                 'task = tasks.PretrainBatchLoss.__call__\n'
                 'def waiting(*args):\n'
                 '    while not os.path.exists(os.environ["RELEASE"]):\n'

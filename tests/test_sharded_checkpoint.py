@@ -1,4 +1,4 @@
-"""utils/sharded_checkpoint.py in one process (DCP without a process group): the round trip, the
+"""checkpoint/sharded.py in one process (DCP without a process group): the round trip, the
 directory-level atomicity, safe loading, keep-K over both layouts and the conversion tool.
 Two-process sharding and resharding are in tests/test_sharding_e2e.py."""
 import errno
@@ -16,8 +16,8 @@ from models import build_model
 from optimizer import build_optimizer
 from tests.conftest import ROOT
 from tools import convert_checkpoint
-from utils import sharded_checkpoint as sharded
-from utils.checkpoint import (CheckpointWriteError, build_checkpoint, capture_rng_state,
+from checkpoint import sharded
+from checkpoint.layout import (CheckpointWriteError, build_checkpoint, capture_rng_state,
                               progress_state,
                               prune_step_checkpoints, verify_checkpoint)
 from utils.distributed import DistInfo

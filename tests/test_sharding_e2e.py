@@ -19,10 +19,10 @@ import main_simmim
 from tests.conftest import ROOT
 from tools import convert_checkpoint
 from utils import tasks
-from utils.launch import run
-from utils.preemption import EXIT_PREEMPTED
+from engine.launch import run
+from engine.preemption import EXIT_PREEMPTED
 from utils.safe_load import load_checkpoint_file
-from utils.sharded_checkpoint import read_sharded_checkpoint
+from checkpoint.sharded import read_sharded_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ import os, sys
 sys.path.insert(0, {root!r})
 import main_simmim
 from utils import tasks
-from utils.launch import run
+from engine.launch import run
 calls = [0]
 task = tasks.PretrainBatchLoss.__call__
 
@@ -111,7 +111,7 @@ def test_fsdp_gives_the_loss_curve_and_weights_of_ddp(fsdp_run, ddp_run):
 
 
 def test_compiled_blocks_under_fsdp_give_the_eager_run(fsdp_run, tmp_path):
-    # Each block is compiled before fully_shard wraps it (utils/sharding.py); aot_eager traces the
+    # Each block is compiled before fully_shard wraps it (engine/sharding.py); aot_eager traces the
     # same graphs as inductor without its kernels, so the run must match the eager one exactly.
     compiled = torchrun(tmp_path, tmp_path / 'out', 29563, *FSDP, 'TRAIN.COMPILE', 'blocks',
                         'TRAIN.COMPILE_BACKEND', 'aot_eager', nan=True)

@@ -237,7 +237,7 @@ def test_palette_tool_on_a_tiny_synthetic_set(tmp_path):
 ])
 def test_palette_tool_bad_input_gets_one_paragraph_and_exit_code_2(tmp_path, capsys, setup, args,
                                                                    expected):
-    from utils.launch import run_tool
+    from engine.launch import run_tool
     cfg = tmp_path / 'clusters.yaml'
     cfg.write_text('DATA:\n  DATASET: synthetic\n  IMG_SIZE: 32\n  MASK_PATCH_SIZE: 8\n'
                    '  SYNTHETIC:\n    TRAIN_SIZE: 8\nMODEL:\n  SWIN:\n    WINDOW_SIZE: 1\n'

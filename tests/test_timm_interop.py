@@ -1,4 +1,4 @@
-"""utils/timm_interop.py, utils/timm_io.py, tools/export.py --to timm and tools/import_timm.py:
+"""models/timm_mapping.py, checkpoint/timm_folder.py, tools/export.py --to timm and tools/import_timm.py:
 our encoders in timm and back, on tiny models of every architecture.
 
 What is compared (float32, CPU, eval mode, relative to the largest reference value):
@@ -20,7 +20,7 @@ import torch
 from models import build_model
 from tools.export import main as export
 from tools.import_timm import main as import_timm
-from utils.checkpoint_contents import load_config_text
+from checkpoint.stored_config import load_config_text
 from utils.safe_load import load_checkpoint_file
 
 SWIN = ('  {key}:\n    EMBED_DIM: 16\n    DEPTHS: [1, 2, 1, 1]\n    NUM_HEADS: [1, 2, 2, 2]\n'

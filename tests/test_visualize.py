@@ -1,4 +1,4 @@
-"""utils/visualize.py and tools/visualize_reconstruction.py: reconstruction grids for every target,
+"""engine/figures.py and tools/visualize_reconstruction.py: reconstruction grids for every target,
 random, box and hand-drawn masks."""
 import os
 
@@ -11,7 +11,7 @@ from config import load_config
 from models import build_model
 from models.targets import normalized_to_rgb, rgb_to_normalized
 from tools.visualize_reconstruction import main as visualize
-from utils.visualize import reconstruction_grid
+from engine.figures import reconstruction_grid
 
 TINY = ('MODEL:\n  SWIN:\n    EMBED_DIM: 8\n    DEPTHS: [1, 1, 1]\n    NUM_HEADS: [1, 1, 1]\n'
         '    WINDOW_SIZE: 2\n  SIMMIM:\n    TARGET:\n      NAME: color_bins\n      DOWNSAMPLE: 2\n'
@@ -121,7 +121,7 @@ def bad_inputs(tmp_path_factory, checkpoint):
 ])
 def test_tool_bad_input_gets_one_paragraph_and_exit_code_2(checkpoint, bad_inputs, tmp_path,
                                                            capsys, args, expected):
-    from utils.launch import run_tool
+    from engine.launch import run_tool
     argv = ['--checkpoint', checkpoint, '--output', str(tmp_path / 'out')]
     argv += [a.format(bad=bad_inputs) for a in args]
     assert run_tool(visualize, argv) == 2

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.errors import ConfigError  # noqa: E402
 from data.avgdist import mean_avg_dist  # noqa: E402
 from data.masking import MASK_GENERATORS  # noqa: E402
-from utils.launch import prepare_output_dir, run_tool  # noqa: E402
+from engine.launch import prepare_output_dir, run_tool  # noqa: E402
 
 FIGURE_3A_SETTINGS = ['random:4', 'random:8', 'random:16', 'random:32', 'random:64', 'square:16',
                       'square:32', 'blockwise:16', 'blockwise:32']

@@ -24,7 +24,7 @@ from data import build_pretrain_data  # noqa: E402
 from models import model_patch_size  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 from models.targets import nearest_color_index, normalized_to_rgb  # noqa: E402
-from utils.launch import prepare_output_dir, run_tool  # noqa: E402
+from engine.launch import prepare_output_dir, run_tool  # noqa: E402
 
 
 def kmeans(points, k, iterations=30, generator=None):

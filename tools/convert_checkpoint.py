@@ -15,9 +15,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.checkpoint import CheckpointWriteError, atomic_save  # noqa: E402
+from checkpoint.layout import CheckpointWriteError, atomic_save  # noqa: E402
 from utils.safe_load import CheckpointError  # noqa: E402
-from utils.sharded_checkpoint import read_sharded_checkpoint  # noqa: E402
+from checkpoint.sharded import read_sharded_checkpoint  # noqa: E402
 
 
 def main(argv=None):

@@ -25,14 +25,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.checkpoint_contents import checkpoint_config, encoder_weights  # noqa: E402
+from checkpoint.stored_config import checkpoint_config, encoder_weights  # noqa: E402
 from utils.errors import ToolFailure  # noqa: E402
-from utils.launch import prepare_output_dir, run_tool  # noqa: E402
-from utils.pretrained import summarize_keys, unwrap_state_dict  # noqa: E402
+from engine.launch import prepare_output_dir, run_tool  # noqa: E402
+from checkpoint.weights import summarize_keys, unwrap_state_dict  # noqa: E402
 from utils.safe_load import load_checkpoint_file  # noqa: E402
 from utils.safetensors_io import SCALAR_KEYS, save_safetensors_checkpoint  # noqa: E402
-from utils.sharded_checkpoint import load_any_checkpoint  # noqa: E402
-from utils.timm_io import (MAX_RELATIVE_DIFFERENCE, export_timm_folder,  # noqa: E402
+from checkpoint.sharded import load_any_checkpoint  # noqa: E402
+from checkpoint.timm_folder import (MAX_RELATIVE_DIFFERENCE, export_timm_folder,  # noqa: E402
                            output_difference)
 
 FORMATS = ('timm', 'safetensors')

@@ -17,13 +17,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.checkpoint import atomic_save  # noqa: E402
-from utils.checkpoint_contents import load_config_text  # noqa: E402
+from checkpoint.layout import atomic_save  # noqa: E402
+from checkpoint.stored_config import load_config_text  # noqa: E402
 from utils.errors import ToolFailure  # noqa: E402
-from utils.launch import prepare_output_dir, run_tool  # noqa: E402
+from engine.launch import prepare_output_dir, run_tool  # noqa: E402
 from utils.safetensors_io import save_safetensors_checkpoint  # noqa: E402
-from utils.timm_interop import UnsupportedInTimm  # noqa: E402
-from utils.timm_io import (MAX_RELATIVE_DIFFERENCE, load_timm_model,  # noqa: E402
+from models.timm_mapping import UnsupportedInTimm  # noqa: E402
+from checkpoint.timm_folder import (MAX_RELATIVE_DIFFERENCE, load_timm_model,  # noqa: E402
                            output_difference, timm_config_yaml, timm_weights)
 
 

@@ -6,7 +6,7 @@ checkpointing, and the largest batch per GPU that fits.
 
 Weights, gradients and AdamW state are counted from the model built on the meta device;
 activations are measured by one forward pass of a copy with one block per stage (on this machine's
-GPU if it has one, else on the CPU with the fused-attention stand-in; see utils/memory_plan.py for
+GPU if it has one, else on the CPU with the fused-attention stand-in; see engine/memory_plan.py for
 the model and benchmarks/RESULTS.md for how it compares with measured peaks). "Fits" keeps
 --reserve of the card free for the CUDA context, cuBLAS/NCCL workspaces and fragmentation.
 Exit codes: 0 done, 2 usage or config error.
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import load_config  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
-from utils.memory_plan import (GIB, estimate, largest_batch, measure_activations,  # noqa: E402
+from engine.memory_plan import (GIB, estimate, largest_batch, measure_activations,  # noqa: E402
                                model_stats)
 
 SETTINGS = [('ddp', False), ('ddp', True), ('fsdp', False), ('fsdp', True)]

@@ -1,6 +1,6 @@
 """`atomic_save`: write a file so that a crash at any moment leaves either the old file or the new.
 
-Below utils/checkpoint.py so that any writer (checkpoints, safetensors exports, model_best.pth) can
+Below checkpoint/layout.py so that any writer (checkpoints, safetensors exports, model_best.pth) can
 use it without importing the checkpoint machinery.
 """
 import errno

@@ -17,9 +17,9 @@ from models.registry import architecture_of, encoder_stride, model_patch_size
 from models.targets import check_target_config
 from models.window_attention import check_window_attention
 from optimizer import check_optimizer_config
-from utils.compile import check_compile_config
+from engine.compilation import check_compile_config
 from utils.errors import require
-from utils.sharding import check_sharding_config
+from engine.sharding import check_sharding_config
 
 DATASETS = ('imagenet', 'folder', 'synthetic')
 POSITIVE_KEYS = ('DATA.BATCH_SIZE', 'TRAIN.EPOCHS', 'PRINT_FREQ', 'SAVE_FREQ', 'DATA.IMG_SIZE')

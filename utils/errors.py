@@ -1,7 +1,7 @@
 """Every error the framework reports in plain words, and the exit code each one ends a script with.
 
 A leaf module: it imports nothing from the project, so any layer may raise these. The entry scripts
-(utils/launch.py) print the message of any of them as one paragraph, without a traceback, and exit
+(engine/launch.py) print the message of any of them as one paragraph, without a traceback, and exit
 with its `exit_code`:
 
     0  EXIT_OK          done

@@ -5,7 +5,7 @@ their yacs ``CfgNode`` config; the weights-only unpickler cannot rebuild that cl
 as a plain ``OrderedDict`` through an explicit alias (the only non-tensor class we admit). Any other
 pickled object makes the load fail with a message, and its code never runs. Safetensors files
 (utils.safetensors_io) hold no pickle and are recognised by their content. A directory is refused
-with what to pass instead (a sharded checkpoint is read by utils.sharded_checkpoint).
+with what to pass instead (a sharded checkpoint is read by checkpoint.sharded).
 """
 import collections
 import os

@@ -1,5 +1,5 @@
 """Generic steps for adapting a checkpoint's state dict to a model, shared by every architecture's
-checkpoint remap (models/architectures.py) and by load_pretrained (utils/pretrained.py).
+checkpoint remap (models/architectures.py) and by load_pretrained (checkpoint/weights.py).
 
     drop_rebuilt_buffers(sd)                          index / mask buffers the models rebuild
     canonical_keys(sd)                                no DDP/compile prefix, released names renamed

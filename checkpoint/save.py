@@ -1,11 +1,11 @@
 """Checkpoints in a run of one or many processes: which file a run continues from, and a save that
 every rank takes part in (RNG states are gathered to rank 0, which writes) and agrees on (a failed
-write raises on every rank, so none trains on alone). The file format is utils/checkpoint.py's."""
+write raises on every rank, so none trains on alone). The file format is checkpoint/layout.py's."""
 import torch
 
-from utils.checkpoint import atomic_save, capture_rng_state
+from checkpoint.layout import atomic_save, capture_rng_state
 from utils.distributed import all_gather_objects, all_reduce_max, barrier
-from utils.sharded_checkpoint import (find_any_resume_checkpoint, save_sharded_checkpoint,
+from checkpoint.sharded import (find_any_resume_checkpoint, save_sharded_checkpoint,
                                       verify_resume_checkpoint)
 
 
@@ -49,7 +49,7 @@ def save_on_main_rank(path, make_checkpoint, dist_info, device, logger):
 def save_sharded_on_every_rank(path, model, optimizer, make_progress, dist_info, logger):
     """The sharded counterpart (TRAIN.SHARDING fsdp): every rank writes its shards of `model` and
     `optimizer` into the directory `path`, rank 0 the rest (`make_progress(rng_states)`); a failure
-    on any rank raises on every rank (utils.sharded_checkpoint.save_sharded_checkpoint)."""
+    on any rank raises on every rank (checkpoint.sharded.save_sharded_checkpoint)."""
     rng_states = all_gather_objects(capture_rng_state())
     save_sharded_checkpoint(path, model, optimizer, make_progress(rng_states), dist_info)
     logger.info(f'{path} saved')

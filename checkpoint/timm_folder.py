@@ -1,4 +1,4 @@
-"""timm model folders and timm models, in and out (the name mappings are in utils.timm_interop).
+"""timm model folders and timm models, in and out (the name mappings are in models.timm_mapping).
 
     export_timm_folder(config, state_dict, out_dir, info=None) -> the timm model written
         OUT_DIR/config.json (timm's format) + OUT_DIR/model.safetensors, loadable offline with
@@ -24,10 +24,10 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_pretrained_cfg, save_for_hf
 
 from models import ARCHITECTURES, build_classifier
-from utils.checkpoint_contents import load_config_text, num_classes_of
+from checkpoint.stored_config import load_config_text, num_classes_of
 from utils.errors import CheckpointError, ConfigError, IncompatibleCheckpointError
 from utils.state_dict import summarize_keys
-from utils.timm_interop import UnsupportedInTimm
+from models.timm_mapping import UnsupportedInTimm
 
 WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')  # timm's names on the Hugging Face hub
 EVAL_CROP_PCT = 224 / 256  # TEST.CROP: resize to 256/224 of the input size, centre-crop

@@ -11,7 +11,7 @@ Composition: a block is compiled (nn.Module.compile(), which keeps the module ob
 Activation checkpointing (TRAIN.USE_CHECKPOINT) wraps the call of the sharded block in its stage;
 its recomputation in the backward pass runs while FSDP holds that block's gathered parameters.
 
-Mixed precision follows the autocast dtype of the run (utils.engine.autocast_dtype): with bf16 the
+Mixed precision follows the autocast dtype of the run (engine.trainer.autocast_dtype): with bf16 the
 parameters are all-gathered and computed in bf16 while the sharded master weights, the gradient
 reduction and the optimizer stay fp32; without autocast (the CPU, or --disable-amp) everything is
 fp32.

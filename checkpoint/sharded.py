@@ -32,11 +32,11 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from utils.atomic_write import atomic_save
-from utils.checkpoint import (REQUIRED_KEYS, find_resume_checkpoint, restore_progress,
+from checkpoint.layout import (REQUIRED_KEYS, find_resume_checkpoint, restore_progress,
                               verify_checkpoint)
 from utils.distributed import all_reduce_max, barrier
 from utils.errors import CheckpointError, CheckpointWriteError
-from utils.official_checkpoint import named_optimizer_state
+from checkpoint.optimizer_state import named_optimizer_state
 from utils.safe_load import SHARDED_MARKER as MARKER
 from utils.safe_load import folder_error, load_checkpoint_file
 from utils.state_dict import canonical_keys
@@ -181,7 +181,7 @@ def _write_error(path, error):
 
 
 def save_sharded_checkpoint(path, model, optimizer, progress, dist_info):
-    """Write `model`, `optimizer` and `progress` (utils.checkpoint.progress_state) as the sharded
+    """Write `model`, `optimizer` and `progress` (checkpoint.layout.progress_state) as the sharded
     directory `path`. Collective: every rank calls it with the same path, on a file system all
     ranks share. A failure on any rank raises CheckpointWriteError on every rank and leaves the
     earlier checkpoints as they were."""
@@ -234,7 +234,7 @@ def verify_resume_checkpoint(path):
 
 
 def find_any_resume_checkpoint(output_dir, logger):
-    """`utils.checkpoint.find_resume_checkpoint` over both layouts."""
+    """`checkpoint.layout.find_resume_checkpoint` over both layouts."""
     return find_resume_checkpoint(output_dir, logger, verify_resume_checkpoint)
 
 
@@ -258,7 +258,7 @@ def load_any_training_state(path, checkpoint, model, optimizer, lr_scheduler, sc
     ranks; `checkpoint` is what `verify_resume_checkpoint(path)` returned. A single file of the
     official code (optimizer groups without parameter names) needs the run's `config` to name
     them. Returns (epoch, step, max_accuracy, train_state) as
-    `utils.checkpoint.load_training_state`."""
+    `checkpoint.layout.load_training_state`."""
     model_state, optimizer_state = get_state_dict(model, optimizer)  # this run's shards
     if is_sharded_checkpoint(path):
         _check_fits(path, _stored_tensors(read_metadata(path), 'model'), model_state)

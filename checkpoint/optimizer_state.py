@@ -16,7 +16,7 @@ Here each saved entry is given the name of its parameter, from the groups' own '
 (our checkpoints) or by rebuilding the official groups for this model, and loaded into our
 groups by name. Our group settings (lr, weight decay, betas) are kept: they come from the config.
 apex AMP state ('amp', microsoft/SimMIM) is not used; a Swin-Transformer-repo 'scaler' is
-loaded by utils.checkpoint when this run uses a GradScaler.
+loaded by checkpoint.layout when this run uses a GradScaler.
 """
 import torch
 

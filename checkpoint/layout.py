@@ -9,7 +9,7 @@ GradScaler's state when the run has none, as the Swin-Transformer repo's loader 
 Epoch checkpoints are ``ckpt_epoch_{e}.pth``; step checkpoints (CHECKPOINT.STEP_FREQ) are
 ``ckpt_epoch_{e}_step_{k}.pth`` and hold the position inside epoch e, so a resume continues with
 the very next batch. Under TRAIN.SHARDING fsdp the same content is a directory of that name
-without ``.pth`` (utils/sharded_checkpoint.py).
+without ``.pth`` (checkpoint/sharded.py).
 """
 import glob
 import os
@@ -23,8 +23,8 @@ import torch
 from utils.atomic_write import atomic_save  # noqa: F401  (re-exported)
 from utils.errors import (CheckpointError, CheckpointWriteError,  # noqa: F401  (re-exported)
                           IncompatibleCheckpointError)
-from utils.official_checkpoint import load_optimizer_state
-from utils.pretrained import load_full_state_dict
+from checkpoint.optimizer_state import load_optimizer_state
+from checkpoint.weights import load_full_state_dict
 from utils.safe_load import load_checkpoint_file
 
 FORMAT_VERSION = 1
@@ -185,7 +185,7 @@ def find_resume_checkpoint(output_dir, logger, verify=verify_checkpoint):
 def load_training_state(checkpoint, model, optimizer, lr_scheduler, scaler, logger, rank=0,
                         world_size=1, config=None, path='', found_in=None):
     """Restore everything a resume needs from `checkpoint` (ours, or official: see
-    utils/official_checkpoint.py; read from `path`; `found_in`: the folder auto-resume found it in,
+    checkpoint/optimizer_state.py; read from `path`; `found_in`: the folder auto-resume found it in,
     None for --resume); return (epoch, step, max_accuracy, train_state) where (epoch, step) is the
     position where training continues."""
     try:

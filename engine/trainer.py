@@ -3,8 +3,8 @@
 Pre-training and fine-tuning differ only in how a batch becomes a loss (`PretrainBatchLoss`,
 `ClassificationBatchLoss` in utils/tasks.py); autocast, gradient accumulation, clipping, skipping of
 non-finite steps, the schedule, logging, checkpoints and preemption live here once. The checkpoint
-protocol between ranks is utils/checkpoint_protocol.py, the device-side statistics and the log line
-utils/train_stats.py.
+protocol between ranks is checkpoint/save.py, the device-side statistics and the log line
+engine/train_stats.py.
 
 No step forces a host-device sync: loss and gradient-norm statistics accumulate on the device and
 are read every PRINT_FREQ steps, and a non-finite step is skipped inside the fused optimizer kernel
@@ -18,18 +18,18 @@ import torch
 from config import amp_enabled
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer, supports_found_inf
-from utils.checkpoint import (build_checkpoint, epoch_checkpoint_path, load_training_state,
+from checkpoint.layout import (build_checkpoint, epoch_checkpoint_path, load_training_state,
                               progress_state, prune_step_checkpoints, step_checkpoint_path)
-from utils.checkpoint_protocol import (choose_resume_checkpoint, save_on_main_rank,
+from checkpoint.save import (choose_resume_checkpoint, save_on_main_rank,
                                        save_sharded_on_every_rank)
 from utils.distributed import all_reduce_max, broadcast_batchnorm_stats
 from utils.errors import EXIT_NONFINITE, NonFiniteLossError, Preempted  # noqa: F401  (re-exported)
-from utils.preemption import PreemptionHandler
-from utils.run_folder import finished_message, record_config
-from utils.sharded_checkpoint import is_sharded_checkpoint, load_any_training_state, sharded_path
-from utils.sharding import full_tensor, gradient_sync, is_fsdp, wrap_model
+from engine.preemption import PreemptionHandler
+from engine.run_folder import finished_message, record_config
+from checkpoint.sharded import is_sharded_checkpoint, load_any_training_state, sharded_path
+from engine.sharding import full_tensor, gradient_sync, is_fsdp, wrap_model
 from utils.tasks import PRETRAIN
-from utils.train_stats import (EpochStats, NonFiniteCounter, peak_memory_mb, progress_line,
+from engine.train_stats import (EpochStats, NonFiniteCounter, peak_memory_mb, progress_line,
                                write_train_scalars)
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.distributed import all_reduce_sum
-from utils.sharding import lockstep_extra_batches
+from engine.sharding import lockstep_extra_batches
 
 
 @torch.no_grad()

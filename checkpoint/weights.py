@@ -137,13 +137,13 @@ def load_pretrained(config: CfgNode, model: nn.Module,
     """Load config.MODEL.PRETRAINED into `model` (strict=False after adapting names and shapes)
     and log what was loaded, what is newly initialised and what was ignored. Returns a
     LoadReport; raises IncompatibleCheckpointError for a checkpoint of another model.
-    'timm:NAME_OR_FOLDER' reads a timm model's weights (utils.timm_io) under our names."""
+    'timm:NAME_OR_FOLDER' reads a timm model's weights (checkpoint.timm_folder) under our names."""
     path = config.MODEL.PRETRAINED
     log_info(logger, f"Loading pre-trained weights from {path}")
     model = unwrap_model(model)
     model_state = model.state_dict()
     if path.startswith('timm:'):
-        from utils.timm_io import read_timm_checkpoint  # imported here: it imports this module
+        from checkpoint.timm_folder import read_timm_checkpoint  # imported here: it imports this module
         checkpoint = read_timm_checkpoint(path[len('timm:'):], config.MODEL.TYPE)
     else:
         checkpoint = load_checkpoint_file(path, 'MODEL.PRETRAINED')

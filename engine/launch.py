@@ -9,7 +9,7 @@ from config import build_arg_parser, get_config
 from logger import create_logger
 from utils.distributed import cleanup, init_distributed, seed_everything
 from utils.errors import EXIT_PREEMPTED, KNOWN_ERRORS, ConfigError, exit_code_of, title_of
-from utils.run_folder import release_output_folders, take_output_folder
+from engine.run_folder import release_output_folders, take_output_folder
 from utils.tasks import PRETRAIN, as_task
 
 
