@@ -9,11 +9,12 @@ Public entry points:
     get_config(args, task=PRETRAIN)           the config a script builds from parsed arguments
     load_config(cfg_path, opts=(), task=...)  the same from a path, for notebooks and tools
     get_defaults()                            a mutable copy of the defaults
-    build_arg_parser(finetune=False)          the official command-line flags
+    load_config_text(yaml_text, opts=(), ...) the same from YAML text (a checkpoint's config)
+    validate_config(config, task)             every key checked, the error naming key and fix
 
-The jobs behind them live beside this file: YAML/--opts merging (utils/config_merge.py), the
-command line (utils/arguments.py) and validation (utils/config_checks.py, which asks each registered
-unit to check its own keys).
+Validation (`validate_config`) is here too: it asks each registered unit to check its own keys
+and checks the keys no unit owns. YAML/--opts merging (utils/config_merge.py) and the command line
+(utils/arguments.py) are leaves beside it.
 """
 import argparse
 import os
@@ -21,12 +22,21 @@ from typing import Optional, Sequence, Union
 
 from yacs.config import CfgNode as CN
 
-from models.registry import encoder_stride, model_patch_size  # noqa: F401  (re-exported)
-from utils.arguments import apply_args, build_arg_parser  # noqa: F401  (build_arg_parser re-exported)
-from utils.config_checks import validate_config
-from utils.config_merge import merge_opts, merge_yaml
-from utils.errors import ConfigError  # noqa: F401  (re-exported: `from config import ConfigError`)
-from utils.tasks import PRETRAIN, Task, as_task
+from data.datasets import check_on_bad_image
+from data.loader import check_loader_config
+from data.masking import check_mask_config
+from data.transforms import check_rgb_conversion
+from lr_scheduler import check_scheduler_config
+from models.heads import check_head_config
+from models.registry import architecture_of, encoder_stride, model_patch_size
+from models.targets import check_target_config
+from models.window_attention import check_window_attention
+from optimizer import check_optimizer_config
+from utils.arguments import apply_args
+from utils.config_merge import merge_opts, merge_yaml, merge_yaml_text
+from utils.errors import require
+from utils.registry import require_choice
+from utils.tasks import FINETUNE, PRETRAIN, Task, as_task
 
 _C = CN()
 
@@ -307,11 +317,84 @@ _C.THROUGHPUT_MODE = False
 _C.LOCAL_RANK = 0
 _C.PRETRAINED = ''  # SimMIM-repo spelling of MODEL.PRETRAINED; either works
 
-def amp_enabled(config):
+# True in a config a run has finished deriving (OUTPUT joined with MODEL.NAME and TAG, learning
+# rates scaled to the batch): what checkpoints and OUTPUT/config.yaml store. Loading such a dump
+# checks it and derives nothing again, so a stored config reads back as itself.
+_C.FINALIZED = False
+
+# Values of keys no registered unit owns (the units check their own: see validate_config).
+DATASETS = ('imagenet', 'folder', 'synthetic')
+AMP_OPT_LEVELS = ('', 'O0', 'O1', 'O2')
+AMP_DTYPES = ('auto', 'bfloat16', 'float16')
+SHARDINGS = ('ddp', 'fsdp')  # TRAIN.SHARDING (engine/sharding.py)
+COMPILE_MODES = ('', 'blocks', 'model')  # TRAIN.COMPILE (engine/compilation.py)
+COMPILE_BACKENDS = ('inductor', 'aot_eager', 'eager')  # the last two: tracing only (debugging)
+POSITIVE_KEYS = ('DATA.BATCH_SIZE', 'TRAIN.EPOCHS', 'PRINT_FREQ', 'SAVE_FREQ', 'DATA.IMG_SIZE')
+
+
+def amp_enabled(config: CN) -> bool:
     """Whether the config asks for autocast (on CUDA); see AMP_OPT_LEVEL / ENABLE_AMP."""
     return config.ENABLE_AMP and config.AMP_OPT_LEVEL != 'O0'
 
 
+# -----------------------------------------------------------------------------------------------
+# Validation
+# -----------------------------------------------------------------------------------------------
+def _get(config, key):
+    value = config
+    for part in key.split('.'):
+        value = value[part]
+    return value
+
+
+def check_common_keys(config: CN) -> None:
+    """Keys that no registered unit owns."""
+    data = config.DATA
+    require_choice('DATA.DATASET', data.DATASET, DATASETS, 'datasets')
+    check_on_bad_image(data.ON_BAD_IMAGE)
+    check_rgb_conversion(data.RGB_CONVERSION)
+    require_choice('AMP_OPT_LEVEL', config.AMP_OPT_LEVEL, AMP_OPT_LEVELS, 'levels')
+    require_choice('AMP_DTYPE', config.AMP_DTYPE, AMP_DTYPES, 'dtypes')
+    require_choice('TRAIN.SHARDING', config.TRAIN.SHARDING, SHARDINGS, 'shardings')
+    require_choice('TRAIN.COMPILE', config.TRAIN.COMPILE, COMPILE_MODES, 'modes')
+    require_choice('TRAIN.COMPILE_BACKEND', config.TRAIN.COMPILE_BACKEND, COMPILE_BACKENDS,
+                   'backends')
+    for key in POSITIVE_KEYS:
+        require(_get(config, key) > 0, f"{key} must be positive, got {_get(config, key)}.")
+    require(config.CHECKPOINT.STEP_FREQ >= 0 and config.CHECKPOINT.KEEP_STEP_CKPTS >= 1,
+            "CHECKPOINT.STEP_FREQ must be >= 0 and CHECKPOINT.KEEP_STEP_CKPTS >= 1.")
+    require(config.TRAIN.MAX_NONFINITE_STEPS >= 1, "TRAIN.MAX_NONFINITE_STEPS must be >= 1.")
+    crop = list(config.AUG.CROP_SCALE)
+    require(len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1,
+            f"AUG.CROP_SCALE must be [low, high] with 0 < low <= high <= 1, got {crop}.")
+
+
+def check_masked_image_modeling(config: CN) -> None:
+    """The sections only SimMIM reads: masking, then the target (it fixes the head's upscale), then
+    the head."""
+    check_mask_config(config, model_patch_size(config))
+    stride = encoder_stride(config)
+    check_target_config(config, stride)
+    check_head_config(config, stride)
+
+
+def validate_config(config: CN, task: Task) -> None:
+    """Raise ConfigError naming the key and the fix for any inconsistent value; `task` (a
+    utils.tasks.Task) says which sections the run reads."""
+    architecture = architecture_of(config)
+    check_common_keys(config)
+    check_scheduler_config(config)
+    check_optimizer_config(config)
+    architecture.check_config(config)
+    check_loader_config(config, task)
+    check_window_attention(config.MODEL.WINDOW_ATTENTION)
+    if task.masked_image_modeling:
+        check_masked_image_modeling(config)
+
+
+# -----------------------------------------------------------------------------------------------
+# Loading
+# -----------------------------------------------------------------------------------------------
 def _scale_learning_rates(config, world_size):
     """Linear scaling rule: LRs are given for a total batch of 512 (section 5.4 of the reference)."""
     factor = config.DATA.BATCH_SIZE * world_size / 512.0
@@ -322,27 +405,36 @@ def _scale_learning_rates(config, world_size):
     config.TRAIN.MIN_LR *= factor
 
 
-def _finalize(config, world_size, task):
-    if config.PRETRAINED and not config.MODEL.PRETRAINED:
-        config.MODEL.PRETRAINED = config.PRETRAINED
-    config.OUTPUT = os.path.join(config.OUTPUT or 'output', config.MODEL.NAME, config.TAG)
+def _validate_and_derive(config, world_size, task):
+    """Check the merged `config`; unless it is FINALIZED already, derive the run's values (the
+    MODEL.PRETRAINED alias, OUTPUT/MODEL.NAME/TAG, the learning rates for the total batch); freeze."""
+    if not config.FINALIZED:
+        if config.PRETRAINED and not config.MODEL.PRETRAINED:
+            config.MODEL.PRETRAINED = config.PRETRAINED
+        config.OUTPUT = os.path.join(config.OUTPUT or 'output', config.MODEL.NAME, config.TAG)
     validate_config(config, task)
-    _scale_learning_rates(config, world_size)
+    if not config.FINALIZED:
+        _scale_learning_rates(config, world_size)
+        config.FINALIZED = True
     config.freeze()
     return config
+
+
+def _merged(merge_source, args, task, is_pretrain):
+    config = _C.clone()
+    config.defrost()
+    merge_source(config)
+    merge_opts(config, args.opts)
+    apply_args(config, args)
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    return _validate_and_derive(config, world_size, as_task(task, is_pretrain))
 
 
 def get_config(args: argparse.Namespace, task: Union[Task, bool] = PRETRAIN, *,
                is_pretrain: Optional[bool] = None) -> CN:
     """The frozen config for parsed command-line `args` (official name; `get_config(args)` is the
     official call). `task` (or the official `is_pretrain` flag) says which sections are checked."""
-    config = _C.clone()
-    config.defrost()
-    merge_yaml(config, args.cfg)
-    merge_opts(config, args.opts)
-    apply_args(config, args)
-    world_size = int(os.environ.get('WORLD_SIZE', 1))
-    return _finalize(config, world_size, as_task(task, is_pretrain))
+    return _merged(lambda config: merge_yaml(config, args.cfg), args, task, is_pretrain)
 
 
 def load_config(cfg_path: str, opts: Sequence = (), task: Union[Task, bool] = PRETRAIN, *,
@@ -351,6 +443,16 @@ def load_config(cfg_path: str, opts: Sequence = (), task: Union[Task, bool] = PR
     by its argparse name, e.g. ``batch_size=8``), for notebooks and tools."""
     args = argparse.Namespace(cfg=cfg_path, opts=list(opts), **flags)
     return get_config(args, task, is_pretrain=is_pretrain)
+
+
+def load_config_text(yaml_text: str, opts: Sequence = (), task: Union[Task, bool] = FINETUNE, *,
+                     is_pretrain: Optional[bool] = None, source: str = 'the stored config') -> CN:
+    """The frozen config that YAML text (e.g. a checkpoint's) gives, with `opts` applied. A stored
+    config (FINALIZED) reads back as itself. Checked as for fine-tuning unless `task` says
+    otherwise: readers of a stored config build the encoder or the classifier."""
+    args = argparse.Namespace(cfg=None, opts=list(opts))
+    return _merged(lambda config: merge_yaml_text(config, yaml_text, source), args, task,
+                   is_pretrain)
 
 
 def get_defaults() -> CN:

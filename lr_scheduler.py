@@ -44,13 +44,14 @@ import torch
 from yacs.config import CfgNode
 
 from utils.errors import require
+from utils.registry import require_choice
 
 SCHEDULES = ('cosine', 'linear', 'step', 'multistep')
 LINEAR_END_FRACTION = 0.01  # linear schedule ends at peak * 0.01 (official lr_min_rate)
 
 
 def _check_schedule_name(name):
-    require(name in SCHEDULES, f"TRAIN.LR_SCHEDULER.NAME '{name}' is not one of {SCHEDULES}.")
+    require_choice('TRAIN.LR_SCHEDULER.NAME', name, SCHEDULES, 'schedules')
 
 
 def check_scheduler_config(config):

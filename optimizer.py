@@ -43,8 +43,8 @@ from torch.distributed.tensor import DTensor
 from yacs.config import CfgNode
 
 from models.registry import architecture_of
-from utils.distributed import unwrap_model
-from utils.errors import require
+from timm.utils import unwrap_model
+from utils.registry import Registry, require_choice
 from utils.tasks import PRETRAIN, Task, as_task
 
 
@@ -97,6 +97,21 @@ def skips_weight_decay(name, param, skip_names=(), skip_keywords=()):
             or any(keyword in name for keyword in skip_keywords))
 
 
+def group_parameters(named_parameters, skip_names=(), skip_keywords=(), layer_id=None):
+    """{group name: [(name, parameter)]} of the trainable `named_parameters`, in the order each
+    group's first parameter appears: 'decay' / 'no_decay', or 'layer_{id}_{decay|no_decay}' when
+    `layer_id` (parameter name -> layer id) is given. The grouping of ours and of the official
+    code alike (checkpoint/optimizer_state.py rebuilds the official one with it)."""
+    groups = {}
+    for name, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        kind = 'no_decay' if skips_weight_decay(name, param, skip_names, skip_keywords) else 'decay'
+        group_name = kind if layer_id is None else f'layer_{layer_id(name)}_{kind}'
+        groups.setdefault(group_name, []).append((name, param))
+    return groups
+
+
 def build_param_groups(config: CfgNode, model: nn.Module, task: Union[Task, bool] = PRETRAIN, *,
                        is_pretrain: Optional[bool] = None) -> list:
     """The optimizer's parameter groups (see the module docstring for the keys and the rules)."""
@@ -106,27 +121,18 @@ def build_param_groups(config: CfgNode, model: nn.Module, task: Union[Task, bool
         skip_names, skip_keywords = official_names_without_weight_decay(config, task)
     else:
         skip_names, skip_keywords = _names_without_weight_decay(model)
-    scales = layer_lr_scales(config, model) if _uses_layer_decay(config, task) else None
-    layer_id, _ = _layer_id_function(config)
-    groups = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        no_decay = skips_weight_decay(name, param, skip_names, skip_keywords)
-        kind = 'no_decay' if no_decay else 'decay'
-        scale = 1.0
-        group_name = kind
-        if scales is not None:
-            scale = scales[name]
-            group_name = f'layer_{layer_id(name)}_{kind}'
-        if group_name not in groups:
-            groups[group_name] = {
-                'group_name': group_name, 'params': [], 'param_names': [],
-                'weight_decay': 0.0 if no_decay else config.TRAIN.WEIGHT_DECAY,
-                'lr': config.TRAIN.BASE_LR * scale, 'lr_scale': scale}
-        groups[group_name]['params'].append(param)
-        groups[group_name]['param_names'].append(name)
-    return list(groups.values())
+    layer_id = _layer_id_function(config)[0] if _uses_layer_decay(config, task) else None
+    scales = layer_lr_scales(config, model) if layer_id is not None else {}
+    groups = []
+    for group_name, members in group_parameters(model.named_parameters(), skip_names,
+                                                skip_keywords, layer_id).items():
+        scale = scales.get(members[0][0], 1.0)  # one layer per group, so one scale
+        groups.append({
+            'group_name': group_name, 'params': [p for _, p in members],
+            'param_names': [n for n, _ in members],
+            'weight_decay': 0.0 if group_name.endswith('no_decay') else config.TRAIN.WEIGHT_DECAY,
+            'lr': config.TRAIN.BASE_LR * scale, 'lr_scale': scale})
+    return groups
 
 
 # -----------------------------------------------------------------------------------------------
@@ -183,17 +189,16 @@ def _lars(groups, config, fast):
                 weight_decay=config.TRAIN.WEIGHT_DECAY)
 
 
+WEIGHT_DECAY_RULES = ('ours', 'official')  # TRAIN.WEIGHT_DECAY_RULES (module docstring)
 # TRAIN.OPTIMIZER.NAME -> (param groups, config, {'fused' or 'foreach': True}) -> optimizer
-OPTIMIZERS = {'adamw': _adamw, 'sgd': _sgd, 'lars': _lars}
+OPTIMIZERS = Registry('TRAIN.OPTIMIZER.NAME', 'optimizers',
+                      {'adamw': _adamw, 'sgd': _sgd, 'lars': _lars})
 
 
 def check_optimizer_config(config):
-    name = config.TRAIN.OPTIMIZER.NAME
-    require(name in OPTIMIZERS,
-            f"TRAIN.OPTIMIZER.NAME '{name}' is not one of {tuple(OPTIMIZERS)}.")
-    rules = config.TRAIN.WEIGHT_DECAY_RULES
-    require(rules in ('ours', 'official'),
-            f"TRAIN.WEIGHT_DECAY_RULES must be 'ours' or 'official', got '{rules}'.")
+    OPTIMIZERS.lookup(config.TRAIN.OPTIMIZER.NAME)
+    require_choice('TRAIN.WEIGHT_DECAY_RULES', config.TRAIN.WEIGHT_DECAY_RULES, WEIGHT_DECAY_RULES,
+                   'rules')
 
 
 def build_optimizer(config: CfgNode, model: nn.Module, logger: Optional[logging.Logger] = None,

@@ -35,8 +35,10 @@ sys.path.insert(0, ROOT)
 
 from config import load_config  # noqa: E402
 from data import build_loader  # noqa: E402
-from data.datasets import load_image  # noqa: E402
-from data.masking import MaskGenerator, upsample_mask  # noqa: E402
+from data.datasets import ImageFolderDataset, load_image  # noqa: E402
+from data.gpu_decode import EncodedMaskedImageDataset, collate_encoded, decode_batch  # noqa: E402
+from data.masking import MaskGenerator  # noqa: E402
+from utils.mask_grid import upsample_mask  # noqa: E402
 from data.pretrain_transform import PretrainTransform, draft_jpeg  # noqa: E402
 from data.seeding import sample_seed, seeded_global_rngs  # noqa: E402
 from data.transforms import to_rgb  # noqa: E402
@@ -138,8 +140,6 @@ def draft_difference(paths, transform):
 def device_decode_rate(folder, img_size, batch_size, mask_generator, device):
     """Images/s of data.gpu_decode.decode_batch on `device` (the main process's share of
     DATA.DECODE gpu), over batches of the images in `folder`."""
-    from data.datasets import ImageFolderDataset
-    from data.gpu_decode import EncodedMaskedImageDataset, collate_encoded, decode_batch
     dataset = EncodedMaskedImageDataset(ImageFolderDataset(folder), PretrainTransform(img_size),
                                         mask_generator)
     count = min(batch_size, len(dataset))

@@ -21,28 +21,26 @@ loaded by checkpoint.layout when this run uses a GradScaler.
 import torch
 
 from models.registry import architecture_of
-from optimizer import official_names_without_weight_decay, skips_weight_decay
-from utils.distributed import unwrap_model
+from optimizer import group_parameters, official_names_without_weight_decay
+from timm.utils import unwrap_model
 from utils.errors import CheckpointError
 from utils.tasks import FINETUNE, PRETRAIN
 
 
 def official_group_names(config, model, task):
     """The parameter names of each group the official build_optimizer makes for `model`, in the
-    official group order: ([decay], [no_decay]) in pre-training, and in fine-tuning
-    {group_name: names} per layer and kind, in order of first appearance."""
+    official group order: {'decay': names, 'no_decay': names} in pre-training (both, in that
+    fixed order), and in fine-tuning {'layer_{id}_{kind}': names} in order of first appearance."""
     skip_names, skip_keywords = official_names_without_weight_decay(config, task)
-    named = [(n, p) for n, p in unwrap_model(model).named_parameters() if p.requires_grad]
+    parameters = unwrap_model(model).named_parameters()
     if task.masked_image_modeling:
-        decay = [n for n, p in named if not skips_weight_decay(n, p, skip_names, skip_keywords)]
-        no_decay = [n for n, p in named if skips_weight_decay(n, p, skip_names, skip_keywords)]
-        return {'decay': decay, 'no_decay': no_decay}
+        groups = group_parameters(parameters, skip_names, skip_keywords)
+        return {kind: [n for n, _ in groups.get(kind, [])] for kind in ('decay', 'no_decay')}
     arch = architecture_of(config)
-    groups = {}
-    for name, param in named:
-        kind = 'no_decay' if skips_weight_decay(name, param, skip_names, skip_keywords) else 'decay'
-        groups.setdefault(f'layer_{arch.layer_id(name, arch.section(config))}_{kind}', []).append(name)
-    return groups
+    section = arch.section(config)
+    groups = group_parameters(parameters, skip_names, skip_keywords,
+                              lambda name: arch.layer_id(name, section))
+    return {group_name: [n for n, _ in members] for group_name, members in groups.items()}
 
 
 def _saved_names(saved_groups, config, model):

@@ -15,11 +15,10 @@ It is written as ``NAME.tmp`` and renamed when complete, so a directory without 
 never resumed from. DCP pickles its `.metadata`: it is read through an allow-list of DCP's own
 classes first (like `utils.safe_load`), and every tensor is read with ``weights_only=True``.
 Resharding (another world size, or one process without a process group) is DCP's
-`get_state_dict` / `set_state_dict`; `read_sharded_checkpoint` gives the single-file layout
-(tools/convert_checkpoint.py).
+`get_state_dict` / `set_state_dict` (`load_distributed_state`, for either layout);
+`read_sharded_checkpoint` gives the single-file layout (tools/convert_checkpoint.py).
 """
 import contextlib
-import errno
 import json
 import os
 import pickle
@@ -31,15 +30,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from utils.atomic_write import atomic_save
-from checkpoint.layout import (REQUIRED_KEYS, find_resume_checkpoint, restore_progress,
-                              verify_checkpoint)
-from utils.distributed import all_reduce_max, barrier
-from utils.errors import CheckpointError, CheckpointWriteError
+from checkpoint.layout import REQUIRED_KEYS
 from checkpoint.optimizer_state import named_optimizer_state
+from utils.atomic_write import atomic_save, fsync_folder, write_error
+from utils.distributed import agree_on_failure, barrier
+from utils.errors import CheckpointError, CheckpointWriteError
 from utils.safe_load import SHARDED_MARKER as MARKER
 from utils.safe_load import folder_error, load_checkpoint_file
-from utils.state_dict import canonical_keys
+from utils.state_dict import canonical_keys, check_fits
 
 PROGRESS_FILE = 'progress.pth'
 _OPTIMIZER_KEYS = ('optimizer_param_groups', 'optimizer_extra_state')
@@ -51,11 +49,6 @@ def _quiet_without_process_group():
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message=r'torch\.distributed is (disabled, )?unavailable')
         yield
-
-
-def sharded_path(path):
-    """The directory name of a sharded checkpoint for a single-file path (drops ``.pth``)."""
-    return path[:-len('.pth')] if path.endswith('.pth') else path
 
 
 def is_sharded_checkpoint(path):
@@ -149,14 +142,6 @@ def _write_marker(folder, world_size):
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish(tmp, path, world_size):
     """Marker last, then rename `tmp` to `path` (a directory of that name is replaced)."""
     _write_marker(tmp, world_size)
@@ -165,19 +150,16 @@ def _publish(tmp, path, world_size):
         shutil.rmtree(old, ignore_errors=True)
         os.rename(path, old)
     os.rename(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fsync_folder(os.path.dirname(os.path.abspath(path)))
     shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_error(path, error):
+    if isinstance(error, CheckpointWriteError):
+        return error
     failures = getattr(error, 'failures', None) or {}  # DCP's CheckpointException: per rank
     causes = [error] + [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-    full = any(getattr(c, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) for c in causes)
-    reason = 'the disk is full' if full else f'{type(error).__name__}: {str(error)[:300]}'
-    return CheckpointWriteError(
-        f"Could not write the sharded checkpoint {path}: {reason}. Nothing was overwritten: "
-        f"earlier checkpoints in {os.path.dirname(os.path.abspath(path))} are intact. Free space "
-        f"(or pass --output on a larger disk shared by all nodes) and resume from the newest one.")
+    return write_error(path, causes, 'the sharded checkpoint', 'a larger disk shared by all nodes')
 
 
 def save_sharded_checkpoint(path, model, optimizer, progress, dist_info):
@@ -201,14 +183,13 @@ def save_sharded_checkpoint(path, model, optimizer, progress, dist_info):
                          'optimizer_extra_state': others}, os.path.join(tmp, PROGRESS_FILE))
             _publish(tmp, path, dist_info.world_size)
     except Exception as e:  # noqa: BLE001 -- every rank learns of it below
-        error = e
-    failed = all_reduce_max(torch.tensor([float(error is not None)], device=dist_info.device))
-    if failed.item():
+        error = _write_error(path, e)
+    try:
+        agree_on_failure(error)
+    except Exception:
         if dist_info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        if error is None:
-            raise CheckpointWriteError(f'Rank 0 failed to write {path}; see its log.')
-        raise error if isinstance(error, CheckpointWriteError) else _write_error(path, error)
+        raise
     barrier()
 
 
@@ -228,59 +209,38 @@ def verify_sharded_checkpoint(path):
     return progress
 
 
-def verify_resume_checkpoint(path):
-    """Either layout: a directory is sharded, a file single."""
-    return verify_sharded_checkpoint(path) if is_sharded_checkpoint(path) else verify_checkpoint(path)
-
-
-def find_any_resume_checkpoint(output_dir, logger):
-    """`checkpoint.layout.find_resume_checkpoint` over both layouts."""
-    return find_resume_checkpoint(output_dir, logger, verify_resume_checkpoint)
-
-
-def _check_fits(path, stored, model_state):
-    """Raise a CheckpointError naming missing, unexpected and mis-shaped keys; `stored` maps the
-    checkpoint's names to shapes."""
-    missing = [k for k in model_state if k not in stored]
-    unexpected = [k for k in stored if k not in model_state]
-    shapes = [(k, stored[k], tuple(v.shape)) for k, v in model_state.items()
-              if k in stored and stored[k] != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"The resume checkpoint {path} does not fit the model (another architecture or size?): "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}, first shape mismatches (key, "
-            f"checkpoint shape, model shape): {shapes[:5]}.")
-
-
-def load_any_training_state(path, checkpoint, model, optimizer, lr_scheduler, scaler, logger,
-                            rank=0, world_size=1, config=None):
-    """Resume `model` (FSDP-sharded or whole) and `optimizer` from either layout on any number of
-    ranks; `checkpoint` is what `verify_resume_checkpoint(path)` returned. A single file of the
-    official code (optimizer groups without parameter names) needs the run's `config` to name
-    them. Returns (epoch, step, max_accuracy, train_state) as
-    `checkpoint.layout.load_training_state`."""
+def load_distributed_state(path, checkpoint, state, config=None, logger=None):
+    """Load the model and optimizer of `state` (a TrainingState; the model FSDP-sharded or whole)
+    from either layout on any number of ranks, through DCP's set_state_dict; `checkpoint` is what
+    verifying `path` returned. A single file of the official code (optimizer groups without
+    parameter names) needs the run's `config` to name them. The rest of the checkpoint is restored
+    by checkpoint.resume."""
+    model, optimizer = state.model, state.optimizer
     model_state, optimizer_state = get_state_dict(model, optimizer)  # this run's shards
     if is_sharded_checkpoint(path):
-        _check_fits(path, _stored_tensors(read_metadata(path), 'model'), model_state)
+        check_fits(_stored_tensors(read_metadata(path), 'model'), model_state,
+                   f'The resume checkpoint {path}')
         tensors = {'model': model_state, 'optimizer_state': _split_tensors(optimizer_state['state'])[0]}
         with _quiet_without_process_group():
             dcp.load(tensors, storage_reader=FileSystemReader(path))
-        state = _merge_state(tensors['optimizer_state'], checkpoint['optimizer_extra_state'])
-        full = {'state': state, 'param_groups': checkpoint['optimizer_param_groups']}
+        merged = _merge_state(tensors['optimizer_state'], checkpoint['optimizer_extra_state'])
+        full = {'state': merged, 'param_groups': checkpoint['optimizer_param_groups']}
         set_state_dict(model, optimizer, model_state_dict=tensors['model'], optim_state_dict=full)
-    else:  # a single file (a DDP run, or converted): every rank reads it whole and keeps its shard
-        weights = canonical_keys(checkpoint['model'])  # e.g. an official file's rebuilt buffers
-        _check_fits(path, {k: tuple(v.shape) for k, v in weights.items()}, model_state)
-        saved = checkpoint['optimizer']
-        if all('param_names' in group for group in saved['param_groups']):
-            named = optimizer_state_by_name(saved)
-        else:  # the official code's: named by rebuilding its groups for this model
-            named = named_optimizer_state(saved, optimizer, model, config)
+        return
+    # A single file (a DDP run, or converted): every rank reads it whole and keeps its shard.
+    weights = canonical_keys(checkpoint['model'])  # e.g. an official file's rebuilt buffers
+    check_fits({k: tuple(v.shape) for k, v in weights.items()}, model_state,
+               f'The resume checkpoint {path}')
+    saved = checkpoint['optimizer']
+    if all('param_names' in group for group in saved['param_groups']):
+        named = optimizer_state_by_name(saved)
+    else:  # the official code's: named by rebuilding its groups for this model
+        named = named_optimizer_state(saved, optimizer, model, config)
+        if logger is not None:
             logger.info('Optimizer state of the official code loaded by parameter name; learning '
                         'rates and weight decay come from this config.')
-        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=named,
-                       options=StateDictOptions(full_state_dict=True))
-    return restore_progress(checkpoint, lr_scheduler, scaler, logger, rank, world_size)
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=named,
+                   options=StateDictOptions(full_state_dict=True))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -314,7 +274,7 @@ def read_sharded_checkpoint(path, model_only=False):
     return checkpoint
 
 
-def load_any_checkpoint(path, purpose='checkpoint', model_only=False):
+def read_checkpoint(path, purpose='checkpoint', model_only=False):
     """A checkpoint dict of either layout: a complete sharded directory (read whole on the CPU,
     see read_sharded_checkpoint) or a single file (utils.safe_load)."""
     if os.path.isfile(os.path.join(path, MARKER)):

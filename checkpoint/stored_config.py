@@ -1,38 +1,20 @@
-"""What a checkpoint holds, whoever wrote it: its config and its encoder's weights.
+"""The config a checkpoint was trained with, whoever wrote it.
 
     checkpoint_config(checkpoint, cfg_path=None, opts=(), is_pretrain=False)   the frozen config
-    load_config_text(yaml_text, opts=(), is_pretrain=False)                    from YAML text
-    encoder_weights(checkpoint) -> (state_dict, dropped keys)                  under our names
-    num_classes_of(state_dict)                                                 0 for an encoder
 
-Our checkpoints store the config as YAML text; official ones pickle a yacs CfgNode, which
-utils.safe_load reads as a plain dict (never rebuilding the class). Only its MODEL, DATA and TEST
-sections are used here (what defines the model and its evaluation transform), and keys this
-framework does not know (the Swin-Transformer repo has a few more) are left out.
+Our checkpoints store the config as YAML text (read back as itself: config.load_config_text);
+official ones pickle a yacs CfgNode, which utils.safe_load reads as a plain dict (never rebuilding
+the class). Only its MODEL, DATA and TEST sections are used (what defines the model and its
+evaluation transform), and keys this framework does not know (the Swin-Transformer repo has a few
+more) are left out.
 """
-import os
-import re
-import tempfile
-
 import yaml
 from yacs.config import CfgNode
 
-from config import get_defaults, load_config
+from config import get_defaults, load_config, load_config_text
 from utils.errors import ConfigError
-from utils.state_dict import (drop_rebuilt_buffers, rename_released_keys, strip_prefixes,
-                              unwrap_state_dict)
 
 OFFICIAL_SECTIONS = ('MODEL', 'DATA', 'TEST')
-
-
-def load_config_text(yaml_text, opts=(), is_pretrain=False):
-    """The frozen config that YAML text (e.g. a checkpoint's) gives, with --opts applied."""
-    with tempfile.NamedTemporaryFile('w', suffix='.yaml', delete=False) as f:
-        f.write(yaml_text)
-    try:
-        return load_config(f.name, opts, is_pretrain=is_pretrain)
-    finally:
-        os.remove(f.name)
 
 
 def _known(data, defaults):
@@ -63,28 +45,8 @@ def checkpoint_config(checkpoint, cfg_path=None, opts=(), is_pretrain=False, sou
         return load_config(cfg_path, opts, is_pretrain=is_pretrain)
     stored = checkpoint.get('config') if isinstance(checkpoint, dict) else None
     if isinstance(stored, str):
-        return load_config_text(stored, opts, is_pretrain)
+        return load_config_text(stored, opts, is_pretrain=is_pretrain, source=source)
     if isinstance(stored, dict):
-        return load_config_text(official_config_yaml(stored), opts, is_pretrain)
+        return load_config_text(official_config_yaml(stored), opts, is_pretrain=is_pretrain,
+                                source=source)
     raise ConfigError(f"{source} stores no config. Pass the config it was trained with: --cfg FILE.")
-
-
-def encoder_weights(checkpoint):
-    """(state dict of the encoder or classifier under our names, names of what was left out).
-
-    A SimMIM checkpoint's `encoder.` prefix is removed and its decoder and mask token are left
-    out (both exist only for pre-training); so is a linear probe's head. DDP / torch.compile
-    prefixes, buffers the model rebuilds and released SwinV2 names are normalised."""
-    full = drop_rebuilt_buffers(unwrap_state_dict(checkpoint))
-    weights = rename_released_keys(strip_prefixes(full))
-    dropped = [k for k in full
-               if re.sub(r'^((module|_orig_mod)\.)*(encoder\.)?', '', k).replace('rpe_mlp', 'cpb_mlp')
-               not in weights]
-    return weights, dropped
-
-
-def num_classes_of(state_dict):
-    """Outputs of the classifier head in `state_dict`; 0 for an encoder without one."""
-    head = state_dict.get('head.weight')
-    return int(head.shape[0]) if head is not None else 0
-

@@ -23,11 +23,11 @@ from huggingface_hub import try_to_load_from_cache
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_pretrained_cfg, save_for_hf
 
+from config import load_config_text
 from models import ARCHITECTURES, build_classifier
-from checkpoint.stored_config import load_config_text, num_classes_of
-from utils.errors import CheckpointError, ConfigError, IncompatibleCheckpointError
-from utils.state_dict import summarize_keys
 from models.timm_mapping import UnsupportedInTimm
+from utils.errors import CheckpointError, ConfigError, IncompatibleCheckpointError
+from utils.state_dict import check_fits, num_classes_of
 
 WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')  # timm's names on the Hugging Face hub
 EVAL_CROP_PCT = 224 / 256  # TEST.CROP: resize to 256/224 of the input size, centre-crop
@@ -76,18 +76,11 @@ def build_timm_model(config, state_dict):
     architecture, model_args = interop.timm_model(config)
     model = timm.create_model(architecture, pretrained=False, num_classes=num_classes_of(state_dict),
                               **model_args)
-    weights, expected = interop.to_timm(state_dict, config), model.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    wrong = [k for k in weights if k in expected and weights[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        shapes = '; '.join(f"{k}: checkpoint {tuple(weights[k].shape)} vs timm "
-                           f"{tuple(expected[k].shape)}" for k in wrong[:3])
-        raise IncompatibleCheckpointError(
-            f"The weights do not fit timm's {architecture} built from the config (MODEL.TYPE "
-            f"{config.MODEL.TYPE}): missing {summarize_keys(missing) or 'none'}; not in timm "
-            f"{summarize_keys(unexpected) or 'none'}; {shapes or 'no shape differs'}. Pass the "
-            f"config the checkpoint was trained with (--cfg FILE).")
+    weights = interop.to_timm(state_dict, config)
+    check_fits(weights, model.state_dict(), 'The checkpoint',
+               hint="Pass the config the checkpoint was trained with (--cfg FILE).",
+               model_name=f"timm's {architecture} built from the config (MODEL.TYPE "
+                          f"{config.MODEL.TYPE})")
     model.load_state_dict(weights)
     return model.eval(), model_args
 
@@ -137,14 +130,11 @@ def output_difference(config, state_dict, timm_model, batch_size=2, seed=0):
     config.MODEL.NUM_CLASSES = num_classes_of(state_dict)
     ours = build_classifier(config).eval()
     try:
-        missing, unexpected = ours.load_state_dict(state_dict, strict=False)
-    except RuntimeError as e:  # a shape differs
-        raise UnsupportedInTimm(f"The weights do not fit our {config.MODEL.TYPE} model: "
-                                f"{str(e).splitlines()[-1].strip()}") from None
-    if missing or unexpected:
-        raise UnsupportedInTimm(
-            f"The weights do not fit our {config.MODEL.TYPE} model: it has no place for "
-            f"{summarize_keys(unexpected) or 'none'} and lacks {summarize_keys(missing) or 'none'}.")
+        check_fits(state_dict, ours.state_dict(), 'This state dict',
+                   model_name=f'our {config.MODEL.TYPE} model')
+    except IncompatibleCheckpointError as e:
+        raise UnsupportedInTimm(str(e)) from None
+    ours.load_state_dict(state_dict)
     size = config.DATA.IMG_SIZE
     x = torch.randn(batch_size, timm_model.in_chans, size, size,
                     generator=torch.Generator().manual_seed(seed))

@@ -1,33 +1,15 @@
-"""Fine-tuning from a SimMIM (or any official-name) checkpoint: MODEL.PRETRAINED -> model.
+"""Model weights from a checkpoint into a model: adapted for fine-tuning (MODEL.PRETRAINED), or
+strict for --eval and --resume.
 
-    load_pretrained(config, model, logger) -> LoadReport
-and the pure state-dict steps it runs, in order:
-    unwrap_state_dict(obj)                     {'model'|'state_dict'|'module': sd} or a bare sd
-    strip_prefixes(sd)                         'module.' / '_orig_mod.'; keep encoder.* and strip it
-                                               (these two in utils/state_dict.py)
-    the architecture's remap_checkpoint        e.g. rpe_mlp -> cpb_mlp (Swin), shared -> per-layer
-                                               RPB (ViT); drop index buffers, resize tables and
-                                               position embeddings (models/architectures.py)
-    check_compatible(sd, model_state)          raise IncompatibleCheckpointError on a wrong model
-(``adapt_state_dict`` runs them all). ``model_state`` is the target model's state dict (only the
-names and shapes are read), so every step is testable without building a model.
+    load_pretrained(config, model, logger) -> LoadReport   names and shapes adapted, then loaded
+    adapt_state_dict(sd, model_state, model_type, ...)     the adaptation alone (architecture's
+                                                           remap_checkpoint: renames, resizes)
+    check_compatible(sd, model_state)                      the signs of another architecture
+    load_full_state_dict(model, checkpoint, source)        every tensor from the file, or an error
 
-``load_full_state_dict(model, checkpoint, source)`` is the strict counterpart for --eval and
---resume: the same names (``canonical_keys``: prefixes, SwinV2 renames, rebuilt buffers), then every
-tensor of the model must be in the checkpoint and nothing else, or the error names what is missing
-and what is unexpected.
-
-Choices (reference 6.3, with its known bugs fixed):
-- ``mask_token`` is dropped (it has no use in fine-tuning); so are the buffers the model rebuilds
-  (relative_position_index, relative_coords_table, attn_mask), which are also left out of the
-  "missing" report.
-- A ViT checkpoint without the shared table loads fine (official issue #19).
-- A classifier head (``head.*``) whose shape differs from the model's is not loaded, with a log
-  line (fine-tuning a fine-tuned checkpoint on another label set).
-- The load fails with IncompatibleCheckpointError, naming keys and shapes, when no tensor
-  matches, when a shape cannot be adapted, or when more than MAX_MISSING_FRACTION of the
-  backbone's parameter values (head.* and fc_norm.* excluded: those are always new) are not
-  in the checkpoint. Those are the signs of another architecture or size.
+``model_state`` is the target model's state dict (only names and shapes are read), so every step
+is testable without building a model. What is dropped, resized or refused, and why (the official
+load_pretrained with its known bugs fixed): docs/finetuning.md.
 """
 import logging
 from dataclasses import dataclass, field
@@ -36,13 +18,15 @@ from typing import Optional
 from torch import nn
 from yacs.config import CfgNode
 
+from timm.utils import unwrap_model
+
+from checkpoint.timm_folder import read_timm_checkpoint
 from models.registry import get_architecture
-from utils.distributed import unwrap_model
 from utils.errors import IncompatibleCheckpointError
 from utils.safe_load import load_checkpoint_file
-from utils.state_dict import (REBUILT_BUFFERS, canonical_keys,  # noqa: F401  (re-exported)
-                              drop_rebuilt_buffers, log_info, strip_prefixes, summarize_keys,
-                              unwrap_state_dict)
+from utils.state_dict import (REBUILT_BUFFERS, canonical_keys, check_fits,
+                              describe_key_differences, key_differences, log_info, strip_prefixes,
+                              summarize_keys, unwrap_state_dict)
 
 MAX_MISSING_FRACTION = 0.1
 NEW_IN_FINETUNING = ('head.', 'fc_norm.')  # classifier parts never in a pre-trained encoder
@@ -84,22 +68,15 @@ def _shapes(keys, sd, limit=5):
     return ', '.join(f"{k} {tuple(sd[k].shape)}" for k in keys[:limit])
 
 
-def shape_mismatches(state_dict, model_state):
-    """(key, checkpoint shape, model shape) of every tensor both have with different shapes."""
-    return [(k, tuple(v.shape), tuple(model_state[k].shape)) for k, v in state_dict.items()
-            if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)]
-
-
 def check_compatible(state_dict, model_state):
     """Raise IncompatibleCheckpointError if `state_dict` does not fit a model with `model_state`."""
-    mismatched = shape_mismatches(state_dict, model_state)
+    mismatched = key_differences(state_dict, model_state)[2]
     hint = ("This is probably a checkpoint of another architecture or size; check MODEL.TYPE and "
             "the MODEL.SWIN / SWINV2 / VIT sizes against the pre-training config.")
     if mismatched:
-        pairs = '; '.join(f"{k}: checkpoint {src} vs model {dst}" for k, src, dst in mismatched[:5])
         raise IncompatibleCheckpointError(
-            f"{len(mismatched)} checkpoint tensors have shapes the model cannot take: {pairs}. "
-            f"{hint}")
+            f"The checkpoint does not fit the model: "
+            f"{describe_key_differences([], [], mismatched)}. {hint}")
     params = [k for k in model_state if not any(b in k for b in REBUILT_BUFFERS)]
     matched = [k for k in params if k in state_dict]
     if not matched:
@@ -143,7 +120,6 @@ def load_pretrained(config: CfgNode, model: nn.Module,
     model = unwrap_model(model)
     model_state = model.state_dict()
     if path.startswith('timm:'):
-        from checkpoint.timm_folder import read_timm_checkpoint  # imported here: it imports this module
         checkpoint = read_timm_checkpoint(path[len('timm:'):], config.MODEL.TYPE)
     else:
         checkpoint = load_checkpoint_file(path, 'MODEL.PRETRAINED')
@@ -178,27 +154,14 @@ def load_full_state_dict(model, checkpoint, source):
         sd = canonical_keys(unwrap_state_dict(checkpoint))
     except IncompatibleCheckpointError as e:
         raise IncompatibleCheckpointError(f"{source}: {e}") from None
-    mismatched = shape_mismatches(sd, model_state)
-    if mismatched:
-        raise IncompatibleCheckpointError(
-            f"{source} does not fit the model (another architecture or size?); first mismatches "
-            f"(key, checkpoint shape, model shape): {'; '.join(map(str, mismatched[:5]))}")
-    missing = [k for k in model_state if k not in sd]
-    unexpected = [k for k in sd if k not in model_state]
-    if missing or unexpected:
-        if _looks_pretrained(sd) and not _looks_pretrained(model_state):
-            hint = ("It is a SimMIM pre-training checkpoint (encoder.* and decoder.* tensors): to "
-                    "fine-tune from it pass it with --pretrained (MODEL.PRETRAINED); --eval and "
-                    "--resume in main_finetune.py take a checkpoint that fine-tuning wrote "
-                    "(model_best.pth or ckpt_epoch_*.pth).")
-        else:
-            hint = ("Check MODEL.TYPE, the MODEL.SWIN / SWINV2 / VIT sizes and LINEAR_PROBE.ENABLE "
-                    "against the config the checkpoint was written with.")
-        raise IncompatibleCheckpointError(
-            f"{source} does not match the model, so it cannot be used as it is: "
-            f"{len(missing)} model tensors are not in it (missing: "
-            f"{summarize_keys(missing, model_state, limit=8) or 'none'}) and {len(unexpected)} of "
-            f"its tensors are not in the model (unexpected: "
-            f"{summarize_keys(unexpected, sd, limit=8) or 'none'}). {hint}")
+    if _looks_pretrained(sd) and not _looks_pretrained(model_state):
+        hint = ("It is a SimMIM pre-training checkpoint (encoder.* and decoder.* tensors): to "
+                "fine-tune from it pass it with --pretrained (MODEL.PRETRAINED); --eval and "
+                "--resume in main_finetune.py take a checkpoint that fine-tuning wrote "
+                "(model_best.pth or ckpt_epoch_*.pth).")
+    else:
+        hint = ("Check MODEL.TYPE, the MODEL.SWIN / SWINV2 / VIT sizes and LINEAR_PROBE.ENABLE "
+                "against the config the checkpoint was written with.")
+    check_fits(sd, model_state, source, hint)
     model.load_state_dict(sd)
     return len(sd)

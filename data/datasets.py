@@ -6,7 +6,8 @@ import os
 import torch
 from PIL import Image
 
-from utils.errors import BadImageError, DataError, require  # noqa: F401  (DataError re-exported)
+from utils.errors import BadImageError, DataError, require
+from utils.registry import require_choice
 
 from .pretrain_transform import draft_jpeg
 from .seeding import sample_seed, seeded_global_rngs
@@ -16,11 +17,12 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.pgm', '.pbm', '.bmp', '.tif
                   '.gif')
 logger = logging.getLogger('simmim.data')
 
+ON_BAD_IMAGE = ('skip', 'error')  # DATA.ON_BAD_IMAGE
 _small_images = [0]  # images smaller than the crop met by this process
 
 
 def check_on_bad_image(value):
-    require(value in ('skip', 'error'), f"DATA.ON_BAD_IMAGE must be 'skip' or 'error', got '{value}'.")
+    require_choice('DATA.ON_BAD_IMAGE', value, ON_BAD_IMAGE, 'choices')
 
 
 def _expected_layout(root, problem):

@@ -18,16 +18,22 @@ from timm.data import Mixup
 from torch.utils.data import DataLoader, Dataset
 from yacs.config import CfgNode
 
-from utils.errors import ConfigError, require
-from engine.preemption import shield_worker, worker_start_context
+from models.registry import model_patch_size
+from utils.errors import ConfigError, DataError, require
+from utils.registry import require_choice
+from .worker_signals import shield_worker, worker_start_context
 from utils.tasks import PRETRAIN, Task, as_task
-from .datasets import DataError, ImageFolderDataset, MaskedImageDataset, SeededTransformDataset
+from .gpu_decode import build_device_decode_loader
+from .datasets import ImageFolderDataset, MaskedImageDataset, SeededTransformDataset
 from .masking import build_mask_generator
 from .sampler import EvalDistributedSampler, ResumableDistributedSampler
 from .seeding import sample_seed
 from .synthetic import SyntheticShapes
 from .pretrain_transform import build_pretrain_transform
 from .transforms import build_finetune_transform
+
+
+DECODERS = ('cpu', 'gpu')  # DATA.DECODE
 
 
 def rank_and_world_size():
@@ -40,7 +46,7 @@ def rank_and_world_size():
 def seed_worker(worker_id, main_pid=None):
     """Seed a worker's global RNGs from its torch seed (loader generator + worker id), for anything
     drawn outside the per-sample seeding; leave stop signals to the main process `main_pid`, which
-    stops cleanly (see utils/preemption.shield_worker)."""
+    stops cleanly (see data/worker_signals.shield_worker)."""
     shield_worker(main_pid)
     seed = torch.initial_seed()
     random.seed(seed)
@@ -98,7 +104,7 @@ def _check_classes(config, train_set, val_set):
 def check_loader_config(config, task):
     """DATA.DECODE and DATA.PREFETCH_FACTOR."""
     data = config.DATA
-    require(data.DECODE in ('cpu', 'gpu'), f"DATA.DECODE must be 'cpu' or 'gpu', got '{data.DECODE}'.")
+    require_choice('DATA.DECODE', data.DECODE, DECODERS, 'decoders')
     require(data.DECODE == 'cpu' or task.masked_image_modeling,
             "DATA.DECODE gpu is for pre-training; fine-tuning augments with PIL (RandAugment). Use "
             "DATA.DECODE cpu.")
@@ -161,7 +167,6 @@ def build_pretrain_data(config: CfgNode, model_patch_size: int,
                                        config.SEED)
     logger.info(f"Pre-training data: {len(base)} images from {_source(config)}; {mask_generator}")
     if config.DATA.DECODE == 'gpu':
-        from .gpu_decode import build_device_decode_loader
         return PretrainData(dataset_train, build_device_decode_loader(
             config, dataset_train,
             lambda dataset, collate: _data_loader(config, dataset, sampler, rank, True, collate)))
@@ -216,8 +221,7 @@ def build_loader(config: CfgNode, logger: Optional[logging.Logger] = None,
         data = build_finetune_data(config, logger)
         return (data.train_set, data.val_set, data.train_loader, data.val_loader, data.mixup_fn,
                 data.num_classes)
-    # The only place data reaches up to the model registry, for the official signature's sake:
-    # the builders above take the patch size as an argument.
-    from models.registry import model_patch_size
+    # The official signature has no patch size: the model registry gives it (the builders above
+    # take it as an argument).
     data = build_pretrain_data(config, model_patch_size(config), logger)
     return data.train_set, data.train_loader

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from utils.errors import require
-from utils.mask_grid import pixel_mask_to_patches, upsample_mask  # noqa: F401  (re-exported)
+from utils.registry import Registry
+from utils.mask_grid import upsample_mask
 
 
 def _numpy_rng(generator):
@@ -208,11 +209,11 @@ class BlockwiseMaskGenerator(MaskGenerator):
         return torch.from_numpy(grid)
 
 
-MASK_GENERATORS = {
+MASK_GENERATORS = Registry('DATA.MASK_STRATEGY', 'strategies', {
     'random': MaskGenerator,
     'square': SquareMaskGenerator,
     'blockwise': BlockwiseMaskGenerator,
-}
+})
 
 
 def build_mask_generator(config, model_patch_size, strategy=None, mask_patch_size=None,
@@ -221,9 +222,7 @@ def build_mask_generator(config, model_patch_size, strategy=None, mask_patch_siz
     DATA.MASK_STRATEGY with DATA.MASK_PATCH_SIZE, DATA.MASK_RATIO and the strategy's own keys;
     arguments given here override those three."""
     strategy = strategy or config.DATA.MASK_STRATEGY
-    require(strategy in MASK_GENERATORS,
-            f"DATA.MASK_STRATEGY '{strategy}' is not one of {sorted(MASK_GENERATORS)}.")
-    generator_class = MASK_GENERATORS[strategy]
+    generator_class = MASK_GENERATORS.lookup(strategy)
     return generator_class(
         input_size=config.DATA.IMG_SIZE,
         mask_patch_size=mask_patch_size or config.DATA.MASK_PATCH_SIZE,

@@ -7,7 +7,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import str_to_interp_mode
 from torchvision import transforms as T
 
-from utils.errors import require
+from utils.registry import require_choice
 
 # Transparent pixels are shown on white, as image viewers do; their stored colour is arbitrary.
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -31,8 +31,7 @@ RGB_CONVERSIONS = ('careful', 'official')
 
 
 def check_rgb_conversion(value):
-    require(value in RGB_CONVERSIONS,
-            f"DATA.RGB_CONVERSION must be one of {RGB_CONVERSIONS}, got '{value}'.")
+    require_choice('DATA.RGB_CONVERSION', value, RGB_CONVERSIONS, 'conversions')
 
 
 def to_rgb(img, conversion='careful'):

@@ -15,23 +15,12 @@ only at the end of the single backward graph.
 """
 import time
 
-import torch
 
 from models import transformer_blocks
 from models.attention import raise_recompile_limit
-from utils.errors import require
+from config import COMPILE_MODES
+from utils.registry import require_choice
 
-COMPILE_MODES = ('', 'blocks', 'model')
-COMPILE_BACKENDS = ('inductor', 'aot_eager', 'eager')  # the last two: tracing only (debugging)
-
-
-def check_compile_config(config):
-    """TRAIN.COMPILE and TRAIN.COMPILE_BACKEND."""
-    require(config.TRAIN.COMPILE in COMPILE_MODES,
-            f"TRAIN.COMPILE must be '' (off), 'blocks' or 'model', got '{config.TRAIN.COMPILE}'.")
-    require(config.TRAIN.COMPILE_BACKEND in COMPILE_BACKENDS,
-            f"TRAIN.COMPILE_BACKEND must be one of {COMPILE_BACKENDS}, got "
-            f"'{config.TRAIN.COMPILE_BACKEND}'.")
 
 
 class CompileMonitor:
@@ -82,8 +71,7 @@ def compile_model(model, mode, logger=None, backend='inductor'):
     Call it after moving the model to its device and before wrapping it in DDP. The first forward
     and backward passes compile (logged with their duration); later steps reuse the graphs.
     """
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"TRAIN.COMPILE must be one of {COMPILE_MODES}, got {mode!r}.")
+    require_choice('TRAIN.COMPILE', mode, COMPILE_MODES, 'modes')
     if not mode:
         return model
     targets = transformer_blocks(model) if mode == 'blocks' else [model]

@@ -1,11 +1,24 @@
-"""Validation accuracy (exact under distributed evaluation) and forward throughput."""
+"""Validation accuracy (exact under distributed evaluation), forward throughput, and the weights
+--eval evaluates.
+
+    evaluate(model, data_loader, device, amp_dtype) -> (acc1, acc5, loss, num_images)
+    throughput(model, data_loader, device, logger, amp_dtype) -> images/s
+    load_eval_weights(config, model, logger) -> the checkpoint loaded for --eval
+"""
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 
-from utils.distributed import all_reduce_sum
+from checkpoint.layout import BEST_CHECKPOINT
+from checkpoint.resume import find_resume_checkpoint
+from checkpoint.sharded import is_sharded_checkpoint, read_checkpoint
+from checkpoint.weights import load_full_state_dict
+from engine.precision import autocast
 from engine.sharding import lockstep_extra_batches
+from utils.distributed import all_reduce_sum
+from utils.errors import CheckpointError
 
 
 @torch.no_grad()
@@ -22,8 +35,7 @@ def evaluate(model, data_loader, device, amp_dtype=None, logger=None, print_freq
     for idx, (images, target) in enumerate(data_loader):
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             output = model(images)
         output = output.float()
         top5 = output.topk(min(5, output.shape[1]), dim=1).indices
@@ -35,8 +47,7 @@ def evaluate(model, data_loader, device, amp_dtype=None, logger=None, print_freq
             logger.info(f'Test: [{idx}/{len(data_loader)}]')
     if extra:  # FSDP: join the all-gathers of ranks with a longer shard; the outputs are unused
         image = data_loader.dataset[0][0].unsqueeze(0).to(device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             for _ in range(extra):
                 model(image)
     all_reduce_sum(totals)
@@ -55,8 +66,7 @@ def throughput(model, data_loader, device, logger, amp_dtype=None, warmup=50, ti
     batch_size = images.shape[0]
 
     def forward_passes(count):
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             for _ in range(count):
                 model(images)
         if device.type == 'cuda':
@@ -70,3 +80,23 @@ def throughput(model, data_loader, device, logger, amp_dtype=None, warmup=50, ti
     logger.info(f'batch_size {batch_size} throughput {images_per_sec:.1f} '
                 f'({amp_dtype or "fp32"})')
     return images_per_sec
+
+
+def load_eval_weights(config, model, logger):
+    """--eval: load the model weights of MODEL.RESUME; without it, of OUTPUT/model_best.pth, else of
+    the newest resumable checkpoint in OUTPUT (either layout). The file must hold every tensor of the model
+    (checkpoint.weights.load_full_state_dict), so evaluation never runs on initial weights."""
+    path, checkpoint = config.MODEL.RESUME, None
+    if not path and os.path.isfile(os.path.join(config.OUTPUT, BEST_CHECKPOINT)):
+        path = os.path.join(config.OUTPUT, BEST_CHECKPOINT)
+    if not path:
+        path, checkpoint = find_resume_checkpoint(config.OUTPUT, logger)
+    if not path:
+        raise CheckpointError(f'--eval needs a checkpoint: pass --resume CKPT (a fine-tuned '
+                              f'checkpoint of this framework or the official code); none was found '
+                              f'in {config.OUTPUT} ({BEST_CHECKPOINT} or ckpt_epoch_*.pth).')
+    if checkpoint is None or is_sharded_checkpoint(path):  # a sharded run's: read it whole
+        checkpoint = read_checkpoint(path, '--resume', model_only=True)
+    load_full_state_dict(model, checkpoint, f'The --eval checkpoint {path}')
+    logger.info(f'loaded {path} for evaluation')
+    return checkpoint

@@ -1,6 +1,7 @@
 """Reconstruction grids (Figures 4-6): original | masked input | prediction | prediction pasted into
 the visible pixels, one row per image, de-normalised back to RGB. The prediction is turned into an
-image by the model's target (`SimMIM.predict_image`), so the grid is right for every target."""
+image by the model's target (`SimMIM.predict_image`), so the grid is right for every target. Used
+by tools/visualize_reconstruction.py and the training callback (engine/callbacks.py)."""
 import os
 
 import numpy as np
@@ -55,40 +56,3 @@ def reconstruct_images(model, images, mask):
         return model.predict_image(images, mask)
     finally:
         model.train(was_training)
-
-
-class ReconstructionLogger:
-    """Writes the grid of a fixed batch every VIS_FREQ epochs (and after the last epoch), as
-    OUTPUT/reconstructions/epoch_{e}.png and to TensorBoard, at the global step of the epoch's last
-    training step (the axis of the training scalars) when `steps_per_epoch` is given. With `write`
-    False it only runs the model (the other ranks of a sharded model, which must join every
-    forward)."""
-
-    def __init__(self, config, dataset, model, device, writer=None, steps_per_epoch=None,
-                 write=True):
-        self.config = config
-        self.steps_per_epoch = steps_per_epoch
-        self.write = write
-        self.model = model
-        self.writer = writer
-        count = min(config.VIS_NUM_IMAGES, len(dataset))
-        # Fixed samples: key (epoch 0, index i), so the same crops and masks every time.
-        samples = [dataset[(0, i)] for i in range(count)]
-        self.images = torch.stack([s[0] for s in samples]).to(device)
-        self.mask = torch.stack([s[1] for s in samples]).to(device)
-
-    def __call__(self, epoch):
-        config = self.config
-        last = epoch == config.TRAIN.EPOCHS - 1
-        if not config.VIS_FREQ or not (epoch % config.VIS_FREQ == 0 or last):
-            return None
-        prediction = reconstruct_images(self.model, self.images, self.mask)
-        if not self.write:
-            return None
-        grid = reconstruction_grid(self.images, self.mask, prediction)
-        path = os.path.join(config.OUTPUT, 'reconstructions', f'epoch_{epoch}.png')
-        save_png(grid, path, min_cell=128)
-        if self.writer is not None:
-            step = (epoch + 1) * self.steps_per_epoch - 1 if self.steps_per_epoch else epoch
-            self.writer.add_image('reconstruction', grid, step)
-        return path

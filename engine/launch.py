@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-from config import build_arg_parser, get_config
+from config import get_config
+from utils.arguments import build_arg_parser
 from logger import create_logger
 from utils.distributed import cleanup, init_distributed, seed_everything
 from utils.errors import EXIT_PREEMPTED, KNOWN_ERRORS, ConfigError, exit_code_of, title_of

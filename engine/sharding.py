@@ -20,7 +20,6 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import (FSDPModule, MixedPrecisionPolicy, fully_shard,
                                     register_fsdp_forward_method)
@@ -28,9 +27,6 @@ from torch.distributed.tensor import DTensor
 
 from models import transformer_blocks
 from utils.distributed import wrap_ddp
-from utils.errors import require
-
-SHARDINGS = ('ddp', 'fsdp')
 
 # Methods other than forward() that run the sharded model (reconstruction grids); FSDP must
 # all-gather the root's parameters for them too.
@@ -69,11 +65,6 @@ def shard_model(model, amp_dtype=None):
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)
     return model
-
-
-def check_sharding_config(config):
-    require(config.TRAIN.SHARDING in SHARDINGS,
-            f"TRAIN.SHARDING '{config.TRAIN.SHARDING}' is not one of {SHARDINGS}.")
 
 
 def wrap_model(config, model, dist_info, amp_dtype=None, logger=None):

@@ -87,6 +87,12 @@ def progress_line(epoch, num_epochs, idx, num_steps, values, lr, step_time, avg_
             f'mem {memory_mb:.0f}MB{skipped}')
 
 
+def epoch_end_step(epoch, steps_per_epoch):
+    """The global step of epoch `epoch`'s last training step: where per-epoch values (validation,
+    reconstructions) go on the axis of the training scalars."""
+    return (epoch + 1) * steps_per_epoch - 1
+
+
 def write_train_scalars(writer, step, scalars):
     """`scalars` ({name: value}) under train/ in TensorBoard at `step`."""
     for name, value in scalars.items():

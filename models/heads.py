@@ -13,6 +13,7 @@ import torch.nn as nn
 from timm.layers import Mlp
 
 from utils.errors import require
+from utils.registry import Registry
 from .swin_transformer import SwinTransformer, SwinTransformerBlock
 from .targets import prediction_channels
 
@@ -179,13 +180,12 @@ class InverseSwinHead(ConfigurableHead, nn.Module):
         return x.transpose(1, 2).reshape(b, -1, h * self.upscale, w * self.upscale)
 
 
-HEADS = {'linear': LinearHead, 'mlp': MLPHead, 'inverse_swin': InverseSwinHead}
+HEADS = Registry('MODEL.SIMMIM.HEAD.NAME', 'heads',
+                 {'linear': LinearHead, 'mlp': MLPHead, 'inverse_swin': InverseSwinHead})
 
 
 def _head_class(config):
-    name = config.MODEL.SIMMIM.HEAD.NAME
-    require(name in HEADS, f"MODEL.SIMMIM.HEAD.NAME '{name}' is not one of {sorted(HEADS)}.")
-    return HEADS[name]
+    return HEADS.lookup(config.MODEL.SIMMIM.HEAD.NAME)
 
 
 def check_head_config(config, encoder_stride):

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from utils.errors import ConfigError
+from utils.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -41,23 +41,17 @@ class Architecture:
         return self.section(config).PATCH_SIZE
 
 
-ARCHITECTURES = {}  # MODEL.TYPE -> Architecture, in registration order
+ARCHITECTURES = Registry('MODEL.TYPE', 'types')  # in registration order
 
 
 def register_architecture(architecture):
     """Make `architecture` available as MODEL.TYPE `architecture.name`; returns it."""
-    if architecture.name in ARCHITECTURES:
-        raise ValueError(f"MODEL.TYPE '{architecture.name}' is registered twice.")
-    ARCHITECTURES[architecture.name] = architecture
-    return architecture
+    return ARCHITECTURES.register(architecture.name, architecture)
 
 
 def get_architecture(name):
     """The registered Architecture called `name`, or a ConfigError listing the valid types."""
-    if name not in ARCHITECTURES:
-        raise ConfigError(f"MODEL.TYPE '{name}' is not a registered architecture; valid types: "
-                          f"{', '.join(ARCHITECTURES)}.")
-    return ARCHITECTURES[name]
+    return ARCHITECTURES.lookup(name)
 
 
 def architecture_of(config):

@@ -11,10 +11,8 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from .heads import build_decoder  # noqa: F401  (re-exported)
 from .swin_transformer import SwinTransformer
 from .swin_transformer_v2 import SwinTransformerV2
-from .targets import MaskedPixelL1Loss, build_criterion, local_norm_target  # noqa: F401  (re-exported)
 from .vision_transformer import VisionTransformer
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from utils.errors import ConfigError, require
+from utils.registry import Registry, require_choice
 from utils.mask_grid import upsample_mask
 from utils.safe_load import load_checkpoint_file
 
@@ -83,8 +84,7 @@ LOSS_SCOPES = ('masked', 'all')
 
 
 def _check_scope(scope):
-    require(scope in LOSS_SCOPES,
-            f"MODEL.SIMMIM.LOSS.SCOPE '{scope}' is not one of {sorted(LOSS_SCOPES)}.")
+    require_choice('MODEL.SIMMIM.LOSS.SCOPE', scope, LOSS_SCOPES, 'scopes')
 
 
 class PredictionTarget(nn.Module):
@@ -168,12 +168,12 @@ def _smooth_l1(prediction, target, beta):
     return F.smooth_l1_loss(prediction, target, reduction='none', beta=beta)
 
 
-REGRESSION_LOSSES = {'l1': _l1, 'l2': _l2, 'smooth_l1': _smooth_l1}
+REGRESSION_LOSSES = Registry('MODEL.SIMMIM.LOSS.TYPE', 'losses',
+                             {'l1': _l1, 'l2': _l2, 'smooth_l1': _smooth_l1})
 
 
 def _check_loss_type(loss):
-    require(loss in REGRESSION_LOSSES,
-            f"MODEL.SIMMIM.LOSS.TYPE '{loss}' is not one of {sorted(REGRESSION_LOSSES)}.")
+    REGRESSION_LOSSES.lookup(loss)
 
 
 class PixelRegression(PredictionTarget):
@@ -361,13 +361,13 @@ MaskedPixelL1Loss = PixelRegression
 # -----------------------------------------------------------------------------------------------
 # Building from the config
 # -----------------------------------------------------------------------------------------------
-TARGETS = {'pixel': PixelRegression, 'color_bins': ColorBins, 'color_clusters': ColorClusters}
+TARGETS = Registry('MODEL.SIMMIM.TARGET.NAME', 'targets',
+                   {'pixel': PixelRegression, 'color_bins': ColorBins,
+                    'color_clusters': ColorClusters})
 
 
 def _target_class(config):
-    name = config.MODEL.SIMMIM.TARGET.NAME
-    require(name in TARGETS, f"MODEL.SIMMIM.TARGET.NAME '{name}' is not one of {sorted(TARGETS)}.")
-    return TARGETS[name]
+    return TARGETS.lookup(config.MODEL.SIMMIM.TARGET.NAME)
 
 
 def check_target_config(config, encoder_stride):

@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from utils.errors import require
+from utils.registry import require_choice
 from .attention import attention, is_eager, raise_recompile_limit
 
 WINDOW_ATTENTION = ('sdpa', 'flex')
@@ -74,8 +74,7 @@ def attend_windows(q, k, v, position_bias, window_mask, scale, dropout_p, kernel
 
 def check_window_attention(kernel):
     """MODEL.WINDOW_ATTENTION."""
-    require(kernel in WINDOW_ATTENTION,
-            f"MODEL.WINDOW_ATTENTION must be one of {WINDOW_ATTENTION}, got '{kernel}'.")
+    require_choice('MODEL.WINDOW_ATTENTION', kernel, WINDOW_ATTENTION, 'kernels')
 
 
 def set_window_attention(model, kernel):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import main_simmim
-from config import ConfigError, load_config
+from config import load_config
+from utils.errors import ConfigError
 from data.masking import build_mask_generator
 from models import build_model, model_patch_size
 from models.heads import count_parameters

@@ -1,4 +1,4 @@
-"""checkpoint/layout.py and utils/safe_load.py: atomic writes, verified auto-resume, safe loading."""
+"""checkpoint/layout.py, checkpoint/resume.py and utils/safe_load.py: atomic writes, verified auto-resume, safe loading."""
 import errno
 import logging
 import os
@@ -10,7 +10,10 @@ import torch
 from yacs.config import CfgNode
 
 from checkpoint import layout as ckpt
-from utils.safe_load import CheckpointError, load_checkpoint_file
+from checkpoint.resume import find_resume_checkpoint
+from utils.atomic_write import atomic_save
+from utils.errors import CheckpointError, CheckpointWriteError
+from utils.safe_load import load_checkpoint_file
 
 LOGGER = logging.getLogger('test')
 
@@ -22,15 +25,15 @@ def _resume_dict(value):
 
 def test_atomic_save_failure_keeps_previous_file(tmp_path, monkeypatch):
     path = str(tmp_path / 'ckpt_epoch_0.pth')
-    ckpt.atomic_save(_resume_dict(1), path)
+    atomic_save(_resume_dict(1), path)
 
     def disk_full(obj, f):
         f.write(b'partial bytes')
         raise OSError(errno.ENOSPC, 'No space left on device')
 
     monkeypatch.setattr(torch, 'save', disk_full)
-    with pytest.raises(ckpt.CheckpointWriteError) as info:
-        ckpt.atomic_save(_resume_dict(2), path)
+    with pytest.raises(CheckpointWriteError) as info:
+        atomic_save(_resume_dict(2), path)
     assert 'disk is full' in str(info.value) and 'intact' in str(info.value)
     monkeypatch.undo()
     assert load_checkpoint_file(path)['epoch'] == 1
@@ -39,9 +42,9 @@ def test_atomic_save_failure_keeps_previous_file(tmp_path, monkeypatch):
 
 def test_auto_resume_skips_corrupt_newest_and_says_why(tmp_path, caplog):
     good = str(tmp_path / 'ckpt_epoch_0.pth')
-    ckpt.atomic_save(_resume_dict(0), good)
+    atomic_save(_resume_dict(0), good)
     truncated = str(tmp_path / 'ckpt_epoch_1.pth')
-    ckpt.atomic_save(_resume_dict(1), truncated)
+    atomic_save(_resume_dict(1), truncated)
     with open(truncated, 'r+b') as f:
         f.truncate(200)
     weights_only = str(tmp_path / 'ckpt_epoch_2.pth')
@@ -49,7 +52,7 @@ def test_auto_resume_skips_corrupt_newest_and_says_why(tmp_path, caplog):
     os.utime(good, (1, 1))
     os.utime(truncated, (2, 2))
     with caplog.at_level(logging.WARNING, logger='test'):
-        path, checkpoint = ckpt.find_resume_checkpoint(str(tmp_path), LOGGER)
+        path, checkpoint = find_resume_checkpoint(str(tmp_path), LOGGER)
     assert path == good and checkpoint['epoch'] == 0
     messages = caplog.text
     assert 'skipping ' + weights_only in messages and 'lacks optimizer' in messages
@@ -59,7 +62,7 @@ def test_auto_resume_skips_corrupt_newest_and_says_why(tmp_path, caplog):
 def test_auto_resume_picks_the_furthest_position_not_the_newest_file(tmp_path, caplog):
     def save(name, epoch, step):
         path = str(tmp_path / name)
-        ckpt.atomic_save({**_resume_dict(epoch - 1), 'position': {'epoch': epoch, 'step': step}},
+        atomic_save({**_resume_dict(epoch - 1), 'position': {'epoch': epoch, 'step': step}},
                          path)
         return path
     save('ckpt_epoch_0.pth', 1, 0)
@@ -68,7 +71,7 @@ def test_auto_resume_picks_the_furthest_position_not_the_newest_file(tmp_path, c
     renamed = save('ckpt_epoch_7.pth', 1, 0)  # a copy under another name: its position disagrees
     os.utime(tmp_path / 'ckpt_epoch_0.pth', (4e9, 4e9))  # touched: the newest by far
     with caplog.at_level(logging.WARNING, logger='test'):
-        path, checkpoint = ckpt.find_resume_checkpoint(str(tmp_path), LOGGER)
+        path, checkpoint = find_resume_checkpoint(str(tmp_path), LOGGER)
     assert path == furthest and checkpoint['position'] == {'epoch': 1, 'step': 4}
     assert f'skipping {renamed}: its name says epoch 8, step 0 but it records epoch 1' in caplog.text
 
@@ -88,7 +91,7 @@ def test_concurrent_saves_to_one_path_all_succeed(tmp_path, monkeypatch):
 
     def write(value):
         try:
-            ckpt.atomic_save(_resume_dict(value), path)
+            atomic_save(_resume_dict(value), path)
         except Exception as e:  # noqa: BLE001 -- collected for the assertion
             errors.append(e)
     threads = [threading.Thread(target=write, args=(v,)) for v in (1, 2)]
@@ -112,7 +115,7 @@ def test_prune_keeps_newest_step_checkpoints_only(tmp_path):
 
 def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
     path = str(tmp_path / 'rng.pth')
-    ckpt.atomic_save({'rng': ckpt.capture_rng_state()}, path)
+    atomic_save({'rng': ckpt.capture_rng_state()}, path)
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     ckpt.restore_rng_state(load_checkpoint_file(path)['rng'])
@@ -160,9 +163,9 @@ def test_checkpoints_without_a_grad_scaler_hold_a_loadable_scaler_state(tmp_path
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = type('Scheduler', (), {'state_dict': lambda self: {}})()
-    checkpoint = ckpt.build_checkpoint(config, model, optimizer, scheduler, None, (1, 0), 0.0, [])
+    checkpoint = ckpt.build_checkpoint(config, ckpt.TrainingState(model, optimizer, scheduler), (1, 0), [])
     path = str(tmp_path / 'ckpt_epoch_0.pth')
-    ckpt.atomic_save(checkpoint, path)
+    atomic_save(checkpoint, path)
     saved = load_checkpoint_file(path)['scaler']
     fresh = torch.amp.GradScaler('cpu')
     assert saved == fresh.state_dict() and saved['scale'] == 65536.0

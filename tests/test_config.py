@@ -4,7 +4,9 @@ import os
 
 import pytest
 
-from config import ConfigError, build_arg_parser, get_config, load_config
+from config import get_config, load_config
+from utils.arguments import build_arg_parser
+from utils.errors import ConfigError
 from tests.conftest import ROOT
 
 SWIN_800 = os.path.join(ROOT, 'configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml')

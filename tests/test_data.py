@@ -7,9 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from config import ConfigError, load_config
+from config import load_config
+from utils.errors import ConfigError
 from data import build_loader
-from data.datasets import BadImageError, DataError, ImageFolderDataset, MaskedImageDataset
+from data.datasets import ImageFolderDataset, MaskedImageDataset
+from utils.errors import BadImageError, DataError
 from data.masking import MaskGenerator
 from data.synthetic import SHAPES, SyntheticShapes
 from data.pretrain_transform import build_pretrain_transform

@@ -16,7 +16,8 @@ from models.linear_probe import build_linear_probe
 from tests.conftest import ROOT
 from utils.distributed import DistInfo
 from engine.trainer import build_trainer
-from utils.tasks import FINETUNE, ClassificationBatchLoss
+from engine.batch_loss import ClassificationBatchLoss
+from utils.tasks import FINETUNE
 
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')
 

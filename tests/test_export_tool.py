@@ -13,16 +13,17 @@ import torch
 from yacs.config import CfgNode
 
 import main_simmim
-from main_finetune import load_weights_for_eval
+from engine.evaluation import load_eval_weights
 from models import build_model
 from tests.conftest import ROOT
 from tests.test_timm_interop import CONFIGS, images, randomize, relative_difference
 from tools.export import main as export
 from checkpoint.layout import verify_checkpoint
-from checkpoint.stored_config import load_config_text
+from config import load_config_text
 from engine.launch import run
 from checkpoint.weights import load_pretrained
-from utils.safe_load import CheckpointError, load_checkpoint_file
+from utils.errors import CheckpointError
+from utils.safe_load import load_checkpoint_file
 from utils.safetensors_io import is_safetensors_file
 
 pytestmark = pytest.mark.usefixtures('single_thread')
@@ -157,7 +158,7 @@ def test_eval_resume_reads_the_model_part_of_a_safetensors_checkpoint(tmp_path):
     config.defrost()
     config.MODEL.RESUME = out
     fresh = build_model(config, is_pretrain=False)
-    checkpoint = load_weights_for_eval(config, fresh, logger=_NullLogger())
+    checkpoint = load_eval_weights(config, fresh, logger=_NullLogger())
     assert checkpoint['accuracy'] == 71.5
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
 
@@ -279,7 +280,7 @@ def test_bad_input_gets_one_paragraph_and_exit_code_2(tmp_path, capsys):
         ([str(tmp_path / 'text.pth'), '--to', 'timm', out], 'not a readable PyTorch checkpoint'),
         ([str(tmp_path / 'resnet.pth'), '--to', 'timm', out], "MODEL.TYPE 'resnet'"),
         ([good, '--cfg', str(tmp_path / 'vit.yaml'), '--to', 'timm', out],
-         'do not fit timm.*--cfg'),
+         'does not fit timm.*--cfg'),
         ([good, '--to', 'timm', str(tmp_path / 'file' / 'out')], 'Cannot write to'),
         ([good, '--to', 'safetensors', str(tmp_path / 'file' / 'x.safetensors')],
          'Cannot write to'),

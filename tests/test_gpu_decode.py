@@ -3,9 +3,11 @@ pipeline and close pixels, a clear error without a GPU, and a named error for a 
 import pytest
 import torch
 
-from config import ConfigError, load_config
+from config import load_config
+from utils.errors import ConfigError
 from data import build_loader
-from data.datasets import BadImageError, ImageFolderDataset, MaskedImageDataset
+from data.datasets import ImageFolderDataset, MaskedImageDataset
+from utils.errors import BadImageError
 from data.gpu_decode import EncodedMaskedImageDataset, collate_encoded, decode_batch
 from data.masking import MaskGenerator
 from data.pretrain_transform import PretrainTransform

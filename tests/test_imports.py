@@ -1,6 +1,7 @@
-"""The project's import graph: no cycles, and the layers import downwards only (models and data
-never import config.py, models never import data), read from the source with `ast` so that imports
-inside functions count too; and `import models` loads no data module at run time."""
+"""The project's import graph, read from the source with `ast` (imports inside functions count
+too): no cycles; every import goes down the layer order of LAYERS (docs/architecture.md); project
+modules are imported at the top of a file, never deferred; each name is imported from the module
+that defines it; and `import models` loads no data module at run time."""
 import ast
 import os
 import subprocess
@@ -9,6 +10,26 @@ import sys
 from tests.conftest import ROOT
 
 SKIPPED_DIRS = {'.venv', '.git', 'tests', 'output', '__pycache__'}
+# The rooms of the repository (top-level folders and files), lowest first. A module may import its
+# own room and the rooms of lower layers, never a room of its own layer or a higher one.
+LAYERS = (
+    ('utils', 'logger'),  # leaves: errors, file I/O, distributed primitives, key helpers
+    ('models',),  # the encoders, heads, targets, the SimMIM wrapper
+    ('data',),  # datasets, masks, transforms, loaders (reads the model registry's patch size)
+    ('optimizer', 'lr_scheduler'),
+    ('config',),  # defaults, loading, validation (asks every unit below to check its keys)
+    ('checkpoint',),  # file and sharded layouts, resume, official and timm/pretrained weights
+    ('engine',),  # the training loop and what runs a job
+    ('main_simmim', 'main_finetune'),
+    ('tools',),
+    ('benchmarks',),
+)
+# Imports of project modules inside a function, with the reason (none may dodge a cycle).
+DEFERRED = {
+    # A row of the speed table imports either our code or the official SimMIM code (same module
+    # names, first on its sys.path) into a fresh process; the parent process imports neither.
+    'benchmarks.speed': 'rows import our code or the official code in their own process',
+}
 
 
 def project_modules():
@@ -95,10 +116,103 @@ def find_cycle(graph):
 def test_the_graph_reader_sees_what_the_files_import():
     graph = import_graph()
     assert {'config', 'models.registry', 'utils.tasks'} <= set(graph)
-    assert {'utils.config_checks', 'utils.config_merge', 'utils.arguments'} <= graph['config']
+    assert {'utils.config_merge', 'utils.arguments'} <= graph['config']
     assert 'models.registry' in graph['models.architectures']  # relative import
     assert 'models' in graph['checkpoint.weights']  # the package runs before models.registry
-    assert 'models.registry' in graph['data.loader']  # an import inside a function counts
+    assert 'engine.compilation' in graph['benchmarks.speed']  # an import inside a function counts
+
+
+def room(module):
+    return module.split('.')[0]
+
+
+def layer_of(module):
+    """The index in LAYERS of `module`'s room."""
+    return next(i for i, rooms in enumerate(LAYERS) if room(module) in rooms)
+
+
+def climbing_imports(graph):
+    """(importer, imported) pairs that go sideways or up the layer order."""
+    return sorted((module, target) for module, imports in graph.items() for target in imports
+                  if room(target) != room(module) and layer_of(target) >= layer_of(module))
+
+
+def test_every_room_has_a_layer():
+    rooms = {room(module) for module in import_graph()}
+    assert rooms == {r for layer in LAYERS for r in layer}
+
+
+def test_the_layer_check_catches_a_climbing_and_a_sideways_import():
+    graph = {'utils.x': {'models.y'}, 'optimizer': {'lr_scheduler'}, 'models.y': {'utils.x'},
+             'data.z': {'data.w', 'models.y'}}
+    assert climbing_imports(graph) == [('optimizer', 'lr_scheduler'), ('utils.x', 'models.y')]
+
+
+def test_imports_go_down_the_layer_order():
+    assert climbing_imports(import_graph()) == []
+
+
+def deferred_imports(path):
+    """Project modules imported inside a function (or a class) of the file at `path`."""
+    tree = ast.parse(open(path).read(), path)
+    top = {id(node) for node in tree.body}
+    rooms = {r for layer in LAYERS for r in layer}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or '']
+            if getattr(node, 'level', 0) or any(room(n) in rooms for n in names):
+                found.append(node.lineno)
+    return found
+
+
+def test_project_modules_are_imported_at_the_top_of_a_file():
+    deferred = {module: lines for module, path in project_modules().items()
+                if (lines := deferred_imports(path)) and module not in DEFERRED}
+    assert deferred == {}
+    assert all(deferred_imports(project_modules()[module]) for module in DEFERRED)
+
+
+def defined_names(path):
+    """Names a module's top level defines itself (functions, classes, assignments), and, for a
+    package, what its __all__ exports."""
+    tree = ast.parse(open(path).read(), path)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+            if any(getattr(t, 'id', None) == '__all__' for t in targets):
+                names.update(ast.literal_eval(node.value))
+    return names
+
+
+def borrowed_names(modules, importers):
+    """'file:line name' of every `from M import name` in `importers` ({module: path}) that takes
+    from the project module M a name M only imports itself (a second address for it)."""
+    found = []
+    for module, path in importers.items():
+        tree = ast.parse(open(path).read(), path)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            target = _resolve_from(module, path.endswith('__init__.py'), node.level, node.module)
+            if target not in modules or module in DEFERRED:
+                continue
+            defined = defined_names(modules[target])
+            found += [f'{os.path.relpath(path, ROOT)}:{node.lineno} {alias.name}'
+                      for alias in node.names
+                      if alias.name not in defined and f'{target}.{alias.name}' not in modules]
+    return found
+
+
+def test_each_name_is_imported_from_the_module_that_defines_it():
+    modules = project_modules()
+    tests = {f'tests.{name[:-3]}': os.path.join(ROOT, 'tests', name)
+             for name in os.listdir(os.path.join(ROOT, 'tests')) if name.endswith('.py')}
+    assert borrowed_names(modules, {**modules, **tests}) == []
 
 
 def test_find_cycle_reports_a_cycle_and_accepts_a_tree():
@@ -117,11 +231,6 @@ def test_models_and_data_do_not_import_config_and_models_do_not_import_data():
             assert 'config' not in imports, module
         if module.split('.')[0] == 'models':
             assert not {m for m in imports if m.split('.')[0] == 'data'}, module
-
-
-def test_errors_and_tasks_are_leaf_modules():
-    graph = import_graph()
-    assert graph['utils.errors'] == set() and graph['utils.tasks'] == set()
 
 
 def test_import_models_loads_no_data_module_and_no_config():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from config import load_config
-from main_finetune import load_weights_for_eval
+from engine.evaluation import load_eval_weights
 from models import build_model
 from tests.conftest import ROOT
 
@@ -44,7 +44,7 @@ def test_eval_loads_a_released_swinv2_file_with_ddp_prefix_and_rebuilt_buffers(t
     torch.save({'model': released, 'epoch': 99}, path)
 
     model = classifier(config, seed=1)
-    load_weights_for_eval(config, model, LOGGER)
+    load_eval_weights(config, model, LOGGER)
     assert_same_state(model.state_dict(), trained)
 
 
@@ -63,11 +63,11 @@ def test_eval_without_resume_takes_model_best_else_the_newest_checkpoint(tmp_pat
     os.utime(os.path.join(out, 'ckpt_epoch_0.pth'), (1, 1))
 
     model = classifier(config, seed=0)
-    load_weights_for_eval(config, model, LOGGER)
+    load_eval_weights(config, model, LOGGER)
     assert_same_state(model.state_dict(), newer.state_dict())
 
     torch.save({'model': best.state_dict(), 'accuracy': 50.0}, os.path.join(out, 'model_best.pth'))
-    load_weights_for_eval(config, model, LOGGER)
+    load_eval_weights(config, model, LOGGER)
     assert_same_state(model.state_dict(), best.state_dict())
 
 
@@ -85,7 +85,7 @@ def test_eval_of_a_pretraining_checkpoint_is_refused_with_the_pretrained_hint(tm
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]  # wrong input (utils/errors.py)
     assert 'Traceback' not in output and 'Accuracy of the network' not in output
-    assert 'does not match the model' in output
+    assert 'does not fit the model' in output
     assert 'missing: ' in output and 'head.*' in output  # named model tensors it lacks
     assert 'unexpected: ' in output and 'decoder.*' in output  # and tensors the model lacks
     assert 'pass it with --pretrained' in output

@@ -6,8 +6,8 @@ import torch
 
 from config import load_config
 from data.masking import (MASK_GENERATORS, BlockwiseMaskGenerator, MaskGenerator,
-                          SquareMaskGenerator, build_mask_generator, pixel_mask_to_patches,
-                          upsample_mask)
+                          SquareMaskGenerator, build_mask_generator)
+from utils.mask_grid import pixel_mask_to_patches, upsample_mask
 from models import model_patch_size
 
 

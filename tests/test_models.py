@@ -6,10 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from config import ConfigError, get_defaults, load_config
+from config import get_defaults, load_config
+from utils.errors import ConfigError
 from models import build_model
 from models.attention import eager_attention
-from models.simmim import MaskedPixelL1Loss, blend_mask_token, local_norm_target
+from models.simmim import blend_mask_token
+from models.targets import MaskedPixelL1Loss, local_norm_target
 from models.swin_transformer import SwinTransformer
 from models.swin_transformer_v2 import SwinTransformerV2, WindowAttentionV2
 from models.vision_transformer import VisionTransformer

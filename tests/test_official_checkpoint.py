@@ -16,8 +16,10 @@ from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
 from tests.conftest import ROOT
-from checkpoint.layout import load_training_state
-from utils.safe_load import CheckpointError, load_checkpoint_file
+from checkpoint.layout import TrainingState
+from checkpoint.resume import resume_training
+from utils.errors import CheckpointError
+from utils.safe_load import load_checkpoint_file
 
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')  # 48 images, batch 8
 LOGGER = logging.getLogger('test_official_checkpoint')
@@ -98,8 +100,8 @@ def test_official_pretraining_state_is_loaded_by_parameter(official):
     path, official = official
     config = load_config(TINY, is_pretrain=True)
     model, optimizer, scheduler = our_run(config)
-    position = load_training_state(load_checkpoint_file(path), model, optimizer, scheduler, None,
-                                   LOGGER, config=config)
+    position = resume_training(path, load_checkpoint_file(path),
+                               TrainingState(model, optimizer, scheduler), config, LOGGER)
     assert position[:2] == (1, 0)  # official epoch 0 done -> continue at epoch 1
     assert optimizer.param_groups[0]['group_name'] != 'decay'  # ours start with no_decay here
     for group in optimizer.param_groups:
@@ -116,15 +118,15 @@ def test_official_pretraining_state_is_loaded_by_parameter(official):
 def test_official_state_loads_alike_through_the_fsdp_path(official):
     # The loader of sharded runs (any layout, any world size: set_state_dict by parameter name)
     # must give what the tested single-process path above gives.
-    from checkpoint.sharded import load_any_training_state
+    from checkpoint.sharded import load_distributed_state
     config = load_config(TINY, is_pretrain=True)
     reference, ref_optimizer, ref_scheduler = our_run(config)
-    expected = load_training_state(load_checkpoint_file(official[0]), reference, ref_optimizer,
-                                   ref_scheduler, None, LOGGER, config=config)
+    expected = resume_training(official[0], load_checkpoint_file(official[0]),
+                               TrainingState(reference, ref_optimizer, ref_scheduler), config, LOGGER)
     model, optimizer, scheduler = our_run(config)
-    position = load_any_training_state(official[0], load_checkpoint_file(official[0]), model,
-                                       optimizer, scheduler, None, LOGGER, config=config)
-    assert position[:2] == expected[:2] == (1, 0)
+    load_distributed_state(official[0], load_checkpoint_file(official[0]),
+                           TrainingState(model, optimizer, scheduler), config, LOGGER)
+    assert expected == (1, 0)
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
     for ref_group, group in zip(ref_optimizer.param_groups, optimizer.param_groups):

@@ -11,8 +11,9 @@ from config import load_config
 from models import build_model
 from utils.pos_embed import (geometric_positions, geometric_ratio, resize_abs_pos_embed,
                              resize_rel_pos_bias_table)
-from checkpoint.weights import (IncompatibleCheckpointError, adapt_state_dict, check_compatible,
-                              load_pretrained, summarize_keys)
+from checkpoint.weights import adapt_state_dict, check_compatible, load_pretrained
+from utils.errors import IncompatibleCheckpointError
+from utils.state_dict import summarize_keys
 from tests.fixture_rule import NAMES, official_data as load_fixture
 
 NEW_HEAD = ('head.', 'fc_norm.')  # not in a pre-training checkpoint: left at the rule's values

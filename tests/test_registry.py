@@ -10,7 +10,7 @@ from models.architectures import remap_vit, vit_kwargs, vit_layer_id
 from models.simmim import VisionTransformerForSimMIM
 from models.vision_transformer import VisionTransformer
 from optimizer import layer_lr_scales
-from utils.config_checks import validate_config
+from config import validate_config
 from utils.errors import ConfigError, require
 from checkpoint.weights import adapt_state_dict
 from utils.tasks import PRETRAIN

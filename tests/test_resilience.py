@@ -14,7 +14,7 @@ import torch
 import main_simmim
 from tests.conftest import ROOT
 from engine.launch import run
-from engine.preemption import EXIT_PREEMPTED
+from utils.errors import EXIT_PREEMPTED
 from utils.safe_load import load_checkpoint_file
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ import errno, os, sys, time
 sys.path.insert(0, {root!r})
 import torch
 import main_simmim
-from utils import tasks
+from engine import batch_loss as tasks
 from engine.launch import run
 
 fault, _, arg = os.environ.get('FAULT', '').partition(':')

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')
 # main_simmim as on the command line, but its first step waits until the file $RELEASE exists.
 WAITING_MAIN = ('import os, sys, time; sys.path.insert(0, {root!r})\n'
-                'import main_simmim\nfrom utils import tasks\nfrom engine.launch import run\n'
+                'import main_simmim\nfrom engine import batch_loss as tasks\nfrom engine.launch import run\n'
                 'task = tasks.PretrainBatchLoss.__call__\n'
                 'def waiting(*args):\n'
                 '    while not os.path.exists(os.environ["RELEASE"]):\n'

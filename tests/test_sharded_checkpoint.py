@@ -17,11 +17,13 @@ from optimizer import build_optimizer
 from tests.conftest import ROOT
 from tools import convert_checkpoint
 from checkpoint import sharded
-from checkpoint.layout import (CheckpointWriteError, build_checkpoint, capture_rng_state,
-                              progress_state,
-                              prune_step_checkpoints, verify_checkpoint)
+from checkpoint.layout import (TrainingState, build_checkpoint, capture_rng_state, progress_state,
+                               prune_step_checkpoints, verify_checkpoint)
+from checkpoint.resume import find_resume_checkpoint, resume_training, verify_resume_checkpoint
+from utils.errors import CheckpointWriteError
 from utils.distributed import DistInfo
-from utils.safe_load import CheckpointError, load_checkpoint_file
+from utils.errors import CheckpointError
+from utils.safe_load import load_checkpoint_file
 
 TINY_V2 = os.path.join(ROOT, 'tests', 'configs', 'tiny_swinv2_pretrain.yaml')
 ONE_PROCESS = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device('cpu'))
@@ -45,8 +47,8 @@ def trained(seed=0, opts=()):
 
 
 def save(path, config, model, optimizer, scheduler, position=(1, 2)):
-    progress = progress_state(config, scheduler, None, position, 0.0, [capture_rng_state()],
-                                      {'global_update': 2})
+    progress = progress_state(config, TrainingState(model, optimizer, scheduler, global_update=2),
+                              position, [capture_rng_state()])
     sharded.save_sharded_checkpoint(path, model, optimizer, progress, ONE_PROCESS)
     return path
 
@@ -57,8 +59,8 @@ def saved(tmp_path_factory):
     config, model, optimizer, scheduler = trained()
     path = save(str(tmp_path_factory.mktemp('sharded') / 'ckpt_epoch_0_step_2'), config, model,
                 optimizer, scheduler)
-    single = build_checkpoint(config, model, optimizer, scheduler, None, (1, 2), 0.0,
-                              [capture_rng_state()], {'global_update': 2})
+    single = build_checkpoint(config, TrainingState(model, optimizer, scheduler, global_update=2),
+                              (1, 2), [capture_rng_state()])
     return path, single
 
 
@@ -99,10 +101,10 @@ def test_conversion_gives_the_single_file_checkpoint_of_the_same_state(saved, tm
 def test_resume_restores_model_optimizer_and_schedule_exactly(saved):
     path, single = saved
     config, model, optimizer, scheduler = trained(seed=1)  # other weights, other state
-    checkpoint = sharded.verify_resume_checkpoint(path)
-    epoch, step, _, train_state = sharded.load_any_training_state(
-        path, checkpoint, model, optimizer, scheduler, None, LOGGER)
-    assert (epoch, step, train_state) == (1, 2, {'global_update': 2})
+    checkpoint = verify_resume_checkpoint(path)
+    state = TrainingState(model, optimizer, scheduler)
+    epoch, step = resume_training(path, checkpoint, state, config, LOGGER)
+    assert (epoch, step, state.counters()) == (1, 2, {'global_update': 2, 'skipped_total': 0})
     assert_equal_trees(model.state_dict(), single['model'])
     assert_equal_trees(optimizer.state_dict(), single['optimizer'])
     assert scheduler.state_dict() == single['lr_scheduler']
@@ -111,17 +113,17 @@ def test_resume_restores_model_optimizer_and_schedule_exactly(saved):
 def test_a_single_file_loads_through_the_same_path(saved):
     _, single = saved
     _, model, optimizer, scheduler = trained(seed=1)
-    sharded.load_any_training_state('ckpt.pth', single, model, optimizer, scheduler, None, LOGGER)
+    sharded.load_distributed_state('ckpt.pth', single, TrainingState(model, optimizer, scheduler))
     assert_equal_trees(model.state_dict(), single['model'])
     assert_equal_trees(optimizer.state_dict(), single['optimizer'])
 
 
 def test_checkpoint_of_another_size_names_the_mismatch(saved):
     path, _ = saved
-    _, model, optimizer, scheduler = trained(opts=['MODEL.SWINV2.EMBED_DIM', '8'])
+    config, model, optimizer, scheduler = trained(opts=['MODEL.SWINV2.EMBED_DIM', '8'])
     with pytest.raises(CheckpointError, match='does not fit the model.*shape mismatches'):
-        sharded.load_any_training_state(path, sharded.verify_resume_checkpoint(path), model,
-                                        optimizer, scheduler, None, LOGGER)
+        resume_training(path, verify_resume_checkpoint(path),
+                        TrainingState(model, optimizer, scheduler), config, LOGGER)
 
 
 def test_auto_resume_skips_a_directory_without_marker_and_ignores_tmp(saved, tmp_path, caplog):
@@ -132,7 +134,7 @@ def test_auto_resume_skips_a_directory_without_marker_and_ignores_tmp(saved, tmp
     os.remove(os.path.join(unfinished, 'COMPLETE'))
     shutil.copytree(path, str(tmp_path / 'ckpt_epoch_1_step_4.tmp'))  # complete, never renamed
     with caplog.at_level(logging.WARNING, logger='test'):
-        found, checkpoint = sharded.find_any_resume_checkpoint(str(tmp_path), LOGGER)
+        found, checkpoint = find_resume_checkpoint(str(tmp_path), LOGGER)
     assert found == older and checkpoint['position'] == {'epoch': 1, 'step': 2}
     assert f'skipping {unfinished}' in caplog.text and 'no COMPLETE marker' in caplog.text
 
@@ -188,7 +190,7 @@ def test_an_interrupted_directory_is_named_incomplete_wherever_it_is_given(saved
     path, _ = saved
     unfinished = shutil.copytree(path, str(tmp_path / 'ckpt_epoch_1'))
     os.remove(os.path.join(unfinished, 'COMPLETE'))
-    for read in (sharded.verify_sharded_checkpoint, sharded.load_any_checkpoint):
+    for read in (sharded.verify_sharded_checkpoint, sharded.read_checkpoint):
         with pytest.raises(CheckpointError, match='is an incomplete sharded checkpoint: it has no '
                                                   'COMPLETE marker'):
             read(unfinished)

@@ -18,9 +18,9 @@ import main_finetune
 import main_simmim
 from tests.conftest import ROOT
 from tools import convert_checkpoint
-from utils import tasks
+from engine import batch_loss as tasks
 from engine.launch import run
-from engine.preemption import EXIT_PREEMPTED
+from utils.errors import EXIT_PREEMPTED
 from utils.safe_load import load_checkpoint_file
 from checkpoint.sharded import read_sharded_checkpoint
 
@@ -37,7 +37,7 @@ NAN_WRAPPER = r'''
 import os, sys
 sys.path.insert(0, {root!r})
 import main_simmim
-from utils import tasks
+from engine import batch_loss as tasks
 from engine.launch import run
 calls = [0]
 task = tasks.PretrainBatchLoss.__call__

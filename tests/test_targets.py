@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from config import ConfigError, get_defaults
+from config import get_defaults
+from utils.errors import ConfigError
 from models.targets import (ColorBins, ColorClusters, PixelRegression, box_mean,
                             build_criterion, load_palette, local_norm_target, nearest_color_index,
                             normalized_to_rgb, rgb_to_normalized)

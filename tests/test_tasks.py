@@ -43,7 +43,7 @@ def test_as_task_reads_tasks_names_and_the_official_flag(args, expected):
 
 
 def test_as_task_rejects_what_is_not_a_task():
-    with pytest.raises(ValueError, match='Unknown task'):
+    with pytest.raises(ValueError, match="task 'linear_probe' is not one of the valid tasks"):
         as_task('linear_probe')
     assert isinstance(as_task(Task('probe', 'probing', False, False, True)), Task)
 

@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models.attention import relative_position_index
 from models.swin_transformer_v2 import log_spaced_coords_table
-from utils.distributed import unwrap_model
+from timm.utils import unwrap_model
 from utils.pos_embed import resize_abs_pos_embed
 
 

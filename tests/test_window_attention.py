@@ -3,7 +3,8 @@ with and without the shift mask, Swin and SwinV2), and MODEL.WINDOW_ATTENTION re
 import pytest
 import torch
 
-from config import ConfigError, load_config
+from config import load_config
+from utils.errors import ConfigError
 from models import build_model
 from models.attention import attention, eager_attention
 from models.swin_transformer import SwinTransformer

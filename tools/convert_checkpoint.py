@@ -15,8 +15,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint.layout import CheckpointWriteError, atomic_save  # noqa: E402
-from utils.safe_load import CheckpointError  # noqa: E402
+from utils.atomic_write import atomic_save  # noqa: E402
+from utils.errors import CheckpointWriteError  # noqa: E402
+from utils.errors import CheckpointError  # noqa: E402
 from checkpoint.sharded import read_sharded_checkpoint  # noqa: E402
 
 

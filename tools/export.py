@@ -25,13 +25,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint.stored_config import checkpoint_config, encoder_weights  # noqa: E402
+from checkpoint.stored_config import checkpoint_config  # noqa: E402
+from utils.state_dict import encoder_weights  # noqa: E402
 from utils.errors import ToolFailure  # noqa: E402
 from engine.launch import prepare_output_dir, run_tool  # noqa: E402
-from checkpoint.weights import summarize_keys, unwrap_state_dict  # noqa: E402
+from utils.state_dict import summarize_keys, unwrap_state_dict  # noqa: E402
 from utils.safe_load import load_checkpoint_file  # noqa: E402
 from utils.safetensors_io import SCALAR_KEYS, save_safetensors_checkpoint  # noqa: E402
-from checkpoint.sharded import load_any_checkpoint  # noqa: E402
+from checkpoint.sharded import read_checkpoint  # noqa: E402
 from checkpoint.timm_folder import (MAX_RELATIVE_DIFFERENCE, export_timm_folder,  # noqa: E402
                            output_difference)
 
@@ -102,7 +103,7 @@ def _main(argv):
     fmt, out = args.to
     if fmt not in FORMATS:
         parser.error(f"--to {fmt}: unknown format; use one of {', '.join(FORMATS)}.")
-    checkpoint = load_any_checkpoint(args.checkpoint, 'CHECKPOINT', model_only=True)
+    checkpoint = read_checkpoint(args.checkpoint, 'CHECKPOINT', model_only=True)
     (export_timm if fmt == 'timm' else export_safetensors)(checkpoint, args, out)
     return 0
 

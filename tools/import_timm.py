@@ -17,8 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint.layout import atomic_save  # noqa: E402
-from checkpoint.stored_config import load_config_text  # noqa: E402
+from utils.atomic_write import atomic_save  # noqa: E402
+from config import load_config_text  # noqa: E402
 from utils.errors import ToolFailure  # noqa: E402
 from engine.launch import prepare_output_dir, run_tool  # noqa: E402
 from utils.safetensors_io import save_safetensors_checkpoint  # noqa: E402

@@ -24,7 +24,9 @@ from torchvision import transforms as T
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data import ImageFolderDataset, SyntheticShapes, sample_seed  # noqa: E402
+from data.datasets import ImageFolderDataset  # noqa: E402
+from data.seeding import sample_seed  # noqa: E402
+from data.synthetic import SyntheticShapes  # noqa: E402
 from data.masking import MASK_GENERATORS, build_mask_generator  # noqa: E402
 from data.transforms import normalize  # noqa: E402
 from models import build_simmim, model_patch_size  # noqa: E402
@@ -32,8 +34,8 @@ from checkpoint.stored_config import checkpoint_config  # noqa: E402
 from utils.errors import CheckpointError, ConfigError, IncompatibleCheckpointError  # noqa: E402
 from engine.launch import prepare_output_dir, run_tool  # noqa: E402
 from utils.mask_grid import pixel_mask_to_patches  # noqa: E402
-from checkpoint.weights import load_full_state_dict, unwrap_state_dict  # noqa: E402
-from utils.state_dict import canonical_keys  # noqa: E402
+from checkpoint.weights import load_full_state_dict  # noqa: E402
+from utils.state_dict import canonical_keys, unwrap_state_dict  # noqa: E402
 from utils.safe_load import load_checkpoint_file  # noqa: E402
 from engine.figures import reconstruct_images, reconstruction_grid, save_png  # noqa: E402
 

@@ -1,7 +1,9 @@
-"""`atomic_save`: write a file so that a crash at any moment leaves either the old file or the new.
+"""Writing files so that a crash at any moment leaves either the old file or the new, and the one
+message a failed checkpoint write gets.
 
-Below checkpoint/layout.py so that any writer (checkpoints, safetensors exports, model_best.pth) can
-use it without importing the checkpoint machinery.
+    atomic_save(obj, path, write=None)   temporary file, fsync, rename, fsync of the folder
+    fsync_folder(path)                   make a rename inside `path` survive a power loss
+    write_error(path, errors, ...)       the CheckpointWriteError for a write that failed
 """
 import errno
 import os
@@ -10,6 +12,33 @@ import secrets
 import torch
 
 from utils.errors import CheckpointWriteError
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def fsync_folder(path):
+    """fsync the folder `path`, so the renames done in it are on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_error(path, errors, what='checkpoint', where='a larger disk'):
+    """The CheckpointWriteError for `path` that could not be written: the disk is full when any of
+    `errors` (the exception and, e.g., each rank's cause) says so, else the first one's reason."""
+    errors = [e for e in errors if e is not None]
+    if any(getattr(e, 'errno', None) in _DISK_FULL for e in errors):
+        reason = 'the disk is full'
+    else:
+        first = errors[0]
+        reason = getattr(first, 'strerror', None) or f'{type(first).__name__}: {str(first)[:300]}'
+    folder = os.path.dirname(os.path.abspath(path))
+    return CheckpointWriteError(
+        f"Could not write {what} {path}: {reason}. Nothing was overwritten: earlier checkpoints "
+        f"in {folder} are intact. Free space (or pass --output on {where}) and resume from the "
+        f"newest checkpoint.")
 
 
 def atomic_save(obj, path, write=None):
@@ -20,7 +49,6 @@ def atomic_save(obj, path, write=None):
     unique per call (``{path}.{random}.tmp``), so two writers never share one. `write(obj, file)`
     produces the bytes: torch.save (looked up at call time) unless given.
     """
-    folder = os.path.dirname(os.path.abspath(path))
     tmp = f'{path}.{secrets.token_hex(6)}.tmp'
     try:
         with open(tmp, 'xb') as f:  # exclusive create; permissions follow the umask
@@ -28,16 +56,8 @@ def atomic_save(obj, path, write=None):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_folder(os.path.dirname(os.path.abspath(path)))
     except OSError as e:
         if os.path.exists(tmp) and not isinstance(e, FileExistsError):
             os.remove(tmp)
-        reason = 'the disk is full' if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
-        raise CheckpointWriteError(
-            f"Could not write checkpoint {path}: {reason}. Nothing was overwritten: earlier "
-            f"checkpoints in {folder} are intact. Free space (or pass --output on a larger disk) "
-            f"and resume from the newest checkpoint.") from e
+        raise write_error(path, [e]) from e

@@ -1,6 +1,7 @@
 """Merging YAML files and `--opts` into a config, checking every key and type on the way.
 
     merge_yaml(config, cfg_file)   BASE files first (recursively, relative to the YAML), then the file
+    merge_yaml_text(config, text, source)   the same for YAML text (a checkpoint's config)
     merge_opts(config, opts)       KEY VALUE pairs from the command line
 
 An unknown key is an error that suggests the closest valid keys; a value of the wrong type is an
@@ -83,16 +84,28 @@ def merge_yaml(config, cfg_file, _stack=()):
     if cfg_file in _stack:
         raise ConfigError(f"BASE inheritance cycle: {' -> '.join(_stack + (cfg_file,))}")
     with open(cfg_file) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"Cannot parse YAML {cfg_file}: {e}") from None
-    bases = data.get('BASE', ['']) or []
+        _merge_yaml_data(config, f, cfg_file, os.path.dirname(cfg_file), _stack + (cfg_file,))
+
+
+def merge_yaml_text(config, text, source):
+    """Merge YAML `text` (e.g. a checkpoint's stored config) into `config`; `source` names it in
+    errors, and BASE entries in it are relative to the working directory."""
+    _merge_yaml_data(config, text, source, os.getcwd(), ())
+
+
+def _merge_yaml_data(config, stream, source, folder, stack):
+    try:
+        data = yaml.safe_load(stream) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Cannot parse YAML {source}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of config keys at 'top level', got "
+                          f"{type(data).__name__}.")
+    bases = data.pop('BASE', ['']) or []
     for base in [bases] if isinstance(bases, str) else bases:  # one file may be given bare
         if base:
-            merge_yaml(config, os.path.join(os.path.dirname(cfg_file), base), _stack + (cfg_file,))
-    data.pop('BASE', None)
-    _merge_dict(config, data, cfg_file)
+            merge_yaml(config, os.path.join(folder, base), stack)
+    _merge_dict(config, data, source)
 
 
 def merge_opts(config, opts):

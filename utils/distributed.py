@@ -1,17 +1,19 @@
-"""Process-group set-up for a single process or torchrun (NCCL on GPU, gloo on CPU).
+"""Process-group set-up for a single process or torchrun (NCCL on GPU, gloo on CPU), and the
+collectives the other layers use: sums and maxima, object gathers, and agreeing on a failure
+(`on_main_rank`, `agree_on_failure`), so that one rank's error never leaves the others running.
 
-`unwrap_model` (the module whose parameter names are the official ones: DDP's .module and
-torch.compile's ._orig_mod removed, in any nesting) is timm's, checked identical to the loop this
-project had for every wrapper it makes (tests/test_timm_helpers.py covers DDP and compile)."""
+The module whose parameter names are the official ones is timm's `timm.utils.unwrap_model` (DDP's
+.module and torch.compile's ._orig_mod removed; tests/test_timm_helpers.py)."""
 import inspect
 import os
+import pickle
 import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.utils import unwrap_model  # noqa: F401  (re-exported)
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from utils.errors import ConfigError
@@ -123,6 +125,44 @@ def all_gather_objects(obj):
         dist.all_gather_object(gathered, obj)
         return gathered
     return [obj]
+
+
+def _portable(error):
+    """`error` if it pickles (so other ranks can raise it), else a RuntimeError with its text."""
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 -- any exception type may fail to pickle
+        return RuntimeError(f'{type(error).__name__}: {error}')
+
+
+def agree_on_failure(error):
+    """Collective: every rank passes the exception it met, or None. When any rank failed, every
+    rank raises: its own exception, or the first failing rank's (same type and message)."""
+    errors = all_gather_objects(_portable(error))
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise error if error is not None else first
+
+
+def on_main_rank(fn, is_main):
+    """Collective: rank 0 (`is_main`) runs fn() and every rank returns its result, or raises its
+    exception: rank 0 tries, every rank agrees."""
+    result, error = None, None
+    if is_main:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 -- raised on every rank by agree_on_failure
+            error = e
+    agree_on_failure(error)
+    return all_gather_objects(result)[0]
+
+
+def is_fsdp(model):
+    """Whether `model` is sharded by FSDP2 (`fully_shard`)."""
+    return isinstance(model, FSDPModule)
 
 
 def cleanup():

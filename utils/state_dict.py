@@ -7,6 +7,9 @@ checkpoint remap (models/architectures.py) and by load_pretrained (checkpoint/we
     resize_position_tables(sd, model_state, ...)      relative-position tables to the model's window
     resize_pos_embed_entry(sd, model_state, key, ...) an absolute position embedding to its grid
     summarize_keys(keys, reference_keys)              keys in plain words, for log lines
+    check_fits(stored, model_state, source)           the one report of missing, unexpected and
+                                                      mis-shaped keys, raised when any differ
+    encoder_weights(checkpoint), num_classes_of(sd)   an encoder's weights; a classifier's classes
 
 `model_state` is the target model's state dict (only names and shapes are read).
 """
@@ -151,3 +154,67 @@ def strip_prefixes(state_dict):
               if k.startswith('encoder.')}
     sd.pop('mask_token', None)
     return sd
+
+
+# -----------------------------------------------------------------------------------------------
+# A state dict against a model
+# -----------------------------------------------------------------------------------------------
+def _shape(value):
+    return tuple(getattr(value, 'shape', value))
+
+
+def key_differences(stored, model_state):
+    """(missing, unexpected, mismatched) between `stored` ({name: tensor or shape}) and the
+    model's state dict: model keys it lacks, its keys the model lacks, and (key, stored shape,
+    model shape) of the keys both have with different shapes."""
+    missing = [k for k in model_state if k not in stored]
+    unexpected = [k for k in stored if k not in model_state]
+    mismatched = [(k, _shape(stored[k]), _shape(v)) for k, v in model_state.items()
+                  if k in stored and _shape(stored[k]) != _shape(v)]
+    return missing, unexpected, mismatched
+
+
+def describe_key_differences(missing, unexpected, mismatched, stored=(), model_state=(), limit=8):
+    """The differences `key_differences` found, in plain words (keys grouped by summarize_keys)."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} model tensors are not in it (missing: "
+                     f"{summarize_keys(missing, model_state, limit)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} of its tensors are not in the model (unexpected: "
+                     f"{summarize_keys(unexpected, stored, limit)})")
+    if mismatched:
+        pairs = '; '.join(f"{k}: checkpoint {src} vs model {dst}" for k, src, dst in mismatched[:5])
+        parts.append(f"{len(mismatched)} shape mismatches ({pairs})")
+    return '; '.join(parts)
+
+
+def check_fits(stored, model_state, source, hint='', model_name='the model'):
+    """Raise IncompatibleCheckpointError naming every difference unless `stored` ({name: tensor or
+    shape}) has exactly the keys and shapes of `model_state`; `source` names the checkpoint."""
+    missing, unexpected, mismatched = key_differences(stored, model_state)
+    if missing or unexpected or mismatched:
+        report = describe_key_differences(missing, unexpected, mismatched, stored, model_state)
+        raise IncompatibleCheckpointError(
+            f"{source} does not fit {model_name} (another architecture or size?): {report}."
+            f"{' ' + hint if hint else ''}")
+
+
+def encoder_weights(checkpoint):
+    """(state dict of the encoder or classifier under our names, names of what was left out).
+
+    A SimMIM checkpoint's `encoder.` prefix is removed and its decoder and mask token are left
+    out (both exist only for pre-training); so is a linear probe's head. DDP / torch.compile
+    prefixes, buffers the model rebuilds and released SwinV2 names are normalised."""
+    full = drop_rebuilt_buffers(unwrap_state_dict(checkpoint))
+    weights = rename_released_keys(strip_prefixes(full))
+    dropped = [k for k in full
+               if re.sub(r'^((module|_orig_mod)\.)*(encoder\.)?', '', k).replace('rpe_mlp', 'cpb_mlp')
+               not in weights]
+    return weights, dropped
+
+
+def num_classes_of(state_dict):
+    """Outputs of the classifier head in `state_dict`; 0 for an encoder without one."""
+    head = state_dict.get('head.weight')
+    return int(head.shape[0]) if head is not None else 0

@@ -3,13 +3,14 @@ script (main_simmim.py: PRETRAIN, main_finetune.py: FINETUNE) and handed to the 
 
     Task              which config sections are checked, which model the builders make, whether
                       layer-wise LR decay applies, which flags the command line takes
-    PretrainBatchLoss / ClassificationBatchLoss
-                      how a batch becomes a loss (the training loop calls one of them)
     as_task(...)      a Task from a Task, its name, or the official `is_pretrain` flag
 
-A leaf module: it imports nothing from the project, so every layer may take a Task.
+A leaf module, so every layer may take a Task. How a batch becomes a loss for each task is
+engine/batch_loss.py.
 """
 from dataclasses import dataclass
+
+from utils.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ PRETRAIN = Task('pretrain', 'pre-training', masked_image_modeling=True, layer_de
                 finetune_flags=False)
 FINETUNE = Task('finetune', 'fine-tuning', masked_image_modeling=False, layer_decay=True,
                 finetune_flags=True)
-TASKS = {task.name: task for task in (PRETRAIN, FINETUNE)}
+TASKS = Registry('task', 'tasks', {task.name: task for task in (PRETRAIN, FINETUNE)})
 
 
 def as_task(task=None, is_pretrain=None):
@@ -44,31 +45,4 @@ def as_task(task=None, is_pretrain=None):
         return task
     if isinstance(task, bool):
         return PRETRAIN if task else FINETUNE
-    if task in TASKS:
-        return TASKS[task]
-    raise ValueError(f"Unknown task {task!r}; use one of {sorted(TASKS)} or a Task.")
-
-
-class PretrainBatchLoss:
-    """SimMIM: the model maps (images, mask) to the reconstruction loss."""
-
-    def __call__(self, model, batch, device):
-        images, mask = batch[0], batch[1]
-        images = images.to(device, non_blocking=True)
-        mask = mask.to(device, non_blocking=True)
-        return model(images, mask), images.shape[0]
-
-
-class ClassificationBatchLoss:
-    """Fine-tuning / linear probing: (images, labels) -> criterion(model(images), targets)."""
-
-    def __init__(self, criterion, mixup_fn=None):
-        self.criterion = criterion
-        self.mixup_fn = mixup_fn
-
-    def __call__(self, model, batch, device):
-        images = batch[0].to(device, non_blocking=True)
-        targets = batch[1].to(device, non_blocking=True)
-        if self.mixup_fn is not None:
-            images, targets = self.mixup_fn(images, targets)
-        return self.criterion(model(images), targets), images.shape[0]
+    return TASKS.lookup(task)
