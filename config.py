@@ -332,11 +332,6 @@ COMPILE_BACKENDS = ('inductor', 'aot_eager', 'eager')  # the last two: tracing o
 POSITIVE_KEYS = ('DATA.BATCH_SIZE', 'TRAIN.EPOCHS', 'PRINT_FREQ', 'SAVE_FREQ', 'DATA.IMG_SIZE')
 
 
-def amp_enabled(config: CN) -> bool:
-    """Whether the config asks for autocast (on CUDA); see AMP_OPT_LEVEL / ENABLE_AMP."""
-    return config.ENABLE_AMP and config.AMP_OPT_LEVEL != 'O0'
-
-
 # -----------------------------------------------------------------------------------------------
 # Validation
 # -----------------------------------------------------------------------------------------------

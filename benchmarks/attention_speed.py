@@ -1,7 +1,7 @@
 """Swin window attention formulations, timed side by side and checked against the textbook formula.
 
-    python benchmarks/attention_speed.py --device cpu --threads 1 --out attention_cpu.md
-    python benchmarks/attention_speed.py --device cuda --out attention_gpu.md  # bf16, batch 128
+    python -m benchmarks.attention_speed --device cpu --threads 1 --out attention_cpu.md
+    python -m benchmarks.attention_speed --device cuda --out attention_gpu.md  # bf16, batch 128
 
 Every formulation computes softmax(q k^T * scale + position bias + shift mask) v for the windows of
 one Swin-B stage at 192 px (window 6, shifted); they differ only in how the bias reaches the
@@ -25,12 +25,11 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from models.attention import eager_attention  # noqa: E402
-from models.swin_transformer import shifted_window_mask  # noqa: E402
-from models.window_attention import WINDOW_ATTENTION, attend_windows, window_bias  # noqa: E402
-from report import machine_description, write_report  # noqa: E402
+from models.attention import eager_attention
+from models.swin_transformer import shifted_window_mask
+from models.window_attention import WINDOW_ATTENTION, attend_windows, window_bias
+from benchmarks.report import machine_description, write_report
 
 # Swin-B at 192 px, window 6: (feature map side, heads) of stages 1 and 3 (the most blocks).
 STAGES = {'stage1': (48, 4), 'stage3': (12, 16)}

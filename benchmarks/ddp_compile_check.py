@@ -1,7 +1,7 @@
 """DDP with TRAIN.COMPILE: nothing recompiles after the first step.
 
-    python benchmarks/ddp_compile_check.py --mode blocks --out ddp.md          # one rank
-    torchrun --nproc_per_node 8 benchmarks/ddp_compile_check.py --mode model   # several
+    python -m benchmarks.ddp_compile_check --mode blocks --out ddp.md          # one rank
+    torchrun --nproc_per_node 8 -m benchmarks.ddp_compile_check --mode model   # several
 
 Builds the model of an official pre-training YAML (Swin-B by default), compiles it in place
 (engine.compilation.compile_model) and wraps it in DDP (utils.distributed.wrap_ddp) as the training
@@ -19,12 +19,12 @@ import torch.distributed as dist
 from torch._dynamo.utils import counters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from config import load_config  # noqa: E402
-from models import build_model  # noqa: E402
-from engine.compilation import compile_model  # noqa: E402
-from utils.distributed import wrap_ddp  # noqa: E402
+from engine.precision import autocast
+from config import load_config
+from models import build_model
+from engine.compilation import compile_model
+from utils.distributed import wrap_ddp
 
 SWIN_B = 'configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml'
 
@@ -62,10 +62,10 @@ def main():
     size, patch = config.DATA.IMG_SIZE, model.patch_size
     images = torch.randn(batch, 3, size, size, device=device)
     mask = (torch.rand(batch, size // patch, size // patch, device=device) < 0.6).long()
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = torch.bfloat16 if cuda else None
     graphs, start = [], time.perf_counter()
     for _ in range(args.steps):
-        with torch.autocast(device.type, dtype=dtype, enabled=cuda):
+        with autocast(device, dtype):
             loss = ddp(images, mask)
         loss.backward()
         optimizer.step()

@@ -1,7 +1,7 @@
 """GPU checks the CPU cannot make: fused attention kernels, bf16 / fp16 training steps, the on-device
 skip of non-finite steps, and training throughput of the official Swin-B / ViT-B models.
 
-    python benchmarks/gpu_benchmark.py [--out results.md] [--steps 20] [--batch-size 128]
+    python -m benchmarks.gpu_benchmark [--out results.md] [--steps 20] [--batch-size 128]
 
 Writes a markdown report (card, torch version, numbers). Throughput is measured on random tensors
 (model + optimizer only, no data loading); benchmarks/gpu_check.sh adds an end-to-end run.
@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from config import load_config  # noqa: E402
-from models import build_model  # noqa: E402
-from models.attention import attention, eager_attention  # noqa: E402
-from optimizer import build_optimizer  # noqa: E402
+from engine.precision import autocast
+from config import load_config
+from models import build_model
+from models.attention import attention, eager_attention
+from optimizer import build_optimizer
 
 SWIN_B = 'configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml'
 VIT_B = 'configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml'
@@ -90,7 +90,7 @@ def train_steps(cfg_path, batch_size, steps, dtype, eager, use_scaler=False, war
         torch.cuda.reset_peak_memory_stats()
 
     def step():
-        with torch.autocast(DEVICE, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast(DEVICE, None if dtype == torch.float32 else dtype):
             loss = model(images, mask)
         if scaler is not None:
             scaler.scale(loss).backward()

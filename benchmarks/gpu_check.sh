@@ -2,15 +2,15 @@
 # GPU checks for a machine with one CUDA GPU, in at most 9 minutes (run from the repository root):
 #   bash benchmarks/gpu_check.sh OUT_DIR [OFFICIAL_DIR]
 # Every part is time-boxed and writes into OUT_DIR; a part that runs out of time leaves what it had.
-#  1. benchmarks/speed.py: official SimMIM (fp16 + GradScaler, eager) vs ours eager (bf16) vs ours
+#  1. benchmarks.speed: official SimMIM (fp16 + GradScaler, eager) vs ours eager (bf16) vs ours
 #     compiled (TRAIN.COMPILE blocks / model) for Swin-B/192, ViT-B/224, SwinV2-B/192, batch 128:
 #     images/s, ms/step, peak memory, TFLOP/s, MFU, ratios to the official row;
-#  2. benchmarks/loader_speed.py: the data path per worker, CPU cores per GPU with and without
+#  2. benchmarks.loader_speed: the data path per worker, CPU cores per GPU with and without
 #     DATA.DECODE gpu;
-#  3. benchmarks/ddp_compile_check.py: DDP (NCCL, one rank) + compile, no recompilation after
+#  3. benchmarks.ddp_compile_check: DDP (NCCL, one rank) + compile, no recompilation after
 #     warm-up; then main_simmim.py --compile blocks end to end (synthetic data, Swin-B YAML);
-#  4. benchmarks/attention_speed.py: Swin window attention formulations (sdpa, flex, ...);
-#  5. benchmarks/profile_step.py: where a Swin-B step's GPU time goes, eager and compiled;
+#  4. benchmarks.attention_speed: Swin window attention formulations (sdpa, flex, ...);
+#  5. benchmarks.profile_step: where a Swin-B step's GPU time goes, eager and compiled;
 #  6. fp16 + GradScaler end to end, two torchrun ranks on NCCL, benchmarks/memory_check.py.
 # OFFICIAL_DIR (a checkout of microsoft/SimMIM) defaults to reference/official_code/SimMIM under
 # ../shared, shared or ../../shared, whichever exists; without one speed.py has no official rows.
@@ -72,18 +72,18 @@ fi
 $PY -c "import torch, torchvision, timm, PIL; print('torch', torch.__version__, 'torchvision', \
 torchvision.__version__, 'timm', timm.__version__, 'Pillow', PIL.__version__)" >> "$OUT/machine.txt"
 
-run speed 300 $PY benchmarks/speed.py "${SPEED[@]}" "${OFFICIAL_FLAG[@]}" --out "$OUT/speed.md"
-run loader 75 $PY benchmarks/loader_speed.py "${LOADER[@]}" --out "$OUT/loader.md"
-run ddp_compile 60 $PY benchmarks/ddp_compile_check.py --mode blocks "${DDP[@]}" --out "$OUT/ddp_compile.md"
+run speed 300 $PY -m benchmarks.speed "${SPEED[@]}" "${OFFICIAL_FLAG[@]}" --out "$OUT/speed.md"
+run loader 75 $PY -m benchmarks.loader_speed "${LOADER[@]}" --out "$OUT/loader.md"
+run ddp_compile 60 $PY -m benchmarks.ddp_compile_check --mode blocks "${DDP[@]}" --out "$OUT/ddp_compile.md"
 if [ "$CUDA" = 1 ]; then
     run e2e_compiled 75 $PY main_simmim.py \
         --cfg configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml \
         --batch-size 128 --compile blocks --output /tmp/e2e_compiled --opts DATA.DATASET synthetic \
         DATA.SYNTHETIC.TRAIN_SIZE 3840 DATA.NUM_WORKERS 12 TRAIN.EPOCHS 1 PRINT_FREQ 5 TENSORBOARD False
 fi
-run attention 45 $PY benchmarks/attention_speed.py "${ATTN[@]}" --out "$OUT/attention.md"
-run profile_eager 30 $PY benchmarks/profile_step.py "${PROFILE[@]}" --variant eager --out "$OUT/profile_eager.md"
-run profile_blocks 40 $PY benchmarks/profile_step.py "${PROFILE[@]}" --variant blocks --out "$OUT/profile_blocks.md"
+run attention 45 $PY -m benchmarks.attention_speed "${ATTN[@]}" --out "$OUT/attention.md"
+run profile_eager 30 $PY -m benchmarks.profile_step "${PROFILE[@]}" --variant eager --out "$OUT/profile_eager.md"
+run profile_blocks 40 $PY -m benchmarks.profile_step "${PROFILE[@]}" --variant blocks --out "$OUT/profile_blocks.md"
 if [ "$CUDA" = 1 ]; then
     # fp16 + GradScaler through the training loop, two NCCL ranks, and (issue 11) the memory
     # planner against measured peaks of SwinV2-B/L/H/G (for all sizes run memory_check.py alone).
@@ -92,6 +92,6 @@ if [ "$CUDA" = 1 ]; then
         --opts AMP_DTYPE float16 TRAIN.EPOCHS 2 PRINT_FREQ 16 DATA.NUM_WORKERS 8 VIS_FREQ 1
     run torchrun_nccl 45 torchrun --nproc_per_node 2 main_simmim.py \
         --cfg tests/configs/tiny_swin_pretrain.yaml --output /tmp/nccl --opts TRAIN.EPOCHS 1 DATA.BATCH_SIZE 4
-    run memory_gpu 120 $PY benchmarks/memory_check.py --device cuda --out "$OUT/memory_gpu.md"
+    run memory_gpu 120 $PY -m benchmarks.memory_check --device cuda --out "$OUT/memory_gpu.md"
 fi
 echo "total ${SECONDS}s" | tee -a "$OUT/summary.txt"

@@ -1,6 +1,6 @@
 """Pre-training data path speed: images/s per worker, split into stages, and CPU cores per GPU.
 
-    python benchmarks/loader_speed.py --out loader.md [--workers 2] [--model-rate 1400]
+    python -m benchmarks.loader_speed --out loader.md [--workers 2] [--model-rate 1400]
 
 Writes a folder of generated JPEGs (no download): `--num-images` ImageNet-sized photos (500x375,
 smooth colour fields, shapes, edges and grain, so that JPEG sizes are realistic) and a quarter as
@@ -31,18 +31,17 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import default_collate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from config import load_config  # noqa: E402
-from data import build_loader  # noqa: E402
-from data.datasets import ImageFolderDataset, load_image  # noqa: E402
-from data.gpu_decode import EncodedMaskedImageDataset, collate_encoded, decode_batch  # noqa: E402
-from data.masking import MaskGenerator  # noqa: E402
-from utils.mask_grid import upsample_mask  # noqa: E402
-from data.pretrain_transform import PretrainTransform, draft_jpeg  # noqa: E402
-from data.seeding import sample_seed, seeded_global_rngs  # noqa: E402
-from data.transforms import to_rgb  # noqa: E402
-from report import machine_description, write_report  # noqa: E402
+from config import load_config
+from data import build_loader
+from data.datasets import ImageFolderDataset, load_image
+from data.gpu_decode import EncodedMaskedImageDataset, collate_encoded, decode_batch
+from data.masking import MaskGenerator
+from utils.mask_grid import upsample_mask
+from data.pretrain_transform import PretrainTransform, draft_jpeg
+from data.seeding import sample_seed, seeded_global_rngs
+from data.transforms import to_rgb
+from benchmarks.report import machine_description, write_report
 
 SWIN_B = 'configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml'
 

@@ -1,8 +1,8 @@
 """Measured peak memory of a SimMIM training step against the planner's estimate
 (engine/memory_plan.py, tools/plan_memory.py), and images/s.
 
-    python benchmarks/memory_check.py --device cpu --out benchmarks/memory_cpu.md      # this VM
-    python benchmarks/memory_check.py --device cuda --out gpu_out/memory_gpu.md        # a GPU
+    python -m benchmarks.memory_check --device cpu --out benchmarks/memory_cpu.md      # this VM
+    python -m benchmarks.memory_check --device cuda --out gpu_out/memory_gpu.md        # a GPU
 
 One case = (config, batch per rank, sharding, activation checkpointing, ranks). Each case runs in
 fresh processes (one per rank; gloo on the CPU, NCCL on a GPU): two training steps (forward,
@@ -23,13 +23,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from config import load_config  # noqa: E402
-from models import build_model  # noqa: E402
-from optimizer import build_optimizer  # noqa: E402
-from engine.memory_plan import GIB, estimate, measure_activations, model_stats  # noqa: E402
-from engine.sharding import shard_model  # noqa: E402
+from engine.precision import autocast
+from config import load_config
+from models import build_model
+from optimizer import build_optimizer
+from engine.memory_plan import GIB, estimate, measure_activations, model_stats
+from engine.sharding import shard_model
 
 SWINV2_B = 'configs/simmim/simmim_pretrain__swinv2_base__img192_window12__800ep.yaml'
 SWINV2_L = 'configs/swinv2_large__800ep/simmim_pretrain__swinv2_large__img192_window12__800ep.yaml'
@@ -66,8 +66,7 @@ def _free_port():
 
 
 def _step(model, optimizer, images, mask, amp_dtype):
-    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32,
-                        enabled=amp_dtype is not None):
+    with autocast(images.device, amp_dtype):
         loss = model(images, mask)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(list(model.parameters()), 5.0, foreach=True)

@@ -7,7 +7,7 @@
 Reports both top-1 accuracies and the wall times, and appends them to benchmarks/RESULTS.md with
 the machine they ran on. Not a test: it takes minutes.
 
-    python benchmarks/pretrain_vs_scratch.py [--pretrain-epochs 16] [--finetune-epochs 15]
+    python -m benchmarks.pretrain_vs_scratch [--pretrain-epochs 16] [--finetune-epochs 15]
 """
 import argparse
 import datetime
@@ -18,14 +18,13 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import main_finetune  # noqa: E402
-import main_simmim  # noqa: E402
-from report import machine_description  # noqa: E402  (benchmarks/report.py)
-from engine.launch import run  # noqa: E402
-from utils.safe_load import load_checkpoint_file  # noqa: E402
-from utils.tasks import FINETUNE, PRETRAIN  # noqa: E402
+import main_finetune
+import main_simmim
+from benchmarks.report import machine_description
+from engine.launch import run
+from utils.safe_load import load_checkpoint_file
+from utils.tasks import FINETUNE, PRETRAIN
 
 PRETRAIN_CFG = 'configs/quickstart/simmim_pretrain__swin_tiny__img64__synthetic.yaml'
 FINETUNE_CFG = 'configs/quickstart/simmim_finetune__swin_tiny__img64__synthetic.yaml'
@@ -74,7 +73,7 @@ def main():
         f'\n## Pre-training vs. random initialisation ({datetime.date.today()})\n',
         f"Machine: {machine_description('cuda' if torch.cuda.is_available() else 'cpu')} "
         f'({torch.get_num_threads()} torch threads).\n',
-        f'`python benchmarks/pretrain_vs_scratch.py --pretrain-epochs {args.pretrain_epochs} '
+        f'`python -m benchmarks.pretrain_vs_scratch --pretrain-epochs {args.pretrain_epochs} '
         f'--finetune-epochs {args.finetune_epochs}`: SimMIM pre-training of `{PRETRAIN_CFG}` '
         f'took {pretrain_time / 60:.1f} min; then `{FINETUNE_CFG}` on the synthetic set '
         f'(8 classes, best top-1 on its validation split):\n',

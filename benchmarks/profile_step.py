@@ -1,7 +1,7 @@
 """Where a pre-training step's time goes: torch.profiler over a few steps of one speed.py row.
 
-    python benchmarks/profile_step.py --model swin_tiny --variant eager --device cpu --threads 1
-    python benchmarks/profile_step.py --model swin_b --variant official --official-dir DIR
+    python -m benchmarks.profile_step --model swin_tiny --variant eager --device cpu --threads 1
+    python -m benchmarks.profile_step --model swin_b --variant official --official-dir DIR
 
 Builds the row exactly as benchmarks/speed.py does (same model, optimizer, precision and step),
 warms it up, profiles `--steps` steps and writes the operators with the most self time (CPU time on
@@ -13,9 +13,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import speed  # noqa: E402  (benchmarks/speed.py: the rows and their step)
-from report import machine_description, write_report  # noqa: E402
+from benchmarks import speed
+from benchmarks.report import machine_description, write_report
 
 # First match wins; names are aten operator names (and CUDA kernel names on a GPU). Compiled code
 # comes first: its generated names also contain the names of the operations it fused.

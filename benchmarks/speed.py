@@ -1,7 +1,7 @@
 """Pre-training step speed, side by side: the official SimMIM model, ours eager, ours compiled.
 
-    python benchmarks/speed.py --official-dir ../shared/reference/official_code/SimMIM   # GPU
-    python benchmarks/speed.py --device cpu --official-dir DIR                          # CPU
+    python -m benchmarks.speed --official-dir ../shared/reference/official_code/SimMIM   # GPU
+    python -m benchmarks.speed --device cpu --official-dir DIR                          # CPU
 
 Rows per model: `official` (microsoft/SimMIM built from the same YAML in its own process with its
 folder first on sys.path: its attention, its AdamW parameter groups; on a GPU fp16 autocast with a
@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 
-from report import machine_description, write_report  # benchmarks/report.py
+from benchmarks.report import machine_description, write_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,9 +64,9 @@ MASK_RATIO = 0.6
 # One row, in its own process
 # -----------------------------------------------------------------------------------------------
 def _official_model(official_dir, cfg, opts, batch_size):
-    """The official SimMIM model and optimizer, imported from `official_dir` (first on sys.path)."""
+    """The official SimMIM model and optimizer, imported from `official_dir` (the working folder
+    of an official row's process, so first on its sys.path)."""
     import logging
-    sys.path.insert(0, official_dir)
     from config import _C, _update_config_from_file  # the official config.py
     from models import build_model
     from optimizer import build_optimizer
@@ -81,7 +81,6 @@ def _official_model(official_dir, cfg, opts, batch_size):
 
 
 def _our_model(cfg, opts, batch_size):
-    sys.path.insert(0, ROOT)
     from config import load_config
     from models import build_model
     from optimizer import build_optimizer
@@ -117,6 +116,7 @@ def build_row(spec):
                                                         spec['batch_size'])
     else:
         model, make_optimizer, config = _our_model(cfg, opts, spec['batch_size'])
+    from engine.precision import autocast  # imports only torch, so official rows can use it
     model = model.to(device)
     if spec['variant'] in ('blocks', 'model'):
         from engine.compilation import compile_model
@@ -129,7 +129,7 @@ def build_row(spec):
     images, mask = _inputs(spec['batch_size'], config.DATA.IMG_SIZE, model.patch_size, device)
 
     def step():
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, dtype):
             loss = model(images, mask)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -203,7 +203,6 @@ def count_flops(model_name, batch_size):
     """FLOPs of one forward + backward of our model at `batch_size` (meta tensors, no compute)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    sys.path.insert(0, ROOT)
     from config import load_config
     from models import build_model
     from models.attention import eager_attention
@@ -234,9 +233,15 @@ class RowProcess:
     def __init__(self, spec):
         import tempfile
         self.stderr = tempfile.TemporaryFile(mode='w+')
+        # An official row runs in the official folder, whose config/models/optimizer modules then
+        # come first on its sys.path; this module is found through PYTHONPATH.
+        official = spec['variant'] == 'official'
+        env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
+            [ROOT] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else []))}
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), '--worker', json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1)
+            [sys.executable, '-m', 'benchmarks.speed', '--worker', json.dumps(spec)],
+            cwd=spec['official_dir'] if official else ROOT, env=env, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1)
         self.replies = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -408,7 +413,7 @@ def main():
                                              if args.threads else '')
     peak = peak_tflops(device)
     lines = [f'Machine: {machine}.', '',
-             f'`python benchmarks/speed.py {" ".join(sys.argv[1:])}` ({args.rounds} round(s), '
+             f'`python -m benchmarks.speed {" ".join(sys.argv[1:])}` ({args.rounds} round(s), '
              f'{time.time() - start:.0f} s). Peak: '
              + (f'{peak:.0f} TFLOP/s dense bf16/fp16.' if peak else 'MFU not reported (CPU or '
                                                                     'unknown card).'), '']

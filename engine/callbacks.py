@@ -12,7 +12,7 @@ import torch
 
 from checkpoint.layout import BEST_CHECKPOINT
 from engine.evaluation import evaluate
-from engine.figures import reconstruct_images, reconstruction_grid, save_png
+from engine.figures import COLUMNS, reconstruct_images, reconstruction_grid, save_png
 from engine.sharding import full_model_state_dict
 from engine.train_stats import epoch_end_step
 from utils.atomic_write import atomic_save
@@ -40,7 +40,7 @@ class ReconstructionLogger:
         if logger is not None and write:
             logger.info(f'reconstruction grids of {count} fixed images every {config.VIS_FREQ} '
                         f'epochs and after the last: {self.folder}/epoch_N.png (columns: '
-                        f'original, masked input, prediction, prediction pasted)'
+                        f'{", ".join(COLUMNS)})'
                         f'{" and TensorBoard images" if writer is not None else ""}')
 
     def __call__(self, epoch):
@@ -53,7 +53,7 @@ class ReconstructionLogger:
             return None
         grid = reconstruction_grid(self.images, self.mask, prediction)
         path = os.path.join(self.folder, f'epoch_{epoch}.png')
-        save_png(grid, path, min_cell=128)
+        save_png(grid, path, min_cell=128, labels=True)
         if self.writer is not None:
             step = epoch_end_step(epoch, self.steps_per_epoch) if self.steps_per_epoch else epoch
             self.writer.add_image('reconstruction', grid, step)

@@ -43,6 +43,8 @@ def setup(argv, task):
     torch.backends.cudnn.benchmark = True
     logger = create_logger(config.OUTPUT, dist_info.rank, config.MODEL.NAME)
     logger.info(f'RANK {dist_info.rank} WORLD_SIZE {dist_info.world_size} device {dist_info.device}')
+    logger.info(f'output folder {config.OUTPUT}: checkpoints (ckpt_epoch_*), config.yaml, '
+                f'log_rank{dist_info.rank}.txt')
     if takeover:
         logger.warning(takeover)
     writer = None
@@ -50,7 +52,10 @@ def setup(argv, task):
         logger.debug(config.dump())  # config.yaml is written once the run starts (record_config)
         if config.TENSORBOARD:
             from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(log_dir=os.path.join(config.OUTPUT, 'tensorboard'))
+            log_dir = os.path.join(config.OUTPUT, 'tensorboard')
+            writer = SummaryWriter(log_dir=log_dir)
+            logger.info(f'TensorBoard scalars (and reconstruction images) in {log_dir}: '
+                        f'tensorboard --logdir {log_dir}')
     return config, dist_info, logger, writer
 
 

@@ -33,6 +33,7 @@ import timm.layers.weight_init
 import torch
 import torch.nn.functional as F
 
+from engine.precision import autocast
 from config import load_config
 from models import build_model, transformer_blocks
 from utils.tasks import PRETRAIN
@@ -108,7 +109,7 @@ def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
 
 
 @dataclass
-class Linear:
+class BytesPerBatch:
     """bytes = at_zero + per_image * batch."""
     at_zero: float
     per_image: float
@@ -119,9 +120,9 @@ class Linear:
 
 @dataclass
 class Activations:
-    blocks: list  # Linear per encoder block of the full model, forward order
-    block_inputs: list  # Linear per block: what a checkpointed block keeps
-    rest: Linear  # embedding, patch merging, head and loss
+    blocks: list  # BytesPerBatch per encoder block of the full model, forward order
+    block_inputs: list  # BytesPerBatch per block: what a checkpointed block keeps
+    rest: BytesPerBatch  # embedding, patch merging, head and loss
 
 
 def _stage_depths(config):
@@ -155,9 +156,8 @@ def _saved_bytes_per_block(model, blocks, images, mask, autocast_dtype):
     handles = [b.register_forward_pre_hook(enter(i)) for i, b in enumerate(blocks)]
     handles += [b.register_forward_hook(lambda *_: owner.__setitem__(0, 'rest')) for b in blocks]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(
-                images.device.type, dtype=autocast_dtype or torch.float32,
-                enabled=autocast_dtype is not None):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(
+                images.device, autocast_dtype):
             loss = model(images, mask)  # noqa: F841 -- keeps the saved tensors alive until here
     finally:
         for handle in handles:
@@ -192,7 +192,7 @@ def measure_activations(cfg_path, opts=(), device='cpu', target='cuda', precisio
         F.scaled_dot_product_attention = _SCALED_DOT_PRODUCT_ATTENTION
 
     def line(one, two, scale=scale):
-        return Linear((2 * one - two) * scale, (two - one) * scale)
+        return BytesPerBatch((2 * one - two) * scale, (two - one) * scale)
 
     (saved1, inputs1), (saved2, inputs2) = samples
     per_stage = [line(saved1.get(i, 0), saved2.get(i, 0)) for i in range(len(blocks))]

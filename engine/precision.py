@@ -1,11 +1,15 @@
 """Mixed precision: the autocast dtype a run uses, its GradScaler, and the one autocast context.
 
 AMP_OPT_LEVEL / ENABLE_AMP turn autocast on (on CUDA only) and AMP_DTYPE picks bf16 or fp16
-(config.py); fp16 trains with a GradScaler, bf16 and fp32 without.
+(config.py); fp16 trains with a GradScaler, bf16 and fp32 without. Imports only torch, so the
+benchmarks' rows of the official code can use it too.
 """
 import torch
 
-from config import amp_enabled
+
+def amp_enabled(config):
+    """Whether the config asks for autocast (on CUDA); see AMP_OPT_LEVEL / ENABLE_AMP."""
+    return config.ENABLE_AMP and config.AMP_OPT_LEVEL != 'O0'
 
 
 def autocast_dtype(config, device):

@@ -24,8 +24,9 @@ import time
 
 import yaml
 
+from utils.atomic_write import atomic_save
+from utils.distributed import on_main_rank
 from utils.errors import ConfigError
-from utils.distributed import all_gather_objects
 
 try:
     import fcntl
@@ -85,16 +86,7 @@ def _busy_error(folder, path, holder):
 def take_output_folder(folder, dist_info):
     """Rank 0 takes `folder` (see acquire_output_folder); every rank raises the same
     OutputFolderBusy if it could not. Returns the takeover log line or None."""
-    outcome = ('ok', None)
-    if dist_info.is_main:
-        try:
-            outcome = ('ok', acquire_output_folder(folder))
-        except OutputFolderBusy as e:
-            outcome = ('busy', str(e))
-    status, text = all_gather_objects(outcome)[0]
-    if status == 'busy':
-        raise OutputFolderBusy(text)
-    return text
+    return on_main_rank(lambda: acquire_output_folder(folder), dist_info.is_main)
 
 
 def acquire_output_folder(folder):
@@ -178,10 +170,7 @@ def record_config(config, logger):
         logger.warning(f'This start of {config.OUTPUT} uses another config than the previous one; '
                        f'the previous config is kept as {kept}. Changed: '
                        f'{", ".join(changed_keys(previous, text)) or "(formatting only)"}')
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_save(text, path, write=lambda text, f: f.write(text.encode()))
     logger.info(f'Full config saved to {path}')
     return path
 

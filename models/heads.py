@@ -38,6 +38,21 @@ class ConfigurableHead:
         """Raise ConfigError if the config's options for this head cannot work."""
 
 
+def lay_out_like_their_gradients(module):
+    """Give every 1x1 conv weight of `module` the strides its gradient has, (C, 1, C, C) instead of
+    (C, 1, 1, 1): the encoder's feature map is a view of its tokens (channels last), so that is how
+    the backward pass lays out these gradients, and DDP, whose gradient buckets follow the
+    parameters' strides, would otherwise copy them every step (and warn "Grad strides do not
+    match bucket view strides"). The values and the state-dict names are unchanged."""
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1):
+            weight = conv.weight.detach()
+            channels = weight.shape[1]
+            conv.weight = nn.Parameter(weight.new_empty_strided(
+                weight.shape, (channels, 1, channels, channels)).copy_(weight))
+    return module
+
+
 class LinearHead(ConfigurableHead, nn.Sequential):
     """The paper's head (section 3.3): a 1x1 conv to upscale**2 * out_channels values per position,
     rearranged by PixelShuffle. Parameters: (in_channels + 1) * upscale**2 * out_channels.
@@ -46,6 +61,7 @@ class LinearHead(ConfigurableHead, nn.Sequential):
     def __init__(self, in_channels, out_channels, upscale):
         super().__init__(nn.Conv2d(in_channels, upscale ** 2 * out_channels, kernel_size=1),
                          nn.PixelShuffle(upscale))
+        lay_out_like_their_gradients(self)
 
 
 class MLPHead(ConfigurableHead, nn.Sequential):
@@ -56,6 +72,7 @@ class MLPHead(ConfigurableHead, nn.Sequential):
         super().__init__(Mlp(in_channels, hidden_dim or in_channels, upscale ** 2 * out_channels,
                              use_conv=True),
                          nn.PixelShuffle(upscale))
+        lay_out_like_their_gradients(self)
 
     @classmethod
     def config_kwargs(cls, config, input_resolution):

@@ -290,14 +290,14 @@ def load_palette(path, num_colors=None):
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"Colour palette not found: {path} (MODEL.SIMMIM.TARGET.PALETTE). Build one with "
-            f"`python tools/build_color_palette.py --cfg FILE --output {path}`.")
+            f"`python -m tools.build_color_palette --cfg FILE --output {path}`.")
     if path.endswith('.npy'):
         palette = torch.from_numpy(np.load(path, allow_pickle=False))
     else:
         palette = load_checkpoint_file(path, 'MODEL.SIMMIM.TARGET.PALETTE')
     if not isinstance(palette, torch.Tensor) or palette.ndim != 2 or palette.shape[1] != 3:
         raise ConfigError(f"{path} (MODEL.SIMMIM.TARGET.PALETTE) must hold one (K, 3) tensor or "
-                          f"array of RGB colours; rebuild it with tools/build_color_palette.py.")
+                          f"array of RGB colours; rebuild it with `python -m tools.build_color_palette`.")
     palette = palette.to('cpu', torch.float32)
     if num_colors is not None and palette.shape[0] != num_colors:
         raise ConfigError(f"{path} holds {palette.shape[0]} colours but MODEL.SIMMIM.TARGET."
@@ -333,7 +333,7 @@ class ColorClusters(PredictionTarget):
                 f"MODEL.SIMMIM.TARGET.NUM_CLUSTERS must be >= 2, got {target.NUM_CLUSTERS}.")
         require(not picked or target.PALETTE,
                 "MODEL.SIMMIM.TARGET.PALETTE is empty but TARGET.NAME is color_clusters. Build a "
-                "palette with `python tools/build_color_palette.py --cfg FILE --output PATH` and set "
+                "palette with `python -m tools.build_color_palette --cfg FILE --output PATH` and set "
                 "the key to PATH.")
 
     @classmethod

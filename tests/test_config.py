@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from config import get_config, load_config
+from config import get_config, load_config, load_config_text
 from utils.arguments import build_arg_parser
 from utils.errors import ConfigError
 from tests.conftest import ROOT
@@ -29,6 +29,29 @@ def test_official_swin_base_800ep_values():
     assert config.TRAIN.WARMUP_LR == pytest.approx(5e-7 * 128 / 512)
     assert config.OUTPUT == os.path.join('output', 'simmim_pretrain',
                                          'simmim_pretrain__swin_base__img192_window6__800ep')
+
+
+def _derived(config):
+    return (config.OUTPUT, config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR)
+
+
+def test_a_stored_config_reads_back_as_itself(tmp_path):
+    # A run's config (what checkpoints and OUTPUT/config.yaml store) has OUTPUT joined with NAME
+    # and TAG and the learning rates scaled to the batch; reading it again must not do either a
+    # second time (it used to: OUTPUT/NAME/TAG/NAME/TAG, BASE_LR x 128/512 twice).
+    config = load_config(SWIN_800, opts=['DATA.BATCH_SIZE', 128])
+    expected = (os.path.join('output', 'simmim_pretrain',
+                             'simmim_pretrain__swin_base__img192_window6__800ep'),
+                1e-4 * 128 / 512, 5e-7 * 128 / 512, 5e-6 * 128 / 512)
+    assert _derived(config)[0] == expected[0]
+    assert _derived(config)[1:] == pytest.approx(expected[1:])
+    again = load_config_text(config.dump(), is_pretrain=True)
+    assert again.dump() == config.dump()
+    path = tmp_path / 'config.yaml'
+    path.write_text(config.dump())
+    from_file = load_config(str(path), opts=['PRINT_FREQ', '5'])  # e.g. --cfg OUTPUT/config.yaml
+    assert _derived(from_file) == _derived(config) and from_file.PRINT_FREQ == 5
+    assert load_config_text(from_file.dump()).dump() == from_file.dump()
 
 
 def test_lr_scaling_uses_world_size_and_accumulation(monkeypatch):

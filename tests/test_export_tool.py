@@ -130,6 +130,25 @@ def test_safetensors_export_gives_the_same_finetuning_start_as_the_pth(tmp_path,
     assert not torch.equal(fresh['blocks.0.attn.qkv.weight'], from_pth['blocks.0.attn.qkv.weight'])
 
 
+def test_export_of_an_export_keeps_the_output_folder_and_the_learning_rates(tmp_path):
+    # checkpoint -> export -> export: the config each file stores reads back as the run's own,
+    # with --opts (which re-reads the stored config) and without (kept verbatim).
+    config = load_config_text(CONFIGS['swin'], is_pretrain=True)
+    derived = (config.OUTPUT, config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR)
+    path = str(tmp_path / 'ckpt.pth')
+    torch.save({'model': randomize(build_model(config)).state_dict(), 'config': config.dump(),
+                'optimizer': {}}, path)
+    for opts in ([], ['--opts', 'PRINT_FREQ', '7']):
+        source = path
+        for step in range(2):
+            out = str(tmp_path / f'export{len(opts)}_{step}.safetensors')
+            assert export([source, '--to', 'safetensors', out, *opts]) == 0
+            stored = load_config_text(load_checkpoint_file(out)['config'], is_pretrain=True)
+            assert (stored.OUTPUT, stored.TRAIN.BASE_LR, stored.TRAIN.WARMUP_LR,
+                    stored.TRAIN.MIN_LR) == derived
+            source = out
+
+
 def test_safetensors_checkpoint_keeps_weights_config_and_scalars_without_pickle(tmp_path):
     config = load_config_text(CONFIGS['swin'], is_pretrain=True)
     state = randomize(build_model(config)).state_dict()

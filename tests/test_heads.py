@@ -6,6 +6,7 @@ import torch
 
 from config import get_defaults
 from models import build_model
+from tests.test_models import tiny_config
 from models.heads import (HEADS, InverseSwinHead, LinearHead, MLPHead, PatchExpand,
                           count_parameters)
 
@@ -103,3 +104,20 @@ def test_build_decoder_logs_the_head_parameter_count():
         log.setLevel(old_level)
     message = ' '.join(r.getMessage() for r in records)
     assert f"'mlp': {count_parameters(model.decoder):,} parameters" in message
+
+
+@pytest.mark.parametrize('model_type', ['swin', 'vit'])
+@pytest.mark.parametrize('head', ['linear', 'mlp'])
+def test_every_gradient_has_its_parameters_strides_so_ddp_copies_none(model_type, head):
+    # DDP's gradient buckets follow each parameter's strides; a gradient laid out otherwise is
+    # copied into its bucket every step (and DDP warns "Grad strides do not match bucket view
+    # strides"). The heads' 1x1 convs see the encoder's channels-last feature map.
+    config = tiny_config(model_type)
+    config.MODEL.SIMMIM.HEAD.NAME = head
+    model = build_model(config)
+    grid = config.DATA.IMG_SIZE // model.patch_size
+    images, mask = torch.randn(2, 3, 32, 32), (torch.rand(2, grid, grid) < 0.6).long()
+    model(images, mask).backward()
+    different = [(name, p.stride(), p.grad.stride()) for name, p in model.named_parameters()
+                 if p.grad is not None and p.grad.stride() != p.stride()]
+    assert different == []

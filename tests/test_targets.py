@@ -186,7 +186,7 @@ def test_load_palette_formats_ranges_and_errors(tmp_path):
     np.save(tmp_path / 'igpt.npy', palette.numpy() * 2 - 1)  # iGPT's centres are in [-1, 1]
     torch.testing.assert_close(load_palette(str(tmp_path / 'p.pt'), 4), palette)
     torch.testing.assert_close(load_palette(str(tmp_path / 'igpt.npy')), palette)
-    with pytest.raises(FileNotFoundError, match='build_color_palette.py'):
+    with pytest.raises(FileNotFoundError, match='python -m tools.build_color_palette'):
         load_palette(str(tmp_path / 'missing.pt'))
     with pytest.raises(ConfigError, match='NUM_CLUSTERS is 512'):
         load_palette(str(tmp_path / 'p.pt'), 512)

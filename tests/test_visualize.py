@@ -11,7 +11,7 @@ from config import load_config
 from models import build_model
 from models.targets import normalized_to_rgb, rgb_to_normalized
 from tools.visualize_reconstruction import main as visualize
-from engine.figures import reconstruction_grid
+from engine.figures import reconstruction_grid, save_png
 
 TINY = ('MODEL:\n  SWIN:\n    EMBED_DIM: 8\n    DEPTHS: [1, 1, 1]\n    NUM_HEADS: [1, 1, 1]\n'
         '    WINDOW_SIZE: 2\n  SIMMIM:\n    TARGET:\n      NAME: color_bins\n      DOWNSAMPLE: 2\n'
@@ -128,3 +128,20 @@ def test_tool_bad_input_gets_one_paragraph_and_exit_code_2(checkpoint, bad_input
     err = capsys.readouterr().err
     assert expected in err and 'Traceback' not in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / 'out' / 'box.png')
+
+
+def test_labelled_png_names_the_columns_above_the_unchanged_grid(tmp_path):
+    grid = (torch.rand(3, 2 * 34 + 2, 4 * 34 + 2, generator=torch.Generator().manual_seed(0))
+            * 255).to(torch.uint8)
+    save_png(grid, str(tmp_path / 'plain.png'), min_cell=64)
+    save_png(grid, str(tmp_path / 'labelled.png'), min_cell=64, labels=True)
+    plain = np.asarray(Image.open(tmp_path / 'plain.png'))
+    labelled = np.asarray(Image.open(tmp_path / 'labelled.png'))
+    strip = labelled.shape[0] - plain.shape[0]
+    assert strip > 8 and labelled.shape[1] == plain.shape[1]
+    assert np.array_equal(labelled[strip:], plain)  # the grid itself is untouched
+    header = labelled[:strip]
+    column = plain.shape[1] // 4
+    for i in range(4):  # each column's header holds dark text on white
+        assert header[:, i * column:(i + 1) * column].min() < 100
+    assert (header[:, :2] == 255).all()

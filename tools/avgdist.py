@@ -1,7 +1,7 @@
 """AvgDist of masking strategies versus mask ratio (Figure 3a): prints the table and saves a plot.
 
-    python tools/avgdist.py                                  # Figure 3a's settings at 192 px
-    python tools/avgdist.py --settings random:32 blockwise:16 --ratios 0.4 0.6 --num-masks 500
+    python -m tools.avgdist                                  # Figure 3a's settings at 192 px
+    python -m tools.avgdist --settings random:32 blockwise:16 --ratios 0.4 0.6 --num-masks 500
 
 A setting is STRATEGY:MASK_PATCH_SIZE with a strategy of data.masking.MASK_GENERATORS (block-wise
 masks use the DATA.BLOCKWISE defaults). Each cell pools --num-masks masks; the plot's x axis is the
@@ -15,12 +15,11 @@ import sys
 
 from PIL import Image, ImageDraw, ImageFont
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.errors import ConfigError  # noqa: E402
-from data.avgdist import mean_avg_dist  # noqa: E402
-from data.masking import MASK_GENERATORS  # noqa: E402
-from engine.launch import prepare_output_dir, run_tool  # noqa: E402
+from utils.errors import ConfigError
+from data.avgdist import mean_avg_dist
+from data.masking import MASK_GENERATORS
+from engine.launch import prepare_output_dir, run_tool
 
 FIGURE_3A_SETTINGS = ['random:4', 'random:8', 'random:16', 'random:32', 'random:64', 'square:16',
                       'square:32', 'blockwise:16', 'blockwise:32']

@@ -1,9 +1,9 @@
 """Build the colour palette of the color_clusters target (iGPT-style, Table 5): k-means over pixels
 sampled from the training images of a pre-training config.
 
-    python tools/build_color_palette.py --cfg configs/ablations/table5_target/igpt_cluster__res48.yaml \
+    python -m tools.build_color_palette --cfg configs/ablations/table5_target/igpt_cluster__res48.yaml \
         --data-path /data/imagenet/train
-    python tools/build_color_palette.py --cfg FILE --opts DATA.DATASET synthetic --output palette.pt
+    python -m tools.build_color_palette --cfg FILE --opts DATA.DATASET synthetic --output palette.pt
 
 The images are the config's training samples (same data source and crops as pre-training).
 The palette, (MODEL.SIMMIM.TARGET.NUM_CLUSTERS, 3) RGB in [0, 1] sorted by brightness, is written to
@@ -17,14 +17,13 @@ import sys
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import load_config  # noqa: E402
-from data import build_pretrain_data  # noqa: E402
-from models import model_patch_size  # noqa: E402
-from utils.errors import ConfigError  # noqa: E402
-from models.targets import nearest_color_index, normalized_to_rgb  # noqa: E402
-from engine.launch import prepare_output_dir, run_tool  # noqa: E402
+from config import load_config
+from data import build_pretrain_data
+from models import model_patch_size
+from utils.errors import ConfigError
+from models.targets import nearest_color_index, normalized_to_rgb
+from engine.launch import prepare_output_dir, run_tool
 
 
 def kmeans(points, k, iterations=30, generator=None):

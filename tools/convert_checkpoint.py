@@ -1,7 +1,7 @@
 """Convert a sharded checkpoint directory (TRAIN.SHARDING fsdp) into one .pth file.
 
-    python tools/convert_checkpoint.py output/simmim_pretrain/TAG/ckpt_epoch_799 ckpt_epoch_799.pth
-    python tools/convert_checkpoint.py SHARDED_DIR OUT.pth --model-only   # no optimizer state
+    python -m tools.convert_checkpoint output/simmim_pretrain/TAG/ckpt_epoch_799 ckpt_epoch_799.pth
+    python -m tools.convert_checkpoint SHARDED_DIR OUT.pth --model-only   # no optimizer state
 
 The file has the keys of the single-file checkpoints (model with the official names, optimizer,
 lr_scheduler, epoch, config, position, rng_states, ...), so fine-tuning (--pretrained), --eval,
@@ -13,12 +13,11 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.atomic_write import atomic_save  # noqa: E402
-from utils.errors import CheckpointWriteError  # noqa: E402
-from utils.errors import CheckpointError  # noqa: E402
-from checkpoint.sharded import read_sharded_checkpoint  # noqa: E402
+from utils.atomic_write import atomic_save
+from utils.errors import CheckpointWriteError
+from utils.errors import CheckpointError
+from checkpoint.sharded import read_sharded_checkpoint
 
 
 def main(argv=None):

@@ -2,10 +2,10 @@
 
     # OUT_DIR/config.json + OUT_DIR/model.safetensors: timm.create_model('local-dir:OUT_DIR',
     # pretrained=True) builds the matching timm model (swin_*, swinv2_*, beit_* or vit_*)
-    python tools/export.py output/.../ckpt_epoch_799.pth --to timm exports/simmim_swin_base
+    python -m tools.export output/.../ckpt_epoch_799.pth --to timm exports/simmim_swin_base
     # our layout, no pickle: the 'model' weights plus the config YAML in the file's metadata;
     # --pretrained and --eval --resume read it
-    python tools/export.py output/.../ckpt_epoch_799.pth --to safetensors ckpt_epoch_799.safetensors
+    python -m tools.export output/.../ckpt_epoch_799.pth --to safetensors ckpt_epoch_799.safetensors
 
 CHECKPOINT is a pre-training or fine-tuning checkpoint, ours or official (its pickled yacs config
 is read as plain data, never executed). The model config comes from the checkpoint, or from
@@ -23,17 +23,16 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint.stored_config import checkpoint_config  # noqa: E402
-from utils.state_dict import encoder_weights  # noqa: E402
-from utils.errors import ToolFailure  # noqa: E402
-from engine.launch import prepare_output_dir, run_tool  # noqa: E402
-from utils.state_dict import summarize_keys, unwrap_state_dict  # noqa: E402
-from utils.safe_load import load_checkpoint_file  # noqa: E402
-from utils.safetensors_io import SCALAR_KEYS, save_safetensors_checkpoint  # noqa: E402
-from checkpoint.sharded import read_checkpoint  # noqa: E402
-from checkpoint.timm_folder import (MAX_RELATIVE_DIFFERENCE, export_timm_folder,  # noqa: E402
+from checkpoint.stored_config import checkpoint_config
+from utils.state_dict import encoder_weights
+from utils.errors import ToolFailure
+from engine.launch import prepare_output_dir, run_tool
+from utils.state_dict import summarize_keys, unwrap_state_dict
+from utils.safe_load import load_checkpoint_file
+from utils.safetensors_io import SCALAR_KEYS, save_safetensors_checkpoint
+from checkpoint.sharded import read_checkpoint
+from checkpoint.timm_folder import (MAX_RELATIVE_DIFFERENCE, export_timm_folder,
                            output_difference)
 
 FORMATS = ('timm', 'safetensors')

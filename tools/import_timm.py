@@ -1,8 +1,8 @@
 """Convert a timm model into this framework's layout: a checkpoint with the official state-dict
 names and a config describing the model, to start SimMIM pre-training or fine-tuning from.
 
-    python tools/import_timm.py exports/simmim_swin_base swin_base.safetensors   # a timm folder
-    python tools/import_timm.py swin_base_patch4_window7_224 swin_base.pth       # a timm name
+    python -m tools.import_timm exports/simmim_swin_base swin_base.safetensors   # a timm folder
+    python -m tools.import_timm swin_base_patch4_window7_224 swin_base.pth       # a timm name
 
 A folder holds config.json and model.safetensors (tools/export.py --to timm writes one, so do
 timm's save_for_hf and the Hugging Face hub). A timm model name is read from the local Hugging
@@ -15,15 +15,14 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.atomic_write import atomic_save  # noqa: E402
-from config import load_config_text  # noqa: E402
-from utils.errors import ToolFailure  # noqa: E402
-from engine.launch import prepare_output_dir, run_tool  # noqa: E402
-from utils.safetensors_io import save_safetensors_checkpoint  # noqa: E402
-from models.timm_mapping import UnsupportedInTimm  # noqa: E402
-from checkpoint.timm_folder import (MAX_RELATIVE_DIFFERENCE, load_timm_model,  # noqa: E402
+from utils.atomic_write import atomic_save
+from config import load_config_text
+from utils.errors import ToolFailure
+from engine.launch import prepare_output_dir, run_tool
+from utils.safetensors_io import save_safetensors_checkpoint
+from models.timm_mapping import UnsupportedInTimm
+from checkpoint.timm_folder import (MAX_RELATIVE_DIFFERENCE, load_timm_model,
                            output_difference, timm_config_yaml, timm_weights)
 
 

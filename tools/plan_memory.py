@@ -1,7 +1,7 @@
 """Estimate per-GPU memory of SimMIM pre-training under DDP and FSDP, with and without activation
 checkpointing, and the largest batch per GPU that fits.
 
-    python tools/plan_memory.py --cfg configs/swinv2_huge__800ep/simmim_pretrain__swinv2_huge__img192_window12__800ep.yaml \
+    python -m tools.plan_memory --cfg configs/swinv2_huge__800ep/simmim_pretrain__swinv2_huge__img192_window12__800ep.yaml \
         --gpus 16 --gpu-memory 80 [--batch-size 128] [--precision bf16|fp32] [--opts KEY VALUE ...]
 
 Weights, gradients and AdamW state are counted from the model built on the meta device;
@@ -17,11 +17,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import load_config  # noqa: E402
-from utils.errors import ConfigError  # noqa: E402
-from engine.memory_plan import (GIB, estimate, largest_batch, measure_activations,  # noqa: E402
+from config import load_config
+from engine.precision import amp_enabled
+from utils.errors import ConfigError
+from engine.memory_plan import (GIB, estimate, largest_batch, measure_activations,
                                model_stats)
 
 SETTINGS = [('ddp', False), ('ddp', True), ('fsdp', False), ('fsdp', True)]
@@ -64,8 +64,7 @@ def main(argv=None):
     except ConfigError as e:
         print(f'Configuration error: {e}', file=sys.stderr)
         return 2
-    amp_off = not config.ENABLE_AMP or config.AMP_OPT_LEVEL == 'O0'
-    precision = args.precision or ('fp32' if amp_off else 'bf16')
+    precision = args.precision or ('bf16' if amp_enabled(config) else 'fp32')
     batch = args.batch_size or config.DATA.BATCH_SIZE
     stats = model_stats(config)
     activations = measure_activations(os.path.abspath(args.cfg), tuple(args.opts), args.device,

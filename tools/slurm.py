@@ -1,7 +1,7 @@
 """Write a SLURM batch script that runs main_simmim.py (or main_finetune.py) with torchrun on every
 node and requeues itself when it is stopped early.
 
-    python tools/slurm.py --nodes 2 --gpus-per-node 8 --time 24:00:00 -- \
+    python -m tools.slurm --nodes 2 --gpus-per-node 8 --time 24:00:00 -- \
         main_simmim.py --cfg configs/swinv2_huge__800ep/simmim_pretrain__swinv2_huge__img192_window12__800ep.yaml \
         --data-path /data/imagenet/train --output /checkpoints/simmim --opts CHECKPOINT.STEP_FREQ 1000 \
         > job.sh && sbatch job.sh

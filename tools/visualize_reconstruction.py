@@ -2,11 +2,11 @@
 one row per image: original | masked input | prediction | prediction pasted into the visible pixels.
 
     # Figure 6: random masks of several mask patch sizes at ratio 0.6, on the synthetic images
-    python tools/visualize_reconstruction.py --checkpoint output/.../ckpt_epoch_99.pth \
+    python -m tools.visualize_reconstruction --checkpoint output/.../ckpt_epoch_99.pth \
         --mask-patch-size 4 8 16 32 64 --mask-ratio 0.6
     # Figure 4: hand-made masks on your own images (white = masked), or a box in pixels
-    python tools/visualize_reconstruction.py --checkpoint CKPT --images DIR --mask-image mask.png
-    python tools/visualize_reconstruction.py --checkpoint CKPT --images DIR --box 40 40 150 150
+    python -m tools.visualize_reconstruction --checkpoint CKPT --images DIR --mask-image mask.png
+    python -m tools.visualize_reconstruction --checkpoint CKPT --images DIR --box 40 40 150 150
 
 The config comes from the checkpoint (or --cfg, plus --opts). Images are resized (shorter side) and
 centre-cropped to DATA.IMG_SIZE; without --images the synthetic validation images are used.
@@ -22,22 +22,21 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.datasets import ImageFolderDataset  # noqa: E402
-from data.seeding import sample_seed  # noqa: E402
-from data.synthetic import SyntheticShapes  # noqa: E402
-from data.masking import MASK_GENERATORS, build_mask_generator  # noqa: E402
-from data.transforms import normalize  # noqa: E402
-from models import build_simmim, model_patch_size  # noqa: E402
-from checkpoint.stored_config import checkpoint_config  # noqa: E402
-from utils.errors import CheckpointError, ConfigError, IncompatibleCheckpointError  # noqa: E402
-from engine.launch import prepare_output_dir, run_tool  # noqa: E402
-from utils.mask_grid import pixel_mask_to_patches  # noqa: E402
-from checkpoint.weights import load_full_state_dict  # noqa: E402
-from utils.state_dict import canonical_keys, unwrap_state_dict  # noqa: E402
-from utils.safe_load import load_checkpoint_file  # noqa: E402
-from engine.figures import reconstruct_images, reconstruction_grid, save_png  # noqa: E402
+from data.datasets import ImageFolderDataset
+from data.seeding import sample_seed
+from data.synthetic import SyntheticShapes
+from data.masking import MASK_GENERATORS, build_mask_generator
+from data.transforms import normalize
+from models import build_simmim, model_patch_size
+from checkpoint.stored_config import checkpoint_config
+from utils.errors import CheckpointError, ConfigError, IncompatibleCheckpointError
+from engine.launch import prepare_output_dir, run_tool
+from utils.mask_grid import pixel_mask_to_patches
+from checkpoint.weights import load_full_state_dict
+from utils.state_dict import canonical_keys, unwrap_state_dict
+from utils.safe_load import load_checkpoint_file
+from engine.figures import reconstruct_images, reconstruction_grid, save_png
 
 
 def load_model(checkpoint_path, cfg=None, opts=()):

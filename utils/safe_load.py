@@ -63,7 +63,7 @@ def folder_error(path, purpose):
     if os.path.isfile(os.path.join(path, SHARDED_MARKER)):
         return CheckpointError(
             f"{purpose}: {path} is a sharded checkpoint directory (TRAIN.SHARDING fsdp). Convert it "
-            f"to one file with `python tools/convert_checkpoint.py {path} OUT.pth` and pass OUT.pth "
+            f"to one file with `python -m tools.convert_checkpoint {path} OUT.pth` and pass OUT.pth "
             f"(resuming a training run takes the directory itself; tools/export.py reads it too).")
     if os.path.isfile(os.path.join(path, '.metadata')):  # DCP's index, written before the marker
         return CheckpointError(
