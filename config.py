@@ -16,9 +16,10 @@ Validation (`validate_config`) is here too: it asks each registered unit to chec
 and checks the keys no unit owns. YAML/--opts merging (utils/config_merge.py) and the command line
 (utils/arguments.py) are leaves beside it.
 """
+
 import argparse
 import os
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 from yacs.config import CfgNode as CN
 
@@ -122,7 +123,7 @@ _C.MODEL.SWIN.EMBED_DIM = 96
 _C.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
 _C.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
 _C.MODEL.SWIN.WINDOW_SIZE = 7
-_C.MODEL.SWIN.MLP_RATIO = 4.
+_C.MODEL.SWIN.MLP_RATIO = 4.0
 _C.MODEL.SWIN.QKV_BIAS = True
 _C.MODEL.SWIN.QK_SCALE = None
 _C.MODEL.SWIN.APE = False
@@ -135,7 +136,7 @@ _C.MODEL.SWINV2.EMBED_DIM = 96
 _C.MODEL.SWINV2.DEPTHS = [2, 2, 6, 2]
 _C.MODEL.SWINV2.NUM_HEADS = [3, 6, 12, 24]
 _C.MODEL.SWINV2.WINDOW_SIZE = 7
-_C.MODEL.SWINV2.MLP_RATIO = 4.
+_C.MODEL.SWINV2.MLP_RATIO = 4.0
 _C.MODEL.SWINV2.QKV_BIAS = True
 _C.MODEL.SWINV2.APE = False
 _C.MODEL.SWINV2.PATCH_NORM = True
@@ -172,7 +173,7 @@ _C.MODEL.SIMMIM.HEAD.INVERSE_SWIN.EMBED_DIM = 96  # width of the last (finest) s
 _C.MODEL.SIMMIM.HEAD.INVERSE_SWIN.DEPTHS = [2, 6, 2, 2]
 _C.MODEL.SIMMIM.HEAD.INVERSE_SWIN.NUM_HEADS = [24, 12, 6, 3]
 _C.MODEL.SIMMIM.HEAD.INVERSE_SWIN.WINDOW_SIZE = 6
-_C.MODEL.SIMMIM.HEAD.INVERSE_SWIN.MLP_RATIO = 4.
+_C.MODEL.SIMMIM.HEAD.INVERSE_SWIN.MLP_RATIO = 4.0
 # Prediction target (section 3.4, Tables 3 and 5; models/targets.py): pixel | color_bins |
 # color_clusters.
 _C.MODEL.SIMMIM.TARGET = CN()
@@ -223,7 +224,9 @@ _C.TRAIN.MAX_NONFINITE_STEPS = 20
 # torch.compile (engine/compilation.py): '' off, 'blocks' each transformer block on its own (short
 # compile, graphs shared by blocks of one shape), 'model' the whole model in one graph.
 _C.TRAIN.COMPILE = ''
-_C.TRAIN.COMPILE_BACKEND = 'inductor'  # aot_eager / eager: trace without code generation (debugging)
+_C.TRAIN.COMPILE_BACKEND = (
+    'inductor'  # aot_eager / eager: trace without code generation (debugging)
+)
 
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = 'cosine'  # cosine | linear | step | multistep
@@ -352,16 +355,21 @@ def check_common_keys(config: CN) -> None:
     require_choice('AMP_DTYPE', config.AMP_DTYPE, AMP_DTYPES, 'dtypes')
     require_choice('TRAIN.SHARDING', config.TRAIN.SHARDING, SHARDINGS, 'shardings')
     require_choice('TRAIN.COMPILE', config.TRAIN.COMPILE, COMPILE_MODES, 'modes')
-    require_choice('TRAIN.COMPILE_BACKEND', config.TRAIN.COMPILE_BACKEND, COMPILE_BACKENDS,
-                   'backends')
+    require_choice(
+        'TRAIN.COMPILE_BACKEND', config.TRAIN.COMPILE_BACKEND, COMPILE_BACKENDS, 'backends'
+    )
     for key in POSITIVE_KEYS:
-        require(_get(config, key) > 0, f"{key} must be positive, got {_get(config, key)}.")
-    require(config.CHECKPOINT.STEP_FREQ >= 0 and config.CHECKPOINT.KEEP_STEP_CKPTS >= 1,
-            "CHECKPOINT.STEP_FREQ must be >= 0 and CHECKPOINT.KEEP_STEP_CKPTS >= 1.")
-    require(config.TRAIN.MAX_NONFINITE_STEPS >= 1, "TRAIN.MAX_NONFINITE_STEPS must be >= 1.")
+        require(_get(config, key) > 0, f'{key} must be positive, got {_get(config, key)}.')
+    require(
+        config.CHECKPOINT.STEP_FREQ >= 0 and config.CHECKPOINT.KEEP_STEP_CKPTS >= 1,
+        'CHECKPOINT.STEP_FREQ must be >= 0 and CHECKPOINT.KEEP_STEP_CKPTS >= 1.',
+    )
+    require(config.TRAIN.MAX_NONFINITE_STEPS >= 1, 'TRAIN.MAX_NONFINITE_STEPS must be >= 1.')
     crop = list(config.AUG.CROP_SCALE)
-    require(len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1,
-            f"AUG.CROP_SCALE must be [low, high] with 0 < low <= high <= 1, got {crop}.")
+    require(
+        len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1,
+        f'AUG.CROP_SCALE must be [low, high] with 0 < low <= high <= 1, got {crop}.',
+    )
 
 
 def check_masked_image_modeling(config: CN) -> None:
@@ -425,29 +433,43 @@ def _merged(merge_source, args, task, is_pretrain):
     return _validate_and_derive(config, world_size, as_task(task, is_pretrain))
 
 
-def get_config(args: argparse.Namespace, task: Union[Task, bool] = PRETRAIN, *,
-               is_pretrain: Optional[bool] = None) -> CN:
+def get_config(
+    args: argparse.Namespace, task: Task | bool = PRETRAIN, *, is_pretrain: bool | None = None
+) -> CN:
     """The frozen config for parsed command-line `args` (official name; `get_config(args)` is the
     official call). `task` (or the official `is_pretrain` flag) says which sections are checked."""
     return _merged(lambda config: merge_yaml(config, args.cfg), args, task, is_pretrain)
 
 
-def load_config(cfg_path: str, opts: Sequence = (), task: Union[Task, bool] = PRETRAIN, *,
-                is_pretrain: Optional[bool] = None, **flags) -> CN:
+def load_config(
+    cfg_path: str,
+    opts: Sequence = (),
+    task: Task | bool = PRETRAIN,
+    *,
+    is_pretrain: bool | None = None,
+    **flags,
+) -> CN:
     """The frozen config a script would use for `--cfg cfg_path --opts *opts` (plus any flag given
     by its argparse name, e.g. ``batch_size=8``), for notebooks and tools."""
     args = argparse.Namespace(cfg=cfg_path, opts=list(opts), **flags)
     return get_config(args, task, is_pretrain=is_pretrain)
 
 
-def load_config_text(yaml_text: str, opts: Sequence = (), task: Union[Task, bool] = FINETUNE, *,
-                     is_pretrain: Optional[bool] = None, source: str = 'the stored config') -> CN:
+def load_config_text(
+    yaml_text: str,
+    opts: Sequence = (),
+    task: Task | bool = FINETUNE,
+    *,
+    is_pretrain: bool | None = None,
+    source: str = 'the stored config',
+) -> CN:
     """The frozen config that YAML text (e.g. a checkpoint's) gives, with `opts` applied. A stored
     config (FINALIZED) reads back as itself. Checked as for fine-tuning unless `task` says
     otherwise: readers of a stored config build the encoder or the classifier."""
     args = argparse.Namespace(cfg=None, opts=list(opts))
-    return _merged(lambda config: merge_yaml_text(config, yaml_text, source), args, task,
-                   is_pretrain)
+    return _merged(
+        lambda config: merge_yaml_text(config, yaml_text, source), args, task, is_pretrain
+    )
 
 
 def get_defaults() -> CN:

@@ -37,6 +37,7 @@ Choices:
   index), so state_dict() stores the settings only to check them: load_state_dict() never changes
   the schedule and returns the settings that differ from the saved ones.
 """
+
 import bisect
 import math
 
@@ -59,30 +60,52 @@ def check_scheduler_config(config):
     train, sched = config.TRAIN, config.TRAIN.LR_SCHEDULER
     _check_schedule_name(sched.NAME)
     # A warmup longer than the run is allowed (e.g. an official YAML with --opts TRAIN.EPOCHS 1).
-    require(train.WARMUP_EPOCHS >= 0, "TRAIN.WARMUP_EPOCHS must be >= 0.")
+    require(train.WARMUP_EPOCHS >= 0, 'TRAIN.WARMUP_EPOCHS must be >= 0.')
     if sched.NAME == 'multistep':
-        require(all(train.WARMUP_EPOCHS <= e for e in sched.MULTISTEPS),
-                f"TRAIN.LR_SCHEDULER.MULTISTEPS {list(sched.MULTISTEPS)} must not fall inside the "
-                f"warmup (TRAIN.WARMUP_EPOCHS {train.WARMUP_EPOCHS}).")
+        require(
+            all(train.WARMUP_EPOCHS <= e for e in sched.MULTISTEPS),
+            f'TRAIN.LR_SCHEDULER.MULTISTEPS {list(sched.MULTISTEPS)} must not fall inside the '
+            f'warmup (TRAIN.WARMUP_EPOCHS {train.WARMUP_EPOCHS}).',
+        )
 
 
 class LRScheduler:
     """The lr of every param group as a function of the update index (see the module docstring)."""
 
-    def __init__(self, optimizer, schedule, num_steps, warmup_steps=0, warmup_lr=0.0, min_lr=0.0,
-                 warmup_prefix=False, decay_steps=0, decay_rate=0.1, milestones=(), gamma=0.1):
+    def __init__(
+        self,
+        optimizer,
+        schedule,
+        num_steps,
+        warmup_steps=0,
+        warmup_lr=0.0,
+        min_lr=0.0,
+        warmup_prefix=False,
+        decay_steps=0,
+        decay_rate=0.1,
+        milestones=(),
+        gamma=0.1,
+    ):
         _check_schedule_name(schedule)
         if schedule == 'step' and decay_steps <= 0:
-            raise ValueError(f"The step schedule needs decay_steps > 0, got {decay_steps} "
-                             f"(TRAIN.LR_SCHEDULER.DECAY_EPOCHS x iterations per epoch).")
+            raise ValueError(
+                f'The step schedule needs decay_steps > 0, got {decay_steps} '
+                f'(TRAIN.LR_SCHEDULER.DECAY_EPOCHS x iterations per epoch).'
+            )
         self.optimizer = optimizer
         self.settings = {
-            'schedule': schedule, 'num_steps': int(num_steps), 'warmup_steps': int(warmup_steps),
-            'warmup_lr': float(warmup_lr), 'min_lr': float(min_lr),
-            'warmup_prefix': bool(warmup_prefix), 'decay_steps': int(decay_steps),
-            'decay_rate': float(decay_rate), 'milestones': sorted(int(m) for m in milestones),
+            'schedule': schedule,
+            'num_steps': int(num_steps),
+            'warmup_steps': int(warmup_steps),
+            'warmup_lr': float(warmup_lr),
+            'min_lr': float(min_lr),
+            'warmup_prefix': bool(warmup_prefix),
+            'decay_steps': int(decay_steps),
+            'decay_rate': float(decay_rate),
+            'milestones': sorted(int(m) for m in milestones),
             'gamma': float(gamma),
-            'peak_lrs': [float(g['lr']) for g in optimizer.param_groups]}
+            'peak_lrs': [float(g['lr']) for g in optimizer.param_groups],
+        }
         self.last_num_updates = 0
         self.step_update(0)
 
@@ -131,21 +154,30 @@ class LRScheduler:
         saved = state.get('settings') if isinstance(state, dict) else None
         if not isinstance(saved, dict):
             keys = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
-            return [f"saved scheduler state is not from this scheduler (keys {keys}); ignored"]
-        return [f"{key}: saved {saved.get(key)!r}, now {value!r}"
-                for key, value in self.settings.items() if saved.get(key) != value]
+            return [f'saved scheduler state is not from this scheduler (keys {keys}); ignored']
+        return [
+            f'{key}: saved {saved.get(key)!r}, now {value!r}'
+            for key, value in self.settings.items()
+            if saved.get(key) != value
+        ]
 
 
-def build_scheduler(config: CfgNode, optimizer: torch.optim.Optimizer,
-                    n_iter_per_epoch: int) -> LRScheduler:
+def build_scheduler(
+    config: CfgNode, optimizer: torch.optim.Optimizer, n_iter_per_epoch: int
+) -> LRScheduler:
     """The LRScheduler of TRAIN.LR_SCHEDULER for `optimizer` (call after build_optimizer, before
     loading an optimizer state, so the group lrs are still the peaks)."""
     train, sched = config.TRAIN, config.TRAIN.LR_SCHEDULER
     return LRScheduler(
-        optimizer, sched.NAME,
+        optimizer,
+        sched.NAME,
         num_steps=int(train.EPOCHS * n_iter_per_epoch),
         warmup_steps=int(train.WARMUP_EPOCHS * n_iter_per_epoch),
-        warmup_lr=train.WARMUP_LR, min_lr=train.MIN_LR,
+        warmup_lr=train.WARMUP_LR,
+        min_lr=train.MIN_LR,
         warmup_prefix=sched.WARMUP_PREFIX,
-        decay_steps=int(sched.DECAY_EPOCHS * n_iter_per_epoch), decay_rate=sched.DECAY_RATE,
-        milestones=[int(e * n_iter_per_epoch) for e in sched.MULTISTEPS], gamma=sched.GAMMA)
+        decay_steps=int(sched.DECAY_EPOCHS * n_iter_per_epoch),
+        decay_rate=sched.DECAY_RATE,
+        milestones=[int(e * n_iter_per_epoch) for e in sched.MULTISTEPS],
+        gamma=sched.GAMMA,
+    )

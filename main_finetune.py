@@ -1,10 +1,11 @@
 """Fine-tuning, evaluation, throughput and linear probing of SimMIM encoders.
 
-    python main_finetune.py --cfg FILE --data-path DIR --pretrained CKPT      # fine-tune
-    python main_finetune.py --cfg FILE --data-path DIR --eval --resume CKPT   # evaluate
-    python main_finetune.py --cfg FILE --data-path DIR --throughput           # forward images/s
-    (linear probing: a config with LINEAR_PROBE.ENABLE True, e.g. configs/vit_base__800ep/...linprobe...)
+python main_finetune.py --cfg FILE --data-path DIR --pretrained CKPT      # fine-tune
+python main_finetune.py --cfg FILE --data-path DIR --eval --resume CKPT   # evaluate
+python main_finetune.py --cfg FILE --data-path DIR --throughput           # forward images/s
+(linear probing: a config with LINEAR_PROBE.ENABLE True, e.g. configs/vit_base__800ep/...linprobe...)
 """
+
 import logging
 import sys
 
@@ -41,18 +42,29 @@ def main(config: CfgNode, dist_info: DistInfo, logger: logging.Logger, writer=No
 
     if config.EVAL_MODE:
         checkpoint = load_eval_weights(config, model, logger)
-        acc1, acc5, loss, count = evaluate(model, data.val_loader, device,
-                                           autocast_dtype(config, device), logger)
+        acc1, acc5, loss, count = evaluate(
+            model, data.val_loader, device, autocast_dtype(config, device), logger
+        )
         logger.info(f' * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.4f}')
         logger.info(f'Accuracy of the network on the {count} test images: {acc1:.3f}%')
         if isinstance(checkpoint, dict) and 'accuracy' in checkpoint:
-            logger.info(f'(the checkpoint recorded {checkpoint["accuracy"]:.3f}% when it was saved)')
+            logger.info(
+                f'(the checkpoint recorded {checkpoint["accuracy"]:.3f}% when it was saved)'
+            )
         return
 
     criterion = build_classification_criterion(config, data.mixup_fn)
-    trainer = build_trainer(config, model, data.train_loader,
-                            ClassificationBatchLoss(criterion, data.mixup_fn), logger, dist_info,
-                            writer, FINETUNE, pretrained=backbone)
+    trainer = build_trainer(
+        config,
+        model,
+        data.train_loader,
+        ClassificationBatchLoss(criterion, data.mixup_fn),
+        logger,
+        dist_info,
+        writer,
+        FINETUNE,
+        pretrained=backbone,
+    )
     if config.THROUGHPUT_MODE:
         throughput(model, data.val_loader, device, logger, trainer.amp_dtype)
         return

@@ -33,17 +33,17 @@ Choices (reference section 5):
   whether that is available. LARS (timm, for linear probing) adapts the decay groups (weight
   matrices) whatever the weight decay, and never the no-decay groups, as MAE's LARS.
 """
+
 import logging
-from typing import Optional, Union
 
 import torch
 from timm.optim import Lars
+from timm.utils import unwrap_model
 from torch import nn
 from torch.distributed.tensor import DTensor
 from yacs.config import CfgNode
 
 from models.registry import architecture_of
-from timm.utils import unwrap_model
 from utils.registry import Registry, require_choice
 from utils.tasks import PRETRAIN, Task, as_task
 
@@ -63,8 +63,11 @@ def layer_lr_scales(config, model):
     """{param_name: LAYER_DECAY ** (L + 1 - layer_id)} for every trainable parameter."""
     layer_id, num_layers = _layer_id_function(config)
     decay = config.TRAIN.LAYER_DECAY
-    return {name: decay ** (num_layers + 1 - layer_id(name))
-            for name, p in unwrap_model(model).named_parameters() if p.requires_grad}
+    return {
+        name: decay ** (num_layers + 1 - layer_id(name))
+        for name, p in unwrap_model(model).named_parameters()
+        if p.requires_grad
+    }
 
 
 # -----------------------------------------------------------------------------------------------
@@ -74,8 +77,11 @@ def layer_lr_scales(config, model):
 
 def _names_without_weight_decay(model):
     skip = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
-    keywords = (set(model.no_weight_decay_keywords())
-                if hasattr(model, 'no_weight_decay_keywords') else set())
+    keywords = (
+        set(model.no_weight_decay_keywords())
+        if hasattr(model, 'no_weight_decay_keywords')
+        else set()
+    )
     return skip, keywords
 
 
@@ -87,14 +93,20 @@ def official_names_without_weight_decay(config, task):
     names, keywords, encoder_names = architecture_of(config).official_no_weight_decay
     if not task.masked_image_modeling:
         return set(names), set(keywords)
-    return ({'encoder.' + n for n in set(names) | set(encoder_names)},
-            {'encoder.' + k for k in keywords})
+    return (
+        {'encoder.' + n for n in set(names) | set(encoder_names)},
+        {'encoder.' + k for k in keywords},
+    )
 
 
 def skips_weight_decay(name, param, skip_names=(), skip_keywords=()):
     """Whether `param` (called `name`) belongs to a group with weight decay 0."""
-    return (param.ndim <= 1 or name.endswith('.bias') or name in skip_names
-            or any(keyword in name for keyword in skip_keywords))
+    return (
+        param.ndim <= 1
+        or name.endswith('.bias')
+        or name in skip_names
+        or any(keyword in name for keyword in skip_keywords)
+    )
 
 
 def group_parameters(named_parameters, skip_names=(), skip_keywords=(), layer_id=None):
@@ -112,8 +124,13 @@ def group_parameters(named_parameters, skip_names=(), skip_keywords=(), layer_id
     return groups
 
 
-def build_param_groups(config: CfgNode, model: nn.Module, task: Union[Task, bool] = PRETRAIN, *,
-                       is_pretrain: Optional[bool] = None) -> list:
+def build_param_groups(
+    config: CfgNode,
+    model: nn.Module,
+    task: Task | bool = PRETRAIN,
+    *,
+    is_pretrain: bool | None = None,
+) -> list:
     """The optimizer's parameter groups (see the module docstring for the keys and the rules)."""
     task = as_task(task, is_pretrain)
     model = unwrap_model(model)
@@ -124,14 +141,22 @@ def build_param_groups(config: CfgNode, model: nn.Module, task: Union[Task, bool
     layer_id = _layer_id_function(config)[0] if _uses_layer_decay(config, task) else None
     scales = layer_lr_scales(config, model) if layer_id is not None else {}
     groups = []
-    for group_name, members in group_parameters(model.named_parameters(), skip_names,
-                                                skip_keywords, layer_id).items():
+    for group_name, members in group_parameters(
+        model.named_parameters(), skip_names, skip_keywords, layer_id
+    ).items():
         scale = scales.get(members[0][0], 1.0)  # one layer per group, so one scale
-        groups.append({
-            'group_name': group_name, 'params': [p for _, p in members],
-            'param_names': [n for n, _ in members],
-            'weight_decay': 0.0 if group_name.endswith('no_decay') else config.TRAIN.WEIGHT_DECAY,
-            'lr': config.TRAIN.BASE_LR * scale, 'lr_scale': scale})
+        groups.append(
+            {
+                'group_name': group_name,
+                'params': [p for _, p in members],
+                'param_names': [n for n, _ in members],
+                'weight_decay': 0.0
+                if group_name.endswith('no_decay')
+                else config.TRAIN.WEIGHT_DECAY,
+                'lr': config.TRAIN.BASE_LR * scale,
+                'lr_scale': scale,
+            }
+        )
     return groups
 
 
@@ -158,26 +183,42 @@ def supports_found_inf(optimizer):
 
 
 def _log_groups(logger, groups, optimizer):
-    logger.info(f"Optimizer {type(optimizer).__name__} with {len(groups)} parameter groups "
-                f"(fused={optimizer.defaults.get('fused')}, skips non-finite steps on device: "
-                f"{supports_found_inf(optimizer)})")
+    logger.info(
+        f'Optimizer {type(optimizer).__name__} with {len(groups)} parameter groups '
+        f'(fused={optimizer.defaults.get("fused")}, skips non-finite steps on device: '
+        f'{supports_found_inf(optimizer)})'
+    )
     for g in groups:
         numel = sum(p.numel() for p in g['params'])
-        logger.info(f"  {g['group_name']}: {len(g['params'])} tensors, {numel:,} values, "
-                    f"lr_scale {g['lr_scale']:.4g}, lr {g['lr']:.4g}, weight_decay "
-                    f"{g['weight_decay']}")
-        logger.debug(f"    {g['group_name']} params: {', '.join(g['param_names'])}")
+        logger.info(
+            f'  {g["group_name"]}: {len(g["params"])} tensors, {numel:,} values, '
+            f'lr_scale {g["lr_scale"]:.4g}, lr {g["lr"]:.4g}, weight_decay '
+            f'{g["weight_decay"]}'
+        )
+        logger.debug(f'    {g["group_name"]} params: {", ".join(g["param_names"])}')
 
 
 def _adamw(groups, config, fast):
     opt = config.TRAIN.OPTIMIZER
-    return torch.optim.AdamW(groups, lr=config.TRAIN.BASE_LR, eps=opt.EPS, betas=tuple(opt.BETAS),
-                             weight_decay=config.TRAIN.WEIGHT_DECAY, **fast)
+    return torch.optim.AdamW(
+        groups,
+        lr=config.TRAIN.BASE_LR,
+        eps=opt.EPS,
+        betas=tuple(opt.BETAS),
+        weight_decay=config.TRAIN.WEIGHT_DECAY,
+        **fast,
+    )
 
 
 def _sgd(groups, config, fast):
-    return torch.optim.SGD(groups, lr=config.TRAIN.BASE_LR, momentum=config.TRAIN.OPTIMIZER.MOMENTUM,
-                           nesterov=True, weight_decay=config.TRAIN.WEIGHT_DECAY, **fast)
+    return torch.optim.SGD(
+        groups,
+        lr=config.TRAIN.BASE_LR,
+        momentum=config.TRAIN.OPTIMIZER.MOMENTUM,
+        nesterov=True,
+        weight_decay=config.TRAIN.WEIGHT_DECAY,
+        **fast,
+    )
 
 
 def _lars(groups, config, fast):
@@ -185,35 +226,48 @@ def _lars(groups, config, fast):
     # linear-probe recipe), while biases and other 1-D parameters get neither.
     for group in groups:
         group['always_adapt'] = not group['group_name'].endswith('no_decay')
-    return Lars(groups, lr=config.TRAIN.BASE_LR, momentum=config.TRAIN.OPTIMIZER.MOMENTUM,
-                weight_decay=config.TRAIN.WEIGHT_DECAY)
+    return Lars(
+        groups,
+        lr=config.TRAIN.BASE_LR,
+        momentum=config.TRAIN.OPTIMIZER.MOMENTUM,
+        weight_decay=config.TRAIN.WEIGHT_DECAY,
+    )
 
 
 WEIGHT_DECAY_RULES = ('ours', 'official')  # TRAIN.WEIGHT_DECAY_RULES (module docstring)
 # TRAIN.OPTIMIZER.NAME -> (param groups, config, {'fused' or 'foreach': True}) -> optimizer
-OPTIMIZERS = Registry('TRAIN.OPTIMIZER.NAME', 'optimizers',
-                      {'adamw': _adamw, 'sgd': _sgd, 'lars': _lars})
+OPTIMIZERS = Registry(
+    'TRAIN.OPTIMIZER.NAME', 'optimizers', {'adamw': _adamw, 'sgd': _sgd, 'lars': _lars}
+)
 
 
 def check_optimizer_config(config):
     OPTIMIZERS.lookup(config.TRAIN.OPTIMIZER.NAME)
-    require_choice('TRAIN.WEIGHT_DECAY_RULES', config.TRAIN.WEIGHT_DECAY_RULES, WEIGHT_DECAY_RULES,
-                   'rules')
+    require_choice(
+        'TRAIN.WEIGHT_DECAY_RULES', config.TRAIN.WEIGHT_DECAY_RULES, WEIGHT_DECAY_RULES, 'rules'
+    )
 
 
-def build_optimizer(config: CfgNode, model: nn.Module, logger: Optional[logging.Logger] = None,
-                    task: Union[Task, bool] = PRETRAIN, *,
-                    is_pretrain: Optional[bool] = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    config: CfgNode,
+    model: nn.Module,
+    logger: logging.Logger | None = None,
+    task: Task | bool = PRETRAIN,
+    *,
+    is_pretrain: bool | None = None,
+) -> torch.optim.Optimizer:
     """The optimizer of TRAIN.OPTIMIZER.NAME over ``build_param_groups(config, model, task)``."""
     task = as_task(task, is_pretrain)
     if not task.layer_decay and config.TRAIN.LAYER_DECAY != 1.0 and logger is not None:
-        logger.warning(f"TRAIN.LAYER_DECAY {config.TRAIN.LAYER_DECAY} is ignored in "
-                       f"{task.description} (as in the official code).")
+        logger.warning(
+            f'TRAIN.LAYER_DECAY {config.TRAIN.LAYER_DECAY} is ignored in '
+            f'{task.description} (as in the official code).'
+        )
     check_optimizer_config(config)
     groups = build_param_groups(config, model, task)
     params = [p for g in groups for p in g['params']]
     if not params:
-        raise ValueError("The model has no trainable parameters (all have requires_grad=False).")
+        raise ValueError('The model has no trainable parameters (all have requires_grad=False).')
     name = config.TRAIN.OPTIMIZER.NAME
     fast = {'fused': True} if _fused_kernels_apply(params, name) else {'foreach': True}
     optimizer = OPTIMIZERS[name](groups, config, fast)

@@ -16,20 +16,20 @@ kernel (models/window_attention.py):
 Forward + backward (the training case) and forward-only are timed, interleaved over `--rounds`;
 the max abs difference to the fp32 textbook result is reported for each.
 """
+
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from benchmarks.report import machine_description, write_report
 from models.attention import eager_attention
 from models.swin_transformer import shifted_window_mask
 from models.window_attention import WINDOW_ATTENTION, attend_windows, window_bias
-from benchmarks.report import machine_description, write_report
 
 # Swin-B at 192 px, window 6: (feature map side, heads) of stages 1 and 3 (the most blocks).
 STAGES = {'stage1': (48, 4), 'stage3': (12, 16)}
@@ -44,14 +44,16 @@ def textbook(q, k, v, bias, mask, scale):
 def sdpa_expanded(q, k, v, bias, mask, scale):
     num_windows = mask.shape[0]
     full = window_bias(bias, mask).repeat(q.shape[0] // num_windows, 1, 1, 1)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full.to(q.dtype),
-                                                            scale=scale)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=full.to(q.dtype), scale=scale
+    )
 
 
 def _kernel(kernel):
     def run(q, k, v, bias, mask, scale):
         with eager_attention(False):  # the kernel itself, even where `attention` would not pick it
             return attend_windows(q, k, v, bias, mask, scale, 0.0, kernel=kernel)
+
     return run
 
 
@@ -59,6 +61,7 @@ def _sdpa_backend(backend):
     def run(q, k, v, bias, mask, scale):
         with torch.nn.attention.sdpa_kernel([backend]):
             return _kernel('sdpa')(q, k, v, bias, mask, scale)
+
     return run
 
 
@@ -76,8 +79,12 @@ def inputs(stage, batch_size, device, dtype, requires_grad):
     side, heads = STAGES[stage]
     num_windows, n = (side // WINDOW) ** 2, WINDOW * WINDOW
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch_size * num_windows, heads, n, HEAD_DIM, generator=gen)
-               .to(device, dtype).requires_grad_(requires_grad) for _ in range(3))
+    q, k, v = (
+        torch.randn(batch_size * num_windows, heads, n, HEAD_DIM, generator=gen)
+        .to(device, dtype)
+        .requires_grad_(requires_grad)
+        for _ in range(3)
+    )
     bias = torch.randn(heads, n, n, generator=gen).to(device).requires_grad_(requires_grad)
     mask = shifted_window_mask((side, side), WINDOW, WINDOW // 2).to(device)
     return q, k, v, bias, mask
@@ -103,25 +110,35 @@ def main():
     variants = make_variants(cuda)
     if args.variants:
         variants = {k: v for k, v in variants.items() if k in args.variants.split(',')}
-    lines = [f'Machine: {machine_description(args.device)}.', '',
-             f'Window attention, Swin-B at 192 px (window 6, shifted), batch {batch}, {dtype}, '
-             f'{torch.get_num_threads()} thread(s); median of {args.rounds} interleaved rounds of '
-             f'{reps} calls.', '',
-             '| stage | formulation | fwd+bwd ms | fwd ms | max abs diff to fp32 textbook |',
-             '|---|---|---|---|---|']
+    lines = [
+        f'Machine: {machine_description(args.device)}.',
+        '',
+        f'Window attention, Swin-B at 192 px (window 6, shifted), batch {batch}, {dtype}, '
+        f'{torch.get_num_threads()} thread(s); median of {args.rounds} interleaved rounds of '
+        f'{reps} calls.',
+        '',
+        '| stage | formulation | fwd+bwd ms | fwd ms | max abs diff to fp32 textbook |',
+        '|---|---|---|---|---|',
+    ]
     for stage in STAGES:
         q, k, v, bias, mask = inputs(stage, batch, args.device, torch.float32, False)
-        reference = textbook(q, k, v, bias, mask, HEAD_DIM ** -0.5)
+        reference = textbook(q, k, v, bias, mask, HEAD_DIM**-0.5)
         times = {(name, mode): [] for name in variants for mode in ('train', 'fwd')}
         errors, skipped = {}, {}
         qq, kk, vv = (t.to(dtype) for t in (q, k, v))
         # One set of inputs per mode, reused by every call (their gradients reset between calls).
-        timed_inputs = {mode: inputs(stage, batch, args.device, dtype, mode == 'train')
-                        for mode in ('train', 'fwd')}
+        timed_inputs = {
+            mode: inputs(stage, batch, args.device, dtype, mode == 'train')
+            for mode in ('train', 'fwd')
+        }
         for name, fn in variants.items():
             try:
-                errors[name] = (fn(qq, kk, vv, bias, mask, HEAD_DIM ** -0.5).float()
-                                - reference).abs().max().item()
+                errors[name] = (
+                    (fn(qq, kk, vv, bias, mask, HEAD_DIM**-0.5).float() - reference)
+                    .abs()
+                    .max()
+                    .item()
+                )
             except Exception as e:  # noqa: BLE001 -- a formulation this device lacks is reported
                 skipped[name] = f'{type(e).__name__}: {str(e).splitlines()[0][:80]}'
         for _ in range(args.rounds):
@@ -135,7 +152,7 @@ def main():
                     context = torch.enable_grad() if mode == 'train' else torch.no_grad()
 
                     def call():
-                        out = fn(*data, HEAD_DIM ** -0.5)
+                        out = fn(*data, HEAD_DIM**-0.5)
                         if mode == 'train':
                             out.sum().backward()
                             for tensor in data:
@@ -153,11 +170,14 @@ def main():
             if name in skipped:
                 lines.append(f'| {stage} | {name} | not available: {skipped[name]} | | |')
                 continue
-            cell = {m: (f'{statistics.median(times[(name, m)]):.2f}' if times[(name, m)] else 'n/a')
-                    for m in ('train', 'fwd')}
-            lines.append(f'| {stage} | {name} | {cell["train"]} | {cell["fwd"]} | '
-                         f'{errors[name]:.1e} |')
-        print('\n'.join(lines[-len(variants):]), flush=True)
+            cell = {
+                m: (f'{statistics.median(times[(name, m)]):.2f}' if times[(name, m)] else 'n/a')
+                for m in ('train', 'fwd')
+            }
+            lines.append(
+                f'| {stage} | {name} | {cell["train"]} | {cell["fwd"]} | {errors[name]:.1e} |'
+            )
+        print('\n'.join(lines[-len(variants) :]), flush=True)
     write_report(lines, args.out)
 
 

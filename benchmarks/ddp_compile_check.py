@@ -9,6 +9,7 @@ scripts do, then runs forward, backward and AdamW steps under autocast (bf16 on 
 dynamo's graphs after the first step and after the last. One rank is enough to exercise DDP's
 hooks (the process group is created even for a single process).
 """
+
 import argparse
 import os
 import sys
@@ -20,10 +21,10 @@ from torch._dynamo.utils import counters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from engine.precision import autocast
 from config import load_config
-from models import build_model
 from engine.compilation import compile_model
+from engine.precision import autocast
+from models import build_model
 from utils.distributed import wrap_ddp
 
 SWIN_B = 'configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml'
@@ -41,8 +42,13 @@ def main():
     parser.add_argument('--out', default=None)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
-    for key, value in (('MASTER_ADDR', '127.0.0.1'), ('MASTER_PORT', '29511'), ('RANK', '0'),
-                       ('WORLD_SIZE', '1'), ('LOCAL_RANK', '0')):
+    for key, value in (
+        ('MASTER_ADDR', '127.0.0.1'),
+        ('MASTER_PORT', '29511'),
+        ('RANK', '0'),
+        ('WORLD_SIZE', '1'),
+        ('LOCAL_RANK', '0'),
+    ):
         os.environ.setdefault(key, value)
     rank = int(os.environ['RANK'])
     if cuda:
@@ -74,12 +80,14 @@ def main():
     if cuda:
         torch.cuda.synchronize()
     ok = graphs[0] > 0 and graphs[-1] == graphs[0]
-    line = (f'DDP ({dist.get_world_size()} rank(s), {dist.get_backend()}) + TRAIN.COMPILE '
-            f'{args.mode}{" + USE_CHECKPOINT" if args.use_checkpoint else ""}, {args.cfg}, batch '
-            f'{batch}: {graphs[0]} graphs after the first step, {graphs[-1]} after {args.steps} '
-            f'({time.perf_counter() - start:.0f} s, loss {loss.item():.4f}): '
-            f'{"no recompilation" if ok else "RECOMPILED"}; recompile reasons: '
-            f'{dict(counters["recompiles"]) or "none"}')
+    line = (
+        f'DDP ({dist.get_world_size()} rank(s), {dist.get_backend()}) + TRAIN.COMPILE '
+        f'{args.mode}{" + USE_CHECKPOINT" if args.use_checkpoint else ""}, {args.cfg}, batch '
+        f'{batch}: {graphs[0]} graphs after the first step, {graphs[-1]} after {args.steps} '
+        f'({time.perf_counter() - start:.0f} s, loss {loss.item():.4f}): '
+        f'{"no recompilation" if ok else "RECOMPILED"}; recompile reasons: '
+        f'{dict(counters["recompiles"]) or "none"}'
+    )
     if rank == 0:
         print(line, flush=True)
         if args.out:

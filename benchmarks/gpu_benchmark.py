@@ -6,9 +6,9 @@ skip of non-finite steps, and training throughput of the official Swin-B / ViT-B
 Writes a markdown report (card, torch version, numbers). Throughput is measured on random tensors
 (model + optimizer only, no data loading); benchmarks/gpu_check.sh adds an end-to-end run.
 """
+
 import argparse
 import os
-import sys
 import time
 
 import torch
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from engine.precision import autocast
 from config import load_config
+from engine.precision import autocast
 from models import build_model
 from models.attention import attention, eager_attention
 from optimizer import build_optimizer
@@ -43,19 +43,28 @@ def check_attention(lines):
     with eager_attention():
         eager = attention(q, k, v, bias)
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    lines.append(f'- fp32 SDPA vs textbook attention (64x4 windows of 36 tokens, additive bias): '
-                 f'max abs diff {(fused - eager).abs().max().item():.2e}')
-    for name, backend in (('memory-efficient', torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION),
-                          ('cuDNN', torch.nn.attention.SDPBackend.CUDNN_ATTENTION)):
+    lines.append(
+        f'- fp32 SDPA vs textbook attention (64x4 windows of 36 tokens, additive bias): '
+        f'max abs diff {(fused - eager).abs().max().item():.2e}'
+    )
+    for name, backend in (
+        ('memory-efficient', torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION),
+        ('cuDNN', torch.nn.attention.SDPBackend.CUDNN_ATTENTION),
+    ):
         try:
             with torch.nn.attention.sdpa_kernel([backend]):
-                out = F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(),
-                                                     attn_mask=bias.bfloat16())
+                out = F.scaled_dot_product_attention(
+                    q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_mask=bias.bfloat16()
+                )
             diff = (out.float() - eager).abs().max().item()
-            lines.append(f'- bf16 {name} kernel accepts the additive bias: yes (max abs diff to fp32 '
-                         f'textbook {diff:.2e})')
+            lines.append(
+                f'- bf16 {name} kernel accepts the additive bias: yes (max abs diff to fp32 '
+                f'textbook {diff:.2e})'
+            )
         except RuntimeError as e:
-            lines.append(f'- bf16 {name} kernel accepts the additive bias: no ({str(e).splitlines()[0][:120]})')
+            lines.append(
+                f'- bf16 {name} kernel accepts the additive bias: no ({str(e).splitlines()[0][:120]})'
+            )
 
 
 def check_nonfinite_skip(lines):
@@ -71,8 +80,10 @@ def check_nonfinite_skip(lines):
     opt.found_inf = torch.ones((), device=DEVICE)
     opt.step()
     untouched = torch.equal(before, p.detach()) and opt.state[p]['step'].item() == step_before
-    lines.append(f'- fused CUDA AdamW skips a step flagged by found_inf, parameters and state '
-                 f'untouched: {"yes" if untouched else "NO"}')
+    lines.append(
+        f'- fused CUDA AdamW skips a step flagged by found_inf, parameters and state '
+        f'untouched: {"yes" if untouched else "NO"}'
+    )
 
 
 def train_steps(cfg_path, batch_size, steps, dtype, eager, use_scaler=False, warmup=5):
@@ -115,7 +126,7 @@ def train_steps(cfg_path, batch_size, steps, dtype, eager, use_scaler=False, war
             loss = step()
         synchronize()
     seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if DEVICE == 'cuda' else float('nan')
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == 'cuda' else float('nan')
     del model, optimizer
     if DEVICE == 'cuda':
         torch.cuda.empty_cache()
@@ -135,29 +146,40 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         props = torch.cuda.get_device_properties(0)
-        card = f'{props.name} ({props.total_memory / 2 ** 30:.0f} GiB)'
+        card = f'{props.name} ({props.total_memory / 2**30:.0f} GiB)'
     else:
         card = 'CPU (smoke test)'
     lines = [f'Card: {card}, torch {torch.__version__}, CUDA {torch.version.cuda}.', '']
     check_attention(lines)
     check_nonfinite_skip(lines)
-    lines += ['', f'Training step of the SimMIM model (forward, backward, clip, fused AdamW), batch '
-                  f'{args.batch_size}, random data, mean of {args.steps} steps after 5 warm-up:', '',
-              '| model | precision | attention | images/s | ms/step | peak memory (GiB) | loss |',
-              '|---|---|---|---|---|---|---|']
-    runs = [(SWIN_B, 'Swin-B 192', torch.bfloat16, False, False),
-            (SWIN_B, 'Swin-B 192', torch.bfloat16, True, False),
-            (SWIN_B, 'Swin-B 192', torch.float16, False, True),
-            (SWIN_B, 'Swin-B 192', torch.float32, False, False),
-            (VIT_B, 'ViT-B/16 224', torch.bfloat16, False, False),
-            (VIT_B, 'ViT-B/16 224', torch.bfloat16, True, False),
-            (SWINV2_B, 'SwinV2-B 192', torch.bfloat16, False, False)]
+    lines += [
+        '',
+        f'Training step of the SimMIM model (forward, backward, clip, fused AdamW), batch '
+        f'{args.batch_size}, random data, mean of {args.steps} steps after 5 warm-up:',
+        '',
+        '| model | precision | attention | images/s | ms/step | peak memory (GiB) | loss |',
+        '|---|---|---|---|---|---|---|',
+    ]
+    runs = [
+        (SWIN_B, 'Swin-B 192', torch.bfloat16, False, False),
+        (SWIN_B, 'Swin-B 192', torch.bfloat16, True, False),
+        (SWIN_B, 'Swin-B 192', torch.float16, False, True),
+        (SWIN_B, 'Swin-B 192', torch.float32, False, False),
+        (VIT_B, 'ViT-B/16 224', torch.bfloat16, False, False),
+        (VIT_B, 'ViT-B/16 224', torch.bfloat16, True, False),
+        (SWINV2_B, 'SwinV2-B 192', torch.bfloat16, False, False),
+    ]
     for cfg, name, dtype, eager, scaler in runs:
         ips, ms, peak, loss = train_steps(cfg, args.batch_size, args.steps, dtype, eager, scaler)
-        precision = {torch.bfloat16: 'bf16 autocast', torch.float16: 'fp16 autocast + GradScaler',
-                     torch.float32: 'fp32 (TF32 matmuls)'}[dtype]
-        lines.append(f'| {name} | {precision} | {"textbook" if eager else "SDPA"} | {ips:.0f} | '
-                     f'{ms:.1f} | {peak:.1f} | {loss:.4f} |')
+        precision = {
+            torch.bfloat16: 'bf16 autocast',
+            torch.float16: 'fp16 autocast + GradScaler',
+            torch.float32: 'fp32 (TF32 matmuls)',
+        }[dtype]
+        lines.append(
+            f'| {name} | {precision} | {"textbook" if eager else "SDPA"} | {ips:.0f} | '
+            f'{ms:.1f} | {peak:.1f} | {loss:.4f} |'
+        )
         print(lines[-1], flush=True)
     text = '\n'.join(lines) + '\n'
     print(text)

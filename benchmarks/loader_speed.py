@@ -15,13 +15,13 @@ the GPU) is timed too. Then the real DataLoader (build_loader) runs with --worke
 Cores per GPU = the model's images/s (--model-rate; 1400 is Swin-B/192 bf16 on one H100,
 benchmarks/RESULTS.md) / images/s of one worker.
 """
+
 import argparse
 import atexit
 import io
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
@@ -32,16 +32,16 @@ from torch.utils.data import default_collate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from benchmarks.report import machine_description, write_report
 from config import load_config
 from data import build_loader
 from data.datasets import ImageFolderDataset, load_image
 from data.gpu_decode import EncodedMaskedImageDataset, collate_encoded, decode_batch
 from data.masking import MaskGenerator
-from utils.mask_grid import upsample_mask
 from data.pretrain_transform import PretrainTransform, draft_jpeg
 from data.seeding import sample_seed, seeded_global_rngs
 from data.transforms import to_rgb
-from benchmarks.report import machine_description, write_report
+from utils.mask_grid import upsample_mask
 
 SWIN_B = 'configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml'
 
@@ -75,15 +75,16 @@ def old_mask(generator, mask_generator):
     """The mask as drawn before numpy upsampling (torch ops), for the 'before' timing."""
     order = torch.randperm(mask_generator.num_mask_patches, generator=generator)
     grid = torch.zeros(mask_generator.num_mask_patches, dtype=torch.int64)
-    grid[order[:mask_generator.num_masked]] = 1
+    grid[order[: mask_generator.num_masked]] = 1
     side = mask_generator.mask_grid_size
     return upsample_mask(grid.view(side, side), mask_generator.scale)
 
 
 def time_stages(paths, transform, mask_generator, new_masks, batch_size, gpu_handover=False):
     """Seconds per image of each stage, medians over `paths` (collate: per image of a batch)."""
-    stages = {name: [] for name in ('read', 'decode', 'crop/resize', 'flip+normalise', 'mask',
-                                    'collate')}
+    stages = {
+        name: [] for name in ('read', 'decode', 'crop/resize', 'flip+normalise', 'mask', 'collate')
+    }
     samples = []
     for index, path in enumerate(paths):
         seed = sample_seed(0, 0, index, 'augment')
@@ -115,7 +116,7 @@ def time_stages(paths, transform, mask_generator, new_masks, batch_size, gpu_han
     if not gpu_handover:
         for start in range(0, len(samples) - batch_size + 1, batch_size):
             t0 = time.perf_counter()
-            default_collate(samples[start:start + batch_size])
+            default_collate(samples[start : start + batch_size])
             stages['collate'].append((time.perf_counter() - t0) / batch_size)
     return {name: statistics.mean(values) if values else 0.0 for name, values in stages.items()}
 
@@ -128,8 +129,12 @@ def draft_difference(paths, transform):
             plan = transform.plan(Image.open(path).size)
         full = np.asarray(transform.crop_resize(load_image(path), plan), dtype=np.float64)
         reduced = []
-        image = load_image(path, before_decode=lambda header: reduced.append(
-            draft_jpeg(header, transform.reduction(plan))))
+        image = load_image(
+            path,
+            before_decode=lambda header: reduced.append(
+                draft_jpeg(header, transform.reduction(plan))
+            ),
+        )
         draft = np.asarray(transform.crop_resize(image, plan, reduced[0]), dtype=np.float64)
         differences.append(np.abs(full - draft).ravel())
     values = np.concatenate(differences)
@@ -139,8 +144,9 @@ def draft_difference(paths, transform):
 def device_decode_rate(folder, img_size, batch_size, mask_generator, device):
     """Images/s of data.gpu_decode.decode_batch on `device` (the main process's share of
     DATA.DECODE gpu), over batches of the images in `folder`."""
-    dataset = EncodedMaskedImageDataset(ImageFolderDataset(folder), PretrainTransform(img_size),
-                                        mask_generator)
+    dataset = EncodedMaskedImageDataset(
+        ImageFolderDataset(folder), PretrainTransform(img_size), mask_generator
+    )
     count = min(batch_size, len(dataset))
     batch = collate_encoded([dataset[(0, i)] for i in range(count)])
     datas = [d.pin_memory() for d in batch[0]]
@@ -175,8 +181,12 @@ def main():
     parser.add_argument('--img-size', type=int, default=192)
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1))
-    parser.add_argument('--model-rate', type=float, default=1400.0,
-                        help='images/s one GPU trains at (Swin-B/192 bf16 on an H100: 1400)')
+    parser.add_argument(
+        '--model-rate',
+        type=float,
+        default=1400.0,
+        help='images/s one GPU trains at (Swin-B/192 bf16 on an H100: 1400)',
+    )
     parser.add_argument('--data-dir', default=None, help='where to write the JPEGs (default: temp)')
     parser.add_argument('--out', default=None)
     args = parser.parse_args()
@@ -185,55 +195,108 @@ def main():
     if root is None:  # generated JPEGs (about 80 MB) go away with the run
         root = tempfile.mkdtemp(prefix='loader_speed_')
         atexit.register(shutil.rmtree, root, True)
-    sets = {'ImageNet-sized 500x375': write_photos(os.path.join(root, 'imagenet'), args.num_images,
-                                                   (500, 375), 0),
-            'large 1600x1200': write_photos(os.path.join(root, 'large'), args.num_images // 4,
-                                            (1600, 1200), 1)}
+    sets = {
+        'ImageNet-sized 500x375': write_photos(
+            os.path.join(root, 'imagenet'), args.num_images, (500, 375), 0
+        ),
+        'large 1600x1200': write_photos(
+            os.path.join(root, 'large'), args.num_images // 4, (1600, 1200), 1
+        ),
+    }
     mask_generator = MaskGenerator(args.img_size, 32, 4, 0.6)
-    lines = [f'Machine: {machine_description()}, Pillow {Image.__version__}. Output '
-             f'{args.img_size} px (Swin-B pre-training), 1 thread per worker.', '']
+    lines = [
+        f'Machine: {machine_description()}, Pillow {Image.__version__}. Output '
+        f'{args.img_size} px (Swin-B pre-training), 1 thread per worker.',
+        '',
+    ]
     for name, paths in sets.items():
         sizes = [os.path.getsize(p) / 1024 for p in paths]
-        lines += [f'{name}: {len(paths)} JPEGs, mean {statistics.mean(sizes):.0f} KiB.', '',
-                  '| pipeline | read | decode | crop/resize | flip+normalise | mask | collate | '
-                  'ms/image | images/s per worker | cores per GPU at '
-                  f'{args.model_rate:.0f} img/s |', '|---|---|---|---|---|---|---|---|---|---|']
-        runs = [('before (full decode, torch masks)', PretrainTransform(args.img_size), False, False),
-                ('now (JPEG draft, numpy masks)',
-                 PretrainTransform(args.img_size, jpeg_draft=True), True, False),
-                ('DATA.DECODE gpu: worker share', PretrainTransform(args.img_size), True, True)]
+        lines += [
+            f'{name}: {len(paths)} JPEGs, mean {statistics.mean(sizes):.0f} KiB.',
+            '',
+            '| pipeline | read | decode | crop/resize | flip+normalise | mask | collate | '
+            'ms/image | images/s per worker | cores per GPU at '
+            f'{args.model_rate:.0f} img/s |',
+            '|---|---|---|---|---|---|---|---|---|---|',
+        ]
+        runs = [
+            ('before (full decode, torch masks)', PretrainTransform(args.img_size), False, False),
+            (
+                'now (JPEG draft, numpy masks)',
+                PretrainTransform(args.img_size, jpeg_draft=True),
+                True,
+                False,
+            ),
+            ('DATA.DECODE gpu: worker share', PretrainTransform(args.img_size), True, True),
+        ]
         for label, transform, new_masks, handover in runs:
             time_stages(paths[:8], transform, mask_generator, new_masks, args.batch_size, handover)
-            stages = time_stages(paths, transform, mask_generator, new_masks, args.batch_size,
-                                 handover)
+            stages = time_stages(
+                paths, transform, mask_generator, new_masks, args.batch_size, handover
+            )
             total = sum(stages.values())
             cells = ' | '.join(f'{1000 * v:.2f}' for v in stages.values())
-            lines.append(f'| {label} | {cells} | {1000 * total:.2f} | {1 / total:.0f} | '
-                         f'{args.model_rate * total:.1f} |')
+            lines.append(
+                f'| {label} | {cells} | {1000 * total:.2f} | {1 / total:.0f} | '
+                f'{args.model_rate * total:.1f} |'
+            )
             print(lines[-1], flush=True)
-        reductions = [PretrainTransform(args.img_size, jpeg_draft=True).reduction(
-            PretrainTransform(args.img_size).plan(Image.open(p).size)) for p in paths[:64]]
+        reductions = [
+            PretrainTransform(args.img_size, jpeg_draft=True).reduction(
+                PretrainTransform(args.img_size).plan(Image.open(p).size)
+            )
+            for p in paths[:64]
+        ]
         mean, p99 = draft_difference(paths[:32], PretrainTransform(args.img_size, jpeg_draft=True))
-        lines += ['', f'Decode scale with JPEG draft: ' + ', '.join(
-            f'1/{r}: {reductions.count(r)}' for r in (1, 2, 4, 8) if reductions.count(r))
+        lines += [
+            '',
+            'Decode scale with JPEG draft: '
+            + ', '.join(
+                f'1/{r}: {reductions.count(r)}' for r in (1, 2, 4, 8) if reductions.count(r)
+            )
             + f' of {len(reductions)} crops; |full - draft| pixel difference of the resized crops: '
-              f'mean {mean:.2f}, 99th percentile {p99:.1f} (8-bit units).', '']
+            f'mean {mean:.2f}, 99th percentile {p99:.1f} (8-bit units).',
+            '',
+        ]
         if torch.cuda.is_available():
-            rate = device_decode_rate(os.path.dirname(paths[0]), args.img_size, 128,
-                                      mask_generator, torch.device('cuda'))
-            lines += [f'DATA.DECODE gpu, main-process share on {torch.cuda.get_device_name(0)}: '
-                      f'decode + crop + resize + flip + normalise of batches of 128 at {rate:.0f} '
-                      f'images/s ({1000 * 128 / rate:.1f} ms of GPU time per batch of 128).', '']
+            rate = device_decode_rate(
+                os.path.dirname(paths[0]), args.img_size, 128, mask_generator, torch.device('cuda')
+            )
+            lines += [
+                f'DATA.DECODE gpu, main-process share on {torch.cuda.get_device_name(0)}: '
+                f'decode + crop + resize + flip + normalise of batches of 128 at {rate:.0f} '
+                f'images/s ({1000 * 128 / rate:.1f} ms of GPU time per batch of 128).',
+                '',
+            ]
             print(lines[-2], flush=True)
-    lines += [f'DataLoader (build_loader, ImageNet-sized set, batch {args.batch_size}, '
-              f'{args.workers} workers, pin_memory on a GPU machine): images/s for the whole loader '
-              f'and per worker.', '', '| DATA.DECODE | DATA.JPEG_DRAFT | images/s | per worker |',
-              '|---|---|---|---|']
-    settings = [('cpu', False), ('cpu', True)] + ([('gpu', False)] if torch.cuda.is_available() else [])
+    lines += [
+        f'DataLoader (build_loader, ImageNet-sized set, batch {args.batch_size}, '
+        f'{args.workers} workers, pin_memory on a GPU machine): images/s for the whole loader '
+        f'and per worker.',
+        '',
+        '| DATA.DECODE | DATA.JPEG_DRAFT | images/s | per worker |',
+        '|---|---|---|---|',
+    ]
+    settings = [('cpu', False), ('cpu', True)] + (
+        [('gpu', False)] if torch.cuda.is_available() else []
+    )
     for decode, draft in settings:
-        opts = ['DATA.DATA_PATH', os.path.join(root, 'imagenet'), 'DATA.DATASET', 'folder',
-                'DATA.BATCH_SIZE', args.batch_size, 'DATA.IMG_SIZE', args.img_size,
-                'MODEL.SWIN.WINDOW_SIZE', 6, 'DATA.JPEG_DRAFT', draft, 'DATA.DECODE', decode]
+        opts = [
+            'DATA.DATA_PATH',
+            os.path.join(root, 'imagenet'),
+            'DATA.DATASET',
+            'folder',
+            'DATA.BATCH_SIZE',
+            args.batch_size,
+            'DATA.IMG_SIZE',
+            args.img_size,
+            'MODEL.SWIN.WINDOW_SIZE',
+            6,
+            'DATA.JPEG_DRAFT',
+            draft,
+            'DATA.DECODE',
+            decode,
+        ]
         rate = loader_rate(opts, args.workers, batches=args.num_images // args.batch_size)
         lines.append(f'| {decode} | {draft} | {rate:.0f} | {rate / args.workers:.0f} |')
         print(lines[-1], flush=True)

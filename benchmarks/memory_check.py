@@ -12,6 +12,7 @@ torch.cuda.max_memory_allocated; on the CPU torch's own tracker of live tensor s
 Under FSDP on one GPU the group has one rank: that measures FSDP's own overhead (gathered units,
 bf16 copies), not the saving of sharding over N GPUs.
 """
+
 import argparse
 import os
 import socket
@@ -24,12 +25,12 @@ import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from engine.precision import autocast
 from config import load_config
+from engine.memory_plan import GIB, estimate, measure_activations, model_stats
+from engine.precision import autocast
+from engine.sharding import shard_model
 from models import build_model
 from optimizer import build_optimizer
-from engine.memory_plan import GIB, estimate, measure_activations, model_stats
-from engine.sharding import shard_model
 
 SWINV2_B = 'configs/simmim/simmim_pretrain__swinv2_base__img192_window12__800ep.yaml'
 SWINV2_L = 'configs/swinv2_large__800ep/simmim_pretrain__swinv2_large__img192_window12__800ep.yaml'
@@ -80,9 +81,15 @@ def _measure_rank(rank, world_size, port, case, device_type, results, steps):
     device = torch.device('cuda', 0) if device_type == 'cuda' else torch.device('cpu')
     if sharding == 'fsdp':
         os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-        dist.init_process_group('nccl' if device_type == 'cuda' else 'gloo', rank=rank,
-                                world_size=world_size, device_id=device if device_type == 'cuda' else None)
-    config = load_config(os.path.join(ROOT, cfg), [*opts, 'TRAIN.USE_CHECKPOINT', str(checkpointing)])
+        dist.init_process_group(
+            'nccl' if device_type == 'cuda' else 'gloo',
+            rank=rank,
+            world_size=world_size,
+            device_id=device if device_type == 'cuda' else None,
+        )
+    config = load_config(
+        os.path.join(ROOT, cfg), [*opts, 'TRAIN.USE_CHECKPOINT', str(checkpointing)]
+    )
     amp_dtype = torch.bfloat16 if device_type == 'cuda' else None
     torch.manual_seed(0)
     with torch.device(device):  # initialised in place: SwinV2-G has 3 B parameters
@@ -107,6 +114,7 @@ def _measure_rank(rank, world_size, port, case, device_type, results, steps):
     else:
         from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
         from torch.distributed._tools.mem_tracker import MemTracker
+
         if sharding == 'fsdp':
             tracker = FSDPMemTracker(model, optimizer)
             tracker.track_inputs((images, mask))
@@ -132,8 +140,11 @@ def measure(case, device_type, steps=10):
     ranks = case[5]
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(ranks, _free_port(), case, device_type, results, steps), nprocs=ranks)
-    return (max(results[r][0] for r in range(ranks)), min(results[r][1] for r in range(ranks)),
-            results[0][2])
+    return (
+        max(results[r][0] for r in range(ranks)),
+        min(results[r][1] for r in range(ranks)),
+        results[0][2],
+    )
 
 
 def planned(case, device_type, measure_device):
@@ -142,8 +153,9 @@ def planned(case, device_type, measure_device):
     precision = 'bf16' if device_type == 'cuda' else 'fp32'
     config = load_config(path, list(opts))
     activations = measure_activations(path, tuple(opts), measure_device, device_type, precision)
-    return estimate(model_stats(config), activations, batch, ranks, sharding, checkpointing,
-                    precision).peak
+    return estimate(
+        model_stats(config), activations, batch, ranks, sharding, checkpointing, precision
+    ).peak
 
 
 def main(argv=None):
@@ -154,8 +166,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cases = CPU_CASES if args.device == 'cpu' else GPU_CASES
     chosen = [cases[i] for i in args.cases] if args.cases else cases
-    lines = ['| config | batch/rank | sharding | act. ckpt | ranks | planned GiB | measured GiB | '
-             'planned/measured | images/s | loss |', '|---|---|---|---|---|---|---|---|---|---|']
+    lines = [
+        '| config | batch/rank | sharding | act. ckpt | ranks | planned GiB | measured GiB | '
+        'planned/measured | images/s | loss |',
+        '|---|---|---|---|---|---|---|---|---|---|',
+    ]
     for case in chosen:
         cfg, opts, batch, sharding, checkpointing, ranks = case
         name = os.path.basename(cfg).replace('.yaml', '') + (' (narrow)' if opts else '')
@@ -168,8 +183,10 @@ def main(argv=None):
             row = f'{peak / GIB:.3f} | {plan / peak:.2f} | {speed} | {loss:.4f}'
         except Exception as e:  # noqa: BLE001 -- e.g. out of memory: report and go on
             row = f'failed: {type(e).__name__} | | |'
-        lines.append(f'| {name} | {batch} | {sharding} | {checkpointing} | {ranks} | '
-                     f'{plan / GIB:.3f} | {row} |')
+        lines.append(
+            f'| {name} | {batch} | {sharding} | {checkpointing} | {ranks} | '
+            f'{plan / GIB:.3f} | {row} |'
+        )
         print(lines[-1], flush=True)
     if args.out:
         with open(args.out, 'a') as f:

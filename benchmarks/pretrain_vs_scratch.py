@@ -9,10 +9,10 @@ the machine they ran on. Not a test: it takes minutes.
 
     python -m benchmarks.pretrain_vs_scratch [--pretrain-epochs 16] [--finetune-epochs 15]
 """
+
 import argparse
 import datetime
 import os
-import sys
 import time
 
 import torch
@@ -53,25 +53,55 @@ def main():
     os.chdir(ROOT)
 
     pretrain_out = os.path.join(args.output, 'pretrain')
-    pretrain_time = timed(main_simmim.main, [
-        '--cfg', PRETRAIN_CFG, '--output', pretrain_out,
-        '--opts', 'TRAIN.EPOCHS', str(args.pretrain_epochs), 'SAVE_FREQ', str(args.pretrain_epochs),
-        'VIS_FREQ', '0'], PRETRAIN)
-    checkpoint = os.path.join(pretrain_out, 'simmim_pretrain',
-                              'simmim_pretrain__swin_tiny__img64__synthetic',
-                              f'ckpt_epoch_{args.pretrain_epochs - 1}.pth')
+    pretrain_time = timed(
+        main_simmim.main,
+        [
+            '--cfg',
+            PRETRAIN_CFG,
+            '--output',
+            pretrain_out,
+            '--opts',
+            'TRAIN.EPOCHS',
+            str(args.pretrain_epochs),
+            'SAVE_FREQ',
+            str(args.pretrain_epochs),
+            'VIS_FREQ',
+            '0',
+        ],
+        PRETRAIN,
+    )
+    checkpoint = os.path.join(
+        pretrain_out,
+        'simmim_pretrain',
+        'simmim_pretrain__swin_tiny__img64__synthetic',
+        f'ckpt_epoch_{args.pretrain_epochs - 1}.pth',
+    )
 
     results = {}
     for name, extra in (('SimMIM pre-trained', ['--pretrained', checkpoint]), ('random init', [])):
         output = os.path.join(args.output, name.split()[0].lower())
-        seconds = timed(main_finetune.main, [
-            '--cfg', FINETUNE_CFG, '--output', output, *extra,
-            '--opts', 'TRAIN.EPOCHS', str(args.finetune_epochs)], FINETUNE)
-        results[name] = (best_accuracy(output, 'simmim_finetune__swin_tiny__img64__synthetic'), seconds)
+        seconds = timed(
+            main_finetune.main,
+            [
+                '--cfg',
+                FINETUNE_CFG,
+                '--output',
+                output,
+                *extra,
+                '--opts',
+                'TRAIN.EPOCHS',
+                str(args.finetune_epochs),
+            ],
+            FINETUNE,
+        )
+        results[name] = (
+            best_accuracy(output, 'simmim_finetune__swin_tiny__img64__synthetic'),
+            seconds,
+        )
 
     lines = [
         f'\n## Pre-training vs. random initialisation ({datetime.date.today()})\n',
-        f"Machine: {machine_description('cuda' if torch.cuda.is_available() else 'cpu')} "
+        f'Machine: {machine_description("cuda" if torch.cuda.is_available() else "cpu")} '
         f'({torch.get_num_threads()} torch threads).\n',
         f'`python -m benchmarks.pretrain_vs_scratch --pretrain-epochs {args.pretrain_epochs} '
         f'--finetune-epochs {args.finetune_epochs}`: SimMIM pre-training of `{PRETRAIN_CFG}` '

@@ -9,9 +9,9 @@ a CPU, CUDA kernel time on a GPU) as a markdown table, grouped into a few famili
 products, attention, normalisation, element-wise, copies and layout, optimizer) so that runs can be
 compared at a glance. `--trace` also writes a Chrome trace.
 """
+
 import argparse
 import os
-import sys
 
 from benchmarks import speed
 from benchmarks.report import machine_description, write_report
@@ -19,18 +19,72 @@ from benchmarks.report import machine_description, write_report
 # First match wins; names are aten operator names (and CUDA kernel names on a GPU). Compiled code
 # comes first: its generated names also contain the names of the operations it fused.
 FAMILIES = (
-    ('compiled kernels', ('triton', 'cpp_fused', 'graph_', 'compiledfunction', 'compiledfxgraph',
-                          'inductor')),
+    (
+        'compiled kernels',
+        ('triton', 'cpp_fused', 'graph_', 'compiledfunction', 'compiledfxgraph', 'inductor'),
+    ),
     ('attention', ('attention', 'softmax', 'flash', 'fmha', 'efficient')),
     ('optimizer', ('adam', 'foreach', 'multi_tensor', 'clip')),
-    ('matrix products', ('mm', 'addmm', 'bmm', 'matmul', 'linear', 'conv', 'gemm', 'sm90', 'cutlass',
-                         'nvjet', 'xmma')),
+    (
+        'matrix products',
+        (
+            'mm',
+            'addmm',
+            'bmm',
+            'matmul',
+            'linear',
+            'conv',
+            'gemm',
+            'sm90',
+            'cutlass',
+            'nvjet',
+            'xmma',
+        ),
+    ),
     ('normalisation', ('layer_norm', 'layernorm', 'native_layer_norm')),
-    ('copies and layout', ('copy', 'clone', 'contiguous', 'cat', 'roll', 'permute', 'index',
-                           'gather', 'scatter', 'repeat', 'pixel_shuffle', 'transpose')),
-    ('element-wise', ('add', 'mul', 'div', 'sub', 'gelu', 'sigmoid', 'relu', 'where', 'fill', 'abs',
-                      'sum', 'mean', 'exp', 'sign', 'neg', 'pow', 'sqrt', 'clamp', 'vectorized',
-                      'elementwise', 'reduce')),
+    (
+        'copies and layout',
+        (
+            'copy',
+            'clone',
+            'contiguous',
+            'cat',
+            'roll',
+            'permute',
+            'index',
+            'gather',
+            'scatter',
+            'repeat',
+            'pixel_shuffle',
+            'transpose',
+        ),
+    ),
+    (
+        'element-wise',
+        (
+            'add',
+            'mul',
+            'div',
+            'sub',
+            'gelu',
+            'sigmoid',
+            'relu',
+            'where',
+            'fill',
+            'abs',
+            'sum',
+            'mean',
+            'exp',
+            'sign',
+            'neg',
+            'pow',
+            'sqrt',
+            'clamp',
+            'vectorized',
+            'elementwise',
+            'reduce',
+        ),
+    ),
 )
 
 
@@ -55,9 +109,15 @@ def main():
     args = parser.parse_args()
     import torch
     from torch.profiler import ProfilerActivity, profile
-    spec = {'model': args.model, 'variant': args.variant, 'device': args.device,
-            'batch_size': args.batch_size, 'threads': args.threads,
-            'official_dir': os.path.abspath(args.official_dir) if args.official_dir else None}
+
+    spec = {
+        'model': args.model,
+        'variant': args.variant,
+        'device': args.device,
+        'batch_size': args.batch_size,
+        'threads': args.threads,
+        'official_dir': os.path.abspath(args.official_dir) if args.official_dir else None,
+    }
     step, _, cuda = speed.build_row(spec)
     for _ in range(args.warmup):
         step()
@@ -78,19 +138,33 @@ def main():
     for e in events:
         families[family(e.key)] = families.get(family(e.key), 0) + getattr(e, attr)
     where = 'CUDA kernels' if cuda else 'CPU operators'
-    lines = [f'Machine: {machine_description(args.device)}.', '',
-             f'{args.model} {args.variant}, batch {args.batch_size}, {args.device}: '
-             f'{per_step_ms:.1f} ms of {where} self time per step', '',
-             '| family | ms/step | share |', '|---|---|---|']
+    lines = [
+        f'Machine: {machine_description(args.device)}.',
+        '',
+        f'{args.model} {args.variant}, batch {args.batch_size}, {args.device}: '
+        f'{per_step_ms:.1f} ms of {where} self time per step',
+        '',
+        '| family | ms/step | share |',
+        '|---|---|---|',
+    ]
     for name, value in sorted(families.items(), key=lambda kv: -kv[1]):
         lines.append(f'| {name} | {value / 1000 / args.steps:.1f} | {100 * value / total:.1f}% |')
     lines += ['', '| operator | calls/step | ms/step | share |', '|---|---|---|---|']
-    for e in sorted(events, key=lambda e: -getattr(e, attr))[:args.top]:
-        lines.append(f'| `{e.key[:70]}` | {e.count / args.steps:.0f} | '
-                     f'{getattr(e, attr) / 1000 / args.steps:.1f} | '
-                     f'{100 * getattr(e, attr) / total:.1f}% |')
-    write_report(lines, args.out, {'spec': spec, 'per_step_ms': per_step_ms, 'families_ms': {
-        k: v / 1000 / args.steps for k, v in families.items()}})
+    for e in sorted(events, key=lambda e: -getattr(e, attr))[: args.top]:
+        lines.append(
+            f'| `{e.key[:70]}` | {e.count / args.steps:.0f} | '
+            f'{getattr(e, attr) / 1000 / args.steps:.1f} | '
+            f'{100 * getattr(e, attr) / total:.1f}% |'
+        )
+    write_report(
+        lines,
+        args.out,
+        {
+            'spec': spec,
+            'per_step_ms': per_step_ms,
+            'families_ms': {k: v / 1000 / args.steps for k, v in families.items()},
+        },
+    )
 
 
 if __name__ == '__main__':

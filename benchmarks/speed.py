@@ -22,6 +22,7 @@ then take turns for `--rounds` rounds of timed steps, so load from elsewhere on 
 hits them alike (ms/step is the median over all timed steps; warm-up is the wall time of the
 `--warmup` first steps, with the other rows warming up alongside).
 """
+
 import argparse
 import json
 import os
@@ -47,12 +48,35 @@ MODELS = {
     'swinv2_b': (SWINV2_B, [], False),
     # CPU-sized stand-ins with the same structure (4 Swin stages: the official stride is 32;
     # ViT patch 16: the official decoder assumes it).
-    'swin_tiny': (SWIN_B, ['MODEL.SWIN.EMBED_DIM', 32, 'MODEL.SWIN.DEPTHS', [2, 2, 2, 2],
-                           'MODEL.SWIN.NUM_HEADS', [1, 2, 4, 8]], True),
-    'vit_tiny': (VIT_B, ['MODEL.VIT.EMBED_DIM', 96, 'MODEL.VIT.DEPTH', 4,
-                         'MODEL.VIT.NUM_HEADS', 4], True),
-    'swinv2_tiny': (SWINV2_B, ['MODEL.SWINV2.EMBED_DIM', 32, 'MODEL.SWINV2.DEPTHS', [2, 2, 2, 2],
-                               'MODEL.SWINV2.NUM_HEADS', [1, 2, 4, 8]], False),
+    'swin_tiny': (
+        SWIN_B,
+        [
+            'MODEL.SWIN.EMBED_DIM',
+            32,
+            'MODEL.SWIN.DEPTHS',
+            [2, 2, 2, 2],
+            'MODEL.SWIN.NUM_HEADS',
+            [1, 2, 4, 8],
+        ],
+        True,
+    ),
+    'vit_tiny': (
+        VIT_B,
+        ['MODEL.VIT.EMBED_DIM', 96, 'MODEL.VIT.DEPTH', 4, 'MODEL.VIT.NUM_HEADS', 4],
+        True,
+    ),
+    'swinv2_tiny': (
+        SWINV2_B,
+        [
+            'MODEL.SWINV2.EMBED_DIM',
+            32,
+            'MODEL.SWINV2.DEPTHS',
+            [2, 2, 2, 2],
+            'MODEL.SWINV2.NUM_HEADS',
+            [1, 2, 4, 8],
+        ],
+        False,
+    ),
 }
 VARIANTS = ('official', 'eager', 'blocks', 'model')
 PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0}  # dense bf16 = fp16, SXM spec sheets
@@ -67,9 +91,11 @@ def _official_model(official_dir, cfg, opts, batch_size):
     """The official SimMIM model and optimizer, imported from `official_dir` (the working folder
     of an official row's process, so first on its sys.path)."""
     import logging
+
     from config import _C, _update_config_from_file  # the official config.py
     from models import build_model
     from optimizer import build_optimizer
+
     config = _C.clone()
     _update_config_from_file(config, os.path.join(official_dir, cfg))
     config.defrost()
@@ -84,6 +110,7 @@ def _our_model(cfg, opts, batch_size):
     from config import load_config
     from models import build_model
     from optimizer import build_optimizer
+
     config = load_config(os.path.join(ROOT, cfg), list(opts) + ['DATA.BATCH_SIZE', batch_size])
     model = build_model(config, is_pretrain=True)
     return model, lambda m: build_optimizer(config, m, None, is_pretrain=True), config
@@ -91,6 +118,7 @@ def _our_model(cfg, opts, batch_size):
 
 def _inputs(batch_size, img_size, patch_size, device):
     import torch
+
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, img_size, img_size, generator=gen)
     grid = img_size // MASK_PATCH
@@ -104,6 +132,7 @@ def _inputs(batch_size, img_size, patch_size, device):
 def build_row(spec):
     """The step function of one (model, variant), with the objects it measures."""
     import torch
+
     device = torch.device(spec['device'])
     cfg, opts, _ = MODELS[spec['model']]
     if spec['threads']:
@@ -112,14 +141,17 @@ def build_row(spec):
     torch.backends.cudnn.benchmark = True
     official = spec['variant'] == 'official'
     if official:
-        model, make_optimizer, config = _official_model(spec['official_dir'], cfg, opts,
-                                                        spec['batch_size'])
+        model, make_optimizer, config = _official_model(
+            spec['official_dir'], cfg, opts, spec['batch_size']
+        )
     else:
         model, make_optimizer, config = _our_model(cfg, opts, spec['batch_size'])
     from engine.precision import autocast  # imports only torch, so official rows can use it
+
     model = model.to(device)
     if spec['variant'] in ('blocks', 'model'):
         from engine.compilation import compile_model
+
         compile_model(model, spec['variant'])
     optimizer = make_optimizer(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -157,6 +189,7 @@ def serve_row(spec):
     """Worker loop: build the row, then answer 'warmup N', 'time N' and 'stats' commands from stdin
     with one JSON line each, so the driver can interleave the rows of a model step by step."""
     import torch
+
     step, params, cuda = build_row(spec)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
@@ -187,10 +220,18 @@ def serve_row(spec):
                 times = [(time.perf_counter() - start) / count] * count
             _reply({'times': times})
         elif command == 'stats':
-            peak = (torch.cuda.max_memory_allocated() if cuda
-                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-            _reply({'peak_gib': peak / 2 ** 30, 'loss': float(loss) if loss is not None else None,
-                    'params': sum(p.numel() for p in params)})
+            peak = (
+                torch.cuda.max_memory_allocated()
+                if cuda
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            )
+            _reply(
+                {
+                    'peak_gib': peak / 2**30,
+                    'loss': float(loss) if loss is not None else None,
+                    'params': sum(p.numel() for p in params),
+                }
+            )
         else:
             return
 
@@ -203,9 +244,11 @@ def count_flops(model_name, batch_size):
     """FLOPs of one forward + backward of our model at `batch_size` (meta tensors, no compute)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
+
     from config import load_config
     from models import build_model
     from models.attention import eager_attention
+
     cfg, opts, _ = MODELS[model_name]
     config = load_config(os.path.join(ROOT, cfg), list(opts))
     with torch.device('meta'):
@@ -221,6 +264,7 @@ def count_flops(model_name, batch_size):
 # -----------------------------------------------------------------------------------------------
 def peak_tflops(device):
     import torch
+
     if device != 'cuda':
         return None
     name = torch.cuda.get_device_name(0)
@@ -232,23 +276,34 @@ class RowProcess:
 
     def __init__(self, spec):
         import tempfile
+
         self.stderr = tempfile.TemporaryFile(mode='w+')
         # An official row runs in the official folder, whose config/models/optimizer modules then
         # come first on its sys.path; this module is found through PYTHONPATH.
         official = spec['variant'] == 'official'
-        env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
-            [ROOT] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else []))}
+        env = {
+            **os.environ,
+            'PYTHONPATH': os.pathsep.join(
+                [ROOT] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else [])
+            ),
+        }
         self.proc = subprocess.Popen(
             [sys.executable, '-m', 'benchmarks.speed', '--worker', json.dumps(spec)],
-            cwd=spec['official_dir'] if official else ROOT, env=env, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1)
+            cwd=spec['official_dir'] if official else ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            bufsize=1,
+        )
         self.replies = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
         for line in self.proc.stdout:
             if line.startswith('REPLY '):
-                self.replies.put(json.loads(line[len('REPLY '):]))
+                self.replies.put(json.loads(line[len('REPLY ') :]))
         self.replies.put(None)
 
     def send(self, command):
@@ -299,7 +354,7 @@ def measure_model(rows, spec, args, deadline):
             return workers[row['variant']].ask(command, timeout)
         except RuntimeError as e:
             row['error'] = str(e)
-            print(f"{row['model']} {row['variant']}: {e}", flush=True)
+            print(f'{row["model"]} {row["variant"]}: {e}', flush=True)
             return None
 
     try:
@@ -321,36 +376,54 @@ def measure_model(rows, spec, args, deadline):
         for row in rows:
             reply = ask(row, 'stats')
             if reply and row.get('times'):
-                row.update(reply, ms_per_step=1000 * statistics.median(row['times']),
-                           ms_per_step_min=1000 * min(row['times']))
-                print(f"{row['model']} {row['variant']}: {row['ms_per_step']:.1f} ms/step, "
-                      f"{row['peak_gib']:.2f} GiB", flush=True)
+                row.update(
+                    reply,
+                    ms_per_step=1000 * statistics.median(row['times']),
+                    ms_per_step_min=1000 * min(row['times']),
+                )
+                print(
+                    f'{row["model"]} {row["variant"]}: {row["ms_per_step"]:.1f} ms/step, '
+                    f'{row["peak_gib"]:.2f} GiB',
+                    flush=True,
+                )
     finally:
         for worker in workers.values():
             worker.close()
 
 
 def format_table(rows, peak):
-    lines = ['| model | variant | precision | images/s | ms/step | peak memory (GiB) | TFLOP/s | MFU | '
-             'images/s vs official | memory vs official | warm-up (s) |',
-             '|---|---|---|---|---|---|---|---|---|---|---|']
+    lines = [
+        '| model | variant | precision | images/s | ms/step | peak memory (GiB) | TFLOP/s | MFU | '
+        'images/s vs official | memory vs official | warm-up (s) |',
+        '|---|---|---|---|---|---|---|---|---|---|---|',
+    ]
     for row in rows:
-        base = next((r for r in rows if r['model'] == row['model'] and r['variant'] == 'official'
-                     and 'ms_per_step' in r), None)
+        base = next(
+            (
+                r
+                for r in rows
+                if r['model'] == row['model'] and r['variant'] == 'official' and 'ms_per_step' in r
+            ),
+            None,
+        )
         if 'ms_per_step' not in row:
-            lines.append(f"| {row['model']} | {row['variant']} | | {row.get('error', '')} | | | | | | | |")
+            lines.append(
+                f'| {row["model"]} | {row["variant"]} | | {row.get("error", "")} | | | | | | | |'
+            )
             continue
         ips = row['batch_size'] / row['ms_per_step'] * 1000
         tflops = row['flops'] / row['batch_size'] * ips / 1e12 if row.get('flops') else None
         mfu = f'{100 * tflops / peak:.1f}%' if tflops and peak else 'n/a'
         ratio = mem_ratio = ''
         if base is not None:
-            ratio = f"{base['ms_per_step'] / row['ms_per_step']:.2f}x"
-            mem_ratio = f"{row['peak_gib'] / base['peak_gib']:.2f}x"
+            ratio = f'{base["ms_per_step"] / row["ms_per_step"]:.2f}x'
+            mem_ratio = f'{row["peak_gib"] / base["peak_gib"]:.2f}x'
         tflops_cell = f'{tflops:.3f}' if tflops is not None else ''
-        lines.append(f"| {row['model']} | {row['variant']} | {row['precision']} | {ips:.1f} | "
-                     f"{row['ms_per_step']:.1f} | {row['peak_gib']:.2f} | {tflops_cell} | {mfu} | "
-                     f"{ratio} | {mem_ratio} | {row['warmup_s']:.0f} |")
+        lines.append(
+            f'| {row["model"]} | {row["variant"]} | {row["precision"]} | {ips:.1f} | '
+            f'{row["ms_per_step"]:.1f} | {row["peak_gib"]:.2f} | {tflops_cell} | {mfu} | '
+            f'{ratio} | {mem_ratio} | {row["warmup_s"]:.0f} |'
+        )
     return lines
 
 
@@ -358,68 +431,131 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'])
-    parser.add_argument('--models', default=None,
-                        help=f'comma-separated, from {",".join(MODELS)} (default: the three base '
-                             f'models on a GPU; swin_tiny,vit_tiny,swinv2_tiny,swin_b on a CPU)')
+    parser.add_argument(
+        '--models',
+        default=None,
+        help=f'comma-separated, from {",".join(MODELS)} (default: the three base '
+        f'models on a GPU; swin_tiny,vit_tiny,swinv2_tiny,swin_b on a CPU)',
+    )
     parser.add_argument('--variants', default=','.join(VARIANTS))
-    parser.add_argument('--batch-size', type=int, default=None,
-                        help='default 128 on a GPU, 8 for tiny models and 4 for base models on a CPU')
-    parser.add_argument('--steps', type=int, default=None,
-                        help='timed steps per row and round (GPU 10, CPU 3)')
+    parser.add_argument(
+        '--batch-size',
+        type=int,
+        default=None,
+        help='default 128 on a GPU, 8 for tiny models and 4 for base models on a CPU',
+    )
+    parser.add_argument(
+        '--steps', type=int, default=None, help='timed steps per row and round (GPU 10, CPU 3)'
+    )
     parser.add_argument('--warmup', type=int, default=3)
-    parser.add_argument('--threads', type=int, default=0,
-                        help='torch threads per row (0: torch default); 1 steadies a shared CPU')
-    parser.add_argument('--rounds', type=int, default=2,
-                        help='rounds of timed steps, the rows of a model taking turns')
-    parser.add_argument('--official-dir', default=None,
-                        help='a checkout of microsoft/SimMIM (e.g. '
-                             '../shared/reference/official_code/SimMIM); without it no official rows')
-    parser.add_argument('--row-timeout', type=float, default=900,
-                        help='seconds one command of a row (build, warm-up with compilation, a '
-                             'round) may take')
-    parser.add_argument('--budget', type=float, default=0, help='seconds for all rows (0: no limit)')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=0,
+        help='torch threads per row (0: torch default); 1 steadies a shared CPU',
+    )
+    parser.add_argument(
+        '--rounds',
+        type=int,
+        default=2,
+        help='rounds of timed steps, the rows of a model taking turns',
+    )
+    parser.add_argument(
+        '--official-dir',
+        default=None,
+        help='a checkout of microsoft/SimMIM (e.g. '
+        '../shared/reference/official_code/SimMIM); without it no official rows',
+    )
+    parser.add_argument(
+        '--row-timeout',
+        type=float,
+        default=900,
+        help='seconds one command of a row (build, warm-up with compilation, a round) may take',
+    )
+    parser.add_argument(
+        '--budget', type=float, default=0, help='seconds for all rows (0: no limit)'
+    )
     parser.add_argument('--out', default=None, help='results file (.md; a .json is written beside)')
     args = parser.parse_args()
     if args.worker:
         serve_row(json.loads(args.worker))
         return
     import torch
-    device = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-    models = (args.models or ('swin_b,vit_b,swinv2_b' if device == 'cuda' else
-                              'swin_tiny,vit_tiny,swinv2_tiny,swin_b')).split(',')
+
+    device = (
+        args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    )
+    models = (
+        args.models
+        or (
+            'swin_b,vit_b,swinv2_b' if device == 'cuda' else 'swin_tiny,vit_tiny,swinv2_tiny,swin_b'
+        )
+    ).split(',')
     variants = args.variants.split(',')
     official_dir = os.path.abspath(args.official_dir) if args.official_dir else None
     start = time.time()
     rows, specs = [], []
     for name in models:
-        wanted = [v for v in variants
-                  if v != 'official' or (official_dir is not None and MODELS[name][2])]
+        wanted = [
+            v for v in variants if v != 'official' or (official_dir is not None and MODELS[name][2])
+        ]
         if not wanted:  # e.g. --variants official for a model the official code lacks
             continue
         batch = args.batch_size or (128 if device == 'cuda' else 8 if 'tiny' in name else 4)
         flops = count_flops(name, batch)
-        model_rows = [{'model': name, 'variant': variant, 'batch_size': batch, 'flops': flops,
-                       'precision': ('fp16 autocast + GradScaler' if variant == 'official'
-                                     else 'bf16 autocast') if device == 'cuda' else 'fp32'}
-                      for variant in wanted]
+        model_rows = [
+            {
+                'model': name,
+                'variant': variant,
+                'batch_size': batch,
+                'flops': flops,
+                'precision': (
+                    'fp16 autocast + GradScaler' if variant == 'official' else 'bf16 autocast'
+                )
+                if device == 'cuda'
+                else 'fp32',
+            }
+            for variant in wanted
+        ]
         rows += model_rows
-        specs.append((model_rows, {'model': name, 'device': device, 'official_dir': official_dir,
-                                   'batch_size': batch, 'threads': args.threads,
-                                   'steps': args.steps or (10 if device == 'cuda' else 3)}))
+        specs.append(
+            (
+                model_rows,
+                {
+                    'model': name,
+                    'device': device,
+                    'official_dir': official_dir,
+                    'batch_size': batch,
+                    'threads': args.threads,
+                    'steps': args.steps or (10 if device == 'cuda' else 3),
+                },
+            )
+        )
     deadline = start + args.budget if args.budget else None
     for model_rows, spec in specs:
         measure_model(model_rows, spec, args, deadline)
-    machine = machine_description(device) + (f' ({args.threads} torch thread(s) per row)'
-                                             if args.threads else '')
+    machine = machine_description(device) + (
+        f' ({args.threads} torch thread(s) per row)' if args.threads else ''
+    )
     peak = peak_tflops(device)
-    lines = [f'Machine: {machine}.', '',
-             f'`python -m benchmarks.speed {" ".join(sys.argv[1:])}` ({args.rounds} round(s), '
-             f'{time.time() - start:.0f} s). Peak: '
-             + (f'{peak:.0f} TFLOP/s dense bf16/fp16.' if peak else 'MFU not reported (CPU or '
-                                                                    'unknown card).'), '']
+    lines = [
+        f'Machine: {machine}.',
+        '',
+        f'`python -m benchmarks.speed {" ".join(sys.argv[1:])}` ({args.rounds} round(s), '
+        f'{time.time() - start:.0f} s). Peak: '
+        + (
+            f'{peak:.0f} TFLOP/s dense bf16/fp16.'
+            if peak
+            else 'MFU not reported (CPU or unknown card).'
+        ),
+        '',
+    ]
     lines += format_table(rows, peak)
-    write_report(lines, args.out, {'machine': machine, 'peak_tflops': peak, 'argv': sys.argv[1:],
-                                   'rows': rows})
+    write_report(
+        lines,
+        args.out,
+        {'machine': machine, 'peak_tflops': peak, 'argv': sys.argv[1:], 'rows': rows},
+    )
 
 
 if __name__ == '__main__':

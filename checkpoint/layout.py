@@ -10,13 +10,13 @@ Keys (official ones first): ``model``, ``optimizer``, ``lr_scheduler``, ``scaler
 last completed epoch), ``max_accuracy``, ``config`` (YAML text), then ``position``, ``rng_states``,
 ``train_state`` and ``format_version``. The layout and why it is so: docs/resume.md.
 """
+
 import glob
 import os
 import random
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -36,10 +36,11 @@ _EPOCH_NAME = re.compile(r'ckpt_epoch_(\d+)(\.pth)?$')
 class TrainingState:
     """Everything a checkpoint saves and a resume restores. `model` is the model itself (sharded in
     place under FSDP, never the DDP wrapper); the counters are the run's, kept across resumes."""
+
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
-    scaler: Optional[torch.amp.GradScaler] = None
+    scaler: torch.amp.GradScaler | None = None
     max_accuracy: float = 0.0
     global_update: int = 0  # optimizer steps taken (skipped non-finite steps included)
     skipped_total: int = 0  # optimizer steps skipped for a non-finite loss or gradient
@@ -66,7 +67,7 @@ def step_checkpoint_path(output_dir, epoch, step):
 
 def sharded_path(path):
     """The directory name of a sharded checkpoint for a single-file path (drops ``.pth``)."""
-    return path[:-len('.pth')] if path.endswith('.pth') else path
+    return path[: -len('.pth')] if path.endswith('.pth') else path
 
 
 def checkpoint_position(path):
@@ -106,8 +107,11 @@ def capture_rng_state():
     np_state = np.random.get_state()
     state = {
         'python': random.getstate(),
-        'numpy': (np_state[0], np_state[1].tolist(), *(v.item() if hasattr(v, 'item') else v
-                                                      for v in np_state[2:])),
+        'numpy': (
+            np_state[0],
+            np_state[1].tolist(),
+            *(v.item() if hasattr(v, 'item') else v for v in np_state[2:]),
+        ),
         'torch': torch.get_rng_state().numpy().tobytes(),
     }
     if torch.cuda.is_available():
@@ -140,8 +144,11 @@ def _as_tuples(value):
 def build_checkpoint(config, state, position, rng_states):
     """The dict written to disk for `state` (a TrainingState); `position` = (epoch, step) where
     training continues."""
-    return {'model': state.model.state_dict(), 'optimizer': state.optimizer.state_dict(),
-            **progress_state(config, state, position, rng_states)}
+    return {
+        'model': state.model.state_dict(),
+        'optimizer': state.optimizer.state_dict(),
+        **progress_state(config, state, position, rng_states),
+    }
 
 
 def progress_state(config, state, position, rng_states):
@@ -178,9 +185,11 @@ def verify_checkpoint(path):
     """Load `path` and check it has the keys a resume needs; return the dict or raise."""
     checkpoint = load_checkpoint_file(path, 'resume checkpoint')
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict.")
+        raise CheckpointError(f'{path} holds a {type(checkpoint).__name__}, not a checkpoint dict.')
     missing = [k for k in REQUIRED_KEYS if k not in checkpoint]
     if missing:
-        raise CheckpointError(f"{path} lacks {', '.join(missing)} (a weights-only file? use it with "
-                              f"--pretrained, not --resume).")
+        raise CheckpointError(
+            f'{path} lacks {", ".join(missing)} (a weights-only file? use it with '
+            f'--pretrained, not --resume).'
+        )
     return checkpoint

@@ -18,11 +18,12 @@ groups by name. Our group settings (lr, weight decay, betas) are kept: they come
 apex AMP state ('amp', microsoft/SimMIM) is not used; a Swin-Transformer-repo 'scaler' is
 loaded by checkpoint.layout when this run uses a GradScaler.
 """
+
 import torch
+from timm.utils import unwrap_model
 
 from models.registry import architecture_of
 from optimizer import group_parameters, official_names_without_weight_decay
-from timm.utils import unwrap_model
 from utils.errors import CheckpointError
 from utils.tasks import FINETUNE, PRETRAIN
 
@@ -38,8 +39,9 @@ def official_group_names(config, model, task):
         return {kind: [n for n, _ in groups.get(kind, [])] for kind in ('decay', 'no_decay')}
     arch = architecture_of(config)
     section = arch.section(config)
-    groups = group_parameters(parameters, skip_names, skip_keywords,
-                              lambda name: arch.layer_id(name, section))
+    groups = group_parameters(
+        parameters, skip_names, skip_keywords, lambda name: arch.layer_id(name, section)
+    )
     return {group_name: [n for n, _ in members] for group_name, members in groups.items()}
 
 
@@ -52,15 +54,19 @@ def _saved_names(saved_groups, config, model):
     stage = task.description
     official = official_group_names(config, model, task)
     saved = [(g.get('group_name'), len(g['params'])) for g in saved_groups]
-    expected = [(None if task.masked_image_modeling else name, len(names)) for name, names in official.items()]
+    expected = [
+        (None if task.masked_image_modeling else name, len(names))
+        for name, names in official.items()
+    ]
     if saved != expected:
         raise CheckpointError(
             f"The optimizer state of the resume checkpoint cannot be matched to this model's "
-            f"parameters. It has no parameter names, so it was taken for an official {stage} "
-            f"state, but its groups (name, size) {saved[:6]} are not the ones the official code "
-            f"makes for this model {expected[:6]}. It was written for another model or size: "
-            f"check MODEL.TYPE and the MODEL.SWIN / SWINV2 / VIT sizes against its config. To "
-            f"start from its weights alone, pass it with --pretrained instead of --resume.")
+            f'parameters. It has no parameter names, so it was taken for an official {stage} '
+            f'state, but its groups (name, size) {saved[:6]} are not the ones the official code '
+            f'makes for this model {expected[:6]}. It was written for another model or size: '
+            f'check MODEL.TYPE and the MODEL.SWIN / SWINV2 / VIT sizes against its config. To '
+            f'start from its weights alone, pass it with --pretrained instead of --resume.'
+        )
     return list(official.values()), f'the official {stage} code'
 
 
@@ -73,21 +79,31 @@ def _as_tensor_step(entry):
 
 def _state_by_name(saved, names_per_group, optimizer):
     """{parameter name: state entry} of `saved`, checked against the parameters of `optimizer`."""
-    by_name = {name: _as_tensor_step(saved['state'][index])
-               for group, names in zip(saved['param_groups'], names_per_group)
-               for index, name in zip(group['params'], names) if index in saved['state']}
-    ours = [(name, param) for group in optimizer.param_groups
-            for name, param in zip(group['param_names'], group['params'])]
+    by_name = {
+        name: _as_tensor_step(saved['state'][index])
+        for group, names in zip(saved['param_groups'], names_per_group)
+        for index, name in zip(group['params'], names)
+        if index in saved['state']
+    }
+    ours = [
+        (name, param)
+        for group in optimizer.param_groups
+        for name, param in zip(group['param_names'], group['params'])
+    ]
     unknown = sorted(set(by_name) - {name for name, _ in ours})
-    wrong = [(name, tuple(value.shape), tuple(param.shape)) for name, param in ours
-             for value in by_name.get(name, {}).values()
-             if torch.is_tensor(value) and value.dim() and value.shape != param.shape]
+    wrong = [
+        (name, tuple(value.shape), tuple(param.shape))
+        for name, param in ours
+        for value in by_name.get(name, {}).values()
+        if torch.is_tensor(value) and value.dim() and value.shape != param.shape
+    ]
     if unknown or wrong:
         raise CheckpointError(
-            f"The optimizer state of the resume checkpoint does not fit this model: "
-            f"{len(unknown)} of its entries name parameters the model lacks {unknown[:3]}, and "
-            f"{len(wrong)} have other shapes (name, saved, model) {wrong[:3]}. It was written for "
-            f"another model or size; pass it with --pretrained to start from its weights alone.")
+            f'The optimizer state of the resume checkpoint does not fit this model: '
+            f'{len(unknown)} of its entries name parameters the model lacks {unknown[:3]}, and '
+            f'{len(wrong)} have other shapes (name, saved, model) {wrong[:3]}. It was written for '
+            f'another model or size; pass it with --pretrained to start from its weights alone.'
+        )
     return by_name
 
 
@@ -96,8 +112,11 @@ def _remapped(saved, names_per_group, optimizer):
     settings."""
     by_name = _state_by_name(saved, names_per_group, optimizer)
     current = optimizer.state_dict()
-    indices = [(index, name) for group, live in zip(current['param_groups'], optimizer.param_groups)
-               for index, name in zip(group['params'], live['param_names'])]
+    indices = [
+        (index, name)
+        for group, live in zip(current['param_groups'], optimizer.param_groups)
+        for index, name in zip(group['params'], live['param_names'])
+    ]
     state = {index: by_name[name] for index, name in indices if name in by_name}
     return {'state': state, 'param_groups': current['param_groups']}
 
@@ -113,13 +132,17 @@ def load_optimizer_state(optimizer, checkpoint, model, config, logger):
         return
     names_per_group, source = _saved_names(saved_groups, config, model)
     optimizer.load_state_dict(_remapped(saved, names_per_group, optimizer))
-    logger.info(f"Optimizer state written by {source} with {len(saved_groups)} parameter groups "
-                f"loaded into this run's {len(ours)} groups by parameter name; learning rates and "
-                f"weight decay come from this config.")
+    logger.info(
+        f'Optimizer state written by {source} with {len(saved_groups)} parameter groups '
+        f"loaded into this run's {len(ours)} groups by parameter name; learning rates and "
+        f'weight decay come from this config.'
+    )
     if 'amp' in checkpoint:
-        logger.info("The checkpoint's apex AMP state ('amp': loss scale of microsoft/SimMIM's "
-                    "fp16 training) is not used: autocast here needs no apex, and an fp16 run "
-                    "starts a fresh GradScaler.")
+        logger.info(
+            "The checkpoint's apex AMP state ('amp': loss scale of microsoft/SimMIM's "
+            'fp16 training) is not used: autocast here needs no apex, and an fp16 run '
+            'starts a fresh GradScaler.'
+        )
 
 
 def named_optimizer_state(saved, optimizer, model, config):
@@ -128,6 +151,8 @@ def named_optimizer_state(saved, optimizer, model, config):
     load_optimizer_state)."""
     names_per_group, _ = _saved_names(saved['param_groups'], config, model)
     state = _state_by_name(saved, names_per_group, optimizer)
-    groups = [{**{k: v for k, v in group.items() if k != 'params'},
-               'params': list(group['param_names'])} for group in optimizer.param_groups]
+    groups = [
+        {**{k: v for k, v in group.items() if k != 'params'}, 'params': list(group['param_names'])}
+        for group in optimizer.param_groups
+    ]
     return {'state': state, 'param_groups': groups}

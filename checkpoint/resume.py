@@ -8,13 +8,23 @@
 `state` is a checkpoint.layout.TrainingState: model, optimizer, schedule and scaler are loaded in
 place, and its counters restored. How auto-resume picks a checkpoint: docs/resume.md.
 """
+
 import glob
 import os
 
-from checkpoint.layout import (checkpoint_position, is_candidate, recorded_position,
-                               restore_rng_state, verify_checkpoint)
+from checkpoint.layout import (
+    checkpoint_position,
+    is_candidate,
+    recorded_position,
+    restore_rng_state,
+    verify_checkpoint,
+)
 from checkpoint.optimizer_state import load_optimizer_state
-from checkpoint.sharded import is_sharded_checkpoint, load_distributed_state, verify_sharded_checkpoint
+from checkpoint.sharded import (
+    is_sharded_checkpoint,
+    load_distributed_state,
+    verify_sharded_checkpoint,
+)
 from checkpoint.weights import load_full_state_dict
 from utils.distributed import is_fsdp
 from utils.errors import CheckpointError, IncompatibleCheckpointError
@@ -22,7 +32,9 @@ from utils.errors import CheckpointError, IncompatibleCheckpointError
 
 def verify_resume_checkpoint(path):
     """Either layout: a directory is sharded, a file single."""
-    return verify_sharded_checkpoint(path) if is_sharded_checkpoint(path) else verify_checkpoint(path)
+    return (
+        verify_sharded_checkpoint(path) if is_sharded_checkpoint(path) else verify_checkpoint(path)
+    )
 
 
 def find_resume_checkpoint(output_dir, logger):
@@ -35,19 +47,24 @@ def find_resume_checkpoint(output_dir, logger):
     gives; one that fails is skipped with a warning saying why. Returns (None, None) if none is
     usable.
     """
-    candidates = [(checkpoint_position(p), p)
-                  for p in glob.glob(os.path.join(output_dir, 'ckpt_epoch_*')) if is_candidate(p)]
+    candidates = [
+        (checkpoint_position(p), p)
+        for p in glob.glob(os.path.join(output_dir, 'ckpt_epoch_*'))
+        if is_candidate(p)
+    ]
     for position, path in sorted((c for c in candidates if c[0] is not None), reverse=True):
         try:
             checkpoint = verify_resume_checkpoint(path)
             recorded = recorded_position(checkpoint)
         except (CheckpointError, KeyError, TypeError, ValueError) as e:
-            logger.warning(f"auto-resume: skipping {path}: {e}")
+            logger.warning(f'auto-resume: skipping {path}: {e}')
             continue
         if recorded != position:
-            logger.warning(f"auto-resume: skipping {path}: its name says epoch {position[0]}, step "
-                           f"{position[1]} but it records epoch {recorded[0]}, step {recorded[1]} "
-                           f"(renamed or copied over?).")
+            logger.warning(
+                f'auto-resume: skipping {path}: its name says epoch {position[0]}, step '
+                f'{position[1]} but it records epoch {recorded[0]}, step {recorded[1]} '
+                f'(renamed or copied over?).'
+            )
             continue
         return path, checkpoint
     return None, None
@@ -60,7 +77,9 @@ def choose_resume_checkpoint(config, logger):
     if config.TRAIN.AUTO_RESUME:
         path, checkpoint = find_resume_checkpoint(config.OUTPUT, logger)
         if path and config.MODEL.RESUME and path != config.MODEL.RESUME:
-            logger.warning(f'auto-resume: using {path} instead of MODEL.RESUME {config.MODEL.RESUME}')
+            logger.warning(
+                f'auto-resume: using {path} instead of MODEL.RESUME {config.MODEL.RESUME}'
+            )
     if path is None and config.MODEL.RESUME:
         path, checkpoint = config.MODEL.RESUME, verify_resume_checkpoint(config.MODEL.RESUME)
     return path, checkpoint
@@ -70,8 +89,10 @@ def resume_mismatch_fix(found_in):
     """What to do about a resume checkpoint of another model (`found_in`: the folder auto-resume
     found it in, None for --resume)."""
     if found_in:
-        return (f"Auto-resume found it in {found_in}, so that folder holds a run of another "
-                f"model. Give this run its own folder with --tag NAME or --output DIR.")
+        return (
+            f'Auto-resume found it in {found_in}, so that folder holds a run of another '
+            f'model. Give this run its own folder with --tag NAME or --output DIR.'
+        )
     return "Pass a checkpoint of this config's model, or set MODEL.* to match the checkpoint."
 
 
@@ -88,7 +109,7 @@ def resume_training(path, checkpoint, state, config, logger, rank=0, world_size=
             load_full_state_dict(state.model, checkpoint['model'], f'The resume checkpoint {path}')
             load_optimizer_state(state.optimizer, checkpoint, state.model, config, logger)
     except IncompatibleCheckpointError as e:
-        raise CheckpointError(f"{e} {resume_mismatch_fix(found_in)}") from None
+        raise CheckpointError(f'{e} {resume_mismatch_fix(found_in)}') from None
     return restore_progress(checkpoint, state, logger, rank, world_size)
 
 
@@ -97,16 +118,20 @@ def restore_progress(checkpoint, state, logger, rank=0, world_size=1):
     continues."""
     changes = state.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
     if changes:
-        logger.warning('The LR schedule of this config differs from the checkpoint\'s; the config '
-                       'wins: ' + '; '.join(changes))
+        logger.warning(
+            "The LR schedule of this config differs from the checkpoint's; the config "
+            'wins: ' + '; '.join(changes)
+        )
     if state.scaler is not None and checkpoint.get('scaler'):
         state.scaler.load_state_dict(checkpoint['scaler'])
     rng_states = checkpoint.get('rng_states')
     if rng_states and len(rng_states) == world_size:
         restore_rng_state(rng_states[rank])
     elif rng_states:
-        logger.warning(f"The checkpoint was written by {len(rng_states)} processes and this run has "
-                       f"{world_size}: RNG states are not restored, so the continuation is not "
-                       f"bit-identical (it is still correct).")
+        logger.warning(
+            f'The checkpoint was written by {len(rng_states)} processes and this run has '
+            f'{world_size}: RNG states are not restored, so the continuation is not '
+            f'bit-identical (it is still correct).'
+        )
     state.load_counters(checkpoint.get('train_state', {}), checkpoint.get('max_accuracy', 0.0))
     return recorded_position(checkpoint)

@@ -5,6 +5,7 @@ rank agrees on the outcome (a failed write raises on every rank, so none trains 
 sharded directory (TRAIN.SHARDING fsdp): every rank writes its shards, rank 0 the rest
 (checkpoint/sharded.py). Earlier checkpoints are never touched by a failed write.
 """
+
 from checkpoint.layout import build_checkpoint, capture_rng_state, progress_state, sharded_path
 from checkpoint.sharded import save_sharded_checkpoint
 from utils.atomic_write import atomic_save
@@ -18,11 +19,18 @@ def save_training_state(path, state, position, config, dist_info, logger):
     rng_states = all_gather_objects(capture_rng_state())
     if config.TRAIN.SHARDING == 'fsdp':
         path = sharded_path(path)
-        save_sharded_checkpoint(path, state.model, state.optimizer,
-                                progress_state(config, state, position, rng_states), dist_info)
+        save_sharded_checkpoint(
+            path,
+            state.model,
+            state.optimizer,
+            progress_state(config, state, position, rng_states),
+            dist_info,
+        )
     else:
-        on_main_rank(lambda: atomic_save(build_checkpoint(config, state, position, rng_states),
-                                         path), dist_info.is_main)
+        on_main_rank(
+            lambda: atomic_save(build_checkpoint(config, state, position, rng_states), path),
+            dist_info.is_main,
+        )
         barrier()
     logger.info(f'{path} saved')
     return path

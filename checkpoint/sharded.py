@@ -18,6 +18,7 @@ Resharding (another world size, or one process without a process group) is DCP's
 `get_state_dict` / `set_state_dict` (`load_distributed_state`, for either layout);
 `read_sharded_checkpoint` gives the single-file layout (tools/convert_checkpoint.py).
 """
+
 import contextlib
 import json
 import os
@@ -60,11 +61,24 @@ def is_sharded_checkpoint(path):
 # -----------------------------------------------------------------------------------------------
 _METADATA_CLASSES = {
     ('torch.distributed.checkpoint.metadata', name)
-    for name in ('Metadata', 'TensorStorageMetadata', 'TensorProperties', 'ChunkStorageMetadata',
-                 'MetadataIndex', 'StorageMeta', '_MEM_FORMAT_ENCODING')
-} | {('torch.distributed.checkpoint.filesystem', '_StorageInfo'), ('torch', 'Size'),
-     ('torch.serialization', '_get_layout'), ('collections', 'OrderedDict'),
-     ('pathlib', 'PosixPath'), ('pathlib', 'PurePosixPath'), ('pathlib', 'WindowsPath')}
+    for name in (
+        'Metadata',
+        'TensorStorageMetadata',
+        'TensorProperties',
+        'ChunkStorageMetadata',
+        'MetadataIndex',
+        'StorageMeta',
+        '_MEM_FORMAT_ENCODING',
+    )
+} | {
+    ('torch.distributed.checkpoint.filesystem', '_StorageInfo'),
+    ('torch', 'Size'),
+    ('torch.serialization', '_get_layout'),
+    ('collections', 'OrderedDict'),
+    ('pathlib', 'PosixPath'),
+    ('pathlib', 'PurePosixPath'),
+    ('pathlib', 'WindowsPath'),
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -86,17 +100,23 @@ def read_metadata(path):
             return _MetadataUnpickler(f).load()
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"Refused to load {path}: its .metadata holds a pickled {e}, which is not part of a "
-            f"checkpoint written by this framework, so loading it could run arbitrary code.") from None
+            f'Refused to load {path}: its .metadata holds a pickled {e}, which is not part of a '
+            f'checkpoint written by this framework, so loading it could run arbitrary code.'
+        ) from None
     except (OSError, EOFError, AttributeError, ValueError) as e:
-        raise CheckpointError(f"{file} is not readable DCP metadata ({type(e).__name__}: {e}). "
-                              f"Use an earlier checkpoint.") from None
+        raise CheckpointError(
+            f'{file} is not readable DCP metadata ({type(e).__name__}: {e}). '
+            f'Use an earlier checkpoint.'
+        ) from None
 
 
 def _stored_tensors(metadata, top_key):
     """{name: shape} of the tensors stored under `top_key` ('model' or 'optimizer_state')."""
-    return {'.'.join(path[1:]): tuple(metadata.state_dict_metadata[flat].size)
-            for flat, path in metadata.planner_data.items() if path[0] == top_key}
+    return {
+        '.'.join(path[1:]): tuple(metadata.state_dict_metadata[flat].size)
+        for flat, path in metadata.planner_data.items()
+        if path[0] == top_key
+    }
 
 
 # -----------------------------------------------------------------------------------------------
@@ -116,7 +136,9 @@ def optimizer_state_by_index(state_dict):
     """The inverse of `optimizer_state_by_name`: torch's own numbered layout."""
     index, groups = {}, []
     for group in state_dict['param_groups']:
-        groups.append({**group, 'params': [index.setdefault(n, len(index)) for n in group['params']]})
+        groups.append(
+            {**group, 'params': [index.setdefault(n, len(index)) for n in group['params']]}
+        )
     return {'state': {index[n]: s for n, s in state_dict['state'].items()}, 'param_groups': groups}
 
 
@@ -176,11 +198,19 @@ def save_sharded_checkpoint(path, model, optimizer, progress, dist_info):
     error = None
     try:
         with _quiet_without_process_group():  # raises on every rank if any rank failed
-            dcp.save({'model': model_state, 'optimizer_state': tensors},
-                     storage_writer=FileSystemWriter(tmp))
+            dcp.save(
+                {'model': model_state, 'optimizer_state': tensors},
+                storage_writer=FileSystemWriter(tmp),
+            )
         if dist_info.is_main:
-            atomic_save({**progress, 'optimizer_param_groups': optimizer_state['param_groups'],
-                         'optimizer_extra_state': others}, os.path.join(tmp, PROGRESS_FILE))
+            atomic_save(
+                {
+                    **progress,
+                    'optimizer_param_groups': optimizer_state['param_groups'],
+                    'optimizer_extra_state': others,
+                },
+                os.path.join(tmp, PROGRESS_FILE),
+            )
             _publish(tmp, path, dist_info.world_size)
     except Exception as e:  # noqa: BLE001 -- every rank learns of it below
         error = _write_error(path, e)
@@ -204,7 +234,7 @@ def verify_sharded_checkpoint(path):
     progress = load_checkpoint_file(os.path.join(path, PROGRESS_FILE), 'resume checkpoint')
     missing = [k for k in (*REQUIRED_KEYS[2:], *_OPTIMIZER_KEYS) if k not in progress]
     if missing:
-        raise CheckpointError(f"{path}/{PROGRESS_FILE} lacks {', '.join(missing)}.")
+        raise CheckpointError(f'{path}/{PROGRESS_FILE} lacks {", ".join(missing)}.')
     read_metadata(path)
     return progress
 
@@ -218,9 +248,15 @@ def load_distributed_state(path, checkpoint, state, config=None, logger=None):
     model, optimizer = state.model, state.optimizer
     model_state, optimizer_state = get_state_dict(model, optimizer)  # this run's shards
     if is_sharded_checkpoint(path):
-        check_fits(_stored_tensors(read_metadata(path), 'model'), model_state,
-                   f'The resume checkpoint {path}')
-        tensors = {'model': model_state, 'optimizer_state': _split_tensors(optimizer_state['state'])[0]}
+        check_fits(
+            _stored_tensors(read_metadata(path), 'model'),
+            model_state,
+            f'The resume checkpoint {path}',
+        )
+        tensors = {
+            'model': model_state,
+            'optimizer_state': _split_tensors(optimizer_state['state'])[0],
+        }
         with _quiet_without_process_group():
             dcp.load(tensors, storage_reader=FileSystemReader(path))
         merged = _merge_state(tensors['optimizer_state'], checkpoint['optimizer_extra_state'])
@@ -229,18 +265,28 @@ def load_distributed_state(path, checkpoint, state, config=None, logger=None):
         return
     # A single file (a DDP run, or converted): every rank reads it whole and keeps its shard.
     weights = canonical_keys(checkpoint['model'])  # e.g. an official file's rebuilt buffers
-    check_fits({k: tuple(v.shape) for k, v in weights.items()}, model_state,
-               f'The resume checkpoint {path}')
+    check_fits(
+        {k: tuple(v.shape) for k, v in weights.items()},
+        model_state,
+        f'The resume checkpoint {path}',
+    )
     saved = checkpoint['optimizer']
     if all('param_names' in group for group in saved['param_groups']):
         named = optimizer_state_by_name(saved)
     else:  # the official code's: named by rebuilding its groups for this model
         named = named_optimizer_state(saved, optimizer, model, config)
         if logger is not None:
-            logger.info('Optimizer state of the official code loaded by parameter name; learning '
-                        'rates and weight decay come from this config.')
-    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=named,
-                   options=StateDictOptions(full_state_dict=True))
+            logger.info(
+                'Optimizer state of the official code loaded by parameter name; learning '
+                'rates and weight decay come from this config.'
+            )
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=weights,
+        optim_state_dict=named,
+        options=StateDictOptions(full_state_dict=True),
+    )
 
 
 # -----------------------------------------------------------------------------------------------
@@ -252,12 +298,19 @@ def read_sharded_checkpoint(path, model_only=False):
     `model_only` skips the optimizer state (two thirds of the memory under AdamW)."""
     progress = verify_sharded_checkpoint(path)
     metadata = read_metadata(path)
-    wanted = {flat: md for flat, md in metadata.state_dict_metadata.items()
-              if not model_only or metadata.planner_data[flat][0] == 'model'}
+    wanted = {
+        flat: md
+        for flat, md in metadata.state_dict_metadata.items()
+        if not model_only or metadata.planner_data[flat][0] == 'model'
+    }
     flat = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in wanted.items()}
     with _quiet_without_process_group():
-        dcp.load(flat, storage_reader=FileSystemReader(path),
-                 planner=DefaultLoadPlanner(flatten_state_dict=False), no_dist=True)
+        dcp.load(
+            flat,
+            storage_reader=FileSystemReader(path),
+            planner=DefaultLoadPlanner(flatten_state_dict=False),
+            no_dist=True,
+        )
     nested = {'model': {}, 'optimizer_state': {}}
     for key, tensor in flat.items():
         top, name, *rest = metadata.planner_data[key]
@@ -269,7 +322,8 @@ def read_sharded_checkpoint(path, model_only=False):
     if not model_only:
         state = _merge_state(nested['optimizer_state'], progress['optimizer_extra_state'])
         checkpoint['optimizer'] = optimizer_state_by_index(
-            {'state': state, 'param_groups': progress['optimizer_param_groups']})
+            {'state': state, 'param_groups': progress['optimizer_param_groups']}
+        )
     checkpoint.update((k, v) for k, v in progress.items() if k not in _OPTIMIZER_KEYS)
     return checkpoint
 

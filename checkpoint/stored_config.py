@@ -8,6 +8,7 @@ the class). Only its MODEL, DATA and TEST sections are used (what defines the mo
 evaluation transform), and keys this framework does not know (the Swin-Transformer repo has a few
 more) are left out.
 """
+
 import yaml
 from yacs.config import CfgNode
 
@@ -47,6 +48,9 @@ def checkpoint_config(checkpoint, cfg_path=None, opts=(), is_pretrain=False, sou
     if isinstance(stored, str):
         return load_config_text(stored, opts, is_pretrain=is_pretrain, source=source)
     if isinstance(stored, dict):
-        return load_config_text(official_config_yaml(stored), opts, is_pretrain=is_pretrain,
-                                source=source)
-    raise ConfigError(f"{source} stores no config. Pass the config it was trained with: --cfg FILE.")
+        return load_config_text(
+            official_config_yaml(stored), opts, is_pretrain=is_pretrain, source=source
+        )
+    raise ConfigError(
+        f'{source} stores no config. Pass the config it was trained with: --cfg FILE.'
+    )

@@ -11,6 +11,7 @@
 
 Nothing here downloads: a model name is only looked up in the local Hugging Face cache.
 """
+
 import difflib
 import json
 import os
@@ -43,8 +44,10 @@ def interop_for(model_type):
     """The timm mapping of MODEL.TYPE `model_type` (its registry entry's `timm`)."""
     known = _timm_types()
     if model_type not in known:
-        raise ConfigError(f"MODEL.TYPE '{model_type}' has no timm mapping; known: "
-                          f"{', '.join(known)} (the `timm` field of models/architectures.py).")
+        raise ConfigError(
+            f"MODEL.TYPE '{model_type}' has no timm mapping; known: "
+            f'{", ".join(known)} (the `timm` field of models/architectures.py).'
+        )
     return known[model_type]
 
 
@@ -56,31 +59,41 @@ def model_type_of(timm_model):
         if type(timm_model) in interop.timm_classes:
             return model_type
     supported = ', '.join(f'{c.__name__} ({t})' for t, i in known.items() for c in i.timm_classes)
-    raise UnsupportedInTimm(f"timm's {type(timm_model).__name__} has no counterpart here; "
-                            f"supported timm classes: {supported}.")
+    raise UnsupportedInTimm(
+        f"timm's {type(timm_model).__name__} has no counterpart here; "
+        f'supported timm classes: {supported}.'
+    )
 
 
 def eval_data_config(config, in_chans):
     """timm's preprocessing fields for our evaluation transform (data.transforms)."""
     crop = config.TEST.CROP and config.DATA.IMG_SIZE > 32
     interpolation = config.DATA.INTERPOLATION
-    return dict(input_size=(in_chans, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE),
-                interpolation=interpolation if interpolation in INTERPOLATIONS else 'bilinear',
-                crop_pct=EVAL_CROP_PCT if crop else 1.0, crop_mode='center' if crop else 'squash',
-                mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    return dict(
+        input_size=(in_chans, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE),
+        interpolation=interpolation if interpolation in INTERPOLATIONS else 'bilinear',
+        crop_pct=EVAL_CROP_PCT if crop else 1.0,
+        crop_mode='center' if crop else 'squash',
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+    )
 
 
 def build_timm_model(config, state_dict):
     """The timm model equal to ours for `config`, holding `state_dict` (our names)."""
     interop = interop_for(config.MODEL.TYPE)
     architecture, model_args = interop.timm_model(config)
-    model = timm.create_model(architecture, pretrained=False, num_classes=num_classes_of(state_dict),
-                              **model_args)
+    model = timm.create_model(
+        architecture, pretrained=False, num_classes=num_classes_of(state_dict), **model_args
+    )
     weights = interop.to_timm(state_dict, config)
-    check_fits(weights, model.state_dict(), 'The checkpoint',
-               hint="Pass the config the checkpoint was trained with (--cfg FILE).",
-               model_name=f"timm's {architecture} built from the config (MODEL.TYPE "
-                          f"{config.MODEL.TYPE})")
+    check_fits(
+        weights,
+        model.state_dict(),
+        'The checkpoint',
+        hint='Pass the config the checkpoint was trained with (--cfg FILE).',
+        model_name=f"timm's {architecture} built from the config (MODEL.TYPE {config.MODEL.TYPE})",
+    )
     model.load_state_dict(weights)
     return model.eval(), model_args
 
@@ -96,13 +109,19 @@ def export_timm_folder(config, state_dict, out_dir, info=None):
         os.makedirs(out_dir, exist_ok=True)
         staging = tempfile.mkdtemp(prefix='.export-', dir=out_dir)
     except OSError as e:
-        raise ConfigError(f"Cannot write to {out_dir}: {e.strerror or e}. Pick a folder you can "
-                          f"write to.") from None
+        raise ConfigError(
+            f'Cannot write to {out_dir}: {e.strerror or e}. Pick a folder you can write to.'
+        ) from None
     done = False
     try:
         model, model_args = build_timm_model(config, state_dict)
-        save_for_hf(model, staging, model_args=model_args, safe_serialization=True,
-                    data_config=eval_data_config(config, model.in_chans))
+        save_for_hf(
+            model,
+            staging,
+            model_args=model_args,
+            safe_serialization=True,
+            data_config=eval_data_config(config, model.in_chans),
+        )
         path = os.path.join(staging, 'config.json')
         with open(path) as f:
             hf_config = json.load(f)
@@ -130,14 +149,19 @@ def output_difference(config, state_dict, timm_model, batch_size=2, seed=0):
     config.MODEL.NUM_CLASSES = num_classes_of(state_dict)
     ours = build_classifier(config).eval()
     try:
-        check_fits(state_dict, ours.state_dict(), 'This state dict',
-                   model_name=f'our {config.MODEL.TYPE} model')
+        check_fits(
+            state_dict,
+            ours.state_dict(),
+            'This state dict',
+            model_name=f'our {config.MODEL.TYPE} model',
+        )
     except IncompatibleCheckpointError as e:
         raise UnsupportedInTimm(str(e)) from None
     ours.load_state_dict(state_dict)
     size = config.DATA.IMG_SIZE
-    x = torch.randn(batch_size, timm_model.in_chans, size, size,
-                    generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(
+        batch_size, timm_model.in_chans, size, size, generator=torch.Generator().manual_seed(seed)
+    )
     with torch.no_grad():
         expected, got = ours(x), timm_model(x)
     return ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
@@ -150,18 +174,21 @@ def _cached_weights(name, cache_dir):
     """Path of `name`'s weights in the local Hugging Face cache, or raise naming the fix."""
     cfg = get_pretrained_cfg(name)
     if cfg is None or not cfg.hf_hub_id:
-        raise CheckpointError(f"timm:{name}: timm has no released weights under this name. Pass "
-                              f"a name with weights (timm.list_pretrained()) or a timm folder.")
+        raise CheckpointError(
+            f'timm:{name}: timm has no released weights under this name. Pass '
+            f'a name with weights (timm.list_pretrained()) or a timm folder.'
+        )
     cache_dir = cache_dir or os.environ.get('HF_HUB_CACHE')
-    for filename in ([cfg.hf_hub_filename] if cfg.hf_hub_filename else WEIGHT_FILES):
+    for filename in [cfg.hf_hub_filename] if cfg.hf_hub_filename else WEIGHT_FILES:
         path = try_to_load_from_cache(cfg.hf_hub_id, filename, cache_dir=cache_dir)
         if isinstance(path, str):
             return path
     raise CheckpointError(
-        f"timm:{name}: the weights ({cfg.hf_hub_id}) are not in the local Hugging Face cache"
-        f"{' ' + cache_dir if cache_dir else ''}, and nothing is downloaded here. Fetch them once "
+        f'timm:{name}: the weights ({cfg.hf_hub_id}) are not in the local Hugging Face cache'
+        f'{" " + cache_dir if cache_dir else ""}, and nothing is downloaded here. Fetch them once '
         f"(`hf download {cfg.hf_hub_id} {WEIGHT_FILES[0]}`, or timm.create_model('{name}', "
-        f"pretrained=True) with network), or pass a timm folder: timm:/path/to/folder.")
+        f'pretrained=True) with network), or pass a timm folder: timm:/path/to/folder.'
+    )
 
 
 def load_timm_model(spec, cache_dir=None):
@@ -169,19 +196,21 @@ def load_timm_model(spec, cache_dir=None):
     from the local Hugging Face cache only."""
     if os.path.isdir(spec):
         if not os.path.isfile(os.path.join(spec, 'config.json')):
-            raise CheckpointError(f"timm:{spec} has no config.json, so it is not a timm model "
-                                  f"folder (tools/export.py --to timm writes one).")
+            raise CheckpointError(
+                f'timm:{spec} has no config.json, so it is not a timm model '
+                f'folder (tools/export.py --to timm writes one).'
+            )
         name, kwargs = f'local-dir:{spec}', {}
     elif os.sep in spec or not timm.is_model(spec.split('.')[0]):
         close = difflib.get_close_matches(spec, timm.list_models(), n=3)
-        hint = f" Did you mean {' or '.join(close)}?" if close else ''
-        raise CheckpointError(f"timm:{spec} is neither a folder nor a timm model name.{hint}")
+        hint = f' Did you mean {" or ".join(close)}?' if close else ''
+        raise CheckpointError(f'timm:{spec} is neither a folder nor a timm model name.{hint}')
     else:
         name, kwargs = spec, {'pretrained_cfg_overlay': {'file': _cached_weights(spec, cache_dir)}}
     try:
         return timm.create_model(name, pretrained=True, **kwargs).eval()
     except (RuntimeError, ValueError, OSError, KeyError) as e:  # timm's own load errors
-        raise CheckpointError(f"timm:{spec} could not be loaded by timm: {e}") from None
+        raise CheckpointError(f'timm:{spec} could not be loaded by timm: {e}') from None
 
 
 def timm_weights(timm_model, model_type=None, spec='the timm model'):
@@ -190,7 +219,8 @@ def timm_weights(timm_model, model_type=None, spec='the timm model'):
     if model_type is not None and found != model_type:
         raise IncompatibleCheckpointError(
             f"{spec} is timm's {type(timm_model).__name__}, our MODEL.TYPE {found}, but the config "
-            f"has MODEL.TYPE {model_type}. Use a config of that architecture.")
+            f'has MODEL.TYPE {model_type}. Use a config of that architecture.'
+        )
     return found, interop_for(found).from_timm(timm_model.state_dict())
 
 
@@ -200,7 +230,7 @@ def read_timm_checkpoint(spec, model_type=None, cache_dir=None):
     try:
         return {'model': timm_weights(model, model_type, f'timm:{spec}')[1]}
     except UnsupportedInTimm as e:
-        raise IncompatibleCheckpointError(f"timm:{spec}: {e}") from None
+        raise IncompatibleCheckpointError(f'timm:{spec}: {e}') from None
 
 
 def timm_config_yaml(timm_model):
@@ -208,7 +238,9 @@ def timm_config_yaml(timm_model):
     overrides = interop_for(model_type_of(timm_model)).config_from_timm(timm_model)
     cfg = timm_model.pretrained_cfg
     interpolation = cfg.get('interpolation', 'bicubic')
-    overrides['DATA']['INTERPOLATION'] = interpolation if interpolation in INTERPOLATIONS else 'bicubic'
+    overrides['DATA']['INTERPOLATION'] = (
+        interpolation if interpolation in INTERPOLATIONS else 'bicubic'
+    )
     overrides['TEST'] = {'CROP': cfg.get('crop_pct', EVAL_CROP_PCT) < 1}
     overrides['MODEL']['NAME'] = 'timm_import'
     text = json.dumps(overrides)  # JSON is YAML, and keeps the types the config checks

@@ -5,6 +5,7 @@ pixel to the nearest visible pixel (pixel centres; the image border is not visib
     mean_avg_dist(mask_generator, num_masks=100)  over masks drawn from a generator, pooled over all
                                                   their masked pixels
 """
+
 import numpy as np
 import torch
 from scipy.ndimage import distance_transform_edt
@@ -19,7 +20,7 @@ def masked_pixel_distances(pixel_mask):
     visible pixel, as a 1-D float64 array (exact Euclidean distance transform)."""
     pixel_mask = np.asarray(pixel_mask) != 0
     if pixel_mask.all():
-        raise ValueError("AvgDist is undefined for a mask without visible pixels.")
+        raise ValueError('AvgDist is undefined for a mask without visible pixels.')
     return distance_transform_edt(pixel_mask)[pixel_mask]
 
 

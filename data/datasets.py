@@ -1,20 +1,32 @@
 """Image-folder dataset and the wrappers that make each training sample a pure function of
 (seed, epoch, index)."""
+
 import logging
 import os
 
 import torch
 from PIL import Image
 
-from utils.errors import BadImageError, DataError, require
+from utils.errors import BadImageError, DataError
 from utils.registry import require_choice
 
 from .pretrain_transform import draft_jpeg
 from .seeding import sample_seed, seeded_global_rngs
 from .transforms import to_rgb
 
-IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.pgm', '.pbm', '.bmp', '.tif', '.tiff', '.webp',
-                  '.gif')
+IMG_EXTENSIONS = (
+    '.jpg',
+    '.jpeg',
+    '.png',
+    '.ppm',
+    '.pgm',
+    '.pbm',
+    '.bmp',
+    '.tif',
+    '.tiff',
+    '.webp',
+    '.gif',
+)
 logger = logging.getLogger('simmim.data')
 
 ON_BAD_IMAGE = ('skip', 'error')  # DATA.ON_BAD_IMAGE
@@ -26,11 +38,13 @@ def check_on_bad_image(value):
 
 
 def _expected_layout(root, problem):
-    return (f"{problem}: {root}. Expected a folder of images: class sub-folders "
-            f"(ROOT/CLASS/NAME.jpg, one class per sub-folder) or image files directly "
-            f"(ROOT/NAME.jpg), searched recursively, with extensions {' '.join(IMG_EXTENSIONS)}. "
-            f"Fix: pass the right folder with --data-path DIR (DATA.DATA_PATH), or use the built-in "
-            f"dataset with --opts DATA.DATASET synthetic.")
+    return (
+        f'{problem}: {root}. Expected a folder of images: class sub-folders '
+        f'(ROOT/CLASS/NAME.jpg, one class per sub-folder) or image files directly '
+        f'(ROOT/NAME.jpg), searched recursively, with extensions {" ".join(IMG_EXTENSIONS)}. '
+        f'Fix: pass the right folder with --data-path DIR (DATA.DATA_PATH), or use the built-in '
+        f'dataset with --opts DATA.DATASET synthetic.'
+    )
 
 
 def _file_in_the_way(path):
@@ -68,8 +82,11 @@ def _scan_images(folder, seen=None):
 
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [name for name in sorted(d for d in dirnames if not d.startswith('.'))
-                       if first_visit(os.path.realpath(os.path.join(dirpath, name)))]
+        dirnames[:] = [
+            name
+            for name in sorted(d for d in dirnames if not d.startswith('.'))
+            if first_visit(os.path.realpath(os.path.join(dirpath, name)))
+        ]
         real_dir = os.path.realpath(dirpath)  # once per folder: realpath costs a stat per part
         for name in sorted(f for f in filenames if _is_image(f)):
             path = os.path.join(dirpath, name)
@@ -77,8 +94,12 @@ def _scan_images(folder, seen=None):
             if first_visit(real):
                 found.append(path)
     if repeated:
-        logger.warning("%s: %d linked folder(s) or file(s) lead to places already listed (a link "
-                       "loop or a second link); each image is listed once.", folder, repeated)
+        logger.warning(
+            '%s: %d linked folder(s) or file(s) lead to places already listed (a link '
+            'loop or a second link); each image is listed once.',
+            folder,
+            repeated,
+        )
     return found
 
 
@@ -111,8 +132,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         root = os.path.expanduser(root)
         blocking = _file_in_the_way(root)
         if blocking:
-            raise DataError(_expected_layout(
-                root, f'The data path leads through a file ({blocking}), not a folder'))
+            raise DataError(
+                _expected_layout(
+                    root, f'The data path leads through a file ({blocking}), not a folder'
+                )
+            )
         if not os.path.isdir(root):
             raise FileNotFoundError(_expected_layout(root, 'Data folder not found'))
         self.root, self.on_bad_image, self.min_size = root, on_bad_image, min_size
@@ -150,7 +174,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         rgb_conversion, before_decode)` reads a file (data.gpu_decode.read_encoded keeps JPEGs
         encoded)."""
         if not -len(self.samples) <= index < len(self.samples):
-            raise IndexError(f"index {index} out of range for {len(self.samples)} images")
+            raise IndexError(f'index {index} out of range for {len(self.samples)} images')
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
@@ -158,16 +182,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             except Exception as err:  # PIL raises many exception types for broken files
                 if self.on_bad_image == 'error':
                     raise BadImageError(
-                        f"Cannot read image {path}: {type(err).__name__}: {err}. Fix or remove the "
-                        f"file, or skip unreadable images with a warning: --opts DATA.ON_BAD_IMAGE "
-                        f"skip.") from err
+                        f'Cannot read image {path}: {type(err).__name__}: {err}. Fix or remove the '
+                        f'file, or skip unreadable images with a warning: --opts DATA.ON_BAD_IMAGE '
+                        f'skip.'
+                    ) from err
                 position = (index + offset) % len(self.samples)
                 if not self.unreadable[position]:
                     self.unreadable[position] = 1
                 continue
             self._warn_if_small(path, image)
             return image, label, offset == 0
-        raise BadImageError(f"None of the {len(self.samples)} images under {self.root} can be read.")
+        raise BadImageError(
+            f'None of the {len(self.samples)} images under {self.root} can be read.'
+        )
 
     def unreadable_report(self, limit=10):
         """One paragraph naming the files found unreadable (in this process or its DataLoader
@@ -186,19 +213,26 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 reason = f'{type(err).__name__}: {err}'
             named.append(f'{path} ({reason})')
         more = f'; and {len(new) - limit} more' if len(new) > limit else ''
-        return (f"{len(new)} unreadable image file(s) found: {'; '.join(named)}{more}. Each was "
-                f"replaced by the next readable image; {int((self.unreadable > 0).sum())} of the "
-                f"{len(self.samples)} files listed under {self.root} are unreadable so far "
-                f"(DATA.ON_BAD_IMAGE skip). Fix or remove them.")
+        return (
+            f'{len(new)} unreadable image file(s) found: {"; ".join(named)}{more}. Each was '
+            f'replaced by the next readable image; {int((self.unreadable > 0).sum())} of the '
+            f'{len(self.samples)} files listed under {self.root} are unreadable so far '
+            f'(DATA.ON_BAD_IMAGE skip). Fix or remove them.'
+        )
 
     def _warn_if_small(self, path, image):
         if min(image.size) >= self.min_size:
             return
         _small_images[0] += 1
         if _small_images[0] == 1:  # one warning per process; the crop handles them anyway
-            logger.warning("Image %s is %dx%d, smaller than the %d-pixel crop (DATA.IMG_SIZE): its "
-                           "crops are upsampled, which blurs the reconstruction targets. Further "
-                           "small images are not reported.", path, *image.size, self.min_size)
+            logger.warning(
+                'Image %s is %dx%d, smaller than the %d-pixel crop (DATA.IMG_SIZE): its '
+                'crops are upsampled, which blurs the reconstruction targets. Further '
+                'small images are not reported.',
+                path,
+                *image.size,
+                self.min_size,
+            )
 
 
 def _split_key(key):
@@ -270,7 +304,9 @@ class MaskedImageDataset(SeededTransformDataset):
         def plan_from_header(header):
             with seeded_global_rngs(seed):
                 plan = self.transform.plan(header.size)
-            planned.append((plan, draft_jpeg(header, self.transform.reduction(plan)) if draft else 1))
+            planned.append(
+                (plan, draft_jpeg(header, self.transform.reduction(plan)) if draft else 1)
+            )
 
         item, label, prepared = self.base.load(index, plan_from_header, reader)
         if not prepared:
@@ -281,7 +317,8 @@ class MaskedImageDataset(SeededTransformDataset):
     def mask(self, epoch, index):
         """The mask of sample `index` in `epoch`, from its own seeded generator."""
         return self.mask_generator(
-            torch.Generator().manual_seed(sample_seed(self.seed, epoch, index, 'mask')))
+            torch.Generator().manual_seed(sample_seed(self.seed, epoch, index, 'mask'))
+        )
 
     def __getitem__(self, key):
         img, label, epoch, index = self._transformed(key)

@@ -11,6 +11,7 @@ close on the CPU, where the same code runs with torchvision's CPU decoder).
 Files that are not baseline RGB/grey JPEGs (PNG, CMYK JPEG, ...) are decoded by PIL in the worker
 and handed over as pixels; a JPEG the GPU decoder rejects is decoded by PIL in the main process.
 """
+
 import io
 from typing import NamedTuple
 
@@ -21,6 +22,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from utils.errors import BadImageError, ConfigError
+
 from .datasets import ImageFolderDataset, MaskedImageDataset, _split_key, load_image
 from .pretrain_transform import _MEAN, _STD
 from .transforms import to_rgb
@@ -29,6 +31,7 @@ from .transforms import to_rgb
 class EncodedImage(NamedTuple):
     """What a worker hands over: `data` is the JPEG file (1-D uint8) or decoded RGB pixels
     (3, H, W) uint8; `size` is (W, H)."""
+
     data: torch.Tensor
     size: tuple
     path: str
@@ -64,8 +67,13 @@ def collate_encoded(samples):
     """Batch EncodedMaskedImageDataset samples: (list of data tensors, list of paths, plans (B, 5),
     masks (B, h, w), labels (B,)); the DataLoader pins the tensors in the lists too."""
     items, plans, masks, labels = zip(*samples)
-    return ([item.data for item in items], [item.path for item in items], torch.stack(plans),
-            torch.stack(masks), torch.tensor(labels, dtype=torch.int64))
+    return (
+        [item.data for item in items],
+        [item.path for item in items],
+        torch.stack(plans),
+        torch.stack(masks),
+        torch.tensor(labels, dtype=torch.int64),
+    )
 
 
 def _decode_jpegs(datas, paths, device):
@@ -83,9 +91,10 @@ def _decode_jpegs(datas, paths, device):
                     pixels = np.array(load_image(path))
                 except Exception as err:  # noqa: BLE001 -- PIL raises many types for broken files
                     raise BadImageError(
-                        f"Cannot decode image {path} ({type(err).__name__}: {err}). Fix or remove "
-                        f"the file, or use DATA.DECODE cpu, which skips unreadable images "
-                        f"(DATA.ON_BAD_IMAGE skip).") from err
+                        f'Cannot decode image {path} ({type(err).__name__}: {err}). Fix or remove '
+                        f'the file, or use DATA.DECODE cpu, which skips unreadable images '
+                        f'(DATA.ON_BAD_IMAGE skip).'
+                    ) from err
                 images.append(torch.from_numpy(pixels).permute(2, 0, 1).to(device))
         return images
 
@@ -94,7 +103,9 @@ def decode_batch(datas, paths, plans, size, device):
     """Normalised float images (B, 3, size, size) on `device` from a collated batch."""
     jpeg = [i for i, data in enumerate(datas) if data.dim() == 1]
     images = [None] * len(datas)
-    decoded = _decode_jpegs([datas[i] for i in jpeg], [paths[i] for i in jpeg], device) if jpeg else []
+    decoded = (
+        _decode_jpegs([datas[i] for i in jpeg], [paths[i] for i in jpeg], device) if jpeg else []
+    )
     for i, image in zip(jpeg, decoded):
         images[i] = image
     for i, data in enumerate(datas):
@@ -102,8 +113,11 @@ def decode_batch(datas, paths, plans, size, device):
             images[i] = data.to(device, non_blocking=True)
     out = []
     for image, (top, left, height, width, flip) in zip(images, plans.tolist()):
-        crop = TF.resized_crop(image.float(), top, left, height, width, [size, size],
-                               antialias=True).round_().clamp_(0, 255)
+        crop = (
+            TF.resized_crop(image.float(), top, left, height, width, [size, size], antialias=True)
+            .round_()
+            .clamp_(0, 255)
+        )
         out.append(crop.flip(-1) if flip else crop)
     batch = torch.stack(out).div_(255)
     return batch.sub_(_MEAN.to(device)).div_(_STD.to(device))
@@ -131,13 +145,18 @@ def build_device_decode_loader(config, dataset, make_loader):
     and mask generator it reuses); `make_loader(dataset, collate_fn)` builds the DataLoader as for
     the CPU pipeline."""
     if not torch.cuda.is_available():
-        raise ConfigError("DATA.DECODE gpu decodes JPEGs on a CUDA GPU, and none is available. Use "
-                          "DATA.DECODE cpu (the default).")
+        raise ConfigError(
+            'DATA.DECODE gpu decodes JPEGs on a CUDA GPU, and none is available. Use '
+            'DATA.DECODE cpu (the default).'
+        )
     base = dataset.base
     if not isinstance(base, ImageFolderDataset):
-        raise ConfigError(f"DATA.DECODE gpu reads JPEG files from DATA.DATA_PATH; DATA.DATASET "
-                          f"'{config.DATA.DATASET}' has none. Use DATA.DECODE cpu.")
-    encoded = EncodedMaskedImageDataset(base, dataset.transform, dataset.mask_generator,
-                                        dataset.seed)
+        raise ConfigError(
+            f'DATA.DECODE gpu reads JPEG files from DATA.DATA_PATH; DATA.DATASET '
+            f"'{config.DATA.DATASET}' has none. Use DATA.DECODE cpu."
+        )
+    encoded = EncodedMaskedImageDataset(
+        base, dataset.transform, dataset.mask_generator, dataset.seed
+    )
     device = torch.device('cuda', torch.cuda.current_device())
     return DeviceDecodeLoader(make_loader(encoded, collate_encoded), config.DATA.IMG_SIZE, device)

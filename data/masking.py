@@ -12,6 +12,7 @@ A new strategy is a subclass overriding `choose_mask_patches` (and `config_kwarg
 DATA.MASK_STRATEGY picks it. The constructors are the one home of the checks, with messages naming
 the config keys; `check_mask_config` (asked by the config validation) runs them.
 """
+
 import math
 
 import numpy as np
@@ -19,13 +20,12 @@ import torch
 
 from utils.errors import require
 from utils.registry import Registry
-from utils.mask_grid import upsample_mask
 
 
 def _numpy_rng(generator):
     """A numpy Generator seeded from `generator` (torch's global RNG if None), for strategies that
     draw many scalars; numpy's global RNG is left alone."""
-    return np.random.default_rng(int(torch.randint(0, 2 ** 62, (), generator=generator)))
+    return np.random.default_rng(int(torch.randint(0, 2**62, (), generator=generator)))
 
 
 class MaskGenerator:
@@ -38,23 +38,29 @@ class MaskGenerator:
 
     def __init__(self, input_size=192, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6):
         # ConfigError is a ValueError; the messages name the keys the arguments come from.
-        require(0 < mask_ratio < 1, f"DATA.MASK_RATIO must lie in (0, 1), got {mask_ratio} (the "
-                                    f"paper's default is 0.6).")
-        require(mask_patch_size > 0 and input_size % mask_patch_size == 0,
-                f"DATA.IMG_SIZE {input_size} is not divisible by DATA.MASK_PATCH_SIZE "
-                f"{mask_patch_size}; the mask grid must tile the image. Use a mask patch size that "
-                f"divides {input_size}.")
-        require(model_patch_size > 0 and mask_patch_size % model_patch_size == 0,
-                f"DATA.MASK_PATCH_SIZE {mask_patch_size} is not divisible by the model patch size "
-                f"{model_patch_size} (PATCH_SIZE in the MODEL.TYPE's section); a mask patch must "
-                f"cover whole model patches.")
+        require(
+            0 < mask_ratio < 1,
+            f"DATA.MASK_RATIO must lie in (0, 1), got {mask_ratio} (the paper's default is 0.6).",
+        )
+        require(
+            mask_patch_size > 0 and input_size % mask_patch_size == 0,
+            f'DATA.IMG_SIZE {input_size} is not divisible by DATA.MASK_PATCH_SIZE '
+            f'{mask_patch_size}; the mask grid must tile the image. Use a mask patch size that '
+            f'divides {input_size}.',
+        )
+        require(
+            model_patch_size > 0 and mask_patch_size % model_patch_size == 0,
+            f'DATA.MASK_PATCH_SIZE {mask_patch_size} is not divisible by the model patch size '
+            f"{model_patch_size} (PATCH_SIZE in the MODEL.TYPE's section); a mask patch must "
+            f'cover whole model patches.',
+        )
         self.input_size = input_size
         self.mask_patch_size = mask_patch_size
         self.model_patch_size = model_patch_size
         self.mask_ratio = mask_ratio
         self.mask_grid_size = input_size // mask_patch_size  # mask patches per side
         self.scale = mask_patch_size // model_patch_size  # model patches per mask patch, per side
-        self.num_mask_patches = self.mask_grid_size ** 2
+        self.num_mask_patches = self.mask_grid_size**2
         self.num_masked = int(math.ceil(self.num_mask_patches * mask_ratio))
         self.output_size = self.mask_grid_size * self.scale  # model patches per side
 
@@ -72,7 +78,7 @@ class MaskGenerator:
         """(mask_grid_size, mask_grid_size) int64 grid of mask patches, 1 = masked."""
         order = torch.randperm(self.num_mask_patches, generator=generator).numpy()
         grid = np.zeros(self.num_mask_patches, dtype=np.int64)
-        grid[order[:self.num_masked]] = 1
+        grid[order[: self.num_masked]] = 1
         return torch.from_numpy(grid.reshape(self.mask_grid_size, self.mask_grid_size))
 
     def __call__(self, generator=None):
@@ -83,10 +89,12 @@ class MaskGenerator:
         return torch.from_numpy(grid.repeat(self.scale, 0).repeat(self.scale, 1))
 
     def __repr__(self):
-        return (f"{type(self).__name__}(input_size={self.input_size}, mask_patch_size="
-                f"{self.mask_patch_size}, model_patch_size={self.model_patch_size}, mask_ratio="
-                f"{self.mask_ratio}: {self.num_masked}/{self.num_mask_patches} mask patches, output "
-                f"{self.output_size}x{self.output_size})")
+        return (
+            f'{type(self).__name__}(input_size={self.input_size}, mask_patch_size='
+            f'{self.mask_patch_size}, model_patch_size={self.model_patch_size}, mask_ratio='
+            f'{self.mask_ratio}: {self.num_masked}/{self.num_mask_patches} mask patches, output '
+            f'{self.output_size}x{self.output_size})'
+        )
 
 
 class SquareMaskGenerator(MaskGenerator):
@@ -101,18 +109,22 @@ class SquareMaskGenerator(MaskGenerator):
     def __init__(self, input_size=192, mask_patch_size=32, model_patch_size=4, mask_ratio=0.6):
         super().__init__(input_size, mask_patch_size, model_patch_size, mask_ratio)
         grid = self.mask_grid_size
-        require(grid >= 2, f"DATA.MASK_STRATEGY square needs a mask grid of at least 2x2; "
-                           f"DATA.IMG_SIZE {input_size} / DATA.MASK_PATCH_SIZE {mask_patch_size} is "
-                           f"{grid}. Use a smaller mask patch size.")
+        require(
+            grid >= 2,
+            f'DATA.MASK_STRATEGY square needs a mask grid of at least 2x2; '
+            f'DATA.IMG_SIZE {input_size} / DATA.MASK_PATCH_SIZE {mask_patch_size} is '
+            f'{grid}. Use a smaller mask patch size.',
+        )
         wanted = mask_ratio * self.num_mask_patches
         self.side = min(range(1, grid), key=lambda s: (abs(s * s - wanted), -s))
-        self.num_masked = self.side ** 2
+        self.num_masked = self.side**2
 
     def choose_mask_patches(self, generator):
-        top, left = torch.randint(0, self.mask_grid_size - self.side + 1, (2,),
-                                  generator=generator).tolist()
+        top, left = torch.randint(
+            0, self.mask_grid_size - self.side + 1, (2,), generator=generator
+        ).tolist()
         grid = torch.zeros(self.mask_grid_size, self.mask_grid_size, dtype=torch.int64)
-        grid[top:top + self.side, left:left + self.side] = 1
+        grid[top : top + self.side, left : left + self.side] = 1
         return grid
 
 
@@ -130,16 +142,26 @@ class BlockwiseMaskGenerator(MaskGenerator):
     min_patches_per_block=None keeps BEiT's minimum block of 16 16-px patches (64x64 pixels) in this
     mask patch size; max_patches_per_block=None means no cap (BEiT's default).
     """
+
     reference_min_block_pixels = 16 * 16 * 16  # BEiT: 16 patches of 16x16 pixels
 
-    def __init__(self, input_size=192, mask_patch_size=16, model_patch_size=4, mask_ratio=0.6,
-                 min_patches_per_block=None, max_patches_per_block=None,
-                 aspect_ratio_range=(0.3, 1 / 0.3), max_attempts=10):
+    def __init__(
+        self,
+        input_size=192,
+        mask_patch_size=16,
+        model_patch_size=4,
+        mask_ratio=0.6,
+        min_patches_per_block=None,
+        max_patches_per_block=None,
+        aspect_ratio_range=(0.3, 1 / 0.3),
+        max_attempts=10,
+    ):
         super().__init__(input_size, mask_patch_size, model_patch_size, mask_ratio)
         self._check_block_options(min_patches_per_block, max_patches_per_block, aspect_ratio_range)
         if min_patches_per_block is None:
             min_patches_per_block = max(
-                1, round(self.reference_min_block_pixels / mask_patch_size ** 2))
+                1, round(self.reference_min_block_pixels / mask_patch_size**2)
+            )
         low, high = aspect_ratio_range
         self.min_patches_per_block = min_patches_per_block
         self.max_patches_per_block = max_patches_per_block or self.num_mask_patches
@@ -149,9 +171,11 @@ class BlockwiseMaskGenerator(MaskGenerator):
     @classmethod
     def config_kwargs(cls, config):
         block = config.DATA.BLOCKWISE
-        return dict(min_patches_per_block=block.MIN_PATCHES_PER_BLOCK or None,
-                    max_patches_per_block=block.MAX_PATCHES_PER_BLOCK or None,
-                    aspect_ratio_range=tuple(block.ASPECT_RATIO_RANGE))
+        return dict(
+            min_patches_per_block=block.MIN_PATCHES_PER_BLOCK or None,
+            max_patches_per_block=block.MAX_PATCHES_PER_BLOCK or None,
+            aspect_ratio_range=tuple(block.ASPECT_RATIO_RANGE),
+        )
 
     @classmethod
     def check_options(cls, config):
@@ -160,13 +184,17 @@ class BlockwiseMaskGenerator(MaskGenerator):
     @staticmethod
     def _check_block_options(min_patches_per_block, max_patches_per_block, aspect_ratio_range):
         sizes = (min_patches_per_block, max_patches_per_block)
-        require(all(n is None or n >= 1 for n in sizes),
-                f"DATA.BLOCKWISE.MIN_PATCHES_PER_BLOCK and MAX_PATCHES_PER_BLOCK must be >= 0 (0: "
-                f"the default), got {[n or 0 for n in sizes]}.")
+        require(
+            all(n is None or n >= 1 for n in sizes),
+            f'DATA.BLOCKWISE.MIN_PATCHES_PER_BLOCK and MAX_PATCHES_PER_BLOCK must be >= 0 (0: '
+            f'the default), got {[n or 0 for n in sizes]}.',
+        )
         aspect = list(aspect_ratio_range)
-        require(len(aspect) == 2 and 0 < aspect[0] <= aspect[1],
-                f"DATA.BLOCKWISE.ASPECT_RATIO_RANGE must be [low, high] with 0 < low <= high, got "
-                f"{aspect}.")
+        require(
+            len(aspect) == 2 and 0 < aspect[0] <= aspect[1],
+            f'DATA.BLOCKWISE.ASPECT_RATIO_RANGE must be [low, high] with 0 < low <= high, got '
+            f'{aspect}.',
+        )
 
     def _place_block(self, grid, rng, budget):
         """Try to add one block masking 1..budget new patches; return (top, left, h, w) or None."""
@@ -178,7 +206,7 @@ class BlockwiseMaskGenerator(MaskGenerator):
             if not (h < side and w < side):
                 continue
             top, left = rng.integers(0, side - h + 1), rng.integers(0, side - w + 1)
-            block = grid[top:top + h, left:left + w]
+            block = grid[top : top + h, left : left + w]
             new = h * w - int(block.sum())
             if 0 < new <= budget:
                 block[...] = 1
@@ -209,15 +237,20 @@ class BlockwiseMaskGenerator(MaskGenerator):
         return torch.from_numpy(grid)
 
 
-MASK_GENERATORS = Registry('DATA.MASK_STRATEGY', 'strategies', {
-    'random': MaskGenerator,
-    'square': SquareMaskGenerator,
-    'blockwise': BlockwiseMaskGenerator,
-})
+MASK_GENERATORS = Registry(
+    'DATA.MASK_STRATEGY',
+    'strategies',
+    {
+        'random': MaskGenerator,
+        'square': SquareMaskGenerator,
+        'blockwise': BlockwiseMaskGenerator,
+    },
+)
 
 
-def build_mask_generator(config, model_patch_size, strategy=None, mask_patch_size=None,
-                         mask_ratio=None):
+def build_mask_generator(
+    config, model_patch_size, strategy=None, mask_patch_size=None, mask_ratio=None
+):
     """The mask generator for a (pre-training) config and the encoder's patch size (pixels):
     DATA.MASK_STRATEGY with DATA.MASK_PATCH_SIZE, DATA.MASK_RATIO and the strategy's own keys;
     arguments given here override those three."""

@@ -18,6 +18,7 @@ bilinear shrink by factor f / r, instead of a bilinear shrink by f (measured and
 tests/test_pretrain_transform.py). Images that are not JPEG, and crops smaller than 2 x IMG_SIZE
 (most ImageNet crops at 192: its typical 500x375 images allow no reduction), are decoded in full.
 """
+
 from typing import NamedTuple
 
 import numpy as np
@@ -35,6 +36,7 @@ _STD = torch.tensor(IMAGENET_DEFAULT_STD, dtype=torch.float32).view(3, 1, 1)
 
 class CropPlan(NamedTuple):
     """Where to crop (in full-size pixels) and whether to flip."""
+
     top: int
     left: int
     height: int
@@ -51,15 +53,23 @@ class PretrainTransform:
     Compose of these steps.
     """
 
-    def __init__(self, size, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0), jpeg_draft=False,
-                 rgb_conversion='careful'):
+    def __init__(
+        self,
+        size,
+        scale=(0.67, 1.0),
+        ratio=(3.0 / 4.0, 4.0 / 3.0),
+        jpeg_draft=False,
+        rgb_conversion='careful',
+    ):
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
         self.jpeg_draft, self.rgb_conversion = jpeg_draft, rgb_conversion
 
     def plan(self, size):
         """Draw the crop box and the flip for an image of `size` (W, H), e.g. from its header."""
         shape_only = torch.empty(0, size[1], size[0], device='meta')  # get_params reads its shape
-        top, left, height, width = T.RandomResizedCrop.get_params(shape_only, self.scale, self.ratio)
+        top, left, height, width = T.RandomResizedCrop.get_params(
+            shape_only, self.scale, self.ratio
+        )
         flip = bool(torch.rand(1) < 0.5)  # as RandomHorizontalFlip draws it
         return CropPlan(top, left, height, width, flip)
 
@@ -67,8 +77,9 @@ class PretrainTransform:
         """The JPEG decode scale 1/r allowed for `plan` (see the module docstring); 1 = none."""
         if not self.jpeg_draft:
             return 1
-        return next((r for r in JPEG_REDUCTIONS
-                     if min(plan.width, plan.height) >= r * self.size), 1)
+        return next(
+            (r for r in JPEG_REDUCTIONS if min(plan.width, plan.height) >= r * self.size), 1
+        )
 
     def crop_resize(self, image, plan, reduction=1):
         """The plan's box, cut from `image` decoded at 1/reduction scale, resized to size x size."""
@@ -95,9 +106,11 @@ class PretrainTransform:
         return self.apply(image, self.plan(image.size))
 
     def __repr__(self):
-        return (f'PretrainTransform(RandomResizedCrop({self.size}, scale={self.scale}, '
-                f'ratio=({self.ratio[0]:.3f}, {self.ratio[1]:.3f}), bilinear), flip 0.5, normalize, '
-                f'jpeg_draft={self.jpeg_draft})')
+        return (
+            f'PretrainTransform(RandomResizedCrop({self.size}, scale={self.scale}, '
+            f'ratio=({self.ratio[0]:.3f}, {self.ratio[1]:.3f}), bilinear), flip 0.5, normalize, '
+            f'jpeg_draft={self.jpeg_draft})'
+        )
 
 
 def draft_jpeg(image, reduction):
@@ -116,6 +129,10 @@ def build_pretrain_transform(config):
     """The SimMIM pre-training image transform (the image half of the official SimMIMTransform; the
     mask is drawn separately, see data.masking): PIL image -> normalised (3, IMG_SIZE, IMG_SIZE).
     Nothing beyond crop and flip (§3.2)."""
-    return PretrainTransform(config.DATA.IMG_SIZE, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
-                             jpeg_draft=config.DATA.JPEG_DRAFT,
-                             rgb_conversion=config.DATA.RGB_CONVERSION)
+    return PretrainTransform(
+        config.DATA.IMG_SIZE,
+        scale=(0.67, 1.0),
+        ratio=(3.0 / 4.0, 4.0 / 3.0),
+        jpeg_draft=config.DATA.JPEG_DRAFT,
+        rgb_conversion=config.DATA.RGB_CONVERSION,
+    )

@@ -1,5 +1,6 @@
 """Per-sample seeds, so that a sample is a pure function of (seed, epoch, index) whatever the worker,
 rank or resume point that produces it."""
+
 import contextlib
 import hashlib
 import random
@@ -29,7 +30,7 @@ def seeded_global_rngs(seed):
     py_state, np_state = random.getstate(), np.random.get_state()
     torch_state = torch.get_rng_state()
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)  # numpy's legacy seeding takes 32 bits
+    np.random.seed(seed % 2**32)  # numpy's legacy seeding takes 32 bits
     # Not torch.manual_seed: that also reseeds the CUDA generators, which are none of our business.
     torch.default_generator.manual_seed(seed)
     try:

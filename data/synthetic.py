@@ -1,6 +1,7 @@
 """A built-in dataset needing no download: one coloured shape per image on a textured background,
 class = shape type. Enough structure for pre-training to learn and for a fine-tuned classifier to
 beat chance, so the whole pipeline can be tried on a laptop."""
+
 import functools
 import math
 
@@ -10,8 +11,18 @@ from PIL import Image, ImageDraw
 
 from .seeding import sample_seed
 
-SHAPES = ('circle', 'square', 'triangle', 'cross', 'ring', 'star', 'stripes', 'checker', 'diamond',
-          'dots')
+SHAPES = (
+    'circle',
+    'square',
+    'triangle',
+    'cross',
+    'ring',
+    'star',
+    'stripes',
+    'checker',
+    'diamond',
+    'dots',
+)
 
 
 @functools.lru_cache(maxsize=8)
@@ -31,15 +42,31 @@ def _polygon(size, points, cx, cy, angle):
 
 
 def _star_points(r, num_tips=5, inner=0.45):
-    return [((r if k % 2 == 0 else inner * r) * math.cos(k * math.pi / num_tips),
-             (r if k % 2 == 0 else inner * r) * math.sin(k * math.pi / num_tips))
-            for k in range(2 * num_tips)]
+    return [
+        (
+            (r if k % 2 == 0 else inner * r) * math.cos(k * math.pi / num_tips),
+            (r if k % 2 == 0 else inner * r) * math.sin(k * math.pi / num_tips),
+        )
+        for k in range(2 * num_tips)
+    ]
 
 
 def _cross_points(r, half_width):
     w = half_width
-    return [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w),
-            (-r, w), (-r, -w), (-w, -w)]
+    return [
+        (-w, -r),
+        (w, -r),
+        (w, -w),
+        (r, -w),
+        (r, w),
+        (w, w),
+        (w, r),
+        (-w, r),
+        (-w, w),
+        (-r, w),
+        (-r, -w),
+        (-w, -w),
+    ]
 
 
 def _shape_mask(shape, size, cx, cy, r, rng):
@@ -59,8 +86,13 @@ def _shape_mask(shape, size, cx, cy, r, rng):
     if shape == 'diamond':
         return _polygon(size, [(0, -r), (0.65 * r, 0), (0, r), (-0.65 * r, 0)], cx, cy, tilt)
     if shape == 'triangle':
-        return _polygon(size, [(r * math.cos(a), r * math.sin(a))
-                               for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)], cx, cy, angle)
+        return _polygon(
+            size,
+            [(r * math.cos(a), r * math.sin(a)) for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)],
+            cx,
+            cy,
+            angle,
+        )
     if shape == 'star':
         return _polygon(size, _star_points(r), cx, cy, angle)
     if shape == 'cross':
@@ -80,7 +112,7 @@ def _shape_mask(shape, size, cx, cy, r, rng):
         px, py = dx % period - period / 2, dy % period - period / 2
         pattern = px * px + py * py <= (0.3 * period) ** 2
     else:
-        raise ValueError(f"Unknown shape {shape!r}")
+        raise ValueError(f'Unknown shape {shape!r}')
     return (inside & pattern).astype(np.float32)
 
 
@@ -90,12 +122,16 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
     def __init__(self, num_images, num_classes, image_size, seed=0, split='train'):
         if not 1 <= num_classes <= len(SHAPES):
-            raise ValueError(f"SyntheticShapes supports 1 to {len(SHAPES)} classes "
-                             f"({', '.join(SHAPES)}), got {num_classes}; set "
-                             f"DATA.SYNTHETIC.NUM_CLASSES accordingly.")
+            raise ValueError(
+                f'SyntheticShapes supports 1 to {len(SHAPES)} classes '
+                f'({", ".join(SHAPES)}), got {num_classes}; set '
+                f'DATA.SYNTHETIC.NUM_CLASSES accordingly.'
+            )
         if num_images < 1 or image_size < 8:
-            raise ValueError(f"SyntheticShapes needs num_images >= 1 and image_size >= 8, got "
-                             f"{num_images} and {image_size}.")
+            raise ValueError(
+                f'SyntheticShapes needs num_images >= 1 and image_size >= 8, got '
+                f'{num_images} and {image_size}.'
+            )
         self.num_images, self.image_size = num_images, image_size
         self.seed, self.split = seed, split
         self.classes = list(SHAPES[:num_classes])
@@ -105,7 +141,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         if not 0 <= index < self.num_images:
-            raise IndexError(f"index {index} out of range for {self.num_images} images")
+            raise IndexError(f'index {index} out of range for {self.num_images} images')
         label = index % len(self.classes)  # balanced classes
         # The images do not change over epochs: epoch 0 of their own stream.
         rng = np.random.default_rng(sample_seed(self.seed, 0, index, f'synthetic/{self.split}'))
@@ -120,8 +156,10 @@ class SyntheticShapes(torch.utils.data.Dataset):
         other = np.clip(base + rng.normal(0, 60, 3), 0, 255).astype(np.float32)
         direction = rng.uniform(0, 2 * math.pi)
         ramp = (x * math.cos(direction) + y * math.sin(direction)) / (size * math.sqrt(2)) + 0.5
-        wave = 15 * np.sin(2 * math.pi * rng.uniform(0.5, 3) * (x * rng.uniform(-1, 1) + y) / size
-                           + rng.uniform(0, 2 * math.pi))
+        wave = 15 * np.sin(
+            2 * math.pi * rng.uniform(0.5, 3) * (x * rng.uniform(-1, 1) + y) / size
+            + rng.uniform(0, 2 * math.pi)
+        )
         image = base + (other - base) * ramp[..., None] + wave[..., None]
 
         # Foreground colour far enough from the background's mean colour to be visible.

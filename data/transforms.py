@@ -1,5 +1,6 @@
 """Image transforms: any PIL mode to RGB, the SimMIM pre-training pipeline and the fine-tuning
 pipelines (§3.2 and §3.3 of the reference)."""
+
 import numpy as np
 from PIL import Image
 from timm.data import create_transform
@@ -107,8 +108,10 @@ def build_finetune_transform(config, is_train):
         interpolation = _eval_interpolation(config.DATA.INTERPOLATION)
         if config.TEST.CROP:
             # 256 for 224: the standard ImageNet evaluation crop ratio
-            steps += [T.Resize(int(256 / 224 * img_size), interpolation=interpolation),
-                      T.CenterCrop(img_size)]
+            steps += [
+                T.Resize(int(256 / 224 * img_size), interpolation=interpolation),
+                T.CenterCrop(img_size),
+            ]
         else:
             steps.append(T.Resize((img_size, img_size), interpolation=interpolation))
     steps += [T.ToTensor(), normalize()]

@@ -1,5 +1,6 @@
 """DataLoader workers leave stop signals (SIGTERM, SIGINT) to the main process, which finishes its
 step, saves and stops cleanly (engine/preemption.py); see `shield_worker`."""
+
 import multiprocessing
 import os
 import signal
@@ -23,8 +24,12 @@ def shield_worker(main_pid):
         return
     # Blocked in this thread and every thread started after it; the waiter below receives it.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=_end_on_sigterm_from, args=({main_pid, os.getppid()},), daemon=True,
-                     name='sigterm-from-main').start()
+    threading.Thread(
+        target=_end_on_sigterm_from,
+        args=({main_pid, os.getppid()},),
+        daemon=True,
+        name='sigterm-from-main',
+    ).start()
 
 
 def _end_on_sigterm_from(senders):
@@ -40,14 +45,17 @@ def worker_start_context(num_workers):
     shield_worker runs would otherwise kill it) and the signal waits for the main process's
     handler. Other start methods: None (the DataLoader default)."""
     # allow_none: asking must not fix the start method; the first listed is the default.
-    method = (multiprocessing.get_start_method(allow_none=True)
-              or multiprocessing.get_all_start_methods()[0])
+    method = (
+        multiprocessing.get_start_method(allow_none=True)
+        or multiprocessing.get_all_start_methods()[0]
+    )
     if num_workers == 0 or method != 'fork':
         return None
     return _ShieldedForkContext()
 
 
 if hasattr(multiprocessing.context, 'ForkContext'):  # not on Windows
+
     class _ShieldedForkProcess(multiprocessing.context.ForkProcess):
         def start(self):
             previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

@@ -1,5 +1,6 @@
 """How a batch becomes a loss, per task: the one thing pre-training and fine-tuning do differently
 inside the shared training loop (engine/trainer.py), and fine-tuning's classification criterion."""
+
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 

@@ -6,6 +6,7 @@
 Both put their values on the global step of the epoch's last training step, the axis of the
 training scalars in TensorBoard.
 """
+
 import os
 
 import torch
@@ -24,8 +25,17 @@ class ReconstructionLogger:
     when `steps_per_epoch` is given. With `write` False it only runs the model (the other ranks of
     a sharded model, which must join every forward)."""
 
-    def __init__(self, config, dataset, model, device, writer=None, steps_per_epoch=None,
-                 write=True, logger=None):
+    def __init__(
+        self,
+        config,
+        dataset,
+        model,
+        device,
+        writer=None,
+        steps_per_epoch=None,
+        write=True,
+        logger=None,
+    ):
         self.config = config
         self.steps_per_epoch = steps_per_epoch
         self.write = write
@@ -38,10 +48,12 @@ class ReconstructionLogger:
         self.images = torch.stack([s[0] for s in samples]).to(device)
         self.mask = torch.stack([s[1] for s in samples]).to(device)
         if logger is not None and write:
-            logger.info(f'reconstruction grids of {count} fixed images every {config.VIS_FREQ} '
-                        f'epochs and after the last: {self.folder}/epoch_N.png (columns: '
-                        f'{", ".join(COLUMNS)})'
-                        f'{" and TensorBoard images" if writer is not None else ""}')
+            logger.info(
+                f'reconstruction grids of {count} fixed images every {config.VIS_FREQ} '
+                f'epochs and after the last: {self.folder}/epoch_N.png (columns: '
+                f'{", ".join(COLUMNS)})'
+                f'{" and TensorBoard images" if writer is not None else ""}'
+            )
 
     def __call__(self, epoch):
         config = self.config
@@ -73,16 +85,26 @@ class ValidateAndKeepBest:
     def __call__(self, epoch):
         trainer, state, logger = self.trainer, self.trainer.state, self.trainer.logger
         config = trainer.config
-        acc1, acc5, loss, count = evaluate(state.model, self.data_loader, trainer.device,
-                                           trainer.amp_dtype)
+        acc1, acc5, loss, count = evaluate(
+            state.model, self.data_loader, trainer.device, trainer.amp_dtype
+        )
         logger.info(f' * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}')
         logger.info(f'Accuracy of the network on the {count} test images: {acc1:.3f}%')
         if acc1 > state.max_accuracy:
             weights = full_model_state_dict(state.model)  # collective under FSDP
             path = os.path.join(config.OUTPUT, BEST_CHECKPOINT)
             if trainer.dist_info.is_main:
-                atomic_save({'model': weights, 'epoch': epoch, 'accuracy': acc1, 'acc5': acc5,
-                             'max_accuracy': acc1, 'config': config.dump()}, path)
+                atomic_save(
+                    {
+                        'model': weights,
+                        'epoch': epoch,
+                        'accuracy': acc1,
+                        'acc5': acc5,
+                        'max_accuracy': acc1,
+                        'config': config.dump(),
+                    },
+                    path,
+                )
                 logger.info(f'{path} saved (best so far)')
         state.max_accuracy = max(state.max_accuracy, acc1)
         logger.info(f'Max accuracy: {state.max_accuracy:.2f}%')

@@ -7,6 +7,7 @@
 - on SIGTERM / SIGINT (engine/preemption.py): a step checkpoint after the current step, then
   Preempted (exit code 75), so running the same command again continues exactly.
 """
+
 import contextlib
 
 from checkpoint.layout import epoch_checkpoint_path, prune_step_checkpoints, step_checkpoint_path
@@ -39,8 +40,9 @@ class CheckpointPolicy:
     def save(self, epoch, step, path):
         """Write the state for continuing at (epoch, step) to `path` (on every rank); return the
         path written (a directory under TRAIN.SHARDING fsdp)."""
-        self.last_checkpoint = save_training_state(path, self.state, (epoch, step), self.config,
-                                                   self.dist_info, self.logger)
+        self.last_checkpoint = save_training_state(
+            path, self.state, (epoch, step), self.config, self.dist_info, self.logger
+        )
         return self.last_checkpoint
 
     def after_update(self, epoch, next_step):
@@ -52,10 +54,14 @@ class CheckpointPolicy:
             if self.dist_info.is_main:
                 prune_step_checkpoints(config.OUTPUT, config.CHECKPOINT.KEEP_STEP_CKPTS)
         if self.preemption.stop_requested():
-            path = self.save(epoch, next_step, step_checkpoint_path(config.OUTPUT, epoch, next_step))
-            raise Preempted(f"Stopped by {self.preemption.signal_name} after step {next_step} of "
-                            f"epoch {epoch}; checkpoint written to {path}. Run the same command "
-                            f"again (TRAIN.AUTO_RESUME) or pass --resume {path} to continue.")
+            path = self.save(
+                epoch, next_step, step_checkpoint_path(config.OUTPUT, epoch, next_step)
+            )
+            raise Preempted(
+                f'Stopped by {self.preemption.signal_name} after step {next_step} of '
+                f'epoch {epoch}; checkpoint written to {path}. Run the same command '
+                f'again (TRAIN.AUTO_RESUME) or pass --resume {path} to continue.'
+            )
 
     def after_epoch(self, epoch):
         config = self.config

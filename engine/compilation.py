@@ -13,14 +13,13 @@ the backward as in eager mode). 'model' compiles the whole forward, including pa
 head and loss, in one graph: more fusion, longer compile, and under DDP the gradients become ready
 only at the end of the single backward graph.
 """
+
 import time
 
-
+from config import COMPILE_MODES
 from models import transformer_blocks
 from models.attention import raise_recompile_limit
-from config import COMPILE_MODES
 from utils.registry import require_choice
-
 
 
 class CompileMonitor:
@@ -34,6 +33,7 @@ class CompileMonitor:
         self.logger = None
         self._started = None
         from torch._dynamo.callback import callback_handler
+
         callback_handler.register_start_callback(self._start)
         callback_handler.register_end_callback(self._end)
 
@@ -50,8 +50,10 @@ class CompileMonitor:
         if self.logger is not None:
             trigger = getattr(args[0], 'callback_trigger', None) if args else None
             kind = f'{trigger.name.lower()} ' if trigger is not None else ''
-            self.logger.info(f'torch.compile: compiled {kind}graph {self.count} in {took:.1f} s '
-                             f'({self.seconds:.1f} s of compilation so far)')
+            self.logger.info(
+                f'torch.compile: compiled {kind}graph {self.count} in {took:.1f} s '
+                f'({self.seconds:.1f} s of compilation so far)'
+            )
 
 
 _monitor = None
@@ -76,8 +78,10 @@ def compile_model(model, mode, logger=None, backend='inductor'):
         return model
     targets = transformer_blocks(model) if mode == 'blocks' else [model]
     if not targets:
-        raise ValueError(f'TRAIN.COMPILE blocks found no transformer blocks in '
-                         f'{type(model).__name__}; use TRAIN.COMPILE model.')
+        raise ValueError(
+            f'TRAIN.COMPILE blocks found no transformer blocks in '
+            f'{type(model).__name__}; use TRAIN.COMPILE model.'
+        )
     # Every block variant (stage, shift, train/eval, batch shape) is one cache entry of the same
     # code; dynamo's default limit of 8 would silently fall back to eager for the rest.
     raise_recompile_limit(4 * len(targets) + 8)
@@ -87,6 +91,8 @@ def compile_model(model, mode, logger=None, backend='inductor'):
     monitor.logger = logger
     if logger is not None:
         what = f'{len(targets)} transformer blocks' if mode == 'blocks' else type(model).__name__
-        logger.info(f'TRAIN.COMPILE {mode}: {what} compiled with torch.compile (backend '
-                    f'{backend}) on first use; the first steps include compilation')
+        logger.info(
+            f'TRAIN.COMPILE {mode}: {what} compiled with torch.compile (backend '
+            f'{backend}) on first use; the first steps include compilation'
+        )
     return model

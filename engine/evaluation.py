@@ -5,6 +5,7 @@
     throughput(model, data_loader, device, logger, amp_dtype) -> images/s
     load_eval_weights(config, model, logger) -> the checkpoint loaded for --eval
 """
+
 import os
 import time
 
@@ -40,9 +41,14 @@ def evaluate(model, data_loader, device, amp_dtype=None, logger=None, print_freq
         output = output.float()
         top5 = output.topk(min(5, output.shape[1]), dim=1).indices
         hits = top5.eq(target[:, None])
-        totals += torch.stack([hits[:, :1].sum(), hits.sum(),
-                               F.cross_entropy(output, target, reduction='sum'),
-                               torch.tensor(target.shape[0], device=device)]).double()
+        totals += torch.stack(
+            [
+                hits[:, :1].sum(),
+                hits.sum(),
+                F.cross_entropy(output, target, reduction='sum'),
+                torch.tensor(target.shape[0], device=device),
+            ]
+        ).double()
         if logger is not None and idx % print_freq == 0:
             logger.info(f'Test: [{idx}/{len(data_loader)}]')
     if extra:  # FSDP: join the all-gathers of ranks with a longer shard; the outputs are unused
@@ -77,8 +83,7 @@ def throughput(model, data_loader, device, logger, amp_dtype=None, warmup=50, ti
     start = time.perf_counter()
     forward_passes(timed)
     images_per_sec = timed * batch_size / (time.perf_counter() - start)
-    logger.info(f'batch_size {batch_size} throughput {images_per_sec:.1f} '
-                f'({amp_dtype or "fp32"})')
+    logger.info(f'batch_size {batch_size} throughput {images_per_sec:.1f} ({amp_dtype or "fp32"})')
     return images_per_sec
 
 
@@ -92,9 +97,11 @@ def load_eval_weights(config, model, logger):
     if not path:
         path, checkpoint = find_resume_checkpoint(config.OUTPUT, logger)
     if not path:
-        raise CheckpointError(f'--eval needs a checkpoint: pass --resume CKPT (a fine-tuned '
-                              f'checkpoint of this framework or the official code); none was found '
-                              f'in {config.OUTPUT} ({BEST_CHECKPOINT} or ckpt_epoch_*.pth).')
+        raise CheckpointError(
+            f'--eval needs a checkpoint: pass --resume CKPT (a fine-tuned '
+            f'checkpoint of this framework or the official code); none was found '
+            f'in {config.OUTPUT} ({BEST_CHECKPOINT} or ckpt_epoch_*.pth).'
+        )
     if checkpoint is None or is_sharded_checkpoint(path):  # a sharded run's: read it whole
         checkpoint = read_checkpoint(path, '--resume', model_only=True)
     load_full_state_dict(model, checkpoint, f'The --eval checkpoint {path}')

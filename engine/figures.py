@@ -2,6 +2,7 @@
 the visible pixels, one row per image, de-normalised back to RGB. The prediction is turned into an
 image by the model's target (`SimMIM.predict_image`), so the grid is right for every target. Used
 by tools/visualize_reconstruction.py and the training callback (engine/callbacks.py)."""
+
 import os
 
 import numpy as np

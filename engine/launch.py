@@ -1,16 +1,17 @@
 """What both entry scripts do before and around training: config, process group, output folder,
 logger, TensorBoard, and turning known failures into one clear paragraph and an exit code."""
+
 import os
 import sys
 
 import torch
 
 from config import get_config
-from utils.arguments import build_arg_parser
+from engine.run_folder import release_output_folders, take_output_folder
 from logger import create_logger
+from utils.arguments import build_arg_parser
 from utils.distributed import cleanup, init_distributed, seed_everything
 from utils.errors import EXIT_PREEMPTED, KNOWN_ERRORS, ConfigError, exit_code_of, title_of
-from engine.run_folder import release_output_folders, take_output_folder
 from utils.tasks import PRETRAIN, as_task
 
 
@@ -23,8 +24,10 @@ def prepare_output_dir(path):
             f.write('ok')
         os.remove(probe)
     except OSError as e:
-        raise ConfigError(f"Cannot write to the output folder {path}: {e.strerror or e}. Pass "
-                          f"--output (or OUTPUT) pointing to a writable folder.") from None
+        raise ConfigError(
+            f'Cannot write to the output folder {path}: {e.strerror or e}. Pass '
+            f'--output (or OUTPUT) pointing to a writable folder.'
+        ) from None
 
 
 def setup(argv, task):
@@ -42,9 +45,13 @@ def setup(argv, task):
     seed_everything(config.SEED + dist_info.rank)
     torch.backends.cudnn.benchmark = True
     logger = create_logger(config.OUTPUT, dist_info.rank, config.MODEL.NAME)
-    logger.info(f'RANK {dist_info.rank} WORLD_SIZE {dist_info.world_size} device {dist_info.device}')
-    logger.info(f'output folder {config.OUTPUT}: checkpoints (ckpt_epoch_*), config.yaml, '
-                f'log_rank{dist_info.rank}.txt')
+    logger.info(
+        f'RANK {dist_info.rank} WORLD_SIZE {dist_info.world_size} device {dist_info.device}'
+    )
+    logger.info(
+        f'output folder {config.OUTPUT}: checkpoints (ckpt_epoch_*), config.yaml, '
+        f'log_rank{dist_info.rank}.txt'
+    )
     if takeover:
         logger.warning(takeover)
     writer = None
@@ -52,10 +59,13 @@ def setup(argv, task):
         logger.debug(config.dump())  # config.yaml is written once the run starts (record_config)
         if config.TENSORBOARD:
             from torch.utils.tensorboard import SummaryWriter
+
             log_dir = os.path.join(config.OUTPUT, 'tensorboard')
             writer = SummaryWriter(log_dir=log_dir)
-            logger.info(f'TensorBoard scalars (and reconstruction images) in {log_dir}: '
-                        f'tensorboard --logdir {log_dir}')
+            logger.info(
+                f'TensorBoard scalars (and reconstruction images) in {log_dir}: '
+                f'tensorboard --logdir {log_dir}'
+            )
     return config, dist_info, logger, writer
 
 

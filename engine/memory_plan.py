@@ -26,6 +26,7 @@ measurement is in fp32 with CPU kernels; for a GPU plan it then stands in the fu
 kernels' saved tensors (q, k, v, output, log-sum-exp: no N x N matrix) and, for bf16, scales
 activations by BF16_ACTIVATION_RATIO.
 """
+
 import functools
 from dataclasses import dataclass
 
@@ -33,12 +34,12 @@ import timm.layers.weight_init
 import torch
 import torch.nn.functional as F
 
-from engine.precision import autocast
 from config import load_config
+from engine.precision import autocast
 from models import build_model, transformer_blocks
 from utils.tasks import PRETRAIN
 
-GIB = 2 ** 30
+GIB = 2**30
 ADAMW_BYTES = 8  # exp_avg + exp_avg_sq, fp32, per parameter
 # Saved bytes of a SwinV2 block under CPU bf16 autocast over fp32, without attention matrices
 # (measured: 111.5 / 183.6 MiB); the residual stream, norms and losses stay fp32.
@@ -73,11 +74,13 @@ class ModelStats:
 def model_stats(config):
     model = build_on_meta(config)
     units = transformer_blocks(model)
-    return ModelStats(params=_numel(model),
-                      buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
-                      block_params=[_numel(b) for b in transformer_blocks(model.encoder)],
-                      largest_unit=max(map(_numel, units), default=0),
-                      root_params=_numel(model) - sum(map(_numel, units)))
+    return ModelStats(
+        params=_numel(model),
+        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+        block_params=[_numel(b) for b in transformer_blocks(model.encoder)],
+        largest_unit=max(map(_numel, units), default=0),
+        root_params=_numel(model) - sum(map(_numel, units)),
+    )
 
 
 # -----------------------------------------------------------------------------------------------
@@ -95,8 +98,9 @@ class _FusedAttentionSaves(torch.autograd.Function):
         with torch.no_grad():
             out = _SCALED_DOT_PRODUCT_ATTENTION(q, k, v, attn_mask=attn_mask, scale=scale)
         log_sum_exp = q.new_empty(q.shape[:-1])
-        ctx.save_for_backward(q, k, v, out, log_sum_exp,
-                              *([attn_mask] if attn_mask is not None else []))
+        ctx.save_for_backward(
+            q, k, v, out, log_sum_exp, *([attn_mask] if attn_mask is not None else [])
+        )
         return out
 
     @staticmethod
@@ -111,6 +115,7 @@ def _fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
 @dataclass
 class BytesPerBatch:
     """bytes = at_zero + per_image * batch."""
+
     at_zero: float
     per_image: float
 
@@ -151,13 +156,16 @@ def _saved_bytes_per_block(model, blocks, images, mask, autocast_dtype):
         def hook(module, args):
             owner[0] = index
             inputs[index] = args[0].numel() * args[0].element_size()
+
         return hook
 
     handles = [b.register_forward_pre_hook(enter(i)) for i, b in enumerate(blocks)]
     handles += [b.register_forward_hook(lambda *_: owner.__setitem__(0, 'rest')) for b in blocks]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(
-                images.device, autocast_dtype):
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            autocast(images.device, autocast_dtype),
+        ):
             loss = model(images, mask)  # noqa: F841 -- keeps the saved tensors alive until here
     finally:
         for handle in handles:
@@ -171,13 +179,17 @@ def measure_activations(cfg_path, opts=(), device='cpu', target='cuda', precisio
     run on `target` in `precision` (see the module docstring)."""
     config = load_config(cfg_path, list(opts))
     depths, one_block_per_stage = _stage_depths(config)
-    small = load_config(cfg_path, list(opts) + one_block_per_stage + ['TRAIN.USE_CHECKPOINT', 'False'])
+    small = load_config(
+        cfg_path, list(opts) + one_block_per_stage + ['TRAIN.USE_CHECKPOINT', 'False']
+    )
     torch.manual_seed(0)
     model = build_model(small).to(device).train()
     blocks = transformer_blocks(model.encoder)
     on_gpu = torch.device(device).type == 'cuda'
     autocast_dtype = torch.bfloat16 if on_gpu and precision == 'bf16' else None
-    scale = BF16_ACTIVATION_RATIO if precision == 'bf16' and not on_gpu and target == 'cuda' else 1.0
+    scale = (
+        BF16_ACTIVATION_RATIO if precision == 'bf16' and not on_gpu and target == 'cuda' else 1.0
+    )
     if target == 'cuda' and not on_gpu:
         F.scaled_dot_product_attention = _fused_attention
     try:
@@ -199,7 +211,9 @@ def measure_activations(cfg_path, opts=(), device='cpu', target='cuda', precisio
     # Block inputs are the residual stream, which autocast leaves in fp32.
     stage_inputs = [line(inputs1[i], inputs2[i], 1.0) for i in range(len(blocks))]
     expand = lambda values: [v for v, depth in zip(values, depths) for _ in range(depth)]  # noqa: E731
-    return Activations(expand(per_stage), expand(stage_inputs), line(saved1['rest'], saved2['rest']))
+    return Activations(
+        expand(per_stage), expand(stage_inputs), line(saved1['rest'], saved2['rest'])
+    )
 
 
 # -----------------------------------------------------------------------------------------------
@@ -208,6 +222,7 @@ def measure_activations(cfg_path, opts=(), device='cpu', target='cuda', precisio
 @dataclass
 class Estimate:
     """Bytes per GPU; `peak` is what torch.cuda.max_memory_allocated would report."""
+
     weights: float  # fp32 master weights (sharded under FSDP) and buffers
     optimizer: float
     gradients: float  # all of them, at the optimizer step
@@ -222,8 +237,9 @@ class Estimate:
 BACKWARD_TEMPORARIES = 0.25
 
 
-def estimate(stats, activations, batch, world_size=1, sharding='ddp', checkpointing=False,
-             precision='bf16'):
+def estimate(
+    stats, activations, batch, world_size=1, sharding='ddp', checkpointing=False, precision='bf16'
+):
     """The Estimate for `batch` images per GPU (see the module docstring)."""
     params, compute_bytes = stats.params, (2 if precision == 'bf16' else 4)
     share = 1.0 / world_size if sharding == 'fsdp' else 1.0
@@ -245,7 +261,7 @@ def estimate(stats, activations, batch, world_size=1, sharding='ddp', checkpoint
     for i in reversed(range(len(blocks))):
         gradients += 4 * stats.block_params[i] * share
         recomputed = blocks[i] if checkpointing else 0.0
-        live = rest + sum(kept[:i + 1]) + recomputed + BACKWARD_TEMPORARIES * blocks[i]
+        live = rest + sum(kept[: i + 1]) + recomputed + BACKWARD_TEMPORARIES * blocks[i]
         backward_peak = max(backward_peak, live + gradients + in_flight_gradient)
     peak = persistent + max(backward_peak, 4 * params * share)  # the optimizer step
     return Estimate(weights, optimizer, 4 * params * share, rest + sum(kept), other, peak)

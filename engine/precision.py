@@ -4,6 +4,7 @@ AMP_OPT_LEVEL / ENABLE_AMP turn autocast on (on CUDA only) and AMP_DTYPE picks b
 (config.py); fp16 trains with a GradScaler, bf16 and fp32 without. Imports only torch, so the
 benchmarks' rows of the official code can use it too.
 """
+
 import torch
 
 

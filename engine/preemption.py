@@ -5,6 +5,7 @@ under torchrun the ranks agree through a small all-reduce on a CPU (gloo) group,
 after the same step even if the signal reached them at different times, and no GPU sync is needed.
 DataLoader workers leave stop signals to the main process (data/worker_signals.py).
 """
+
 import signal
 
 import torch

@@ -14,6 +14,7 @@ checkpoint loaded). When a later start of the same folder uses a different confi
 file is kept as ``config.{its start time}.yaml``, so the record of what produced the existing
 checkpoints is never lost.
 """
+
 import datetime
 import errno
 import json
@@ -44,9 +45,12 @@ class OutputFolderBusy(ConfigError):
 
 
 def _describe_this_process():
-    return {'host': socket.gethostname(), 'pid': os.getpid(),
-            'started': datetime.datetime.now().isoformat(timespec='seconds'),
-            'command': ' '.join([os.path.basename(sys.executable)] + sys.argv)}
+    return {
+        'host': socket.gethostname(),
+        'pid': os.getpid(),
+        'started': datetime.datetime.now().isoformat(timespec='seconds'),
+        'command': ' '.join([os.path.basename(sys.executable)] + sys.argv),
+    }
 
 
 def _read_holder(fd):
@@ -73,14 +77,17 @@ def _pid_alive(pid):
 
 def _busy_error(folder, path, holder):
     holder = holder or {}
-    command = f" ({holder['command']})" if holder.get('command') else ''
-    who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started "
-           f"{holder.get('started', '?')}{command}")
+    command = f' ({holder["command"]})' if holder.get('command') else ''
+    who = (
+        f'pid {holder.get("pid", "?")} on host {holder.get("host", "?")}, started '
+        f'{holder.get("started", "?")}{command}'
+    )
     return OutputFolderBusy(
-        f"The output folder {folder} is in use by another run: {who}. Two runs in one folder "
+        f'The output folder {folder} is in use by another run: {who}. Two runs in one folder '
         f"overwrite each other's checkpoints, config and log. Give this run its own folder with "
-        f"--tag NAME (or --output DIR), or stop the other run first. If that run no longer exists "
-        f"(e.g. its machine crashed), delete {path} and start again.")
+        f'--tag NAME (or --output DIR), or stop the other run first. If that run no longer exists '
+        f'(e.g. its machine crashed), delete {path} and start again.'
+    )
 
 
 def take_output_folder(folder, dist_info):
@@ -111,9 +118,11 @@ def acquire_output_folder(folder):
         os.fsync(fd)
         _held[path] = fd
         if previous:
-            return (f"Took over {path}, left by a run that did not exit cleanly (pid "
-                    f"{previous.get('pid', '?')} on host {previous.get('host', '?')}, started "
-                    f"{previous.get('started', '?')}); it is no longer running.")
+            return (
+                f'Took over {path}, left by a run that did not exit cleanly (pid '
+                f'{previous.get("pid", "?")} on host {previous.get("host", "?")}, started '
+                f'{previous.get("started", "?")}); it is no longer running.'
+            )
         return None
     raise _busy_error(folder, path, None)
 
@@ -130,8 +139,11 @@ def _lock(fd, folder, path):
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
     holder = _read_holder(fd)  # no working flock here: judge by the content
-    if holder and holder.get('pid') != os.getpid() and (
-            holder.get('host') != socket.gethostname() or _pid_alive(holder.get('pid'))):
+    if (
+        holder
+        and holder.get('pid') != os.getpid()
+        and (holder.get('host') != socket.gethostname() or _pid_alive(holder.get('pid')))
+    ):
         raise _busy_error(folder, path, holder)
     return holder, False
 
@@ -167,9 +179,11 @@ def record_config(config, logger):
         stamp = time.strftime('%Y%m%d-%H%M%S', time.localtime(os.path.getmtime(path)))
         kept = os.path.join(config.OUTPUT, f'config.{stamp}.yaml')
         os.replace(path, kept)
-        logger.warning(f'This start of {config.OUTPUT} uses another config than the previous one; '
-                       f'the previous config is kept as {kept}. Changed: '
-                       f'{", ".join(changed_keys(previous, text)) or "(formatting only)"}')
+        logger.warning(
+            f'This start of {config.OUTPUT} uses another config than the previous one; '
+            f'the previous config is kept as {kept}. Changed: '
+            f'{", ".join(changed_keys(previous, text)) or "(formatting only)"}'
+        )
     atomic_save(text, path, write=lambda text, f: f.write(text.encode()))
     logger.info(f'Full config saved to {path}')
     return path
@@ -177,6 +191,7 @@ def record_config(config, logger):
 
 def changed_keys(old_yaml, new_yaml, limit=10):
     """'KEY old -> new' for the first `limit` leaf keys that differ between two config dumps."""
+
     def flatten(node, prefix=''):
         if not isinstance(node, dict):
             return {prefix[:-1]: node}
@@ -192,9 +207,14 @@ def changed_keys(old_yaml, new_yaml, limit=10):
 
 def finished_message(config, checkpoint_path):
     """What to say when a run starts at or after its last epoch."""
-    where = (f"{checkpoint_path} holds all {config.TRAIN.EPOCHS} epochs (TRAIN.EPOCHS)"
-             if checkpoint_path else f"TRAIN.START_EPOCH {config.TRAIN.START_EPOCH} is not below "
-                                     f"TRAIN.EPOCHS {config.TRAIN.EPOCHS}")
-    return (f"This run has already finished: {where}, so there is nothing to train. To train "
-            f"longer, raise TRAIN.EPOCHS; to start a new run, give it its own folder with --tag "
-            f"NAME or --output DIR.")
+    where = (
+        f'{checkpoint_path} holds all {config.TRAIN.EPOCHS} epochs (TRAIN.EPOCHS)'
+        if checkpoint_path
+        else f'TRAIN.START_EPOCH {config.TRAIN.START_EPOCH} is not below '
+        f'TRAIN.EPOCHS {config.TRAIN.EPOCHS}'
+    )
+    return (
+        f'This run has already finished: {where}, so there is nothing to train. To train '
+        f'longer, raise TRAIN.EPOCHS; to start a new run, give it its own folder with --tag '
+        f'NAME or --output DIR.'
+    )

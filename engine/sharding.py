@@ -16,13 +16,18 @@ parameters are all-gathered and computed in bf16 while the sharded master weight
 reduction and the optimizer stay fp32; without autocast (the CPU, or --disable-amp) everything is
 fp32.
 """
+
 import contextlib
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import (FSDPModule, MixedPrecisionPolicy, fully_shard,
-                                    register_fsdp_forward_method)
+from torch.distributed.fsdp import (
+    FSDPModule,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import DTensor
 
 from models import transformer_blocks
@@ -41,8 +46,9 @@ def mixed_precision_policy(amp_dtype):
     """
     if amp_dtype is None:
         return MixedPrecisionPolicy(cast_forward_inputs=False)
-    return MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32,
-                                cast_forward_inputs=False)
+    return MixedPrecisionPolicy(
+        param_dtype=amp_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+    )
 
 
 @torch.no_grad()
@@ -72,15 +78,19 @@ def wrap_model(config, model, dist_info, amp_dtype=None, logger=None):
     for one process. FSDP shards `model` in place (the optimizer must be built afterwards)."""
     if not dist_info.distributed:
         if config.TRAIN.SHARDING == 'fsdp' and logger is not None:
-            logger.info('TRAIN.SHARDING fsdp with one process: nothing to shard, the model trains '
-                        'whole; checkpoints keep the sharded layout')
+            logger.info(
+                'TRAIN.SHARDING fsdp with one process: nothing to shard, the model trains '
+                'whole; checkpoints keep the sharded layout'
+            )
         return model
     if config.TRAIN.SHARDING == 'fsdp':
         shard_model(model, amp_dtype)
         if logger is not None:
-            logger.info(f'FSDP: {len(transformer_blocks(model))} block units + root over '
-                        f'{dist_info.world_size} ranks, parameters/compute in '
-                        f'{amp_dtype or torch.float32}, gradient reduction in fp32')
+            logger.info(
+                f'FSDP: {len(transformer_blocks(model))} block units + root over '
+                f'{dist_info.world_size} ranks, parameters/compute in '
+                f'{amp_dtype or torch.float32}, gradient reduction in fp32'
+            )
         return model
     return wrap_ddp(model, dist_info.device)
 
@@ -110,8 +120,9 @@ def full_model_state_dict(model):
     """The whole state dict with official names on every rank (collective under FSDP: call it on
     every rank), e.g. for model_best.pth."""
     if is_fsdp(model):
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                    cpu_offload=True))
+        return get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     return model.state_dict()
 
 

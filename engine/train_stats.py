@@ -3,6 +3,7 @@
 The loop adds to these every step without reading them back; a log line (every PRINT_FREQ steps)
 is the only host-device sync of its window.
 """
+
 import datetime
 import math
 import resource
@@ -21,8 +22,9 @@ class NonFiniteCounter:
         bad = bad.reshape(())
         self.consecutive = (self.consecutive + bad) * bad
         starts = (bad > 0) & (self.consecutive == 1)
-        self.streak_start = torch.where(starts, torch.full_like(self.streak_start, update_index),
-                                        self.streak_start)
+        self.streak_start = torch.where(
+            starts, torch.full_like(self.streak_start, update_index), self.streak_start
+        )
 
     def read(self):
         consecutive, start = torch.stack([self.consecutive, self.streak_start]).tolist()
@@ -53,13 +55,25 @@ class EpochStats:
         self.last_norm = grad_norm
 
     def read(self):
-        values = torch.stack([self.last_loss, self.loss_sum, self.loss_count, self.last_norm,
-                              self.norm_sum, self.norm_count, self.skipped]).tolist()
+        values = torch.stack(
+            [
+                self.last_loss,
+                self.loss_sum,
+                self.loss_count,
+                self.last_norm,
+                self.norm_sum,
+                self.norm_count,
+                self.skipped,
+            ]
+        ).tolist()
         last_loss, loss_sum, loss_count, last_norm, norm_sum, norm_count, skipped = values
-        return {'loss': last_loss, 'loss_avg': loss_sum / loss_count if loss_count else math.nan,
-                'grad_norm': last_norm,
-                'grad_norm_avg': norm_sum / norm_count if norm_count else math.nan,
-                'skipped': skipped}
+        return {
+            'loss': last_loss,
+            'loss_avg': loss_sum / loss_count if loss_count else math.nan,
+            'grad_norm': last_norm,
+            'grad_norm_avg': norm_sum / norm_count if norm_count else math.nan,
+            'skipped': skipped,
+        }
 
     def skipped_in_epoch(self):
         return int(self.skipped.item())
@@ -67,24 +81,38 @@ class EpochStats:
 
 def peak_memory_mb(device):
     if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS on Linux (KiB)
 
 
-def progress_line(epoch, num_epochs, idx, num_steps, values, lr, step_time, avg_time,
-                  data_fraction, images_per_sec, memory_mb, run_steps_left):
+def progress_line(
+    epoch,
+    num_epochs,
+    idx,
+    num_steps,
+    values,
+    lr,
+    step_time,
+    avg_time,
+    data_fraction,
+    images_per_sec,
+    memory_mb,
+    run_steps_left,
+):
     """The official-style 'Train: [epoch/epochs][idx/steps] ...' log line, with the ETA of the
     epoch and of the whole run (`run_steps_left` training steps at the average step time)."""
     eta = datetime.timedelta(seconds=int(avg_time * (num_steps - idx - 1)))
     run_eta = datetime.timedelta(seconds=int(avg_time * run_steps_left))
     skipped = f'\tskipped {values["skipped"]:.0f}' if values['skipped'] else ''
-    return (f'Train: [{epoch}/{num_epochs}][{idx}/{num_steps}]\t'
-            f'eta {eta} (run {run_eta}) lr {lr:.6f}\t'
-            f'time {step_time:.4f} ({avg_time:.4f})\t'
-            f'loss {values["loss"]:.4f} ({values["loss_avg"]:.4f})\t'
-            f'grad_norm {values["grad_norm"]:.4f} ({values["grad_norm_avg"]:.4f})\t'
-            f'data {data_fraction:.0%}\t{images_per_sec:.1f} img/s\t'
-            f'mem {memory_mb:.0f}MB{skipped}')
+    return (
+        f'Train: [{epoch}/{num_epochs}][{idx}/{num_steps}]\t'
+        f'eta {eta} (run {run_eta}) lr {lr:.6f}\t'
+        f'time {step_time:.4f} ({avg_time:.4f})\t'
+        f'loss {values["loss"]:.4f} ({values["loss_avg"]:.4f})\t'
+        f'grad_norm {values["grad_norm"]:.4f} ({values["grad_norm_avg"]:.4f})\t'
+        f'data {data_fraction:.0%}\t{images_per_sec:.1f} img/s\t'
+        f'mem {memory_mb:.0f}MB{skipped}'
+    )
 
 
 def epoch_end_step(epoch, steps_per_epoch):

@@ -8,6 +8,7 @@ accumulation, clipping, skipping of non-finite steps, the schedule and logging l
 When to save is engine/checkpoint_policy.py; the statistics and the log line engine/train_stats.py.
 No step forces a host-device sync (docs/speed.md).
 """
+
 import datetime
 import time
 
@@ -20,8 +21,13 @@ from engine.checkpoint_policy import CheckpointPolicy
 from engine.precision import autocast, autocast_dtype, build_grad_scaler
 from engine.run_folder import finished_message, record_config
 from engine.sharding import full_tensor, gradient_sync, wrap_model
-from engine.train_stats import (EpochStats, NonFiniteCounter, peak_memory_mb, progress_line,
-                                write_train_scalars)
+from engine.train_stats import (
+    EpochStats,
+    NonFiniteCounter,
+    peak_memory_mb,
+    progress_line,
+    write_train_scalars,
+)
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer, supports_found_inf
 from utils.distributed import all_reduce_max, broadcast_batchnorm_stats
@@ -29,8 +35,17 @@ from utils.errors import NonFiniteLossError
 from utils.tasks import PRETRAIN
 
 
-def build_trainer(config, model, data_loader, batch_loss, logger, dist_info, writer=None,
-                  task=PRETRAIN, pretrained=None):
+def build_trainer(
+    config,
+    model,
+    data_loader,
+    batch_loss,
+    logger,
+    dist_info,
+    writer=None,
+    task=PRETRAIN,
+    pretrained=None,
+):
     """A Trainer for `model` (on its device already, compiled if asked), resumed from the
     checkpoint to continue from if there is one: the autocast dtype and GradScaler, the DDP/FSDP
     wrapper, the optimizer (`task`, a utils.tasks.Task, says whether layer decay applies) and the
@@ -40,8 +55,10 @@ def build_trainer(config, model, data_loader, batch_loss, logger, dist_info, wri
     backbone in fine-tuning) only when no checkpoint continues the run, and before FSDP shards
     the model: a resume replaces those weights, and a sharded model cannot take a whole file.
     """
-    logger.info(f'number of trainable params: '
-                f'{sum(p.numel() for p in model.parameters() if p.requires_grad)}')
+    logger.info(
+        f'number of trainable params: '
+        f'{sum(p.numel() for p in model.parameters() if p.requires_grad)}'
+    )
     amp_dtype = autocast_dtype(config, dist_info.device)
     logger.info(f'autocast: {amp_dtype or "off (fp32)"}')
     path, checkpoint = choose_resume_checkpoint(config, logger)
@@ -50,10 +67,15 @@ def build_trainer(config, model, data_loader, batch_loss, logger, dist_info, wri
     # FSDP replaces the parameters by their shards in place, so the optimizer comes after it.
     wrapped = wrap_model(config, model, dist_info, amp_dtype, logger)
     optimizer = build_optimizer(config, model, logger, task)
-    state = TrainingState(model, optimizer, build_scheduler(config, optimizer, len(data_loader)),
-                          build_grad_scaler(amp_dtype))
-    trainer = Trainer(config, wrapped, state, data_loader, batch_loss, logger, dist_info, writer,
-                      amp_dtype)
+    state = TrainingState(
+        model,
+        optimizer,
+        build_scheduler(config, optimizer, len(data_loader)),
+        build_grad_scaler(amp_dtype),
+    )
+    trainer = Trainer(
+        config, wrapped, state, data_loader, batch_loss, logger, dist_info, writer, amp_dtype
+    )
     trainer.resume(path, checkpoint)
     return trainer
 
@@ -67,8 +89,18 @@ class Trainer:
     `state.max_accuracy` before the epoch checkpoint.
     """
 
-    def __init__(self, config, wrapped_model, state, data_loader, batch_loss, logger, dist_info,
-                 writer=None, amp_dtype=None):
+    def __init__(
+        self,
+        config,
+        wrapped_model,
+        state,
+        data_loader,
+        batch_loss,
+        logger,
+        dist_info,
+        writer=None,
+        amp_dtype=None,
+    ):
         self.config = config
         self.wrapped_model = wrapped_model
         self.state = state
@@ -96,11 +128,20 @@ class Trainer:
             logger.info(f'no checkpoint found in {config.OUTPUT}, training from the start')
             return
         found_in = config.OUTPUT if path != config.MODEL.RESUME else None
-        self.start = resume_training(path, checkpoint, self.state, config, logger,
-                                     self.dist_info.rank, self.dist_info.world_size, found_in)
+        self.start = resume_training(
+            path,
+            checkpoint,
+            self.state,
+            config,
+            logger,
+            self.dist_info.rank,
+            self.dist_info.world_size,
+            found_in,
+        )
         self.checkpoints.last_checkpoint = path
-        logger.info(f'resumed from {path}: continuing at epoch {self.start[0]}, step '
-                    f'{self.start[1]}')
+        logger.info(
+            f'resumed from {path}: continuing at epoch {self.start[0]}, step {self.start[1]}'
+        )
 
     # ------------------------------------------------------------------ the loop
     def fit(self, start_epoch=None, start_step=None, after_epoch=None):
@@ -108,8 +149,11 @@ class Trainer:
         TRAIN.EPOCHS, checkpointing as configured."""
         config = self.config
         start_epoch = self.start[0] if start_epoch is None else start_epoch
-        start_step = (self.start[1] if start_epoch == self.start[0] else 0) \
-            if start_step is None else start_step
+        start_step = (
+            (self.start[1] if start_epoch == self.start[0] else 0)
+            if start_step is None
+            else start_step
+        )
         if start_epoch >= config.TRAIN.EPOCHS:
             self.logger.info(finished_message(config, self.checkpoints.last_checkpoint))
             return
@@ -171,10 +215,14 @@ class Trainer:
         state.skipped_total += stats.skipped_in_epoch()
         broadcast_batchnorm_stats(state.model)  # every rank evaluates and saves the same
         took = datetime.timedelta(seconds=int(time.perf_counter() - epoch_start))
-        covered = (f' (steps {start_step}-{num_steps - 1}: this epoch since the resume)'
-                   if start_step else '')
-        self.logger.info(f'EPOCH {epoch} training takes {took}, loss avg '
-                         f'{stats.read()["loss_avg"]:.4f}{covered}')
+        covered = (
+            f' (steps {start_step}-{num_steps - 1}: this epoch since the resume)'
+            if start_step
+            else ''
+        )
+        self.logger.info(
+            f'EPOCH {epoch} training takes {took}, loss avg {stats.read()["loss_avg"]:.4f}{covered}'
+        )
         bad_images = getattr(self.data_loader.dataset, 'unreadable_report', lambda: '')()
         if bad_images:
             self.logger.warning(f'EPOCH {epoch}: {bad_images}')
@@ -188,13 +236,16 @@ class Trainer:
         if clip:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)
         else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params
-                                                       if p.grad is not None], foreach=True)
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.params if p.grad is not None], foreach=True
+            )
         grad_norm = full_tensor(grad_norm)  # FSDP: the norm over all shards, as a plain tensor
         bad = ~(torch.isfinite(grad_norm) & torch.isfinite(loss_since_update))
         bad = all_reduce_max(bad.to(torch.int32)).float()  # every rank skips the same steps
         if self.state.scaler is not None:
-            self.state.scaler.step(self.state.optimizer)  # fp16: the scaler skips inf/NaN steps itself
+            self.state.scaler.step(
+                self.state.optimizer
+            )  # fp16: the scaler skips inf/NaN steps itself
             self.state.scaler.update()
         elif self._skip_in_kernel:
             self.state.optimizer.found_inf = bad.reshape(())
@@ -210,13 +261,14 @@ class Trainer:
         if consecutive >= self.config.TRAIN.MAX_NONFINITE_STEPS:
             last = self.checkpoints.last_checkpoint or 'none written yet'
             raise NonFiniteLossError(
-                f"{consecutive} consecutive optimizer steps (since update {streak_start}, epoch "
-                f"{epoch}) had a non-finite loss or gradient norm; each was skipped without touching "
-                f"the parameters, and TRAIN.MAX_NONFINITE_STEPS is "
-                f"{self.config.TRAIN.MAX_NONFINITE_STEPS}. Last good checkpoint: {last}. Usual "
-                f"remedies: lower TRAIN.BASE_LR or lengthen TRAIN.WARMUP_EPOCHS, keep TRAIN.CLIP_GRAD "
-                f"on, train in bfloat16 (AMP_DTYPE bfloat16) or fp32 (--disable-amp) instead of "
-                f"float16, then resume from that checkpoint.")
+                f'{consecutive} consecutive optimizer steps (since update {streak_start}, epoch '
+                f'{epoch}) had a non-finite loss or gradient norm; each was skipped without touching '
+                f'the parameters, and TRAIN.MAX_NONFINITE_STEPS is '
+                f'{self.config.TRAIN.MAX_NONFINITE_STEPS}. Last good checkpoint: {last}. Usual '
+                f'remedies: lower TRAIN.BASE_LR or lengthen TRAIN.WARMUP_EPOCHS, keep TRAIN.CLIP_GRAD '
+                f'on, train in bfloat16 (AMP_DTYPE bfloat16) or fp32 (--disable-amp) instead of '
+                f'float16, then resume from that checkpoint.'
+            )
 
     # ------------------------------------------------------------------ logging
     def _log_progress(self, epoch, idx, num_steps, stats, elapsed, window_steps, data_time):
@@ -228,14 +280,37 @@ class Trainer:
         stats.step_time_count += window_steps
         avg_time = stats.step_time_sum / max(stats.step_time_count, 1)
         lr = self.state.optimizer.param_groups[-1]['lr']
-        images_per_sec = window_steps * config.DATA.BATCH_SIZE * self.dist_info.world_size / max(elapsed, 1e-9)
+        images_per_sec = (
+            window_steps * config.DATA.BATCH_SIZE * self.dist_info.world_size / max(elapsed, 1e-9)
+        )
         data_fraction = data_time / max(elapsed, 1e-9)
         steps_left = (config.TRAIN.EPOCHS - epoch - 1) * num_steps + num_steps - idx - 1
-        self.logger.info(progress_line(epoch, config.TRAIN.EPOCHS, idx, num_steps, values, lr,
-                                       step_time, avg_time, data_fraction, images_per_sec,
-                                       peak_memory_mb(self.device), steps_left))
+        self.logger.info(
+            progress_line(
+                epoch,
+                config.TRAIN.EPOCHS,
+                idx,
+                num_steps,
+                values,
+                lr,
+                step_time,
+                avg_time,
+                data_fraction,
+                images_per_sec,
+                peak_memory_mb(self.device),
+                steps_left,
+            )
+        )
         if self.writer is not None:
-            write_train_scalars(self.writer, epoch * num_steps + idx, {
-                'loss': values['loss'], 'lr': lr, 'grad_norm': values['grad_norm'],
-                'images_per_sec': images_per_sec, 'data_wait_fraction': data_fraction,
-                'skipped_steps': self.state.skipped_total + values['skipped']})
+            write_train_scalars(
+                self.writer,
+                epoch * num_steps + idx,
+                {
+                    'loss': values['loss'],
+                    'lr': lr,
+                    'grad_norm': values['grad_norm'],
+                    'images_per_sec': images_per_sec,
+                    'data_wait_fraction': data_fraction,
+                    'skipped_steps': self.state.skipped_total + values['skipped'],
+                },
+            )

@@ -8,6 +8,7 @@ ViT's (timm's Beit attention) calls SDPA too. `eager_attention(model=...)` switc
 textbook softmax(QK^T * scale + bias) V for tests and debugging; `eager_attention(False)` makes
 `attention` call SDPA everywhere.
 """
+
 import contextlib
 
 import torch
@@ -24,8 +25,7 @@ def eager_attention(enabled=True, model=None):
     do the timm attention modules inside `model` (they pick their path by a per-module
     `fused_attn` flag, set when they are built)."""
     global _use_eager
-    timm_modules = [] if model is None else [m for m in model.modules()
-                                             if hasattr(m, 'fused_attn')]
+    timm_modules = [] if model is None else [m for m in model.modules() if hasattr(m, 'fused_attn')]
     previous = _use_eager, [m.fused_attn for m in timm_modules]
     _use_eager = enabled
     for module in timm_modules:
@@ -55,8 +55,9 @@ def attention(q, k, v, bias=None, scale=None, dropout_p=0.0):
     if textbook is None:
         textbook = q.device.type == 'cpu' and q.requires_grad and torch.is_grad_enabled()
     if not textbook:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p,
-                                              scale=scale)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale
+        )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
@@ -125,7 +126,11 @@ def ignore_saved_copy(module, name):
 def raise_recompile_limit(limit):
     """Let dynamo keep at least `limit` graphs per function (torch < 2.7 calls it cache_size)."""
     config = torch._dynamo.config
-    for name, value in (('recompile_limit', limit), ('accumulated_recompile_limit', 4 * limit),
-                        ('cache_size_limit', limit), ('accumulated_cache_size_limit', 4 * limit)):
+    for name, value in (
+        ('recompile_limit', limit),
+        ('accumulated_recompile_limit', 4 * limit),
+        ('cache_size_limit', limit),
+        ('accumulated_cache_size_limit', 4 * limit),
+    ):
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), value))

@@ -7,6 +7,7 @@ that constructor signature (plus its own keyword options from `config_kwargs`, a
 for their checks) and an entry in `HEADS`; MODEL.SIMMIM.HEAD.NAME picks it, and the config
 validation asks `check_head_config`.
 """
+
 import logging
 
 import torch.nn as nn
@@ -14,6 +15,7 @@ from timm.layers import Mlp
 
 from utils.errors import require
 from utils.registry import Registry
+
 from .swin_transformer import SwinTransformer, SwinTransformerBlock
 from .targets import prediction_channels
 
@@ -48,8 +50,11 @@ def lay_out_like_their_gradients(module):
         if isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1):
             weight = conv.weight.detach()
             channels = weight.shape[1]
-            conv.weight = nn.Parameter(weight.new_empty_strided(
-                weight.shape, (channels, 1, channels, channels)).copy_(weight))
+            conv.weight = nn.Parameter(
+                weight.new_empty_strided(weight.shape, (channels, 1, channels, channels)).copy_(
+                    weight
+                )
+            )
     return module
 
 
@@ -59,8 +64,10 @@ class LinearHead(ConfigurableHead, nn.Sequential):
     State-dict names (0.weight, 0.bias) are the official decoder's."""
 
     def __init__(self, in_channels, out_channels, upscale):
-        super().__init__(nn.Conv2d(in_channels, upscale ** 2 * out_channels, kernel_size=1),
-                         nn.PixelShuffle(upscale))
+        super().__init__(
+            nn.Conv2d(in_channels, upscale**2 * out_channels, kernel_size=1),
+            nn.PixelShuffle(upscale),
+        )
         lay_out_like_their_gradients(self)
 
 
@@ -69,9 +76,10 @@ class MLPHead(ConfigurableHead, nn.Sequential):
     (in_channels + 1) * hidden + (hidden + 1) * upscale**2 * out_channels."""
 
     def __init__(self, in_channels, out_channels, upscale, hidden_dim=None):
-        super().__init__(Mlp(in_channels, hidden_dim or in_channels, upscale ** 2 * out_channels,
-                             use_conv=True),
-                         nn.PixelShuffle(upscale))
+        super().__init__(
+            Mlp(in_channels, hidden_dim or in_channels, upscale**2 * out_channels, use_conv=True),
+            nn.PixelShuffle(upscale),
+        )
         lay_out_like_their_gradients(self)
 
     @classmethod
@@ -87,7 +95,7 @@ class PatchExpand(nn.Module):
     def __init__(self, input_resolution, dim, out_dim, scale=2, norm_layer=nn.LayerNorm):
         super().__init__()
         self.input_resolution, self.scale, self.out_dim = input_resolution, scale, out_dim
-        self.expand = nn.Linear(dim, scale ** 2 * out_dim, bias=False)
+        self.expand = nn.Linear(dim, scale**2 * out_dim, bias=False)
         self.norm = norm_layer(out_dim)
 
     def forward(self, x):
@@ -122,9 +130,20 @@ class InverseSwinHead(ConfigurableHead, nn.Module):
     2**(stages - 1).
     """
 
-    def __init__(self, in_channels, out_channels, upscale, input_resolution, embed_dim=96,
-                 depths=(2, 6, 2, 2), num_heads=(24, 12, 6, 3), window_size=6, mlp_ratio=4.,
-                 qkv_bias=True, norm_layer=nn.LayerNorm):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        upscale,
+        input_resolution,
+        embed_dim=96,
+        depths=(2, 6, 2, 2),
+        num_heads=(24, 12, 6, 3),
+        window_size=6,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        norm_layer=nn.LayerNorm,
+    ):
         super().__init__()
         self.check_stages(upscale, input_resolution, embed_dim, depths, num_heads, window_size)
         num_stages = len(depths)
@@ -135,33 +154,51 @@ class InverseSwinHead(ConfigurableHead, nn.Module):
         self.stages = nn.ModuleList()
         h, w = input_resolution
         for i, (depth, heads, dim) in enumerate(zip(depths, num_heads, dims)):
-            blocks = [SwinTransformerBlock(dim, (h, w), heads, window_size=window_size,
-                                           shift_size=0 if j % 2 == 0 else window_size // 2,
-                                           mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                                           norm_layer=norm_layer)
-                      for j in range(depth)]
+            blocks = [
+                SwinTransformerBlock(
+                    dim,
+                    (h, w),
+                    heads,
+                    window_size=window_size,
+                    shift_size=0 if j % 2 == 0 else window_size // 2,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    norm_layer=norm_layer,
+                )
+                for j in range(depth)
+            ]
             last = i == num_stages - 1
             expand = None if last else PatchExpand((h, w), dim, dim // 2, 2, norm_layer)
             self.stages.append(InverseSwinStage(blocks, expand))
             if not last:
                 h, w = 2 * h, 2 * w
         self.norm = norm_layer(dims[-1])
-        self.final_expand = (PatchExpand((h, w), dims[-1], dims[-1], final_scale, norm_layer)
-                             if final_scale > 1 else nn.Identity())
+        self.final_expand = (
+            PatchExpand((h, w), dims[-1], dims[-1], final_scale, norm_layer)
+            if final_scale > 1
+            else nn.Identity()
+        )
         self.output = nn.Linear(dims[-1], out_channels)
         self.apply(SwinTransformer._init_weights)
 
     @classmethod
     def config_kwargs(cls, config, input_resolution):
         inv = config.MODEL.SIMMIM.HEAD.INVERSE_SWIN
-        return dict(input_resolution=input_resolution, embed_dim=inv.EMBED_DIM, depths=inv.DEPTHS,
-                    num_heads=inv.NUM_HEADS, window_size=inv.WINDOW_SIZE, mlp_ratio=inv.MLP_RATIO)
+        return dict(
+            input_resolution=input_resolution,
+            embed_dim=inv.EMBED_DIM,
+            depths=inv.DEPTHS,
+            num_heads=inv.NUM_HEADS,
+            window_size=inv.WINDOW_SIZE,
+            mlp_ratio=inv.MLP_RATIO,
+        )
 
     @classmethod
     def check_config(cls, config, upscale, input_resolution):
         inv = config.MODEL.SIMMIM.HEAD.INVERSE_SWIN
-        cls.check_stages(upscale, input_resolution, inv.EMBED_DIM, inv.DEPTHS, inv.NUM_HEADS,
-                         inv.WINDOW_SIZE)
+        cls.check_stages(
+            upscale, input_resolution, inv.EMBED_DIM, inv.DEPTHS, inv.NUM_HEADS, inv.WINDOW_SIZE
+        )
 
     @staticmethod
     def check_stages(upscale, input_resolution, embed_dim, depths, num_heads, window_size):
@@ -169,24 +206,32 @@ class InverseSwinHead(ConfigurableHead, nn.Module):
         the upscale factor and every stage's width and map suit its heads and window."""
         key = 'MODEL.SIMMIM.HEAD.INVERSE_SWIN'
         num_stages = len(depths)
-        require(num_stages >= 1 and len(num_heads) == num_stages,
-                f"{key}.DEPTHS {list(depths)} and NUM_HEADS {list(num_heads)} must have the same "
-                f"length (one entry per stage).")
-        require(upscale % 2 ** (num_stages - 1) == 0,
-                f"The inverse_swin head doubles the resolution {num_stages - 1} times, so its "
-                f"upscale must be a multiple of {2 ** (num_stages - 1)}, but the prediction is "
-                f"only {upscale}x finer than the encoder's feature map (encoder stride / "
-                f"MODEL.SIMMIM.TARGET.DOWNSAMPLE). Lower TARGET.DOWNSAMPLE, use fewer stages in "
-                f"{key}.DEPTHS, or use the linear head.")
+        require(
+            num_stages >= 1 and len(num_heads) == num_stages,
+            f'{key}.DEPTHS {list(depths)} and NUM_HEADS {list(num_heads)} must have the same '
+            f'length (one entry per stage).',
+        )
+        require(
+            upscale % 2 ** (num_stages - 1) == 0,
+            f'The inverse_swin head doubles the resolution {num_stages - 1} times, so its '
+            f'upscale must be a multiple of {2 ** (num_stages - 1)}, but the prediction is '
+            f"only {upscale}x finer than the encoder's feature map (encoder stride / "
+            f'MODEL.SIMMIM.TARGET.DOWNSAMPLE). Lower TARGET.DOWNSAMPLE, use fewer stages in '
+            f'{key}.DEPTHS, or use the linear head.',
+        )
         for i, heads in enumerate(num_heads):
             dim = embed_dim * 2 ** (num_stages - 1 - i)
-            require(dim % heads == 0, f"{key} stage {i} width {dim} is not divisible by "
-                                      f"NUM_HEADS[{i}] = {heads}.")
+            require(
+                dim % heads == 0,
+                f'{key} stage {i} width {dim} is not divisible by NUM_HEADS[{i}] = {heads}.',
+            )
             for side in input_resolution:
-                resolution = side * 2 ** i
-                require(resolution % min(window_size, resolution) == 0,
-                        f"{key}.WINDOW_SIZE {window_size} does not tile stage {i}'s {resolution}x"
-                        f"{resolution} map; pick a window that divides every stage's map.")
+                resolution = side * 2**i
+                require(
+                    resolution % min(window_size, resolution) == 0,
+                    f"{key}.WINDOW_SIZE {window_size} does not tile stage {i}'s {resolution}x"
+                    f"{resolution} map; pick a window that divides every stage's map.",
+                )
 
     def forward(self, x):
         b, _, h, w = x.shape
@@ -197,8 +242,11 @@ class InverseSwinHead(ConfigurableHead, nn.Module):
         return x.transpose(1, 2).reshape(b, -1, h * self.upscale, w * self.upscale)
 
 
-HEADS = Registry('MODEL.SIMMIM.HEAD.NAME', 'heads',
-                 {'linear': LinearHead, 'mlp': MLPHead, 'inverse_swin': InverseSwinHead})
+HEADS = Registry(
+    'MODEL.SIMMIM.HEAD.NAME',
+    'heads',
+    {'linear': LinearHead, 'mlp': MLPHead, 'inverse_swin': InverseSwinHead},
+)
 
 
 def _head_class(config):
@@ -220,9 +268,14 @@ def build_decoder(config, encoder):
     head_class = _head_class(config)
     stride = encoder.encoder_stride
     feature_map = config.DATA.IMG_SIZE // stride
-    head = head_class(encoder.num_features, prediction_channels(config, encoder.in_chans),
-                      stride // config.MODEL.SIMMIM.TARGET.DOWNSAMPLE,
-                      **head_class.config_kwargs(config, (feature_map, feature_map)))
-    logger.info(f"prediction head '{name}': {count_parameters(head):,} parameters "
-                f"(encoder {count_parameters(encoder):,})")
+    head = head_class(
+        encoder.num_features,
+        prediction_channels(config, encoder.in_chans),
+        stride // config.MODEL.SIMMIM.TARGET.DOWNSAMPLE,
+        **head_class.config_kwargs(config, (feature_map, feature_map)),
+    )
+    logger.info(
+        f"prediction head '{name}': {count_parameters(head):,} parameters "
+        f'(encoder {count_parameters(encoder):,})'
+    )
     return head

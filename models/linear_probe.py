@@ -6,6 +6,7 @@ LINEAR_PROBE.BLOCK (1-based; the SimMIM authors used block 8 of ViT-B, SimMIM is
 average-pooled without the cls token; with BLOCK 0, and for Swin, the model's own pooled features
 (last stage, final norm, average pool).
 """
+
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
@@ -19,16 +20,22 @@ class LinearProbe(nn.Module):
     def __init__(self, encoder, num_classes, block=0):
         super().__init__()
         if block and not hasattr(encoder, 'forward_block_outputs'):
-            raise ValueError(f'LINEAR_PROBE.BLOCK {block} needs a ViT encoder; use 0 for Swin (its '
-                             f'last stage is always used).')
+            raise ValueError(
+                f'LINEAR_PROBE.BLOCK {block} needs a ViT encoder; use 0 for Swin (its '
+                f'last stage is always used).'
+            )
         if block and not 1 <= block <= len(encoder.blocks):
-            raise ValueError(f'LINEAR_PROBE.BLOCK must lie in [1, {len(encoder.blocks)}] (or 0 for '
-                             f'the last block), got {block}.')
+            raise ValueError(
+                f'LINEAR_PROBE.BLOCK must lie in [1, {len(encoder.blocks)}] (or 0 for '
+                f'the last block), got {block}.'
+            )
         self.encoder = encoder.requires_grad_(False)
         self.block = block
         self.num_features = encoder.num_features
-        self.head = nn.Sequential(nn.BatchNorm1d(self.num_features, affine=False, eps=1e-6),
-                                  nn.Linear(self.num_features, num_classes))
+        self.head = nn.Sequential(
+            nn.BatchNorm1d(self.num_features, affine=False, eps=1e-6),
+            nn.Linear(self.num_features, num_classes),
+        )
         trunc_normal_(self.head[1].weight, std=0.01)
         nn.init.zeros_(self.head[1].bias)
 
@@ -57,5 +64,6 @@ def build_linear_probe(config):
     backbone_config.defrost()
     backbone_config.MODEL.NUM_CLASSES = 0
     backbone_config.MODEL.DROP_PATH_RATE = 0.0
-    return LinearProbe(build_classifier(backbone_config), config.MODEL.NUM_CLASSES,
-                       config.LINEAR_PROBE.BLOCK)
+    return LinearProbe(
+        build_classifier(backbone_config), config.MODEL.NUM_CLASSES, config.LINEAR_PROBE.BLOCK
+    )

@@ -5,8 +5,9 @@ checkpoint loading ask the registry instead of testing MODEL.TYPE.
 The entries themselves are in models/architectures.py; adding an encoder is a model file plus one
 `register_architecture(Architecture(...))` there (worked example in the README).
 """
+
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch.nn as nn
 
@@ -16,6 +17,7 @@ from utils.registry import Registry
 @dataclass(frozen=True)
 class Architecture:
     """One encoder family. `section` below is its config node, config.MODEL[config_key]."""
+
     name: str  # the MODEL.TYPE value
     config_key: str  # its section under MODEL (e.g. 'SWIN' for MODEL.SWIN.*)
     classifier: type  # the fine-tuning model: forward(images) -> logits
@@ -74,6 +76,9 @@ def transformer_blocks(model):
     """The transformer blocks of `model` in forward order: each member of a ModuleList named
     `blocks` (Swin and SwinV2 stages, the ViT, the inverse-Swin head). They are the units that
     TRAIN.COMPILE blocks compiles and TRAIN.SHARDING fsdp shards, one at a time."""
-    return [block for name, module in model.named_modules()
-            if isinstance(module, nn.ModuleList) and name.split('.')[-1] == 'blocks'
-            for block in module]
+    return [
+        block
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and name.split('.')[-1] == 'blocks'
+        for block in module
+    ]

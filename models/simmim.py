@@ -7,6 +7,7 @@ x: images (B, in_chans, H, W); mask: (B, H/p, W/p) at the model patch size p, 1 
 The heads (`build_decoder`, models/heads.py) and the targets/losses (`build_criterion`,
 models/targets.py) are separate units picked from the config.
 """
+
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
@@ -26,7 +27,7 @@ def blend_mask_token(tokens, mask, mask_token):
     Returns (B, L, C).
     """
     w = mask.flatten(1).unsqueeze(-1).type_as(mask_token)
-    return tokens * (1. - w) + mask_token * w
+    return tokens * (1.0 - w) + mask_token * w
 
 
 def tokens_to_feature_map(tokens, height, width):
@@ -42,7 +43,7 @@ class _SwinEncoderForSimMIM:
         super().__init__(**kwargs)
         assert self.num_classes == 0, 'the SimMIM encoder has no classifier head (num_classes=0)'
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
-        trunc_normal_(self.mask_token, mean=0., std=.02)
+        trunc_normal_(self.mask_token, mean=0.0, std=0.02)
 
     def forward(self, x, mask):
         tokens = self.forward_tokens(blend_mask_token(self.patch_embed(x), mask, self.mask_token))
@@ -72,7 +73,7 @@ class VisionTransformerForSimMIM(VisionTransformer):
         super().__init__(**kwargs)
         assert self.num_classes == 0, 'the SimMIM encoder has no classifier head (num_classes=0)'
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
-        self._trunc_normal_(self.mask_token, std=.02)
+        self._trunc_normal_(self.mask_token, std=0.02)
 
     def _trunc_normal_(self, tensor, std):
         trunc_normal_(tensor, std=std, a=-std, b=std)

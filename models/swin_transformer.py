@@ -3,6 +3,7 @@
 Shapes use B = batch, L = H*W tokens of a stage, C = channels, N = Wh*Ww tokens of a window.
 The window helpers and the stage/model skeleton are shared with SwinV2 (swin_transformer_v2.py).
 """
+
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
@@ -61,30 +62,49 @@ class WindowAttention(nn.Module):
 
     (B * num_windows, N, C) -> (B * num_windows, N, C); mask: (num_windows, N, N) or None.
     """
+
     window_kernel = 'sdpa'  # MODEL.WINDOW_ATTENTION (models/window_attention.py)
 
-    def __init__(self, dim, window_size, num_heads, qkv_bias=True, qk_scale=None, attn_drop=0.,
-                 proj_drop=0.):
+    def __init__(
+        self,
+        dim,
+        window_size,
+        num_heads,
+        qkv_bias=True,
+        qk_scale=None,
+        attn_drop=0.0,
+        proj_drop=0.0,
+    ):
         super().__init__()
         self.dim, self.window_size, self.num_heads = dim, window_size, num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         wh, ww = window_size
         self.relative_position_bias_table = nn.Parameter(
-            torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
-        register_derived_buffer(self, 'relative_position_index',
-                                relative_position_index(window_size))
+            torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads)
+        )
+        register_derived_buffer(
+            self, 'relative_position_index', relative_position_index(window_size)
+        )
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        trunc_normal_(self.relative_position_bias_table, std=.02)
+        trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def forward(self, x, mask=None):
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         bias = gather_position_bias(self.relative_position_bias_table, self.relative_position_index)
-        x = attend_windows(q, k, v, bias, mask, self.scale, self.attn_drop if self.training else 0.,
-                           self.window_kernel)
+        x = attend_windows(
+            q,
+            k,
+            v,
+            bias,
+            mask,
+            self.scale,
+            self.attn_drop if self.training else 0.0,
+            self.window_kernel,
+        )
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
 
 
@@ -93,23 +113,46 @@ class SwinTransformerBlock(nn.Module):
 
     (B, L, C) -> (B, L, C) with L = H*W of `input_resolution`.
     """
+
     attention_layer = WindowAttention
 
-    def __init__(self, dim, input_resolution, num_heads, window_size=7, shift_size=0, mlp_ratio=4.,
-                 qkv_bias=True, drop=0., attn_drop=0., drop_path=0., act_layer=nn.GELU,
-                 norm_layer=nn.LayerNorm, **attn_kwargs):
+    def __init__(
+        self,
+        dim,
+        input_resolution,
+        num_heads,
+        window_size=7,
+        shift_size=0,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop=0.0,
+        attn_drop=0.0,
+        drop_path=0.0,
+        act_layer=nn.GELU,
+        norm_layer=nn.LayerNorm,
+        **attn_kwargs,
+    ):
         super().__init__()
         self.dim, self.input_resolution, self.num_heads = dim, input_resolution, num_heads
         self.window_size, self.shift_size = clamp_window(input_resolution, window_size, shift_size)
         self.norm1 = norm_layer(dim)
-        self.attn = self.attention_layer(dim, to_2tuple(self.window_size), num_heads,
-                                         qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
-                                         **attn_kwargs)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.attn = self.attention_layer(
+            dim,
+            to_2tuple(self.window_size),
+            num_heads,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=drop,
+            **attn_kwargs,
+        )
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
-        register_derived_buffer(self, 'attn_mask', shifted_window_mask(
-            input_resolution, self.window_size, self.shift_size))
+        register_derived_buffer(
+            self,
+            'attn_mask',
+            shifted_window_mask(input_resolution, self.window_size, self.shift_size),
+        )
 
     def window_attention(self, x):
         """(B, L, C) -> (B, L, C): cyclic shift, attention per window, merge, shift back."""
@@ -134,6 +177,7 @@ class PatchMerging(nn.Module):
 
     V1 normalises before the projection (norm over 4C); SwinV2 after it (norm over 2C).
     """
+
     norm_after_reduction = False
 
     def __init__(self, input_resolution, dim, norm_layer=nn.LayerNorm):
@@ -184,14 +228,32 @@ class SwinTransformer(nn.Module):
     SwinV2 subclasses this and swaps `block_layer` / `downsample_layer`; `stage_attn_kwargs` (one
     dict per stage, default {'qk_scale': qk_scale}) are extra arguments of the attention layer.
     """
+
     block_layer = SwinTransformerBlock
     downsample_layer = PatchMerging
 
-    def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96,
-                 depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4.,
-                 qkv_bias=True, qk_scale=None, drop_rate=0., attn_drop_rate=0.,
-                 drop_path_rate=0.1, norm_layer=nn.LayerNorm, ape=False, patch_norm=True,
-                 use_checkpoint=False, stage_attn_kwargs=None):
+    def __init__(
+        self,
+        img_size=224,
+        patch_size=4,
+        in_chans=3,
+        num_classes=1000,
+        embed_dim=96,
+        depths=(2, 2, 6, 2),
+        num_heads=(3, 6, 12, 24),
+        window_size=7,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        qk_scale=None,
+        drop_rate=0.0,
+        attn_drop_rate=0.0,
+        drop_path_rate=0.1,
+        norm_layer=nn.LayerNorm,
+        ape=False,
+        patch_norm=True,
+        use_checkpoint=False,
+        stage_attn_kwargs=None,
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.num_layers = len(depths)
@@ -203,30 +265,46 @@ class SwinTransformer(nn.Module):
         if stage_attn_kwargs is None:
             stage_attn_kwargs = [{'qk_scale': qk_scale}] * self.num_layers
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
-                                      norm_layer=norm_layer if patch_norm else None)
+        self.patch_embed = PatchEmbed(
+            img_size, patch_size, in_chans, embed_dim, norm_layer=norm_layer if patch_norm else None
+        )
         self.patches_resolution = grid = self.patch_embed.grid_size
         if ape:
             self.absolute_pos_embed = nn.Parameter(
-                torch.zeros(1, self.patch_embed.num_patches, embed_dim))
-            trunc_normal_(self.absolute_pos_embed, std=.02)
+                torch.zeros(1, self.patch_embed.num_patches, embed_dim)
+            )
+            trunc_normal_(self.absolute_pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(p=drop_rate)
 
         # Stochastic depth grows linearly over all blocks of all stages.
         drop_path_rates = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         self.layers = nn.ModuleList()
         for i, (depth, heads) in enumerate(zip(depths, num_heads)):
-            dim = int(embed_dim * 2 ** i)
-            resolution = (grid[0] // 2 ** i, grid[1] // 2 ** i)
+            dim = int(embed_dim * 2**i)
+            resolution = (grid[0] // 2**i, grid[1] // 2**i)
             first = sum(depths[:i])
-            blocks = [self.block_layer(
-                dim, resolution, heads, window_size=window_size,
-                shift_size=0 if j % 2 == 0 else window_size // 2, mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                drop_path=drop_path_rates[first + j], norm_layer=norm_layer, **stage_attn_kwargs[i])
-                for j in range(depth)]
-            downsample = (self.downsample_layer(resolution, dim, norm_layer)
-                          if i < self.num_layers - 1 else None)
+            blocks = [
+                self.block_layer(
+                    dim,
+                    resolution,
+                    heads,
+                    window_size=window_size,
+                    shift_size=0 if j % 2 == 0 else window_size // 2,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=drop_path_rates[first + j],
+                    norm_layer=norm_layer,
+                    **stage_attn_kwargs[i],
+                )
+                for j in range(depth)
+            ]
+            downsample = (
+                self.downsample_layer(resolution, dim, norm_layer)
+                if i < self.num_layers - 1
+                else None
+            )
             self.layers.append(BasicLayer(blocks, downsample, use_checkpoint))
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -235,7 +313,7 @@ class SwinTransformer(nn.Module):
     @staticmethod
     def _init_weights(m):
         if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
+            trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):

@@ -5,6 +5,7 @@ scaled cosine attention with a learned per-head temperature, a continuous positi
 small MLP on log-spaced offsets, residual post-norm, and patch merging that normalises after the
 projection.
 """
+
 import math
 
 import torch
@@ -12,8 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import gen_relative_log_coords, to_2tuple
 
-from .attention import (add_qv_bias, gather_position_bias, qkv_with_qv_bias,
-                        register_derived_buffer, relative_position_index)
+from .attention import (
+    add_qv_bias,
+    gather_position_bias,
+    qkv_with_qv_bias,
+    register_derived_buffer,
+    relative_position_index,
+)
 from .swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock
 from .window_attention import attend_windows
 
@@ -31,21 +37,37 @@ class WindowAttentionV2(nn.Module):
 
     (B * num_windows, N, C) -> (B * num_windows, N, C); mask: (num_windows, N, N) or None.
     """
-    max_logit_scale = math.log(100.)  # the learned temperature is clamped at 100
+
+    max_logit_scale = math.log(100.0)  # the learned temperature is clamped at 100
     window_kernel = 'sdpa'  # MODEL.WINDOW_ATTENTION (models/window_attention.py)
 
-    def __init__(self, dim, window_size, num_heads, qkv_bias=True, attn_drop=0., proj_drop=0.,
-                 pretrained_window_size=(0, 0)):
+    def __init__(
+        self,
+        dim,
+        window_size,
+        num_heads,
+        qkv_bias=True,
+        attn_drop=0.0,
+        proj_drop=0.0,
+        pretrained_window_size=(0, 0),
+    ):
         super().__init__()
         self.dim, self.window_size, self.num_heads = dim, window_size, num_heads
         self.pretrained_window_size = pretrained_window_size
         self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(num_heads, 1, 1)))
-        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
-                                     nn.Linear(512, num_heads, bias=False))
-        register_derived_buffer(self, 'relative_coords_table',
-                                log_spaced_coords_table(window_size, pretrained_window_size))
-        register_derived_buffer(self, 'relative_position_index',
-                                relative_position_index(window_size))
+        self.cpb_mlp = nn.Sequential(
+            nn.Linear(2, 512, bias=True),
+            nn.ReLU(inplace=True),
+            nn.Linear(512, num_heads, bias=False),
+        )
+        register_derived_buffer(
+            self,
+            'relative_coords_table',
+            log_spaced_coords_table(window_size, pretrained_window_size),
+        )
+        register_derived_buffer(
+            self, 'relative_position_index', relative_position_index(window_size)
+        )
         self.qkv = nn.Linear(dim, dim * 3, bias=False)
         add_qv_bias(self, dim, qkv_bias)
         self.attn_drop = attn_drop
@@ -65,8 +87,16 @@ class WindowAttentionV2(nn.Module):
         temperature = torch.clamp(self.logit_scale, max=self.max_logit_scale).exp()
         q = F.normalize(q, dim=-1) * temperature
         k = F.normalize(k, dim=-1)
-        x = attend_windows(q, k, v, self.position_bias(), mask, 1.0,
-                           self.attn_drop if self.training else 0., self.window_kernel)
+        x = attend_windows(
+            q,
+            k,
+            v,
+            self.position_bias(),
+            mask,
+            1.0,
+            self.attn_drop if self.training else 0.0,
+            self.window_kernel,
+        )
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
 
 
@@ -75,6 +105,7 @@ class SwinTransformerBlockV2(SwinTransformerBlock):
 
     (B, L, C) -> (B, L, C).
     """
+
     attention_layer = WindowAttentionV2
 
     def forward(self, x):
@@ -84,6 +115,7 @@ class SwinTransformerBlockV2(SwinTransformerBlock):
 
 class PatchMergingV2(PatchMerging):
     """(B, H*W, C) -> (B, H/2*W/2, 2C), LayerNorm over the projected 2C channels."""
+
     norm_after_reduction = True
 
 
@@ -93,22 +125,53 @@ class SwinTransformerV2(SwinTransformer):
     pretrained_window_sizes: per stage, the window the position-bias MLP was pre-trained with
     (0 = this model's window), so fine-tuning at a larger window reuses the pre-trained MLP.
     """
+
     block_layer = SwinTransformerBlockV2
     downsample_layer = PatchMergingV2
 
-    def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96,
-                 depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4.,
-                 qkv_bias=True, drop_rate=0., attn_drop_rate=0., drop_path_rate=0.1,
-                 norm_layer=nn.LayerNorm, ape=False, patch_norm=True, use_checkpoint=False,
-                 pretrained_window_sizes=(0, 0, 0, 0)):
+    def __init__(
+        self,
+        img_size=224,
+        patch_size=4,
+        in_chans=3,
+        num_classes=1000,
+        embed_dim=96,
+        depths=(2, 2, 6, 2),
+        num_heads=(3, 6, 12, 24),
+        window_size=7,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop_rate=0.0,
+        attn_drop_rate=0.0,
+        drop_path_rate=0.1,
+        norm_layer=nn.LayerNorm,
+        ape=False,
+        patch_norm=True,
+        use_checkpoint=False,
+        pretrained_window_sizes=(0, 0, 0, 0),
+    ):
         super().__init__(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
-            embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window_size,
-            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_rate=drop_rate,
-            attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, norm_layer=norm_layer,
-            ape=ape, patch_norm=patch_norm, use_checkpoint=use_checkpoint,
-            stage_attn_kwargs=[{'pretrained_window_size': to_2tuple(size)}
-                               for size in pretrained_window_sizes])
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            depths=depths,
+            num_heads=num_heads,
+            window_size=window_size,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            norm_layer=norm_layer,
+            ape=ape,
+            patch_norm=patch_norm,
+            use_checkpoint=use_checkpoint,
+            stage_attn_kwargs=[
+                {'pretrained_window_size': to_2tuple(size)} for size in pretrained_window_sizes
+            ],
+        )
         # Post-norms start at zero so every residual branch starts switched off (official init).
         for layer in self.layers:
             for block in layer.blocks:

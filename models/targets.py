@@ -12,6 +12,7 @@ A new target is a subclass of `PredictionTarget` (with `check_config` for its ow
 entry in `TARGETS`; MODEL.SIMMIM.TARGET.NAME picks it, and the config validation asks
 `check_target_config`.
 """
+
 import os
 
 import numpy as np
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from utils.errors import ConfigError, require
-from utils.registry import Registry, require_choice
 from utils.mask_grid import upsample_mask
+from utils.registry import Registry, require_choice
 from utils.safe_load import load_checkpoint_file
 
 
@@ -52,10 +53,12 @@ def box_mean(x, window, count_include_pad):
     2 * window reads per pixel instead of window ** 2 (the 47x47 SwinV2 window took 80% of a CPU
     step), and the same mean, since a window's part inside the image is a rectangle."""
     half = window // 2
-    rows = F.avg_pool2d(x, (window, 1), stride=1, padding=(half, 0),
-                        count_include_pad=count_include_pad)
-    return F.avg_pool2d(rows, (1, window), stride=1, padding=(0, half),
-                        count_include_pad=count_include_pad)
+    rows = F.avg_pool2d(
+        x, (window, 1), stride=1, padding=(half, 0), count_include_pad=count_include_pad
+    )
+    return F.avg_pool2d(
+        rows, (1, window), stride=1, padding=(0, half), count_include_pad=count_include_pad
+    )
 
 
 def local_mean_std(x, window):
@@ -64,9 +67,9 @@ def local_mean_std(x, window):
     3.4). (B, C, H, W) -> two (B, C, H, W); `window` must be odd."""
     assert window % 2 == 1, f'the target normalisation window must be odd, got {window}'
     mean = box_mean(x, window, count_include_pad=False)
-    mean_of_squares = box_mean(x ** 2, window, count_include_pad=False)
-    count = box_mean(torch.ones_like(x), window, count_include_pad=True) * window ** 2
-    var = ((mean_of_squares - mean ** 2) * (count / (count - 1))).clamp(min=0.)
+    mean_of_squares = box_mean(x**2, window, count_include_pad=False)
+    count = box_mean(torch.ones_like(x), window, count_include_pad=True) * window**2
+    var = ((mean_of_squares - mean**2) * (count / (count - 1))).clamp(min=0.0)
     return mean, (var + 1e-6) ** 0.5
 
 
@@ -94,6 +97,7 @@ class PredictionTarget(nn.Module):
     model_patch_size: pixels per mask cell; downsample: input pixels per prediction pixel;
     scope: 'masked' (predict masked pixels only, the default of Table 4) or 'all'.
     """
+
     prediction_channels = None  # channels the head predicts per prediction pixel (set in __init__)
 
     def __init__(self, model_patch_size, in_chans=3, downsample=1, scope='masked'):
@@ -168,8 +172,9 @@ def _smooth_l1(prediction, target, beta):
     return F.smooth_l1_loss(prediction, target, reduction='none', beta=beta)
 
 
-REGRESSION_LOSSES = Registry('MODEL.SIMMIM.LOSS.TYPE', 'losses',
-                             {'l1': _l1, 'l2': _l2, 'smooth_l1': _smooth_l1})
+REGRESSION_LOSSES = Registry(
+    'MODEL.SIMMIM.LOSS.TYPE', 'losses', {'l1': _l1, 'l2': _l2, 'smooth_l1': _smooth_l1}
+)
 
 
 def _check_loss_type(loss):
@@ -183,8 +188,16 @@ class PixelRegression(PredictionTarget):
     norm_target_window: None for raw pixels, or the odd window of `local_norm_target`.
     """
 
-    def __init__(self, model_patch_size, in_chans=3, norm_target_window=None, loss='l1',
-                 downsample=1, scope='masked', smooth_l1_beta=1.0):
+    def __init__(
+        self,
+        model_patch_size,
+        in_chans=3,
+        norm_target_window=None,
+        loss='l1',
+        downsample=1,
+        scope='masked',
+        smooth_l1_beta=1.0,
+    ):
         super().__init__(model_patch_size, in_chans, downsample, scope)
         _check_loss_type(loss)
         self.norm_target_window = norm_target_window
@@ -195,23 +208,32 @@ class PixelRegression(PredictionTarget):
     def from_config(cls, config, model_patch_size, in_chans):
         simmim = config.MODEL.SIMMIM
         norm = simmim.NORM_TARGET
-        return cls(model_patch_size, in_chans,
-                   norm_target_window=norm.PATCH_SIZE if norm.ENABLE else None,
-                   loss=simmim.LOSS.TYPE, downsample=simmim.TARGET.DOWNSAMPLE,
-                   scope=simmim.LOSS.SCOPE, smooth_l1_beta=simmim.LOSS.SMOOTH_L1_BETA)
+        return cls(
+            model_patch_size,
+            in_chans,
+            norm_target_window=norm.PATCH_SIZE if norm.ENABLE else None,
+            loss=simmim.LOSS.TYPE,
+            downsample=simmim.TARGET.DOWNSAMPLE,
+            scope=simmim.LOSS.SCOPE,
+            smooth_l1_beta=simmim.LOSS.SMOOTH_L1_BETA,
+        )
 
     @classmethod
     def check_config(cls, config, picked):
         simmim = config.MODEL.SIMMIM
         _check_loss_type(simmim.LOSS.TYPE)
-        require(simmim.LOSS.SMOOTH_L1_BETA > 0, "MODEL.SIMMIM.LOSS.SMOOTH_L1_BETA must be > 0.")
+        require(simmim.LOSS.SMOOTH_L1_BETA > 0, 'MODEL.SIMMIM.LOSS.SMOOTH_L1_BETA must be > 0.')
         norm = simmim.NORM_TARGET
-        require(not norm.ENABLE or norm.PATCH_SIZE % 2 == 1,
-                f"MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE must be odd, got {norm.PATCH_SIZE}.")
-        require(picked or not norm.ENABLE,
-                f"MODEL.SIMMIM.NORM_TARGET normalises pixel values; it cannot be combined with "
-                f"TARGET.NAME {simmim.TARGET.NAME}. Turn NORM_TARGET.ENABLE off or use the pixel "
-                f"target.")
+        require(
+            not norm.ENABLE or norm.PATCH_SIZE % 2 == 1,
+            f'MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE must be odd, got {norm.PATCH_SIZE}.',
+        )
+        require(
+            picked or not norm.ENABLE,
+            f'MODEL.SIMMIM.NORM_TARGET normalises pixel values; it cannot be combined with '
+            f'TARGET.NAME {simmim.TARGET.NAME}. Turn NORM_TARGET.ENABLE off or use the pixel '
+            f'target.',
+        )
 
     @classmethod
     def num_prediction_channels(cls, config, in_chans):
@@ -245,13 +267,18 @@ class ColorBins(PredictionTarget):
     @classmethod
     def from_config(cls, config, model_patch_size, in_chans):
         simmim = config.MODEL.SIMMIM
-        return cls(model_patch_size, in_chans, simmim.TARGET.NUM_BINS, simmim.TARGET.DOWNSAMPLE,
-                   simmim.LOSS.SCOPE)
+        return cls(
+            model_patch_size,
+            in_chans,
+            simmim.TARGET.NUM_BINS,
+            simmim.TARGET.DOWNSAMPLE,
+            simmim.LOSS.SCOPE,
+        )
 
     @classmethod
     def check_config(cls, config, picked):
         num_bins = config.MODEL.SIMMIM.TARGET.NUM_BINS
-        require(num_bins >= 2, f"MODEL.SIMMIM.TARGET.NUM_BINS must be >= 2, got {num_bins}.")
+        require(num_bins >= 2, f'MODEL.SIMMIM.TARGET.NUM_BINS must be >= 2, got {num_bins}.')
 
     @classmethod
     def num_prediction_channels(cls, config, in_chans):
@@ -289,24 +316,31 @@ def load_palette(path, num_colors=None):
     (as iGPT publishes them) are mapped to [0, 1]. Problems raise errors saying how to fix them."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"Colour palette not found: {path} (MODEL.SIMMIM.TARGET.PALETTE). Build one with "
-            f"`python -m tools.build_color_palette --cfg FILE --output {path}`.")
+            f'Colour palette not found: {path} (MODEL.SIMMIM.TARGET.PALETTE). Build one with '
+            f'`python -m tools.build_color_palette --cfg FILE --output {path}`.'
+        )
     if path.endswith('.npy'):
         palette = torch.from_numpy(np.load(path, allow_pickle=False))
     else:
         palette = load_checkpoint_file(path, 'MODEL.SIMMIM.TARGET.PALETTE')
     if not isinstance(palette, torch.Tensor) or palette.ndim != 2 or palette.shape[1] != 3:
-        raise ConfigError(f"{path} (MODEL.SIMMIM.TARGET.PALETTE) must hold one (K, 3) tensor or "
-                          f"array of RGB colours; rebuild it with `python -m tools.build_color_palette`.")
+        raise ConfigError(
+            f'{path} (MODEL.SIMMIM.TARGET.PALETTE) must hold one (K, 3) tensor or '
+            f'array of RGB colours; rebuild it with `python -m tools.build_color_palette`.'
+        )
     palette = palette.to('cpu', torch.float32)
     if num_colors is not None and palette.shape[0] != num_colors:
-        raise ConfigError(f"{path} holds {palette.shape[0]} colours but MODEL.SIMMIM.TARGET."
-                          f"NUM_CLUSTERS is {num_colors}; make them agree.")
+        raise ConfigError(
+            f'{path} holds {palette.shape[0]} colours but MODEL.SIMMIM.TARGET.'
+            f'NUM_CLUSTERS is {num_colors}; make them agree.'
+        )
     if palette.min() < 0:
         palette = (palette + 1) / 2
     if palette.min() < 0 or palette.max() > 1:
-        raise ConfigError(f"{path}: palette values must lie in [0, 1] (or [-1, 1]), got "
-                          f"[{palette.min():.3g}, {palette.max():.3g}].")
+        raise ConfigError(
+            f'{path}: palette values must lie in [0, 1] (or [-1, 1]), got '
+            f'[{palette.min():.3g}, {palette.max():.3g}].'
+        )
     return palette
 
 
@@ -329,12 +363,16 @@ class ColorClusters(PredictionTarget):
     @classmethod
     def check_config(cls, config, picked):
         target = config.MODEL.SIMMIM.TARGET
-        require(target.NUM_CLUSTERS >= 2,
-                f"MODEL.SIMMIM.TARGET.NUM_CLUSTERS must be >= 2, got {target.NUM_CLUSTERS}.")
-        require(not picked or target.PALETTE,
-                "MODEL.SIMMIM.TARGET.PALETTE is empty but TARGET.NAME is color_clusters. Build a "
-                "palette with `python -m tools.build_color_palette --cfg FILE --output PATH` and set "
-                "the key to PATH.")
+        require(
+            target.NUM_CLUSTERS >= 2,
+            f'MODEL.SIMMIM.TARGET.NUM_CLUSTERS must be >= 2, got {target.NUM_CLUSTERS}.',
+        )
+        require(
+            not picked or target.PALETTE,
+            'MODEL.SIMMIM.TARGET.PALETTE is empty but TARGET.NAME is color_clusters. Build a '
+            'palette with `python -m tools.build_color_palette --cfg FILE --output PATH` and set '
+            'the key to PATH.',
+        )
 
     @classmethod
     def num_prediction_channels(cls, config, in_chans):
@@ -361,9 +399,11 @@ MaskedPixelL1Loss = PixelRegression
 # -----------------------------------------------------------------------------------------------
 # Building from the config
 # -----------------------------------------------------------------------------------------------
-TARGETS = Registry('MODEL.SIMMIM.TARGET.NAME', 'targets',
-                   {'pixel': PixelRegression, 'color_bins': ColorBins,
-                    'color_clusters': ColorClusters})
+TARGETS = Registry(
+    'MODEL.SIMMIM.TARGET.NAME',
+    'targets',
+    {'pixel': PixelRegression, 'color_bins': ColorBins, 'color_clusters': ColorClusters},
+)
 
 
 def _target_class(config):
@@ -377,10 +417,12 @@ def check_target_config(config, encoder_stride):
     _check_scope(config.MODEL.SIMMIM.LOSS.SCOPE)
     downsample = config.MODEL.SIMMIM.TARGET.DOWNSAMPLE
     divisors = [d for d in range(1, encoder_stride + 1) if encoder_stride % d == 0]
-    require(downsample in divisors,
-            f"MODEL.SIMMIM.TARGET.DOWNSAMPLE {downsample} must divide the encoder stride "
-            f"{encoder_stride}: the head up-samples the feature map by stride / DOWNSAMPLE. Use one "
-            f"of {divisors}.")
+    require(
+        downsample in divisors,
+        f'MODEL.SIMMIM.TARGET.DOWNSAMPLE {downsample} must divide the encoder stride '
+        f'{encoder_stride}: the head up-samples the feature map by stride / DOWNSAMPLE. Use one '
+        f'of {divisors}.',
+    )
     for target_class in TARGETS.values():
         target_class.check_config(config, picked=target_class is picked)
 

@@ -7,6 +7,7 @@ blocks (pre-training) or one per block (fine-tuning) with 3 extra entries for th
 optional absolute position embedding, and cls-token or mean pooling (with fc_norm).
 Shapes use B = batch, L = patches, N = 1 + L tokens, C = embed_dim.
 """
+
 from functools import partial
 
 import torch
@@ -16,6 +17,7 @@ from timm.models.beit import Beit
 from torch.utils.checkpoint import checkpoint
 
 from utils.errors import require
+
 from .attention import ignore_saved_copy
 
 
@@ -23,9 +25,11 @@ def check_init_values(init_values):
     """MODEL.VIT.INIT_VALUES: None (no layer scale) or positive. timm's Beit reads 0 as "no layer
     scale" (no gamma parameters); the official code would build gammas fixed at 0, which silence
     every block."""
-    require(init_values is None or init_values > 0,
-            f"MODEL.VIT.INIT_VALUES {init_values}: use a positive layer scale (0.1 in the official "
-            f"configs) or None to turn layer scale off.")
+    require(
+        init_values is None or init_values > 0,
+        f'MODEL.VIT.INIT_VALUES {init_values}: use a positive layer scale (0.1 in the official '
+        f'configs) or None to turn layer scale off.',
+    )
 
 
 class VisionTransformer(Beit):
@@ -36,23 +40,55 @@ class VisionTransformer(Beit):
     `forward_features` gives pooled features (B, C), like our Swin's (timm's Beit gives tokens).
     """
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
-                 depth=12, num_heads=12, mlp_ratio=4., qkv_bias=False, drop_rate=0.,
-                 attn_drop_rate=0., drop_path_rate=0.,
-                 norm_layer=partial(nn.LayerNorm, eps=1e-6), init_values=None,
-                 use_abs_pos_emb=True, use_rel_pos_bias=False, use_shared_rel_pos_bias=False,
-                 use_mean_pooling=True, init_scale=0.001, use_checkpoint=False):
+    def __init__(
+        self,
+        img_size=224,
+        patch_size=16,
+        in_chans=3,
+        num_classes=1000,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        mlp_ratio=4.0,
+        qkv_bias=False,
+        drop_rate=0.0,
+        attn_drop_rate=0.0,
+        drop_path_rate=0.0,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        init_values=None,
+        use_abs_pos_emb=True,
+        use_rel_pos_bias=False,
+        use_shared_rel_pos_bias=False,
+        use_mean_pooling=True,
+        init_scale=0.001,
+        use_checkpoint=False,
+    ):
         check_init_values(init_values)
         # The official dropout: drop_rate after the position embedding and on the outputs of
         # attention and MLP; none before the head.
         super().__init__(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
-            global_pool='avg' if use_mean_pooling else 'token', embed_dim=embed_dim, depth=depth,
-            num_heads=num_heads, qkv_bias=qkv_bias, mlp_ratio=mlp_ratio, drop_rate=0.,
-            pos_drop_rate=drop_rate, proj_drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate, norm_layer=norm_layer, init_values=init_values,
-            use_abs_pos_emb=use_abs_pos_emb, use_rel_pos_bias=use_rel_pos_bias,
-            use_shared_rel_pos_bias=use_shared_rel_pos_bias, head_init_scale=init_scale)
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            global_pool='avg' if use_mean_pooling else 'token',
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            mlp_ratio=mlp_ratio,
+            drop_rate=0.0,
+            pos_drop_rate=drop_rate,
+            proj_drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            norm_layer=norm_layer,
+            init_values=init_values,
+            use_abs_pos_emb=use_abs_pos_emb,
+            use_rel_pos_bias=use_rel_pos_bias,
+            use_shared_rel_pos_bias=use_shared_rel_pos_bias,
+            head_init_scale=init_scale,
+        )
         self.img_size, self.patch_size = img_size, patch_size
         self.encoder_stride = patch_size
         self.patch_shape = self.patch_embed.grid_size
@@ -76,8 +112,8 @@ class VisionTransformer(Beit):
         `init_scale` (a near-zero head keeps the first fine-tuning steps gentle)."""
         self.apply(partial(self._init_weights, needs_reset=needs_reset))
         if self.pos_embed is not None:
-            self._trunc_normal_(self.pos_embed, std=.02)
-        self._trunc_normal_(self.cls_token, std=.02)
+            self._trunc_normal_(self.pos_embed, std=0.02)
+        self._trunc_normal_(self.cls_token, std=0.02)
         self.fix_init_weight()
         if isinstance(self.head, nn.Linear):
             with torch.no_grad():
@@ -86,7 +122,7 @@ class VisionTransformer(Beit):
 
     def _init_weights(self, m, needs_reset=True):
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            self._trunc_normal_(m.weight, std=.02)
+            self._trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
@@ -130,8 +166,9 @@ class VisionTransformer(Beit):
     def forward_block_outputs(self, x):
         """(B, in_chans, H, W) -> list with each block's output tokens (B, N, C), cls first,
         before any final norm (for linear probing an intermediate block)."""
-        outputs = self.forward_intermediates(x, output_fmt='NLC', return_prefix_tokens=True,
-                                             intermediates_only=True)
+        outputs = self.forward_intermediates(
+            x, output_fmt='NLC', return_prefix_tokens=True, intermediates_only=True
+        )
         return [torch.cat([cls, patches], dim=1) for patches, cls in outputs]
 
     def pool(self, tokens):

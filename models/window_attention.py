@@ -10,11 +10,13 @@ formulations (MODEL.WINDOW_ATTENTION; benchmarks/attention_speed.py times them):
 Both compute softmax(q k^T * scale + bias + mask) v; `models.attention.eager_attention()` turns
 either into the textbook formula that tests compare them with.
 """
+
 import functools
 
 import torch
 
 from utils.registry import require_choice
+
 from .attention import attention, is_eager, raise_recompile_limit
 
 WINDOW_ATTENTION = ('sdpa', 'flex')
@@ -40,9 +42,10 @@ def _sdpa_windows(q, k, v, position_bias, window_mask, scale, dropout_p):
     return out.reshape(windows_batch, heads, n, head_dim)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
+
     # One cache entry per window shape and shift of the model (and train/eval): more than
     # dynamo's default limit of 8 for Swin-B, past which it would run the slow eager reference.
     raise_recompile_limit(64)

@@ -1,4 +1,5 @@
 """Shared test set-up: the repository root on sys.path, and tiny-run helpers."""
+
 import logging
 import os
 import sys
@@ -21,7 +22,8 @@ def smooth_photo(width, height, seed=0):
     so a misplaced crop box shows as a large difference."""
     rng = np.random.default_rng(seed)
     field = Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize(
-        (width, height), Image.BICUBIC)
+        (width, height), Image.BICUBIC
+    )
     ramp = np.linspace(0, 120, width)[None, :, None] + np.linspace(0, 80, height)[:, None, None]
     return Image.fromarray(np.clip(np.asarray(field) * 0.4 + ramp, 0, 255).astype(np.uint8))
 
@@ -39,6 +41,7 @@ def single_thread():
     """One intra-op thread for tiny models: on the shared 2-core CI machine, thread hand-offs cost
     more than they save (a tiny export ran 6x faster)."""
     import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

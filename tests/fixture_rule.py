@@ -5,6 +5,7 @@ module recomputes.
     official_data(name)  the stored outputs plus the rule's weights and images, under the keys the
                          tests compare against (read-only: it is cached)
 """
+
 import functools
 import os
 import tempfile
@@ -25,15 +26,18 @@ def rule_tensor(name, shape):
     N(0, 1) from NumPy's legacy stream seeded by crc32(name), as 1 + 0.1 t for norm weights and
     layer scales (so they stay near their usual value), else 0.02 t."""
     t = np.asarray(np.random.RandomState(zlib.crc32(name.encode())).standard_normal(shape))
-    near_one = ((len(shape) == 1 and name.endswith('.weight'))
-                or name.rsplit('.', 1)[-1].startswith('gamma'))
+    near_one = (len(shape) == 1 and name.endswith('.weight')) or name.rsplit('.', 1)[-1].startswith(
+        'gamma'
+    )
     return torch.from_numpy((1 + 0.1 * t if near_one else 0.02 * t).astype(np.float32))
 
 
 def rule_state_dict(model):
     """{parameter name: rule value} for every parameter of `model` (buffers are the model's own)."""
-    return {name: rule_tensor(name.removeprefix('encoder.'), tuple(p.shape))
-            for name, p in model.named_parameters()}
+    return {
+        name: rule_tensor(name.removeprefix('encoder.'), tuple(p.shape))
+        for name, p in model.named_parameters()
+    }
 
 
 def rule_images(seed, size):
@@ -61,7 +65,7 @@ def build_from_yaml(yaml_text, is_pretrain):
     return config, build_model(config, is_pretrain=is_pretrain)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def official_data(name):
     """The fixture's stored keys (README) plus:
     pretrain_state_dict  the rule-filled pre-training model (what the official code read)

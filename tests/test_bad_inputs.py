@@ -1,5 +1,6 @@
 """Every bad input gets one clear paragraph naming the problem and the fix (or a logged skip where
 that is the configured behaviour), an exit code, and no traceback wall."""
+
 import os
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 
 import main_finetune
 import main_simmim
-from tests.conftest import ROOT
 from engine.launch import run
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -16,8 +17,20 @@ TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')
 
 
 def pretrain(capsys, tmp_path, *args, opts=()):
-    code = run(main_simmim.main, ['--cfg', TINY, '--output', str(tmp_path / 'out'), *args,
-                                  '--opts', 'TRAIN.EPOCHS', '1', *map(str, opts)])
+    code = run(
+        main_simmim.main,
+        [
+            '--cfg',
+            TINY,
+            '--output',
+            str(tmp_path / 'out'),
+            *args,
+            '--opts',
+            'TRAIN.EPOCHS',
+            '1',
+            *map(str, opts),
+        ],
+    )
     captured = capsys.readouterr()
     output = captured.out + captured.err
     assert 'Traceback' not in output
@@ -26,6 +39,7 @@ def pretrain(capsys, tmp_path, *args, opts=()):
 
 def image_folder(root, count=16, size=64):
     from data.synthetic import SyntheticShapes
+
     images = SyntheticShapes(count, 2, size, seed=0)
     os.makedirs(root, exist_ok=True)
     for i in range(count):
@@ -45,7 +59,7 @@ def test_missing_data_path(capsys, tmp_path):
 def test_data_path_naming_a_file(capsys, tmp_path):
     (tmp_path / 'images.tar').write_text('an archive, not a folder')
     code, out = pretrain(capsys, tmp_path, opts=folder_opts(str(tmp_path / 'images.tar')))
-    assert code == 2 and f"leads through a file ({tmp_path / 'images.tar'}), not a folder" in out
+    assert code == 2 and f'leads through a file ({tmp_path / "images.tar"}), not a folder' in out
     assert 'not found' not in out
 
 
@@ -67,7 +81,7 @@ def test_empty_folder_or_no_images(capsys, tmp_path, content):
 def _add_bad_files(folder):
     (folder / 'zero.png').write_bytes(b'')
     good = (folder / '000.png').read_bytes()
-    (folder / 'truncated.png').write_bytes(good[:len(good) // 2])
+    (folder / 'truncated.png').write_bytes(good[: len(good) // 2])
     (folder / 'text.jpg').write_text('this is not a jpeg')
 
 
@@ -76,10 +90,17 @@ def test_bad_image_files_are_skipped_and_summarised_once(capsys, tmp_path, worke
     folder = tmp_path / 'data'
     image_folder(folder)
     _add_bad_files(folder)
-    code, out = pretrain(capsys, tmp_path, opts=folder_opts(str(folder), 'DATA.NUM_WORKERS', workers,
-                                                            'DATA.BATCH_SIZE', 19, 'TRAIN.EPOCHS', 2))
+    code, out = pretrain(
+        capsys,
+        tmp_path,
+        opts=folder_opts(
+            str(folder), 'DATA.NUM_WORKERS', workers, 'DATA.BATCH_SIZE', 19, 'TRAIN.EPOCHS', 2
+        ),
+    )
     assert code == 0
-    log = open(os.path.join(str(tmp_path / 'out'), 'simmim_pretrain', 'tiny', 'log_rank0.txt')).read()
+    log = open(
+        os.path.join(str(tmp_path / 'out'), 'simmim_pretrain', 'tiny', 'log_rank0.txt')
+    ).read()
     # One summary, after the epoch that found them, naming each file once (every epoch reads all).
     assert log.count('unreadable image file(s) found') == 1
     assert 'EPOCH 0: 3 unreadable image file(s) found' in log
@@ -93,8 +114,19 @@ def test_bad_image_file_is_fatal_when_configured(capsys, tmp_path, workers):
     folder = tmp_path / 'data'
     image_folder(folder)
     _add_bad_files(folder)
-    code, out = pretrain(capsys, tmp_path, opts=folder_opts(
-        str(folder), 'DATA.ON_BAD_IMAGE', 'error', 'DATA.NUM_WORKERS', workers, 'DATA.BATCH_SIZE', 19))
+    code, out = pretrain(
+        capsys,
+        tmp_path,
+        opts=folder_opts(
+            str(folder),
+            'DATA.ON_BAD_IMAGE',
+            'error',
+            'DATA.NUM_WORKERS',
+            workers,
+            'DATA.BATCH_SIZE',
+            19,
+        ),
+    )
     assert code == 2 and 'Cannot read image' in out and 'DATA.ON_BAD_IMAGE skip' in out
     assert 'Original Traceback' not in out
 
@@ -110,11 +142,14 @@ def test_batch_larger_than_a_ranks_share(capsys, tmp_path):
     assert code == 2 and 'DATA.BATCH_SIZE 64 is larger than each process' in out and '48' in out
 
 
-@pytest.mark.parametrize('content, expected', [
-    (b'', 'is empty (0 bytes)'),
-    (b'PK\x03\x04 truncated zip', 'not a readable PyTorch checkpoint'),
-    (b'{"model": "json"}', 'not a readable PyTorch checkpoint'),
-])
+@pytest.mark.parametrize(
+    'content, expected',
+    [
+        (b'', 'is empty (0 bytes)'),
+        (b'PK\x03\x04 truncated zip', 'not a readable PyTorch checkpoint'),
+        (b'{"model": "json"}', 'not a readable PyTorch checkpoint'),
+    ],
+)
 def test_broken_file_passed_to_resume(capsys, tmp_path, content, expected):
     bad = tmp_path / 'bad.pth'
     bad.write_bytes(content)
@@ -139,9 +174,24 @@ def test_a_folder_passed_to_resume(capsys, tmp_path):
 def test_eval_of_a_checkpoint_whose_model_entry_is_a_tensor(capsys, tmp_path):
     bad = tmp_path / 'tensor.pth'
     torch.save({'model': torch.zeros(3)}, bad)
-    code = run(main_finetune.main, ['--cfg', TINY, '--output', str(tmp_path / 'out'), '--eval',
-                                    '--resume', str(bad), '--opts', 'AUG.MIXUP', '0', 'AUG.CUTMIX',
-                                    '0'], is_pretrain=False)
+    code = run(
+        main_finetune.main,
+        [
+            '--cfg',
+            TINY,
+            '--output',
+            str(tmp_path / 'out'),
+            '--eval',
+            '--resume',
+            str(bad),
+            '--opts',
+            'AUG.MIXUP',
+            '0',
+            'AUG.CUTMIX',
+            '0',
+        ],
+        is_pretrain=False,
+    )
     captured = capsys.readouterr()
     out = captured.out + captured.err
     assert code == 2 and "'model' entry is a Tensor, not a state dict" in out and str(bad) in out
@@ -151,16 +201,34 @@ def test_eval_of_a_checkpoint_whose_model_entry_is_a_tensor(capsys, tmp_path):
 def test_broken_file_passed_to_pretrained(capsys, tmp_path):
     bad = tmp_path / 'bad.pth'
     bad.write_bytes(b'garbage')
-    code = run(main_finetune.main, ['--cfg', TINY, '--output', str(tmp_path / 'out'),
-                                    '--pretrained', str(bad), '--opts', 'TRAIN.EPOCHS', '1',
-                                    'AUG.MIXUP', '0', 'AUG.CUTMIX', '0'], is_pretrain=False)
+    code = run(
+        main_finetune.main,
+        [
+            '--cfg',
+            TINY,
+            '--output',
+            str(tmp_path / 'out'),
+            '--pretrained',
+            str(bad),
+            '--opts',
+            'TRAIN.EPOCHS',
+            '1',
+            'AUG.MIXUP',
+            '0',
+            'AUG.CUTMIX',
+            '0',
+        ],
+        is_pretrain=False,
+    )
     captured = capsys.readouterr()
     assert code == 2 and 'not a readable PyTorch checkpoint' in captured.out + captured.err
 
 
 def test_checkpoint_of_another_size_names_the_mismatching_keys(capsys, tmp_path):
     assert pretrain(capsys, tmp_path / 'small')[0] == 0
-    small = os.path.join(str(tmp_path / 'small' / 'out'), 'simmim_pretrain', 'tiny', 'ckpt_epoch_0.pth')
+    small = os.path.join(
+        str(tmp_path / 'small' / 'out'), 'simmim_pretrain', 'tiny', 'ckpt_epoch_0.pth'
+    )
     code, out = pretrain(capsys, tmp_path, '--resume', small, opts=['MODEL.SWIN.EMBED_DIM', 32])
     assert code == 2 and f'The resume checkpoint {small} does not fit the model' in out
     assert 'encoder.mask_token: checkpoint (1, 1, 16) vs model (1, 1, 32)' in out
@@ -176,21 +244,48 @@ def test_auto_resume_meeting_another_models_checkpoint_names_the_file_and_the_fi
 
 def test_pretrained_checkpoint_of_another_architecture(capsys, tmp_path):
     assert pretrain(capsys, tmp_path / 'swin')[0] == 0
-    swin = os.path.join(str(tmp_path / 'swin' / 'out'), 'simmim_pretrain', 'tiny', 'ckpt_epoch_0.pth')
-    code = run(main_finetune.main, ['--cfg', TINY, '--output', str(tmp_path / 'out'), '--pretrained',
-                                    swin, '--opts', 'MODEL.TYPE', 'vit', 'MODEL.VIT.EMBED_DIM', '32',
-                                    'MODEL.VIT.DEPTH', '2', 'MODEL.VIT.NUM_HEADS', '2',
-                                    'MODEL.VIT.PATCH_SIZE', '16', 'AUG.MIXUP', '0', 'AUG.CUTMIX', '0'],
-               is_pretrain=False)
+    swin = os.path.join(
+        str(tmp_path / 'swin' / 'out'), 'simmim_pretrain', 'tiny', 'ckpt_epoch_0.pth'
+    )
+    code = run(
+        main_finetune.main,
+        [
+            '--cfg',
+            TINY,
+            '--output',
+            str(tmp_path / 'out'),
+            '--pretrained',
+            swin,
+            '--opts',
+            'MODEL.TYPE',
+            'vit',
+            'MODEL.VIT.EMBED_DIM',
+            '32',
+            'MODEL.VIT.DEPTH',
+            '2',
+            'MODEL.VIT.NUM_HEADS',
+            '2',
+            'MODEL.VIT.PATCH_SIZE',
+            '16',
+            'AUG.MIXUP',
+            '0',
+            'AUG.CUTMIX',
+            '0',
+        ],
+        is_pretrain=False,
+    )
     captured = capsys.readouterr()
     out = captured.out + captured.err
     assert code == 2 and 'another architecture' in out.lower() and 'Traceback' not in out
 
 
-@pytest.mark.parametrize('args, expected', [
-    (['--opts', 'TRAIN.EPOCS', '1'], 'Did you mean TRAIN.EPOCHS'),
-    (['--opts', 'DATA.MASK_RATIO', '1.2'], 'DATA.MASK_RATIO must lie in (0, 1)'),
-])
+@pytest.mark.parametrize(
+    'args, expected',
+    [
+        (['--opts', 'TRAIN.EPOCS', '1'], 'Did you mean TRAIN.EPOCHS'),
+        (['--opts', 'DATA.MASK_RATIO', '1.2'], 'DATA.MASK_RATIO must lie in (0, 1)'),
+    ],
+)
 def test_unknown_or_mistyped_config_key(capsys, tmp_path, args, expected):
     code = run(main_simmim.main, ['--cfg', TINY, '--output', str(tmp_path), *args])
     assert code == 2 and expected in capsys.readouterr().err
@@ -215,18 +310,35 @@ def test_an_unexpected_error_in_a_worker_process_exits_instead_of_hanging(tmp_pa
     the process must then end with its traceback, not wait forever at exit for its workers."""
     import subprocess
     import sys
+
     script = (
-        "import sys; sys.path.insert(0, %r)\n"
-        "import data.loader\n"
-        "def broken(config):\n"
-        "    def transform(image):\n"
+        'import sys; sys.path.insert(0, %r)\n'
+        'import data.loader\n'
+        'def broken(config):\n'
+        '    def transform(image):\n'
         "        raise ValueError('a transform bug')\n"
-        "    return transform\n"
-        "data.loader.build_pretrain_transform = broken\n"
-        "import main_simmim\n"
-        "from engine.launch import run\n"
-        "sys.exit(run(main_simmim.main, sys.argv[1:]))\n" % ROOT)
+        '    return transform\n'
+        'data.loader.build_pretrain_transform = broken\n'
+        'import main_simmim\n'
+        'from engine.launch import run\n'
+        'sys.exit(run(main_simmim.main, sys.argv[1:]))\n' % ROOT
+    )
     result = subprocess.run(
-        [sys.executable, '-c', script, '--cfg', TINY, '--output', str(tmp_path / 'out'),
-         '--opts', 'DATA.NUM_WORKERS', '2'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            '-c',
+            script,
+            '--cfg',
+            TINY,
+            '--output',
+            str(tmp_path / 'out'),
+            '--opts',
+            'DATA.NUM_WORKERS',
+            '2',
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1 and 'a transform bug' in result.stderr

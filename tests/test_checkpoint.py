@@ -1,4 +1,5 @@
 """checkpoint/layout.py, checkpoint/resume.py and utils/safe_load.py: atomic writes, verified auto-resume, safe loading."""
+
 import errno
 import logging
 import os
@@ -19,8 +20,12 @@ LOGGER = logging.getLogger('test')
 
 
 def _resume_dict(value):
-    return {'model': {'w': torch.full((2,), float(value))}, 'optimizer': {}, 'lr_scheduler': {},
-            'epoch': value}
+    return {
+        'model': {'w': torch.full((2,), float(value))},
+        'optimizer': {},
+        'lr_scheduler': {},
+        'epoch': value,
+    }
 
 
 def test_atomic_save_failure_keeps_previous_file(tmp_path, monkeypatch):
@@ -62,9 +67,9 @@ def test_auto_resume_skips_corrupt_newest_and_says_why(tmp_path, caplog):
 def test_auto_resume_picks_the_furthest_position_not_the_newest_file(tmp_path, caplog):
     def save(name, epoch, step):
         path = str(tmp_path / name)
-        atomic_save({**_resume_dict(epoch - 1), 'position': {'epoch': epoch, 'step': step}},
-                         path)
+        atomic_save({**_resume_dict(epoch - 1), 'position': {'epoch': epoch, 'step': step}}, path)
         return path
+
     save('ckpt_epoch_0.pth', 1, 0)
     furthest = save('ckpt_epoch_1_step_4.pth', 1, 4)
     save('ckpt_epoch_0_step_2.pth', 0, 2)
@@ -73,13 +78,16 @@ def test_auto_resume_picks_the_furthest_position_not_the_newest_file(tmp_path, c
     with caplog.at_level(logging.WARNING, logger='test'):
         path, checkpoint = find_resume_checkpoint(str(tmp_path), LOGGER)
     assert path == furthest and checkpoint['position'] == {'epoch': 1, 'step': 4}
-    assert f'skipping {renamed}: its name says epoch 8, step 0 but it records epoch 1' in caplog.text
+    assert (
+        f'skipping {renamed}: its name says epoch 8, step 0 but it records epoch 1' in caplog.text
+    )
 
 
 def test_concurrent_saves_to_one_path_all_succeed(tmp_path, monkeypatch):
     """Two writers of one file (two runs in one folder before the lock, or a save racing a
     copy) must not share a temporary name, where one would rename away the other's file."""
     import threading
+
     real_save, barrier = torch.save, threading.Barrier(2)
 
     def slow_save(obj, f):
@@ -94,6 +102,7 @@ def test_concurrent_saves_to_one_path_all_succeed(tmp_path, monkeypatch):
             atomic_save(_resume_dict(value), path)
         except Exception as e:  # noqa: BLE001 -- collected for the assertion
             errors.append(e)
+
     threads = [threading.Thread(target=write, args=(v,)) for v in (1, 2)]
     for thread in threads:
         thread.start()
@@ -101,7 +110,8 @@ def test_concurrent_saves_to_one_path_all_succeed(tmp_path, monkeypatch):
         thread.join()
     assert not errors, errors
     assert load_checkpoint_file(path)['epoch'] in (1, 2) and os.listdir(tmp_path) == [
-        'ckpt_epoch_0.pth']
+        'ckpt_epoch_0.pth'
+    ]
 
 
 def test_prune_keeps_newest_step_checkpoints_only(tmp_path):
@@ -109,8 +119,11 @@ def test_prune_keeps_newest_step_checkpoints_only(tmp_path):
         open(ckpt.step_checkpoint_path(str(tmp_path), epoch, step), 'w').close()
     open(ckpt.epoch_checkpoint_path(str(tmp_path), 0), 'w').close()
     ckpt.prune_step_checkpoints(str(tmp_path), keep=2)
-    assert sorted(os.listdir(tmp_path)) == ['ckpt_epoch_0.pth', 'ckpt_epoch_1_step_10.pth',
-                                            'ckpt_epoch_1_step_5.pth']
+    assert sorted(os.listdir(tmp_path)) == [
+        'ckpt_epoch_0.pth',
+        'ckpt_epoch_1_step_10.pth',
+        'ckpt_epoch_1_step_5.pth',
+    ]
 
 
 def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
@@ -123,7 +136,9 @@ def test_rng_state_round_trip_through_a_weights_only_file(tmp_path):
 
 
 def test_official_checkpoint_with_pickled_cfgnode_loads(tmp_path):
-    config = CfgNode({'MODEL': CfgNode({'TYPE': 'swin'}), 'TRAIN': CfgNode({'BETAS': (0.9, 0.999)})})
+    config = CfgNode(
+        {'MODEL': CfgNode({'TYPE': 'swin'}), 'TRAIN': CfgNode({'BETAS': (0.9, 0.999)})}
+    )
     path = str(tmp_path / 'official.pth')
     torch.save({'model': {'w': torch.ones(1)}, 'config': config, 'epoch': 99}, path)
     loaded = load_checkpoint_file(path)
@@ -145,8 +160,10 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
     assert not os.path.exists(_RunsCode.marker)
 
 
-@pytest.mark.parametrize('content, expected', [(b'', r'empty \(0 bytes\)'),
-                                               (b'not a checkpoint at all', 'not a readable')])
+@pytest.mark.parametrize(
+    'content, expected',
+    [(b'', r'empty \(0 bytes\)'), (b'not a checkpoint at all', 'not a readable')],
+)
 def test_bad_files_get_clear_errors(tmp_path, content, expected):
     path = tmp_path / 'bad.pth'
     path.write_bytes(content)
@@ -163,7 +180,9 @@ def test_checkpoints_without_a_grad_scaler_hold_a_loadable_scaler_state(tmp_path
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = type('Scheduler', (), {'state_dict': lambda self: {}})()
-    checkpoint = ckpt.build_checkpoint(config, ckpt.TrainingState(model, optimizer, scheduler), (1, 0), [])
+    checkpoint = ckpt.build_checkpoint(
+        config, ckpt.TrainingState(model, optimizer, scheduler), (1, 0), []
+    )
     path = str(tmp_path / 'ckpt_epoch_0.pth')
     atomic_save(checkpoint, path)
     saved = load_checkpoint_file(path)['scaler']

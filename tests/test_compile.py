@@ -7,6 +7,7 @@ ATen graph instead of generated code; the tests that check what compilation does
 compilation takes tens of seconds per graph on two CPU cores. One test compiles with inductor
 itself, on the smallest model, to check generated code against eager arithmetic.
 """
+
 import os
 import re
 
@@ -19,11 +20,11 @@ from torch._dynamo.utils import counters
 import main_finetune
 import main_simmim
 from config import load_config
+from engine.compilation import compile_model
+from engine.launch import run
 from models import build_model, transformer_blocks
 from tests.conftest import ROOT
-from engine.compilation import compile_model
 from utils.distributed import wrap_ddp
-from engine.launch import run
 from utils.safe_load import load_checkpoint_file
 
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')
@@ -31,11 +32,32 @@ TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')
 # unshifted and a shifted block on its 8x8 map, stage 1 one block with the window clamped to 4x4.
 ARCHITECTURES = {
     'swin': ['MODEL.SWIN.DEPTHS', [2, 1], 'MODEL.SWIN.NUM_HEADS', [1, 2]],
-    'swinv2': ['MODEL.TYPE', 'swinv2', 'MODEL.SWINV2.EMBED_DIM', 16, 'MODEL.SWINV2.DEPTHS', [2, 1],
-               'MODEL.SWINV2.NUM_HEADS', [1, 2], 'MODEL.SWINV2.WINDOW_SIZE', 4,
-               'MODEL.SWINV2.PRETRAINED_WINDOW_SIZES', [0, 0]],
-    'vit': ['MODEL.TYPE', 'vit', 'MODEL.VIT.PATCH_SIZE', 8, 'MODEL.VIT.EMBED_DIM', 16,
-            'MODEL.VIT.DEPTH', 2, 'MODEL.VIT.NUM_HEADS', 2],
+    'swinv2': [
+        'MODEL.TYPE',
+        'swinv2',
+        'MODEL.SWINV2.EMBED_DIM',
+        16,
+        'MODEL.SWINV2.DEPTHS',
+        [2, 1],
+        'MODEL.SWINV2.NUM_HEADS',
+        [1, 2],
+        'MODEL.SWINV2.WINDOW_SIZE',
+        4,
+        'MODEL.SWINV2.PRETRAINED_WINDOW_SIZES',
+        [0, 0],
+    ],
+    'vit': [
+        'MODEL.TYPE',
+        'vit',
+        'MODEL.VIT.PATCH_SIZE',
+        8,
+        'MODEL.VIT.EMBED_DIM',
+        16,
+        'MODEL.VIT.DEPTH',
+        2,
+        'MODEL.VIT.NUM_HEADS',
+        2,
+    ],
 }
 
 
@@ -48,8 +70,9 @@ def fresh_dynamo():
 
 
 def tiny_model(arch, *opts):
-    config = load_config(TINY, ['MODEL.DROP_PATH_RATE', 0.0, 'DATA.IMG_SIZE', 32,
-                                *ARCHITECTURES[arch], *opts])
+    config = load_config(
+        TINY, ['MODEL.DROP_PATH_RATE', 0.0, 'DATA.IMG_SIZE', 32, *ARCHITECTURES[arch], *opts]
+    )
     torch.manual_seed(0)
     model = build_model(config, is_pretrain=True)
     with torch.no_grad():  # random values everywhere (zero-initialised tables would hide bugs)
@@ -73,16 +96,18 @@ def assert_same_step(eager, compiled, rtol, atol):
     torch.testing.assert_close(compiled[0], eager[0], rtol=rtol, atol=atol)
     assert compiled[1].keys() == eager[1].keys()
     for name in eager[1]:
-        torch.testing.assert_close(compiled[1][name], eager[1][name], rtol=rtol, atol=atol,
-                                   msg=lambda m: f'{name}: {m}')
+        torch.testing.assert_close(
+            compiled[1][name], eager[1][name], rtol=rtol, atol=atol, msg=lambda m: f'{name}: {m}'
+        )
 
 
 def graphs_compiled():
     return counters['stats']['unique_graphs']
 
 
-@pytest.mark.parametrize('arch, mode', [('swin', 'blocks'), ('swinv2', 'model'), ('vit', 'blocks'),
-                                        ('vit', 'model')])
+@pytest.mark.parametrize(
+    'arch, mode', [('swin', 'blocks'), ('swinv2', 'model'), ('vit', 'blocks'), ('vit', 'model')]
+)
 def test_compiled_model_gives_eager_loss_and_gradients(arch, mode):
     model, images, mask = tiny_model(arch)
     eager = loss_and_grads(model, images, mask)
@@ -168,8 +193,14 @@ def pretrain(output, *args):
 def test_compiled_and_eager_runs_resume_each_other_with_official_names(tmp_path, first, then):
     def flags(mode, epochs):
         return (['--compile', mode] if mode else []) + [
-            '--opts', 'TRAIN.COMPILE_BACKEND', 'aot_eager', 'TRAIN.EPOCHS', str(epochs),
-            'DATA.SYNTHETIC.TRAIN_SIZE', '16']
+            '--opts',
+            'TRAIN.COMPILE_BACKEND',
+            'aot_eager',
+            'TRAIN.EPOCHS',
+            str(epochs),
+            'DATA.SYNTHETIC.TRAIN_SIZE',
+            '16',
+        ]
 
     code, run_dir = pretrain(tmp_path, *flags(first, 1))
     assert code == 0
@@ -187,24 +218,49 @@ def test_compiled_and_eager_runs_resume_each_other_with_official_names(tmp_path,
 
 @pytest.mark.slow
 def test_compiled_finetuning_evaluates_and_measures_throughput(tmp_path):
-    cfg = os.path.join(ROOT, 'configs', 'quickstart',
-                       'simmim_finetune__swin_tiny__img64__synthetic.yaml')
-    opts = ['--opts', 'TRAIN.COMPILE_BACKEND', 'aot_eager', 'TRAIN.EPOCHS', '1',
-            'DATA.NUM_WORKERS', '0', 'DATA.BATCH_SIZE', '8', 'DATA.SYNTHETIC.TRAIN_SIZE', '16',
-            'DATA.SYNTHETIC.VAL_SIZE', '12', 'MODEL.SWIN.EMBED_DIM', '16', 'MODEL.SWIN.DEPTHS',
-            '[1,1,1]', 'TENSORBOARD', 'False']
+    cfg = os.path.join(
+        ROOT, 'configs', 'quickstart', 'simmim_finetune__swin_tiny__img64__synthetic.yaml'
+    )
+    opts = [
+        '--opts',
+        'TRAIN.COMPILE_BACKEND',
+        'aot_eager',
+        'TRAIN.EPOCHS',
+        '1',
+        'DATA.NUM_WORKERS',
+        '0',
+        'DATA.BATCH_SIZE',
+        '8',
+        'DATA.SYNTHETIC.TRAIN_SIZE',
+        '16',
+        'DATA.SYNTHETIC.VAL_SIZE',
+        '12',
+        'MODEL.SWIN.EMBED_DIM',
+        '16',
+        'MODEL.SWIN.DEPTHS',
+        '[1,1,1]',
+        'TENSORBOARD',
+        'False',
+    ]
 
     def finetune(*flags):
-        return run(main_finetune.main, ['--cfg', cfg, '--output', str(tmp_path), *flags, *opts],
-                   is_pretrain=False)
+        return run(
+            main_finetune.main,
+            ['--cfg', cfg, '--output', str(tmp_path), *flags, *opts],
+            is_pretrain=False,
+        )
 
     assert finetune() == 0  # an eager fine-tuning run writes the checkpoint to evaluate
-    run_dir = os.path.join(str(tmp_path), 'simmim_finetune',
-                           'simmim_finetune__swin_tiny__img64__synthetic')
+    run_dir = os.path.join(
+        str(tmp_path), 'simmim_finetune', 'simmim_finetune__swin_tiny__img64__synthetic'
+    )
     best = os.path.join(run_dir, 'model_best.pth')
     assert set(load_checkpoint_file(best)['model']) == set(
-        build_model(load_config(cfg, opts[1:] + ['MODEL.NUM_CLASSES', 8], is_pretrain=False),
-                    is_pretrain=False).state_dict())
+        build_model(
+            load_config(cfg, opts[1:] + ['MODEL.NUM_CLASSES', 8], is_pretrain=False),
+            is_pretrain=False,
+        ).state_dict()
+    )
     assert finetune('--compile', 'blocks', '--eval', '--resume', best) == 0  # a last batch of 4
     assert finetune('--compile', 'model', '--throughput') == 0
     log = open(os.path.join(run_dir, 'log_rank0.txt')).read()

@@ -1,21 +1,26 @@
 """config.py: official YAMLs load, inheritance, overrides, flags, validation messages."""
+
 import glob
 import os
 
 import pytest
 
 from config import get_config, load_config, load_config_text
+from tests.conftest import ROOT
 from utils.arguments import build_arg_parser
 from utils.errors import ConfigError
-from tests.conftest import ROOT
 
-SWIN_800 = os.path.join(ROOT, 'configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml')
+SWIN_800 = os.path.join(
+    ROOT, 'configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml'
+)
 ALL_YAMLS = sorted(glob.glob(os.path.join(ROOT, 'configs', '**', '*.yaml'), recursive=True))
 
 
 @pytest.mark.parametrize('path', ALL_YAMLS, ids=lambda p: os.path.relpath(p, ROOT))
 def test_every_shipped_yaml_loads(path):
-    is_pretrain = 'finetune' not in os.path.basename(path) and 'linprobe' not in os.path.basename(path)
+    is_pretrain = 'finetune' not in os.path.basename(path) and 'linprobe' not in os.path.basename(
+        path
+    )
     config = load_config(path, is_pretrain=is_pretrain)
     assert config.is_frozen()
 
@@ -23,12 +28,16 @@ def test_every_shipped_yaml_loads(path):
 def test_official_swin_base_800ep_values():
     config = load_config(SWIN_800, opts=['DATA.BATCH_SIZE', 128])
     assert config.MODEL.SWIN.DEPTHS == [2, 2, 18, 2] and config.MODEL.SWIN.WINDOW_SIZE == 6
-    assert config.TRAIN.LR_SCHEDULER.NAME == 'multistep' and config.TRAIN.LR_SCHEDULER.MULTISTEPS == [700]
+    assert (
+        config.TRAIN.LR_SCHEDULER.NAME == 'multistep'
+        and config.TRAIN.LR_SCHEDULER.MULTISTEPS == [700]
+    )
     # YAML reads "1e-4" as a string; it must become the float, then be scaled by 128 * 1 / 512.
     assert config.TRAIN.BASE_LR == pytest.approx(1e-4 * 128 / 512)
     assert config.TRAIN.WARMUP_LR == pytest.approx(5e-7 * 128 / 512)
-    assert config.OUTPUT == os.path.join('output', 'simmim_pretrain',
-                                         'simmim_pretrain__swin_base__img192_window6__800ep')
+    assert config.OUTPUT == os.path.join(
+        'output', 'simmim_pretrain', 'simmim_pretrain__swin_base__img192_window6__800ep'
+    )
 
 
 def _derived(config):
@@ -40,9 +49,14 @@ def test_a_stored_config_reads_back_as_itself(tmp_path):
     # and TAG and the learning rates scaled to the batch; reading it again must not do either a
     # second time (it used to: OUTPUT/NAME/TAG/NAME/TAG, BASE_LR x 128/512 twice).
     config = load_config(SWIN_800, opts=['DATA.BATCH_SIZE', 128])
-    expected = (os.path.join('output', 'simmim_pretrain',
-                             'simmim_pretrain__swin_base__img192_window6__800ep'),
-                1e-4 * 128 / 512, 5e-7 * 128 / 512, 5e-6 * 128 / 512)
+    expected = (
+        os.path.join(
+            'output', 'simmim_pretrain', 'simmim_pretrain__swin_base__img192_window6__800ep'
+        ),
+        1e-4 * 128 / 512,
+        5e-7 * 128 / 512,
+        5e-6 * 128 / 512,
+    )
     assert _derived(config)[0] == expected[0]
     assert _derived(config)[1:] == pytest.approx(expected[1:])
     again = load_config_text(config.dump(), is_pretrain=True)
@@ -63,9 +77,15 @@ def test_lr_scaling_uses_world_size_and_accumulation(monkeypatch):
 def test_base_inheritance_relative_to_yaml_and_override_order(tmp_path):
     (tmp_path / 'sub').mkdir()
     (tmp_path / 'base.yaml').write_text('DATA:\n  IMG_SIZE: 96\n  MASK_PATCH_SIZE: 16\nTAG: base\n')
-    (tmp_path / 'sub' / 'child.yaml').write_text("BASE: ['../base.yaml']\nTAG: child\nMODEL:\n  TYPE: vit\n")
-    config = load_config(str(tmp_path / 'sub' / 'child.yaml'), opts=['TRAIN.EPOCHS', '3'],
-                         output=str(tmp_path / 'out'), tag='flag')
+    (tmp_path / 'sub' / 'child.yaml').write_text(
+        "BASE: ['../base.yaml']\nTAG: child\nMODEL:\n  TYPE: vit\n"
+    )
+    config = load_config(
+        str(tmp_path / 'sub' / 'child.yaml'),
+        opts=['TRAIN.EPOCHS', '3'],
+        output=str(tmp_path / 'out'),
+        tag='flag',
+    )
     assert config.DATA.IMG_SIZE == 96 and config.MODEL.TYPE == 'vit'
     assert config.TRAIN.EPOCHS == 3
     assert config.TAG == 'flag'  # a flag beats the YAML
@@ -74,12 +94,37 @@ def test_base_inheritance_relative_to_yaml_and_override_order(tmp_path):
 
 def test_command_line_flags_map_to_keys(monkeypatch):
     monkeypatch.setenv('LOCAL_RANK', '3')
-    args = build_arg_parser(finetune=True).parse_args([
-        '--cfg', SWIN_800, '--batch-size', '8', '--data-path', '/data', '--resume', 'r.pth',
-        '--accumulation-steps', '4', '--use-checkpoint', '--amp-opt-level', 'O0', '--tag', 't',
-        '--pretrained', 'p.pth', '--eval', '--throughput', '--local_rank', '1'])
+    args = build_arg_parser(finetune=True).parse_args(
+        [
+            '--cfg',
+            SWIN_800,
+            '--batch-size',
+            '8',
+            '--data-path',
+            '/data',
+            '--resume',
+            'r.pth',
+            '--accumulation-steps',
+            '4',
+            '--use-checkpoint',
+            '--amp-opt-level',
+            'O0',
+            '--tag',
+            't',
+            '--pretrained',
+            'p.pth',
+            '--eval',
+            '--throughput',
+            '--local_rank',
+            '1',
+        ]
+    )
     config = get_config(args, is_pretrain=False)
-    assert (config.DATA.BATCH_SIZE, config.DATA.DATA_PATH, config.MODEL.RESUME) == (8, '/data', 'r.pth')
+    assert (config.DATA.BATCH_SIZE, config.DATA.DATA_PATH, config.MODEL.RESUME) == (
+        8,
+        '/data',
+        'r.pth',
+    )
     assert config.TRAIN.ACCUMULATION_STEPS == 4 and config.TRAIN.USE_CHECKPOINT
     assert config.AMP_OPT_LEVEL == 'O0' and not config.ENABLE_AMP
     assert config.MODEL.PRETRAINED == 'p.pth' and config.EVAL_MODE and config.THROUGHPUT_MODE
@@ -93,15 +138,29 @@ def test_a_batch_size_of_zero_is_rejected_not_ignored():
 
 
 def test_repeated_opts_groups_all_apply_in_order():
-    args = build_arg_parser().parse_args(['--cfg', SWIN_800, '--opts', 'TRAIN.EPOCHS', '3',
-                                          'SEED', '1', '--opts', 'PRINT_FREQ', '7', 'SEED', '2'])
+    args = build_arg_parser().parse_args(
+        [
+            '--cfg',
+            SWIN_800,
+            '--opts',
+            'TRAIN.EPOCHS',
+            '3',
+            'SEED',
+            '1',
+            '--opts',
+            'PRINT_FREQ',
+            '7',
+            'SEED',
+            '2',
+        ]
+    )
     config = get_config(args)
     assert (config.TRAIN.EPOCHS, config.PRINT_FREQ, config.SEED) == (3, 7, 2)
 
 
 def test_base_given_as_one_string(tmp_path):
     (tmp_path / 'base.yaml').write_text('DATA:\n  MASK_PATCH_SIZE: 16\nTAG: base\n')
-    (tmp_path / 'child.yaml').write_text("BASE: base.yaml\nTRAIN:\n  EPOCHS: 3\n")
+    (tmp_path / 'child.yaml').write_text('BASE: base.yaml\nTRAIN:\n  EPOCHS: 3\n')
     config = load_config(str(tmp_path / 'child.yaml'))
     assert config.DATA.MASK_PATCH_SIZE == 16 and config.TAG == 'base' and config.TRAIN.EPOCHS == 3
 
@@ -124,21 +183,27 @@ def test_legacy_top_level_pretrained_key(tmp_path):
     assert load_config(str(path), is_pretrain=False).MODEL.PRETRAINED == 'old.pth'
 
 
-@pytest.mark.parametrize('opts, expected', [
-    (['TRAIN.BASE_LRR', '1e-3'], "Unknown config key 'TRAIN.BASE_LRR'"),
-    (['TRAIN.BASE_LRR', '1e-3'], 'Did you mean TRAIN.BASE_LR'),
-    (['WINDOW_SIZE', '7'], 'MODEL.SWIN.WINDOW_SIZE'),
-    (['TRAIN.EPOCHS', 'ten'], "'TRAIN.EPOCHS'"),
-    (['DATA.MASK_RATIO', '1.0'], 'DATA.MASK_RATIO must lie in (0, 1)'),
-    (['DATA.MASK_RATIO', '0'], 'DATA.MASK_RATIO must lie in (0, 1)'),
-    (['DATA.MASK_PATCH_SIZE', '40'], 'not divisible by DATA.MASK_PATCH_SIZE 40'),
-    (['DATA.MASK_PATCH_SIZE', '6', 'DATA.IMG_SIZE', '192'], 'DATA.MASK_PATCH_SIZE 6 is not divisible by the model patch size 4'),
-    (['MODEL.SWIN.WINDOW_SIZE', '7'], 'MODEL.SWIN.WINDOW_SIZE 7 does not fit stage 0'),
-    (['DATA.IMG_SIZE', '200'], 'DATA.IMG_SIZE 200 must be divisible by 32'),
-    (['MODEL.SWIN.NUM_HEADS', '[4, 8, 16]'], 'same length'),
-    (['TRAIN.OPTIMIZER.NAME', 'adam'], 'TRAIN.OPTIMIZER.NAME'),
-    (['DATA', '3'], 'is a group'),
-])
+@pytest.mark.parametrize(
+    'opts, expected',
+    [
+        (['TRAIN.BASE_LRR', '1e-3'], "Unknown config key 'TRAIN.BASE_LRR'"),
+        (['TRAIN.BASE_LRR', '1e-3'], 'Did you mean TRAIN.BASE_LR'),
+        (['WINDOW_SIZE', '7'], 'MODEL.SWIN.WINDOW_SIZE'),
+        (['TRAIN.EPOCHS', 'ten'], "'TRAIN.EPOCHS'"),
+        (['DATA.MASK_RATIO', '1.0'], 'DATA.MASK_RATIO must lie in (0, 1)'),
+        (['DATA.MASK_RATIO', '0'], 'DATA.MASK_RATIO must lie in (0, 1)'),
+        (['DATA.MASK_PATCH_SIZE', '40'], 'not divisible by DATA.MASK_PATCH_SIZE 40'),
+        (
+            ['DATA.MASK_PATCH_SIZE', '6', 'DATA.IMG_SIZE', '192'],
+            'DATA.MASK_PATCH_SIZE 6 is not divisible by the model patch size 4',
+        ),
+        (['MODEL.SWIN.WINDOW_SIZE', '7'], 'MODEL.SWIN.WINDOW_SIZE 7 does not fit stage 0'),
+        (['DATA.IMG_SIZE', '200'], 'DATA.IMG_SIZE 200 must be divisible by 32'),
+        (['MODEL.SWIN.NUM_HEADS', '[4, 8, 16]'], 'same length'),
+        (['TRAIN.OPTIMIZER.NAME', 'adam'], 'TRAIN.OPTIMIZER.NAME'),
+        (['DATA', '3'], 'is a group'),
+    ],
+)
 def test_bad_values_name_the_key_and_the_fix(opts, expected):
     with pytest.raises(ConfigError) as info:
         load_config(SWIN_800, opts=opts)
@@ -146,7 +211,10 @@ def test_bad_values_name_the_key_and_the_fix(opts, expected):
 
 
 def test_int_accepted_for_float_key_and_odd_opts_rejected():
-    assert load_config(SWIN_800, opts=['TRAIN.CLIP_GRAD', '1', 'DATA.BATCH_SIZE', 512]).TRAIN.CLIP_GRAD == 1.0
+    assert (
+        load_config(SWIN_800, opts=['TRAIN.CLIP_GRAD', '1', 'DATA.BATCH_SIZE', 512]).TRAIN.CLIP_GRAD
+        == 1.0
+    )
     with pytest.raises(ConfigError, match='KEY VALUE pairs'):
         load_config(SWIN_800, opts=['TRAIN.EPOCHS'])
 
@@ -162,6 +230,9 @@ def test_missing_yaml_and_base_cycle(tmp_path):
 
 def test_mask_checks_only_for_pretraining():
     # A fine-tuning config never uses the mask keys, so they do not constrain its image size.
-    config = load_config(SWIN_800, opts=['DATA.IMG_SIZE', 224, 'MODEL.SWIN.WINDOW_SIZE', 7,
-                                         'DATA.MASK_PATCH_SIZE', 48], is_pretrain=False)
+    config = load_config(
+        SWIN_800,
+        opts=['DATA.IMG_SIZE', 224, 'MODEL.SWIN.WINDOW_SIZE', 7, 'DATA.MASK_PATCH_SIZE', 48],
+        is_pretrain=False,
+    )
     assert config.DATA.IMG_SIZE == 224

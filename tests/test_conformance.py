@@ -1,5 +1,6 @@
 """models/ against the official SimMIM / Swin-Transformer code: tiny models filled by the seeded rule
 of tests/fixtures/README.md, whose official outputs are stored there."""
+
 import pytest
 import torch
 
@@ -37,8 +38,9 @@ def test_pretraining_loss_and_reconstruction_match_official(fixture):
     assert_close_relative(x_rec[:, :, ::4, ::4], fixture['x_rec_every4'])
     abs_sum = fixture['x_rec_abs_sum'].item()
     assert x_rec.double().abs().sum().item() == pytest.approx(abs_sum, rel=1e-5)
-    assert x_rec.double().sum().item() == pytest.approx(fixture['x_rec_sum'].item(),
-                                                        abs=1e-5 * abs_sum)
+    assert x_rec.double().sum().item() == pytest.approx(
+        fixture['x_rec_sum'].item(), abs=1e-5 * abs_sum
+    )
 
 
 def test_finetuning_logits_match_official(fixture):

@@ -1,5 +1,4 @@
 import io
-import logging
 import random
 
 import numpy as np
@@ -8,14 +7,13 @@ import torch
 from PIL import Image
 
 from config import load_config
-from utils.errors import ConfigError
 from data import build_loader
 from data.datasets import ImageFolderDataset, MaskedImageDataset
-from utils.errors import BadImageError, DataError
 from data.masking import MaskGenerator
-from data.synthetic import SHAPES, SyntheticShapes
 from data.pretrain_transform import build_pretrain_transform
+from data.synthetic import SHAPES, SyntheticShapes
 from data.transforms import to_rgb
+from utils.errors import BadImageError, ConfigError, DataError
 
 
 def _write_rgb(path, colour=(200, 30, 60), size=(12, 10), fmt=None):
@@ -27,10 +25,12 @@ def _write_rgb(path, colour=(200, 30, 60), size=(12, 10), fmt=None):
 def _config(tmp_path, is_pretrain=True, **opts):
     """A tiny ViT config on the synthetic set (48 px, 4 px model patches, 8 px mask patches)."""
     cfg = tmp_path / 'tiny.yaml'
-    cfg.write_text('MODEL:\n  TYPE: vit\n  NUM_CLASSES: 0\n  VIT:\n    PATCH_SIZE: 4\n'
-                   'DATA:\n  IMG_SIZE: 48\n  MASK_PATCH_SIZE: 8\n  DATASET: synthetic\n'
-                   '  BATCH_SIZE: 4\n  NUM_WORKERS: 0\n  PIN_MEMORY: False\n'
-                   '  SYNTHETIC:\n    TRAIN_SIZE: 16\n    VAL_SIZE: 6\n    NUM_CLASSES: 4\n')
+    cfg.write_text(
+        'MODEL:\n  TYPE: vit\n  NUM_CLASSES: 0\n  VIT:\n    PATCH_SIZE: 4\n'
+        'DATA:\n  IMG_SIZE: 48\n  MASK_PATCH_SIZE: 8\n  DATASET: synthetic\n'
+        '  BATCH_SIZE: 4\n  NUM_WORKERS: 0\n  PIN_MEMORY: False\n'
+        '  SYNTHETIC:\n    TRAIN_SIZE: 16\n    VAL_SIZE: 6\n    NUM_CLASSES: 4\n'
+    )
     flat = [str(x) for kv in opts.items() for x in (kv[0].replace('__', '.'), kv[1])]
     return load_config(str(cfg), flat, is_pretrain=is_pretrain)
 
@@ -50,24 +50,30 @@ def _palette_image():
     return img
 
 
-@pytest.mark.parametrize('img, expected', [
-    (Image.new('L', (4, 4), 100), (100, 100, 100)),
-    (Image.new('LA', (4, 4), (100, 255)), (100, 100, 100)),
-    (Image.new('LA', (4, 4), (0, 0)), (255, 255, 255)),  # fully transparent: background, not black
-    (_palette_image(), (10, 200, 30)),
-    (Image.new('RGBA', (4, 4), (255, 0, 0, 255)), (255, 0, 0)),
-    (Image.new('RGBA', (4, 4), (0, 0, 0, 0)), (255, 255, 255)),
-    (Image.new('RGBA', (4, 4), (255, 0, 0, 128)), (255, 127, 127)),
-    (Image.new('CMYK', (4, 4), (0, 0, 0, 0)), (255, 255, 255)),
-    (Image.new('CMYK', (4, 4), (0, 0, 0, 255)), (0, 0, 0)),
-    (Image.new('I;16', (4, 4), 65535), (255, 255, 255)),
-    (Image.new('I;16', (4, 4), 0), (0, 0, 0)),
-    (Image.new('I;16', (4, 4), 128 * 257), (128, 128, 128)),
-    (Image.new('I;16', (4, 4), 1000), (4, 4, 4)),  # PIL's own convert clips this to white
-    (Image.new('I', (4, 4), 65535), (255, 255, 255)),
-    (Image.new('I', (4, 4), 32896), (128, 128, 128)),
-    (Image.new('F', (4, 4), 0.5), (128, 128, 128)),
-])
+@pytest.mark.parametrize(
+    'img, expected',
+    [
+        (Image.new('L', (4, 4), 100), (100, 100, 100)),
+        (Image.new('LA', (4, 4), (100, 255)), (100, 100, 100)),
+        (
+            Image.new('LA', (4, 4), (0, 0)),
+            (255, 255, 255),
+        ),  # fully transparent: background, not black
+        (_palette_image(), (10, 200, 30)),
+        (Image.new('RGBA', (4, 4), (255, 0, 0, 255)), (255, 0, 0)),
+        (Image.new('RGBA', (4, 4), (0, 0, 0, 0)), (255, 255, 255)),
+        (Image.new('RGBA', (4, 4), (255, 0, 0, 128)), (255, 127, 127)),
+        (Image.new('CMYK', (4, 4), (0, 0, 0, 0)), (255, 255, 255)),
+        (Image.new('CMYK', (4, 4), (0, 0, 0, 255)), (0, 0, 0)),
+        (Image.new('I;16', (4, 4), 65535), (255, 255, 255)),
+        (Image.new('I;16', (4, 4), 0), (0, 0, 0)),
+        (Image.new('I;16', (4, 4), 128 * 257), (128, 128, 128)),
+        (Image.new('I;16', (4, 4), 1000), (4, 4, 4)),  # PIL's own convert clips this to white
+        (Image.new('I', (4, 4), 65535), (255, 255, 255)),
+        (Image.new('I', (4, 4), 32896), (128, 128, 128)),
+        (Image.new('F', (4, 4), 0.5), (128, 128, 128)),
+    ],
+)
 def test_every_image_mode_becomes_rgb_with_sensible_values(img, expected):
     assert _pixel(img) == expected
 
@@ -90,13 +96,20 @@ def test_rgb_conversion_is_a_config_choice(tmp_path, conversion):
     images.mkdir()
     Image.new('RGBA', (48, 48), (0, 0, 0, 0)).save(images / 'a_transparent.png')
     Image.fromarray(np.full((48, 48), 1000, np.uint16)).save(images / 'b_depth.png')
-    config = _config(tmp_path, DATA__DATASET='folder', DATA__DATA_PATH=str(images),
-                     DATA__BATCH_SIZE=1, DATA__RGB_CONVERSION=conversion)
+    config = _config(
+        tmp_path,
+        DATA__DATASET='folder',
+        DATA__DATA_PATH=str(images),
+        DATA__BATCH_SIZE=1,
+        DATA__RGB_CONVERSION=conversion,
+    )
     dataset, _ = build_loader(config, is_pretrain=True)
     got = [tuple(np.asarray(dataset.base[i][0])[0, 0].tolist()) for i in range(2)]
     if conversion == 'official':
-        expected = [tuple(np.asarray(Image.open(images / name).convert('RGB'))[0, 0].tolist())
-                    for name in ('a_transparent.png', 'b_depth.png')]
+        expected = [
+            tuple(np.asarray(Image.open(images / name).convert('RGB'))[0, 0].tolist())
+            for name in ('a_transparent.png', 'b_depth.png')
+        ]
         assert expected == [(0, 0, 0), (255, 255, 255)]
     else:
         expected = [(255, 255, 255), (4, 4, 4)]
@@ -134,8 +147,10 @@ def _bad_files(folder):
     good = _write_rgb(folder / 'a_good.png', colour=(0, 255, 0))
     (folder / 'b_empty.jpg').write_bytes(b'')
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(buf, 'JPEG')
-    (folder / 'c_truncated.jpg').write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
+        buf, 'JPEG'
+    )
+    (folder / 'c_truncated.jpg').write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     (folder / 'd_text.jpg').write_text('this is not a JPEG')
     return good
 
@@ -157,8 +172,9 @@ def test_bad_files_are_skipped_and_reported_once_each(tmp_path):
 def test_bad_files_found_in_worker_processes_are_reported_by_the_main_process(tmp_path):
     _bad_files(tmp_path)
     dataset = ImageFolderDataset(str(tmp_path), on_bad_image='skip')
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2,
-                                         collate_fn=lambda sample: sample[1])
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=2, collate_fn=lambda sample: sample[1]
+    )
     assert list(loader) == [0, 0, 0, 0]
     report = dataset.unreadable_report()
     assert all(name in report for name in ('b_empty.jpg', 'c_truncated.jpg', 'd_text.jpg'))
@@ -233,8 +249,12 @@ def test_synthetic_classes_differ_and_class_count_is_bounded():
 
 def _masked_dataset(tmp_path):
     config = _config(tmp_path)
-    return MaskedImageDataset(SyntheticShapes(8, 4, 48), build_pretrain_transform(config),
-                              MaskGenerator(48, 8, 4, 0.6), seed=11)
+    return MaskedImageDataset(
+        SyntheticShapes(8, 4, 48),
+        build_pretrain_transform(config),
+        MaskGenerator(48, 8, 4, 0.6),
+        seed=11,
+    )
 
 
 def _rng_snapshot():
@@ -283,7 +303,8 @@ def test_build_loader_pretrain_batches_match_for_zero_and_two_workers(tmp_path):
 def test_build_loader_finetune_on_synthetic_data(tmp_path):
     config = _config(tmp_path, is_pretrain=False)
     train, val, train_loader, val_loader, mixup_fn, num_classes = build_loader(
-        config, is_pretrain=False)
+        config, is_pretrain=False
+    )
     assert num_classes == 4 and mixup_fn is not None and (len(train), len(val)) == (16, 6)
     img, label = _first_batch(train_loader)
     assert img.shape == (4, 3, 48, 48) and label.dtype == torch.int64
@@ -301,8 +322,13 @@ def test_finetune_class_count_mismatch_names_both_numbers(tmp_path):
 def test_finetune_train_and_val_class_lists_must_match(tmp_path):
     for split, cls in [('train', 'cat'), ('train', 'dog'), ('val', 'cat'), ('val', 'emu')]:
         _write_rgb(tmp_path / 'data' / split / cls / 'x.png')
-    config = _config(tmp_path, is_pretrain=False, DATA__DATASET='folder',
-                     DATA__DATA_PATH=str(tmp_path / 'data'), DATA__BATCH_SIZE=1)
+    config = _config(
+        tmp_path,
+        is_pretrain=False,
+        DATA__DATASET='folder',
+        DATA__DATA_PATH=str(tmp_path / 'data'),
+        DATA__BATCH_SIZE=1,
+    )
     with pytest.raises(DataError, match=r"only in train: \['dog'\], only in val: \['emu'\]"):
         build_loader(config, is_pretrain=False)
 
@@ -313,7 +339,13 @@ def test_batch_larger_than_a_ranks_share_is_an_error(tmp_path, monkeypatch):
     config = _config(tmp_path, DATA__BATCH_SIZE=8)
     with pytest.raises(ConfigError) as info:
         build_loader(config, is_pretrain=True)
-    for words in ('DATA.BATCH_SIZE 8', '16 images', 'world size 4', '4 per process', '--batch-size'):
+    for words in (
+        'DATA.BATCH_SIZE 8',
+        '16 images',
+        'world size 4',
+        '4 per process',
+        '--batch-size',
+    ):
         assert words in str(info.value)
 
 
@@ -321,5 +353,6 @@ def test_randaugment_posterize_at_top_magnitude_works():
     """The official fine-tuning RandAugment (increasing magnitude, mstd 0.5) can ask posterize to
     keep 0 bits; Pillow 13 raises on that, which would kill fine-tuning mid-epoch (hence the pin)."""
     from timm.data.auto_augment import posterize
+
     image = Image.new('RGB', (8, 8), (200, 100, 50))
     assert posterize(image, 0).getpixel((0, 0)) == (0, 0, 0)

@@ -1,5 +1,5 @@
 """engine/evaluation.py: accuracy is exact under distributed evaluation with an uneven split."""
-import os
+
 import socket
 
 import torch
@@ -32,14 +32,16 @@ def _expected():
 
 
 def _evaluate(rank, world_size):
-    loader = torch.utils.data.DataLoader(_Dataset(), batch_size=2,
-                                         sampler=EvalDistributedSampler(NUM_SAMPLES, world_size, rank))
+    loader = torch.utils.data.DataLoader(
+        _Dataset(), batch_size=2, sampler=EvalDistributedSampler(NUM_SAMPLES, world_size, rank)
+    )
     return evaluate(torch.nn.Identity(), loader, torch.device('cpu'))
 
 
 def _worker(rank, world_size, port, results):
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
-                            world_size=world_size)
+    dist.init_process_group(
+        'gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world_size
+    )
     results[rank] = _evaluate(rank, world_size)
     dist.destroy_process_group()
 

@@ -1,6 +1,7 @@
 """tools/export.py around the conversion itself: official checkpoints, the pickle-free safetensors
 checkpoint, MODEL.PRETRAINED timm:..., and bad input (tests/test_timm_interop.py covers the
 timm conversion of each architecture)."""
+
 import json
 import os
 import re
@@ -13,15 +14,15 @@ import torch
 from yacs.config import CfgNode
 
 import main_simmim
+from checkpoint.layout import verify_checkpoint
+from checkpoint.weights import load_pretrained
+from config import load_config_text
 from engine.evaluation import load_eval_weights
+from engine.launch import run
 from models import build_model
 from tests.conftest import ROOT
 from tests.test_timm_interop import CONFIGS, images, randomize, relative_difference
 from tools.export import main as export
-from checkpoint.layout import verify_checkpoint
-from config import load_config_text
-from engine.launch import run
-from checkpoint.weights import load_pretrained
 from utils.errors import CheckpointError
 from utils.safe_load import load_checkpoint_file
 from utils.safetensors_io import is_safetensors_file
@@ -35,27 +36,55 @@ def official_checkpoint(tmp_path, name='swin'):
     config = load_config_text(CONFIGS[name], is_pretrain=True)
     model = randomize(build_model(config))
     state = dict(model.state_dict())
-    state.update({k: v for k, v in model.named_buffers() if k.endswith(
-        ('relative_position_index', 'relative_coords_table', 'attn_mask')) and v is not None})
+    state.update(
+        {
+            k: v
+            for k, v in model.named_buffers()
+            if k.endswith(('relative_position_index', 'relative_coords_table', 'attn_mask'))
+            and v is not None
+        }
+    )
     state = {k.replace('cpb_mlp', 'rpe_mlp'): v for k, v in state.items()}  # released SwinV2 names
     arch = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'vit': 'VIT'}[name]
-    cfg = CfgNode({
-        'MODEL': CfgNode({'TYPE': name, 'NAME': 'simmim_pretrain', 'NUM_CLASSES': 1000,
-                          arch: CfgNode({k: (tuple(v) if isinstance(v, list) else v)
-                                         for k, v in config.MODEL[arch].items()})}),
-        'DATA': CfgNode({'IMG_SIZE': config.DATA.IMG_SIZE, 'MASK_PATCH_SIZE': 16}),
-        'TRAIN': CfgNode({'OPTIMIZER': CfgNode({'BETAS': (0.9, 0.999)})}),
-        'FUSED_WINDOW_PROCESS': False,  # a Swin-Transformer-repo key this framework lacks
-    })
+    cfg = CfgNode(
+        {
+            'MODEL': CfgNode(
+                {
+                    'TYPE': name,
+                    'NAME': 'simmim_pretrain',
+                    'NUM_CLASSES': 1000,
+                    arch: CfgNode(
+                        {
+                            k: (tuple(v) if isinstance(v, list) else v)
+                            for k, v in config.MODEL[arch].items()
+                        }
+                    ),
+                }
+            ),
+            'DATA': CfgNode({'IMG_SIZE': config.DATA.IMG_SIZE, 'MASK_PATCH_SIZE': 16}),
+            'TRAIN': CfgNode({'OPTIMIZER': CfgNode({'BETAS': (0.9, 0.999)})}),
+            'FUSED_WINDOW_PROCESS': False,  # a Swin-Transformer-repo key this framework lacks
+        }
+    )
     path = str(tmp_path / f'official_{name}.pth')
-    torch.save({'model': state, 'optimizer': {}, 'lr_scheduler': {}, 'max_accuracy': 0.0,
-                'epoch': 99, 'config': cfg}, path)
+    torch.save(
+        {
+            'model': state,
+            'optimizer': {},
+            'lr_scheduler': {},
+            'max_accuracy': 0.0,
+            'epoch': 99,
+            'config': cfg,
+        },
+        path,
+    )
     return config, model, path
 
 
 @pytest.mark.parametrize('name', ['swin', 'swinv2'])
 def test_official_checkpoint_with_pickled_cfgnode_exports_without_running_its_code(
-        tmp_path, monkeypatch, name):
+    tmp_path, monkeypatch, name
+):
     config, model, path = official_checkpoint(tmp_path, name)
     ran = []
 
@@ -119,8 +148,14 @@ def test_safetensors_export_gives_the_same_finetuning_start_as_the_pth(tmp_path,
     else:
         config = load_config_text(CONFIGS['vit'], is_pretrain=True)
         path = str(tmp_path / 'ckpt.pth')
-        torch.save({'model': randomize(build_model(config)).state_dict(), 'config': config.dump(),
-                    'epoch': 4}, path)
+        torch.save(
+            {
+                'model': randomize(build_model(config)).state_dict(),
+                'config': config.dump(),
+                'epoch': 4,
+            },
+            path,
+        )
     out = str(tmp_path / 'ckpt.safetensors')
     assert export([path, '--to', 'safetensors', out]) == 0
     from_pth, from_safetensors = finetuning_start(path), finetuning_start(out)
@@ -136,16 +171,26 @@ def test_export_of_an_export_keeps_the_output_folder_and_the_learning_rates(tmp_
     config = load_config_text(CONFIGS['swin'], is_pretrain=True)
     derived = (config.OUTPUT, config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR)
     path = str(tmp_path / 'ckpt.pth')
-    torch.save({'model': randomize(build_model(config)).state_dict(), 'config': config.dump(),
-                'optimizer': {}}, path)
+    torch.save(
+        {
+            'model': randomize(build_model(config)).state_dict(),
+            'config': config.dump(),
+            'optimizer': {},
+        },
+        path,
+    )
     for opts in ([], ['--opts', 'PRINT_FREQ', '7']):
         source = path
         for step in range(2):
             out = str(tmp_path / f'export{len(opts)}_{step}.safetensors')
             assert export([source, '--to', 'safetensors', out, *opts]) == 0
             stored = load_config_text(load_checkpoint_file(out)['config'], is_pretrain=True)
-            assert (stored.OUTPUT, stored.TRAIN.BASE_LR, stored.TRAIN.WARMUP_LR,
-                    stored.TRAIN.MIN_LR) == derived
+            assert (
+                stored.OUTPUT,
+                stored.TRAIN.BASE_LR,
+                stored.TRAIN.WARMUP_LR,
+                stored.TRAIN.MIN_LR,
+            ) == derived
             source = out
 
 
@@ -193,8 +238,9 @@ class _NullLogger:
 def test_pretrained_timm_folder_gives_the_same_start_as_the_checkpoint_it_came_from(tmp_path):
     config = load_config_text(CONFIGS['vit'], is_pretrain=True)
     path = str(tmp_path / 'ckpt.pth')
-    torch.save({'model': randomize(build_model(config)).state_dict(), 'config': config.dump()},
-               path)
+    torch.save(
+        {'model': randomize(build_model(config)).state_dict(), 'config': config.dump()}, path
+    )
     assert export([path, '--to', 'timm', str(tmp_path / 'timm')]) == 0
     from_pth, from_timm = finetuning_start(path), finetuning_start(f'timm:{tmp_path / "timm"}')
     assert all(torch.equal(from_pth[k], from_timm[k]) for k in from_pth)
@@ -203,13 +249,15 @@ def test_pretrained_timm_folder_gives_the_same_start_as_the_checkpoint_it_came_f
 def fake_hf_cache(cache, repo_id, state_dict):
     """The Hugging Face hub cache layout of one downloaded model.safetensors."""
     from safetensors.torch import save_file
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
+
+    repo = cache / f'models--{repo_id.replace("/", "--")}'
     snapshot = repo / 'snapshots' / ('0' * 40)
     snapshot.mkdir(parents=True)
     (repo / 'refs').mkdir()
     (repo / 'refs' / 'main').write_text('0' * 40)
-    save_file({k: v.contiguous() for k, v in state_dict.items()},
-              str(snapshot / 'model.safetensors'))
+    save_file(
+        {k: v.contiguous() for k, v in state_dict.items()}, str(snapshot / 'model.safetensors')
+    )
 
 
 def no_network(*args, **kwargs):
@@ -222,11 +270,13 @@ def test_pretrained_timm_name_is_read_from_the_local_cache_only(tmp_path, monkey
     monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'hub'))
     name = 'vit_tiny_patch16_224'
     reference = randomize(timm.create_model(name))  # 1000 classes, as released
-    fake_hf_cache(tmp_path / 'hub', timm.models.get_pretrained_cfg(name).hf_hub_id,
-                  reference.state_dict())
+    fake_hf_cache(
+        tmp_path / 'hub', timm.models.get_pretrained_cfg(name).hf_hub_id, reference.state_dict()
+    )
     config = load_config_text(
         'MODEL:\n  TYPE: vit\n  NUM_CLASSES: 1000\n  VIT:\n    EMBED_DIM: 192\n    NUM_HEADS: 3\n'
-        '    INIT_VALUES: null\n    USE_APE: True\n    USE_SHARED_RPB: False\n')
+        '    INIT_VALUES: null\n    USE_APE: True\n    USE_SHARED_RPB: False\n'
+    )
     config.defrost()
     config.MODEL.PRETRAINED = f'timm:{name}'
     model = build_model(config, is_pretrain=False).eval()
@@ -255,26 +305,41 @@ def test_pretrained_timm_model_of_another_architecture_is_refused(tmp_path):
     vit = load_config_text(CONFIGS['vit'])
     vit.defrost()
     vit.MODEL.PRETRAINED = f'timm:{tmp_path / "timm"}'
-    with pytest.raises(Exception, match="SwinTransformer, our MODEL.TYPE swin.*MODEL.TYPE vit"):
+    with pytest.raises(Exception, match='SwinTransformer, our MODEL.TYPE swin.*MODEL.TYPE vit'):
         load_pretrained(vit, build_model(vit, is_pretrain=False))
 
 
 @pytest.mark.slow
 def test_pretraining_starts_from_timm_weights(tmp_path):
-    config = load_config_text(open(os.path.join(ROOT, 'tests', 'configs',
-                                                'tiny_swin_pretrain.yaml')).read())
+    config = load_config_text(
+        open(os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')).read()
+    )
     source = randomize(build_model(config, is_pretrain=False))  # NUM_CLASSES 0: an encoder
     path = str(tmp_path / 'encoder.pth')
     torch.save({'model': source.state_dict(), 'config': config.dump()}, path)
     export([path, '--to', 'timm', str(tmp_path / 'timm')])
     # Learning rate 0: the weights stay what was loaded, so the checkpoint shows the start.
-    argv = ['--cfg', os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml'),
-            '--output', str(tmp_path / 'run'), '--opts', 'TRAIN.EPOCHS', '1',
-            'TRAIN.BASE_LR', '0.0', 'TRAIN.WARMUP_LR', '0.0', 'TRAIN.MIN_LR', '0.0',
-            'MODEL.PRETRAINED', f'timm:{tmp_path / "timm"}']
+    argv = [
+        '--cfg',
+        os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml'),
+        '--output',
+        str(tmp_path / 'run'),
+        '--opts',
+        'TRAIN.EPOCHS',
+        '1',
+        'TRAIN.BASE_LR',
+        '0.0',
+        'TRAIN.WARMUP_LR',
+        '0.0',
+        'TRAIN.MIN_LR',
+        '0.0',
+        'MODEL.PRETRAINED',
+        f'timm:{tmp_path / "timm"}',
+    ]
     assert run(main_simmim.main, argv, is_pretrain=True) == 0
-    saved = load_checkpoint_file(str(tmp_path / 'run' / 'simmim_pretrain' / 'tiny' /
-                                     'ckpt_epoch_0.pth'))['model']
+    saved = load_checkpoint_file(
+        str(tmp_path / 'run' / 'simmim_pretrain' / 'tiny' / 'ckpt_epoch_0.pth')
+    )['model']
     for key, value in source.state_dict().items():
         assert torch.equal(saved['encoder.' + key], value), key
 
@@ -287,9 +352,13 @@ def test_bad_input_gets_one_paragraph_and_exit_code_2(tmp_path, capsys):
     good = str(tmp_path / 'good.pth')
     torch.save({'model': build_model(config).state_dict(), 'config': config.dump()}, good)
     (tmp_path / 'text.pth').write_text('not a checkpoint')
-    torch.save({'model': build_model(config).state_dict(),
-                'config': config.dump().replace('TYPE: swin', 'TYPE: resnet')},
-               str(tmp_path / 'resnet.pth'))
+    torch.save(
+        {
+            'model': build_model(config).state_dict(),
+            'config': config.dump().replace('TYPE: swin', 'TYPE: resnet'),
+        },
+        str(tmp_path / 'resnet.pth'),
+    )
     (tmp_path / 'vit.yaml').write_text(CONFIGS['vit'])
     (tmp_path / 'file').write_text('')
     (tmp_path / 'shards').mkdir()
@@ -298,17 +367,24 @@ def test_bad_input_gets_one_paragraph_and_exit_code_2(tmp_path, capsys):
         ([str(tmp_path / 'missing.pth'), '--to', 'timm', out], 'file not found'),
         ([str(tmp_path / 'text.pth'), '--to', 'timm', out], 'not a readable PyTorch checkpoint'),
         ([str(tmp_path / 'resnet.pth'), '--to', 'timm', out], "MODEL.TYPE 'resnet'"),
-        ([good, '--cfg', str(tmp_path / 'vit.yaml'), '--to', 'timm', out],
-         'does not fit timm.*--cfg'),
+        (
+            [good, '--cfg', str(tmp_path / 'vit.yaml'), '--to', 'timm', out],
+            'does not fit timm.*--cfg',
+        ),
         ([good, '--to', 'timm', str(tmp_path / 'file' / 'out')], 'Cannot write to'),
-        ([good, '--to', 'safetensors', str(tmp_path / 'file' / 'x.safetensors')],
-         'Cannot write to'),
+        (
+            [good, '--to', 'safetensors', str(tmp_path / 'file' / 'x.safetensors')],
+            'Cannot write to',
+        ),
         ([str(tmp_path / 'shards'), '--to', 'timm', out], 'is a folder, not a checkpoint file'),
     ]
     for argv, message in cases:
         assert export(argv) == 2, argv
         err = capsys.readouterr().err
-        assert re.match(r'(Configuration |Checkpoint |Data )?[Ee]rror: ', err) and 'Traceback' not in err
+        assert (
+            re.match(r'(Configuration |Checkpoint |Data )?[Ee]rror: ', err)
+            and 'Traceback' not in err
+        )
         assert re.search(message, err), (message, err)
         assert not os.path.exists(out)  # a failed export leaves nothing behind
 

@@ -1,17 +1,17 @@
 """data/gpu_decode.py (DATA.DECODE gpu), run on the CPU: the same crops, flips and masks as the PIL
 pipeline and close pixels, a clear error without a GPU, and a named error for a broken JPEG."""
+
 import pytest
 import torch
 
 from config import load_config
-from utils.errors import ConfigError
 from data import build_loader
 from data.datasets import ImageFolderDataset, MaskedImageDataset
-from utils.errors import BadImageError
 from data.gpu_decode import EncodedMaskedImageDataset, collate_encoded, decode_batch
 from data.masking import MaskGenerator
 from data.pretrain_transform import PretrainTransform
 from tests.conftest import ROOT, smooth_photo
+from utils.errors import BadImageError, ConfigError
 
 SIZE = 48
 TINY = f'{ROOT}/tests/configs/tiny_swin_pretrain.yaml'
@@ -27,8 +27,10 @@ def folder_of_images(root):
 
 def datasets(base):
     transform, masks = PretrainTransform(SIZE), MaskGenerator(SIZE, 16, 4, 0.5)
-    return (MaskedImageDataset(base, transform, masks, seed=5),
-            EncodedMaskedImageDataset(base, transform, masks, seed=5))
+    return (
+        MaskedImageDataset(base, transform, masks, seed=5),
+        EncodedMaskedImageDataset(base, transform, masks, seed=5),
+    )
 
 
 def test_device_pipeline_gives_the_cpu_pipelines_crops_masks_and_close_pixels(tmp_path):
@@ -49,8 +51,19 @@ def test_device_pipeline_gives_the_cpu_pipelines_crops_masks_and_close_pixels(tm
 
 def test_device_decode_needs_a_gpu_and_pretraining(tmp_path):
     folder_of_images(tmp_path)
-    config = load_config(TINY, ['DATA.DECODE', 'gpu', 'DATA.DATASET', 'folder',
-                                'DATA.DATA_PATH', str(tmp_path), 'DATA.BATCH_SIZE', 2])
+    config = load_config(
+        TINY,
+        [
+            'DATA.DECODE',
+            'gpu',
+            'DATA.DATASET',
+            'folder',
+            'DATA.DATA_PATH',
+            str(tmp_path),
+            'DATA.BATCH_SIZE',
+            2,
+        ],
+    )
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match='DATA.DECODE cpu'):
             build_loader(config, is_pretrain=True)
@@ -61,7 +74,7 @@ def test_device_decode_needs_a_gpu_and_pretraining(tmp_path):
 def test_a_jpeg_no_decoder_reads_is_named(tmp_path):
     folder_of_images(tmp_path)
     data = (tmp_path / 'a.jpg').read_bytes()
-    (tmp_path / 'a.jpg').write_bytes(data[:len(data) // 3])  # header intact, scan data cut
+    (tmp_path / 'a.jpg').write_bytes(data[: len(data) // 3])  # header intact, scan data cut
     _, encoded = datasets(ImageFolderDataset(str(tmp_path)))
     batch = collate_encoded([encoded[(0, 0)], encoded[(0, 1)]])
     with pytest.raises(BadImageError, match='a.jpg.*DATA.DECODE cpu'):

@@ -2,6 +2,7 @@
 too): no cycles; every import goes down the layer order of LAYERS (docs/architecture.md); project
 modules are imported at the top of a file, never deferred; each name is imported from the module
 that defines it; and `import models` loads no data module at run time."""
+
 import ast
 import os
 import subprocess
@@ -53,7 +54,7 @@ def _resolve_from(module, is_package, level, name):
     if not level:
         return name
     base = module.split('.') if is_package else module.split('.')[:-1]
-    base = base[:len(base) - (level - 1)]
+    base = base[: len(base) - (level - 1)]
     return '.'.join(base + ([name] if name else []))
 
 
@@ -96,7 +97,7 @@ def find_cycle(graph):
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 'open':
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 cycle = visit(nxt)
                 if cycle:
@@ -133,8 +134,12 @@ def layer_of(module):
 
 def climbing_imports(graph):
     """(importer, imported) pairs that go sideways or up the layer order."""
-    return sorted((module, target) for module, imports in graph.items() for target in imports
-                  if room(target) != room(module) and layer_of(target) >= layer_of(module))
+    return sorted(
+        (module, target)
+        for module, imports in graph.items()
+        for target in imports
+        if room(target) != room(module) and layer_of(target) >= layer_of(module)
+    )
 
 
 def test_every_room_has_a_layer():
@@ -143,8 +148,12 @@ def test_every_room_has_a_layer():
 
 
 def test_the_layer_check_catches_a_climbing_and_a_sideways_import():
-    graph = {'utils.x': {'models.y'}, 'optimizer': {'lr_scheduler'}, 'models.y': {'utils.x'},
-             'data.z': {'data.w', 'models.y'}}
+    graph = {
+        'utils.x': {'models.y'},
+        'optimizer': {'lr_scheduler'},
+        'models.y': {'utils.x'},
+        'data.z': {'data.w', 'models.y'},
+    }
     assert climbing_imports(graph) == [('optimizer', 'lr_scheduler'), ('utils.x', 'models.y')]
 
 
@@ -160,15 +169,22 @@ def deferred_imports(path):
     found = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or '']
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or '']
+            )
             if getattr(node, 'level', 0) or any(room(n) in rooms for n in names):
                 found.append(node.lineno)
     return found
 
 
 def test_project_modules_are_imported_at_the_top_of_a_file():
-    deferred = {module: lines for module, path in project_modules().items()
-                if (lines := deferred_imports(path)) and module not in DEFERRED}
+    deferred = {
+        module: lines
+        for module, path in project_modules().items()
+        if (lines := deferred_imports(path)) and module not in DEFERRED
+    }
     assert deferred == {}
     assert all(deferred_imports(project_modules()[module]) for module in DEFERRED)
 
@@ -202,16 +218,21 @@ def borrowed_names(modules, importers):
             if target not in modules or module in DEFERRED:
                 continue
             defined = defined_names(modules[target])
-            found += [f'{os.path.relpath(path, ROOT)}:{node.lineno} {alias.name}'
-                      for alias in node.names
-                      if alias.name not in defined and f'{target}.{alias.name}' not in modules]
+            found += [
+                f'{os.path.relpath(path, ROOT)}:{node.lineno} {alias.name}'
+                for alias in node.names
+                if alias.name not in defined and f'{target}.{alias.name}' not in modules
+            ]
     return found
 
 
 def test_each_name_is_imported_from_the_module_that_defines_it():
     modules = project_modules()
-    tests = {f'tests.{name[:-3]}': os.path.join(ROOT, 'tests', name)
-             for name in os.listdir(os.path.join(ROOT, 'tests')) if name.endswith('.py')}
+    tests = {
+        f'tests.{name[:-3]}': os.path.join(ROOT, 'tests', name)
+        for name in os.listdir(os.path.join(ROOT, 'tests'))
+        if name.endswith('.py')
+    }
     assert borrowed_names(modules, {**modules, **tests}) == []
 
 
@@ -234,8 +255,11 @@ def test_models_and_data_do_not_import_config_and_models_do_not_import_data():
 
 
 def test_import_models_loads_no_data_module_and_no_config():
-    code = ("import sys, models; "
-            "print(sorted(m for m in sys.modules if m == 'config' or m.split('.')[0] == 'data'))")
-    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout
+    code = (
+        'import sys, models; '
+        "print(sorted(m for m in sys.modules if m == 'config' or m.split('.')[0] == 'data'))"
+    )
+    out = subprocess.run(
+        [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == '[]'

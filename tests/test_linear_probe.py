@@ -1,16 +1,18 @@
 """models/linear_probe.py: frozen encoder, features of the chosen ViT block, only the head trains."""
+
 import torch
 import torch.nn.functional as F
 
+from checkpoint.weights import load_pretrained
 from models.linear_probe import build_linear_probe
 from tests.fixture_rule import config_from_yaml, official_data
 from tests.test_models import tiny_config
-from checkpoint.weights import load_pretrained
 
 
 def probe_config(block):
-    config = tiny_config('vit', USE_APE=True, USE_SHARED_RPB=False, USE_RPB=True,
-                         USE_MEAN_POOLING=True)
+    config = tiny_config(
+        'vit', USE_APE=True, USE_SHARED_RPB=False, USE_RPB=True, USE_MEAN_POOLING=True
+    )
     config.LINEAR_PROBE.update(ENABLE=True, BLOCK=block)
     return config
 
@@ -42,15 +44,29 @@ def test_vit_probe_of_an_official_checkpoint_reaches_the_official_logits(tmp_pat
     data = official_data('vit')
     checkpoint = tmp_path / 'pretrained.pth'
     torch.save({'model': data['pretrain_state_dict']}, checkpoint)
-    config = config_from_yaml(data['finetune_yaml'], False, [
-        'MODEL.PRETRAINED', str(checkpoint), 'LINEAR_PROBE.ENABLE', 'True',
-        'LINEAR_PROBE.BLOCK', '2'])
+    config = config_from_yaml(
+        data['finetune_yaml'],
+        False,
+        [
+            'MODEL.PRETRAINED',
+            str(checkpoint),
+            'LINEAR_PROBE.ENABLE',
+            'True',
+            'LINEAR_PROBE.BLOCK',
+            '2',
+        ],
+    )
     probe = build_linear_probe(config)
     report = load_pretrained(config, probe.encoder)
     assert sorted(report.missing_keys) == ['fc_norm.bias', 'fc_norm.weight']
     official = data['finetune_state_dict']
     features = probe.eval().features(data['x_ft'])
-    features = F.layer_norm(features, features.shape[-1:], official['fc_norm.weight'],
-                            official['fc_norm.bias'], eps=1e-6)
+    features = F.layer_norm(
+        features,
+        features.shape[-1:],
+        official['fc_norm.weight'],
+        official['fc_norm.bias'],
+        eps=1e-6,
+    )
     logits = F.linear(features, official['head.weight'], official['head.bias'])
     torch.testing.assert_close(logits, data['logits'], rtol=1e-5, atol=1e-5)

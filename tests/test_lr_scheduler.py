@@ -1,4 +1,5 @@
 """lr_scheduler.py: values at known update indices for every schedule (hand-computed)."""
+
 import glob
 import io
 import math
@@ -32,8 +33,9 @@ def make_config(name='cosine', warmup_prefix=False, train=(), schedule=()):
 
 def make_optimizer(peaks=(1.0,)):
     """One group per peak lr, like optimizer.py's groups (lr = BASE_LR * lr_scale)."""
-    groups = [{'params': [torch.nn.Parameter(torch.zeros(1))], 'lr': lr, 'lr_scale': lr}
-              for lr in peaks]
+    groups = [
+        {'params': [torch.nn.Parameter(torch.zeros(1))], 'lr': lr, 'lr_scale': lr} for lr in peaks
+    ]
     return torch.optim.SGD(groups, lr=1.0)
 
 
@@ -81,8 +83,7 @@ def test_step_decays_every_decay_epochs_counted_from_update_0(warmup_prefix):
     # timm 0.4.12's StepLRScheduler (what the Swin-Transformer repo pinned, and it passes
     # WARMUP_PREFIX to the cosine only): lr = peak * rate ** (t // decay_steps) after the warmup,
     # whatever WARMUP_PREFIX says.
-    config = make_config('step', warmup_prefix,
-                         schedule={'DECAY_EPOCHS': 3, 'DECAY_RATE': 0.5})
+    config = make_config('step', warmup_prefix, schedule={'DECAY_EPOCHS': 3, 'DECAY_RATE': 0.5})
     expected = {20: 1.0, 29: 1.0, 30: 0.5, 59: 0.5, 60: 0.25, 89: 0.25, 90: 0.125}
     got = lrs(config, list(expected))
     assert got == [pytest.approx(v) for v in expected.values()]
@@ -92,14 +93,16 @@ def test_step_decays_during_the_warmup_count_at_its_end():
     # Decay every 10 updates, warmup 20: the warmup ends at 1.0 * 0.5 ** (20 // 10) = 0.25, as
     # in timm 0.4.12 (a shifted schedule would be back at the peak 1.0).
     config = make_config('step', True, schedule={'DECAY_EPOCHS': 1, 'DECAY_RATE': 0.5})
-    assert lrs(config, [19, 20, 29, 30]) == [pytest.approx(v) for v in
-                                             (0.1 + 19 * 0.9 / 20, 0.25, 0.25, 0.125)]
+    assert lrs(config, [19, 20, 29, 30]) == [
+        pytest.approx(v) for v in (0.1 + 19 * 0.9 / 20, 0.25, 0.25, 0.125)
+    ]
 
 
 def test_multistep_is_already_decayed_at_the_milestone():
     # Official MultiStepLRScheduler: bisect_right, so at t == milestone the decay applies.
-    config = make_config('multistep', train={'MIN_LR': 0.05},
-                         schedule={'MULTISTEPS': [5, 8], 'GAMMA': 0.1})
+    config = make_config(
+        'multistep', train={'MIN_LR': 0.05}, schedule={'MULTISTEPS': [5, 8], 'GAMMA': 0.1}
+    )
     got = lrs(config, [20, 49, 50, 79, 80, 200])
     # MIN_LR (0.05) is ignored: the lr goes down to 0.01.
     assert got == [pytest.approx(v) for v in (1.0, 1.0, 0.1, 0.1, 0.01, 0.01)]
@@ -169,9 +172,12 @@ def test_swinv2_finetune_yaml_reaches_the_peak_after_warmup_and_half_at_epoch_60
     # warmup to MIN_LR over the remaining 80: at epoch 60 the cosine is half way, so
     # lr = MIN + (peak - MIN) / 2, i.e. 0.5 + 0.5 * MIN / peak = 0.5 + 0.5 * 2.5e-7 / 1.25e-3
     # = 0.5001 of the peak (both scale with the batch alike).
-    config = load_config(os.path.join(
-        ROOT, 'configs/simmim/simmim_finetune__swinv2_base__img224_window14__800ep.yaml'),
-        is_pretrain=False)
+    config = load_config(
+        os.path.join(
+            ROOT, 'configs/simmim/simmim_finetune__swinv2_base__img224_window14__800ep.yaml'
+        ),
+        is_pretrain=False,
+    )
     assert (config.TRAIN.EPOCHS, config.TRAIN.WARMUP_EPOCHS) == (100, 20)
     peak = config.TRAIN.BASE_LR
     scheduler = build_scheduler(config, make_optimizer((peak,)), N_ITER)

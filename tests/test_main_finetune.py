@@ -1,5 +1,6 @@
 """main_finetune.py --eval: which checkpoint it evaluates, and that a checkpoint which does not hold
 every tensor of the model is refused (never evaluated on initial weights)."""
+
 import logging
 import os
 import subprocess
@@ -15,9 +16,20 @@ from tests.conftest import ROOT
 
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')
 LOGGER = logging.getLogger('test_main_finetune')
-TINY_SWINV2 = ['MODEL.TYPE', 'swinv2', 'MODEL.SWINV2.EMBED_DIM', '16',
-               'MODEL.SWINV2.DEPTHS', '[1,1,1,1]', 'MODEL.SWINV2.NUM_HEADS', '[1,1,2,2]',
-               'MODEL.SWINV2.WINDOW_SIZE', '4', 'MODEL.NUM_CLASSES', '4']
+TINY_SWINV2 = [
+    'MODEL.TYPE',
+    'swinv2',
+    'MODEL.SWINV2.EMBED_DIM',
+    '16',
+    'MODEL.SWINV2.DEPTHS',
+    '[1,1,1,1]',
+    'MODEL.SWINV2.NUM_HEADS',
+    '[1,1,2,2]',
+    'MODEL.SWINV2.WINDOW_SIZE',
+    '4',
+    'MODEL.NUM_CLASSES',
+    '4',
+]
 
 
 def classifier(config, seed):
@@ -34,8 +46,9 @@ def test_eval_loads_a_released_swinv2_file_with_ddp_prefix_and_rebuilt_buffers(t
     # Released SwinV2 files name the position MLP rpe_mlp (Swin-Transformer #271); this one was
     # also saved from the DDP wrapper with the official persistent index buffers.
     path = str(tmp_path / 'released.pth')
-    config = load_config(TINY, [*TINY_SWINV2, 'OUTPUT', str(tmp_path), 'MODEL.RESUME', path],
-                         is_pretrain=False)
+    config = load_config(
+        TINY, [*TINY_SWINV2, 'OUTPUT', str(tmp_path), 'MODEL.RESUME', path], is_pretrain=False
+    )
     trained = classifier(config, seed=0).state_dict()
     assert any('cpb_mlp' in k for k in trained)
     released = {'module.' + k.replace('cpb_mlp', 'rpe_mlp'): v for k, v in trained.items()}
@@ -53,8 +66,9 @@ def _resumable(model, epoch):
 
 
 def test_eval_without_resume_takes_model_best_else_the_newest_checkpoint(tmp_path):
-    config = load_config(TINY, ['MODEL.NUM_CLASSES', '4', 'OUTPUT', str(tmp_path)],
-                         is_pretrain=False)
+    config = load_config(
+        TINY, ['MODEL.NUM_CLASSES', '4', 'OUTPUT', str(tmp_path)], is_pretrain=False
+    )
     out = config.OUTPUT
     os.makedirs(out)
     older, newer, best = (classifier(config, seed) for seed in (1, 2, 3))
@@ -78,10 +92,23 @@ def test_eval_of_a_pretraining_checkpoint_is_refused_with_the_pretrained_hint(tm
     path = str(tmp_path / 'ckpt_epoch_0.pth')
     torch.save({'model': pretraining.state_dict()}, path)
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, 'main_finetune.py'), '--cfg', TINY, '--output',
-         str(tmp_path / 'out'), '--eval', '--resume', path],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        [
+            sys.executable,
+            os.path.join(ROOT, 'main_finetune.py'),
+            '--cfg',
+            TINY,
+            '--output',
+            str(tmp_path / 'out'),
+            '--eval',
+            '--resume',
+            path,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, 'OMP_NUM_THREADS': '1'},
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]  # wrong input (utils/errors.py)
     assert 'Traceback' not in output and 'Accuracy of the network' not in output

@@ -1,6 +1,7 @@
 """engine/memory_plan.py and tools/plan_memory.py: the estimate against the peak torch's own tensor
 tracker measures for a real training step, and the planner's command line. Larger models and
 FSDP are compared in benchmarks/memory_check.py (results in benchmarks/RESULTS.md)."""
+
 import os
 
 import pytest
@@ -8,12 +9,17 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from config import load_config
+from engine.memory_plan import (
+    build_on_meta,
+    estimate,
+    largest_batch,
+    measure_activations,
+    model_stats,
+)
 from models import build_model
 from optimizer import build_optimizer
 from tests.conftest import ROOT
 from tools import plan_memory
-from engine.memory_plan import (build_on_meta, estimate, largest_batch, measure_activations,
-                               model_stats)
 
 TINY_V2 = os.path.join(ROOT, 'tests', 'configs', 'tiny_swinv2_pretrain.yaml')
 WIDER = ('MODEL.SWINV2.EMBED_DIM', '32', 'DATA.IMG_SIZE', '128', 'DATA.MASK_PATCH_SIZE', '32')
@@ -59,8 +65,11 @@ def test_meta_build_counts_what_the_real_build_has():
     real = build_model(config)
     stats = model_stats(config)
     assert stats.params == sum(p.numel() for p in real.parameters())
-    assert stats.block_params == [sum(p.numel() for p in block.parameters())
-                                  for layer in real.encoder.layers for block in layer.blocks]
+    assert stats.block_params == [
+        sum(p.numel() for p in block.parameters())
+        for layer in real.encoder.layers
+        for block in layer.blocks
+    ]
     assert all(p.is_meta for p in build_on_meta(config).parameters())
 
 
@@ -81,10 +90,27 @@ def test_sharding_divides_weights_and_optimizer_state_by_the_ranks():
 
 
 def test_planner_prints_a_row_per_setting(capsys):
-    assert plan_memory.main(['--cfg', TINY_V2, '--gpus', '2', '--gpu-memory', '1',
-                             '--precision', 'fp32', '--device', 'cpu']) == 0
+    assert (
+        plan_memory.main(
+            [
+                '--cfg',
+                TINY_V2,
+                '--gpus',
+                '2',
+                '--gpu-memory',
+                '1',
+                '--precision',
+                'fp32',
+                '--device',
+                'cpu',
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith('| ddp') or line.startswith('| fsdp')]
+    rows = [
+        line for line in out.splitlines() if line.startswith('| ddp') or line.startswith('| fsdp')
+    ]
     assert len(rows) == 4 and all(row.split('|')[-3].strip() == 'yes' for row in rows)
 
 

@@ -1,4 +1,5 @@
 """models/: official sizes and state-dict names, attention paths, SimMIM encoders, head and loss."""
+
 import glob
 import os
 
@@ -7,15 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from config import get_defaults, load_config
-from utils.errors import ConfigError
 from models import build_model
 from models.attention import eager_attention
 from models.simmim import blend_mask_token
-from models.targets import MaskedPixelL1Loss, local_norm_target
 from models.swin_transformer import SwinTransformer
 from models.swin_transformer_v2 import SwinTransformerV2, WindowAttentionV2
+from models.targets import MaskedPixelL1Loss, local_norm_target
 from models.vision_transformer import VisionTransformer
 from tests.conftest import STATE_DICT_KEYS_DIR
+from utils.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS_DIR = STATE_DICT_KEYS_DIR
@@ -64,13 +65,16 @@ def randomize_(model, seed=0):
 # -----------------------------------------------------------------------------------------------
 # Sizes and state-dict names of the official configs
 # -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize('stem, num_params', [
-    ('simmim_pretrain__swin_base__img192_window6__800ep', 89_874_104),
-    ('simmim_pretrain__vit_base__img224__800ep', 86_256_720),
-    ('simmim_finetune__swin_base__img224_window7__800ep', 87_768_224),
-    ('simmim_finetune__vit_base__img224__800ep', 86_530_984),
-    ('simmim_pretrain__swin_large__img192_window12__800ep', 199_881_204),
-])
+@pytest.mark.parametrize(
+    'stem, num_params',
+    [
+        ('simmim_pretrain__swin_base__img192_window6__800ep', 89_874_104),
+        ('simmim_pretrain__vit_base__img224__800ep', 86_256_720),
+        ('simmim_finetune__swin_base__img224_window7__800ep', 87_768_224),
+        ('simmim_finetune__vit_base__img224__800ep', 86_530_984),
+        ('simmim_pretrain__swin_large__img192_window12__800ep', 199_881_204),
+    ],
+)
 def test_parameter_count_matches_official(stem, num_params):
     config = official_config(stem)
     with torch.device('meta'):
@@ -137,7 +141,7 @@ def textbook_window_attention(attn, x, mask):
         qkv = F.linear(x, attn.qkv.weight, qkv_bias).reshape(b, n, 3, heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        logits = logits * torch.clamp(attn.logit_scale, max=torch.log(torch.tensor(100.))).exp()
+        logits = logits * torch.clamp(attn.logit_scale, max=torch.log(torch.tensor(100.0))).exp()
         table = attn.cpb_mlp(attn.relative_coords_table).view(-1, heads)
     else:
         q, k, v = attn.qkv(x).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
@@ -157,8 +161,17 @@ def textbook_window_attention(attn, x, mask):
 def test_window_attention_with_shift_mask_matches_textbook(version):
     torch.manual_seed(0)
     model_cls = SwinTransformer if version == 'v1' else SwinTransformerV2
-    model = randomize_(model_cls(img_size=16, patch_size=2, embed_dim=8, depths=(2,),
-                                 num_heads=(2,), window_size=4, num_classes=0))
+    model = randomize_(
+        model_cls(
+            img_size=16,
+            patch_size=2,
+            embed_dim=8,
+            depths=(2,),
+            num_heads=(2,),
+            window_size=4,
+            num_classes=0,
+        )
+    )
     block = model.layers[0].blocks[1]
     assert block.shift_size == 2 and block.attn_mask.shape == (4, 16, 16)
     assert set(block.attn_mask.unique().tolist()) == {0.0, -100.0}
@@ -173,7 +186,8 @@ def test_window_attention_with_shift_mask_matches_textbook(version):
 
 
 ATTENTION_CASES = [
-    ('swin', {}), ('swinv2', {}),
+    ('swin', {}),
+    ('swinv2', {}),
     ('vit', {'USE_SHARED_RPB': True}),
     ('vit', {'USE_SHARED_RPB': False, 'USE_RPB': True, 'USE_MEAN_POOLING': True}),
 ]
@@ -223,8 +237,15 @@ def test_attention_bias_has_unit_stride_for_fused_gpu_kernels(model_type, keys, 
 
 
 def test_window_is_clamped_to_the_feature_map_and_unshifted():
-    model = SwinTransformer(img_size=32, patch_size=2, embed_dim=8, depths=(2, 2, 2),
-                            num_heads=(1, 1, 1), window_size=8, num_classes=0)
+    model = SwinTransformer(
+        img_size=32,
+        patch_size=2,
+        embed_dim=8,
+        depths=(2, 2, 2),
+        num_heads=(1, 1, 1),
+        window_size=8,
+        num_classes=0,
+    )
     stages = [layer.blocks[1] for layer in model.layers]  # maps 16x16, 8x8 (= window), 4x4
     assert [(b.window_size, b.shift_size) for b in stages] == [(8, 4), (8, 0), (4, 0)]
     assert stages[0].attn_mask is not None and stages[1].attn_mask is None
@@ -232,8 +253,16 @@ def test_window_is_clamped_to_the_feature_map_and_unshifted():
 
 
 def test_stochastic_depth_grows_linearly_over_all_blocks():
-    model = SwinTransformer(img_size=32, patch_size=2, embed_dim=8, depths=(2, 3), num_heads=(1, 1),
-                            window_size=4, drop_path_rate=0.4, num_classes=0)
+    model = SwinTransformer(
+        img_size=32,
+        patch_size=2,
+        embed_dim=8,
+        depths=(2, 3),
+        num_heads=(1, 1),
+        window_size=4,
+        drop_path_rate=0.4,
+        num_classes=0,
+    )
     rates = [getattr(b.drop_path, 'drop_prob', 0.0) for layer in model.layers for b in layer.blocks]
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
 
@@ -262,12 +291,30 @@ def test_vit_pretraining_init_is_truncated_at_one_std():
 def test_vit_dropout_follows_the_official_placement():
     # drop_rate after the position embedding and on the attention and MLP outputs only (timm's
     # Beit would also drop inside the MLP and before the head).
-    model = VisionTransformer(img_size=32, patch_size=4, embed_dim=16, depth=2, num_heads=2,
-                              num_classes=3, drop_rate=0.25, attn_drop_rate=0.125)
+    model = VisionTransformer(
+        img_size=32,
+        patch_size=4,
+        embed_dim=16,
+        depth=2,
+        num_heads=2,
+        num_classes=3,
+        drop_rate=0.25,
+        attn_drop_rate=0.125,
+    )
     rates = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
-    assert rates == {'pos_drop': 0.25, 'head_drop': 0.0,
-                     **{f'blocks.{i}.{part}': p for i in range(2) for part, p in (
-                         ('attn.attn_drop', 0.125), ('attn.proj_drop', 0.25), ('mlp.drop2', 0.25))}}
+    assert rates == {
+        'pos_drop': 0.25,
+        'head_drop': 0.0,
+        **{
+            f'blocks.{i}.{part}': p
+            for i in range(2)
+            for part, p in (
+                ('attn.attn_drop', 0.125),
+                ('attn.proj_drop', 0.25),
+                ('mlp.drop2', 0.25),
+            )
+        },
+    }
 
 
 def test_vit_layer_scale_of_zero_is_refused():
@@ -275,9 +322,12 @@ def test_vit_layer_scale_of_zero_is_refused():
     with pytest.raises(ValueError, match='MODEL.VIT.INIT_VALUES 0.0: use a positive layer scale'):
         build_model(tiny_config('vit', INIT_VALUES=0.0), is_pretrain=False)
     with pytest.raises(ConfigError, match='MODEL.VIT.INIT_VALUES 0.0: use a positive layer scale'):
-        load_config(os.path.join(ROOT, 'configs/vit_base__800ep/'
-                                       'simmim_pretrain__vit_base__img224__800ep.yaml'),
-                    ['MODEL.VIT.INIT_VALUES', '0.0'])
+        load_config(
+            os.path.join(
+                ROOT, 'configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml'
+            ),
+            ['MODEL.VIT.INIT_VALUES', '0.0'],
+        )
 
 
 def test_swin_init():
@@ -288,22 +338,25 @@ def test_swin_init():
     block = v2.layers[0].blocks[0]
     # res-post-norm: every residual branch starts at zero
     assert torch.all(block.norm1.weight == 0) and torch.all(block.norm2.weight == 0)
-    assert torch.allclose(block.attn.logit_scale, torch.log(torch.tensor(10.)))
+    assert torch.allclose(block.attn.logit_scale, torch.log(torch.tensor(10.0)))
 
 
 # -----------------------------------------------------------------------------------------------
 # SimMIM encoders and wrapper
 # -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize('model_type, keys, stride, num_features', [
-    ('swin', {}, 4, 16),
-    ('swinv2', {'DEPTHS': [1, 1, 1], 'NUM_HEADS': [1, 1, 2], 'WINDOW_SIZE': 2}, 8, 32),
-    ('vit', {}, 4, 16),  # ViT with patch 4 on 32x32 images
-])
+@pytest.mark.parametrize(
+    'model_type, keys, stride, num_features',
+    [
+        ('swin', {}, 4, 16),
+        ('swinv2', {'DEPTHS': [1, 1, 1], 'NUM_HEADS': [1, 1, 2], 'WINDOW_SIZE': 2}, 8, 32),
+        ('vit', {}, 4, 16),  # ViT with patch 4 on 32x32 images
+    ],
+)
 def test_simmim_end_to_end_shapes_and_gradients(model_type, keys, stride, num_features):
     model = build_model(tiny_config(model_type, **keys), is_pretrain=True)
     encoder = model.encoder
     assert (encoder.encoder_stride, encoder.num_features) == (stride, num_features)
-    assert model.decoder[0].out_channels == stride ** 2 * 3
+    assert model.decoder[0].out_channels == stride**2 * 3
     x = torch.randn(2, 3, 32, 32)
     mask = random_mask(2, 32 // encoder.patch_size)
     assert encoder(x, mask).shape == (2, num_features, 32 // stride, 32 // stride)
@@ -368,7 +421,7 @@ def test_local_norm_target_matches_per_pixel_loop():
     for c in range(2):
         for i in range(7):
             for j in range(6):
-                patch = x[0, c, max(i - 2, 0):i + 3, max(j - 2, 0):j + 3].flatten()
+                patch = x[0, c, max(i - 2, 0) : i + 3, max(j - 2, 0) : j + 3].flatten()
                 var = patch.var(unbiased=True)
                 expected[0, c, i, j] = (x[0, c, i, j] - patch.mean()) / torch.sqrt(var + 1e-6)
     torch.testing.assert_close(local_norm_target(x, window), expected, rtol=1e-9, atol=1e-9)
@@ -391,14 +444,29 @@ def test_blend_keeps_visible_tokens_exactly():
 # -----------------------------------------------------------------------------------------------
 # Weight decay names, intermediate ViT features, gradient checkpointing, build arguments
 # -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize('model_type, names, keywords, matching', [
-    ('swin', {'encoder.absolute_pos_embed', 'encoder.mask_token'},
-     {'relative_position_bias_table'}, {'relative_position_bias_table'}),
-    ('swinv2', {'encoder.absolute_pos_embed', 'encoder.mask_token'},
-     {'relative_position_bias_table', 'cpb_mlp', 'logit_scale'}, {'cpb_mlp', 'logit_scale'}),
-    ('vit', {'encoder.pos_embed', 'encoder.cls_token', 'encoder.mask_token'},
-     {'relative_position_bias_table'}, {'relative_position_bias_table'}),
-])
+@pytest.mark.parametrize(
+    'model_type, names, keywords, matching',
+    [
+        (
+            'swin',
+            {'encoder.absolute_pos_embed', 'encoder.mask_token'},
+            {'relative_position_bias_table'},
+            {'relative_position_bias_table'},
+        ),
+        (
+            'swinv2',
+            {'encoder.absolute_pos_embed', 'encoder.mask_token'},
+            {'relative_position_bias_table', 'cpb_mlp', 'logit_scale'},
+            {'cpb_mlp', 'logit_scale'},
+        ),
+        (
+            'vit',
+            {'encoder.pos_embed', 'encoder.cls_token', 'encoder.mask_token'},
+            {'relative_position_bias_table'},
+            {'relative_position_bias_table'},
+        ),
+    ],
+)
 def test_simmim_no_weight_decay_names_match_parameters(model_type, names, keywords, matching):
     model = build_model(tiny_config(model_type), is_pretrain=True)
     assert model.no_weight_decay() == names
@@ -429,6 +497,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(model_type):
         x, mask = torch.randn(2, 3, 32, 32), random_mask(2, 32 // model.patch_size)
         model(x, mask).backward()
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
     plain, checkpointed = grads(False), grads(True)
     assert plain.keys() == checkpointed.keys()
     for name in plain:

@@ -1,4 +1,5 @@
 """optimizer.py: weight-decay groups, layer-wise LR decay (applied once), optimizer choice."""
+
 import logging
 
 import pytest
@@ -52,8 +53,9 @@ class TinySwin(nn.Module):
         self.patch_embed.proj = nn.Conv2d(3, dim, 2)
         self.patch_embed.norm = nn.LayerNorm(dim)
         self.absolute_pos_embed = nn.Parameter(torch.zeros(1, 16, dim))
-        self.layers = nn.ModuleList(TinyStage(d, i < len(depths) - 1, dim)
-                                    for i, d in enumerate(depths))
+        self.layers = nn.ModuleList(
+            TinyStage(d, i < len(depths) - 1, dim) for i, d in enumerate(depths)
+        )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 5)
 
@@ -98,8 +100,9 @@ class TinySimMIM(nn.Module):
         return set(getattr(self.encoder, 'no_weight_decay_keywords', set)())
 
 
-def make_config(model_type='swin', layer_decay=1.0, depths=(2, 2, 2, 2), vit_depth=12,
-                optimizer='adamw'):
+def make_config(
+    model_type='swin', layer_decay=1.0, depths=(2, 2, 2, 2), vit_depth=12, optimizer='adamw'
+):
     config = get_defaults()
     config.MODEL.TYPE = model_type
     config.MODEL.SWIN.DEPTHS = list(depths)
@@ -124,15 +127,22 @@ def test_pretraining_weight_decay_membership_uses_names_and_keywords():
     groups = build_param_groups(make_config(), model, is_pretrain=True)
     assert [g['group_name'] for g in groups] == ['no_decay', 'decay']
     where = {name: g['weight_decay'] for name, g in group_of(groups).items()}
-    no_decay = ['encoder.mask_token',  # named by no_weight_decay (3-D)
-                'encoder.absolute_pos_embed',  # named by no_weight_decay (3-D)
-                # keyword match despite the 'encoder.' prefix (official bug fixed on purpose)
-                'encoder.layers.0.blocks.0.attn.relative_position_bias_table',
-                'encoder.layers.0.blocks.0.norm1.weight',  # 1-D
-                'encoder.layers.0.blocks.0.attn.qkv.bias', 'decoder.0.bias']  # biases
-    decay = ['encoder.patch_embed.proj.weight', 'encoder.layers.0.blocks.0.attn.qkv.weight',
-             'encoder.layers.0.downsample.reduction.weight', 'encoder.head.weight',
-             'decoder.0.weight']
+    no_decay = [
+        'encoder.mask_token',  # named by no_weight_decay (3-D)
+        'encoder.absolute_pos_embed',  # named by no_weight_decay (3-D)
+        # keyword match despite the 'encoder.' prefix (official bug fixed on purpose)
+        'encoder.layers.0.blocks.0.attn.relative_position_bias_table',
+        'encoder.layers.0.blocks.0.norm1.weight',  # 1-D
+        'encoder.layers.0.blocks.0.attn.qkv.bias',
+        'decoder.0.bias',
+    ]  # biases
+    decay = [
+        'encoder.patch_embed.proj.weight',
+        'encoder.layers.0.blocks.0.attn.qkv.weight',
+        'encoder.layers.0.downsample.reduction.weight',
+        'encoder.head.weight',
+        'decoder.0.weight',
+    ]
     assert {n: where[n] for n in no_decay} == {n: 0.0 for n in no_decay}
     assert {n: where[n] for n in decay} == {n: 0.05 for n in decay}
     assert all(g['lr'] == 1e-3 and g['lr_scale'] == 1.0 for g in groups)
@@ -149,8 +159,9 @@ def test_frozen_parameters_are_left_out():
 
 def test_models_without_skip_methods_decay_all_matrices():
     model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
-    where = {n: g['weight_decay']
-             for n, g in group_of(build_param_groups(make_config(), model)).items()}
+    where = {
+        n: g['weight_decay'] for n, g in group_of(build_param_groups(make_config(), model)).items()
+    }
     assert where == {'0.weight': 0.05, '0.bias': 0.0, '1.weight': 0.0, '1.bias': 0.0}
 
 
@@ -158,19 +169,19 @@ def test_models_without_skip_methods_decay_all_matrices():
 # Layer-wise LR decay
 # -----------------------------------------------------------------------------------------------
 def print_scales(title, scales, names):
-    print(f"\n{title}")
+    print(f'\n{title}')
     for name in names:
-        print(f"  {name:45s} {scales[name]:.6f}")
+        print(f'  {name:45s} {scales[name]:.6f}')
 
 
 def test_swin_base_layer_scales_match_hand_computed_values():
     config = make_config('swin', 0.8, depths=(2, 2, 18, 2))  # L = 24
     scales = layer_lr_scales(config, TinySwin(depths=(2, 2, 18, 2)))
     expected = {
-        'mask_token': 0.8 ** 25,
-        'patch_embed.proj.weight': 0.8 ** 25,  # ~0.0038
-        'layers.0.blocks.0.attn.qkv.weight': 0.8 ** 24,  # ~0.0047
-        'layers.0.blocks.1.norm1.weight': 0.8 ** 23,
+        'mask_token': 0.8**25,
+        'patch_embed.proj.weight': 0.8**25,  # ~0.0038
+        'layers.0.blocks.0.attn.qkv.weight': 0.8**24,  # ~0.0047
+        'layers.0.blocks.1.norm1.weight': 0.8**23,
         'layers.0.downsample.reduction.weight': 0.8 ** (25 - 2),  # id of stage 0's last block
         'layers.2.blocks.0.attn.relative_position_bias_table': 0.8 ** (25 - 5),  # ~0.0115
         'layers.2.downsample.norm.weight': 0.8 ** (25 - 22),
@@ -190,12 +201,15 @@ def test_vit_base_layer_scales_match_hand_computed_values():
     config = make_config('vit', 0.65, vit_depth=12)
     scales = layer_lr_scales(config, TinyViT(depth=12))
     expected = {
-        'cls_token': 0.65 ** 13, 'mask_token': 0.65 ** 13, 'pos_embed': 0.65 ** 13,
-        'patch_embed.proj.weight': 0.65 ** 13,  # ~0.0037
-        'blocks.0.attn.qkv.weight': 0.65 ** 12,  # ~0.0057
+        'cls_token': 0.65**13,
+        'mask_token': 0.65**13,
+        'pos_embed': 0.65**13,
+        'patch_embed.proj.weight': 0.65**13,  # ~0.0037
+        'blocks.0.attn.qkv.weight': 0.65**12,  # ~0.0057
         'blocks.11.mlp.fc1.bias': 0.65,
         'rel_pos_bias.relative_position_bias_table': 1.0,
-        'fc_norm.weight': 1.0, 'head.weight': 1.0,
+        'fc_norm.weight': 1.0,
+        'head.weight': 1.0,
     }
     print_scales('ViT depth 12, layer decay 0.65', scales, expected)
     assert {n: scales[n] for n in expected} == pytest.approx(expected)
@@ -207,9 +221,16 @@ def test_finetune_groups_are_per_layer_and_decay_kind():
     config = make_config('vit', 0.65, vit_depth=2)
     groups = build_param_groups(config, TinyViT(depth=2), is_pretrain=False)
     by_name = {g['group_name']: g for g in groups}
-    assert set(by_name) == {'layer_0_no_decay', 'layer_0_decay', 'layer_1_decay',
-                            'layer_1_no_decay', 'layer_2_decay', 'layer_2_no_decay',
-                            'layer_3_decay', 'layer_3_no_decay'}
+    assert set(by_name) == {
+        'layer_0_no_decay',
+        'layer_0_decay',
+        'layer_1_decay',
+        'layer_1_no_decay',
+        'layer_2_decay',
+        'layer_2_no_decay',
+        'layer_3_decay',
+        'layer_3_no_decay',
+    }
     for g in groups:
         layer = int(g['group_name'].split('_')[1])
         assert g['lr_scale'] == pytest.approx(0.65 ** (3 - layer))
@@ -238,7 +259,7 @@ def test_layer_decay_is_applied_exactly_once(warmup_prefix, update):
     for g in optimizer.param_groups:
         assert g['lr'] == pytest.approx(1e-3 * g['lr_scale'])  # not 1e-3 * lr_scale ** 2
     patch_embed = next(g for g in optimizer.param_groups if g['group_name'] == 'layer_0_decay')
-    assert patch_embed['lr'] == pytest.approx(1e-3 * 0.8 ** 25)
+    assert patch_embed['lr'] == pytest.approx(1e-3 * 0.8**25)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -278,6 +299,7 @@ def test_non_float_parameters_fall_back_to_foreach():
 
 def test_lars_for_linear_probing():
     from timm.optim import Lars
+
     optimizer = build_optimizer(make_config(optimizer='lars'), TinyViT(depth=1))
     assert isinstance(optimizer, Lars) and not supports_found_inf(optimizer)
 
@@ -285,8 +307,9 @@ def test_lars_for_linear_probing():
 def test_groups_are_logged(caplog):
     logger = logging.getLogger('test_optimizer')
     with caplog.at_level(logging.INFO, logger='test_optimizer'):
-        build_optimizer(make_config('vit', 0.65, vit_depth=2), TinyViT(depth=2), logger,
-                        is_pretrain=False)
+        build_optimizer(
+            make_config('vit', 0.65, vit_depth=2), TinyViT(depth=2), logger, is_pretrain=False
+        )
     text = caplog.text
     assert 'AdamW' in text and 'layer_0_decay' in text and 'lr_scale 0.4225' in text
     assert 'weight_decay 0.05' in text
@@ -310,14 +333,19 @@ def fixture_config_path(tmp_path, name, which):
 
 def test_real_swin_base_layer_scales():
     config, model = real_model(
-        'configs/simmim/simmim_finetune__swin_base__img224_window7__800ep.yaml', False)
+        'configs/simmim/simmim_finetune__swin_base__img224_window7__800ep.yaml', False
+    )
     assert config.TRAIN.LAYER_DECAY == 0.8 and list(config.MODEL.SWIN.DEPTHS) == [2, 2, 18, 2]
     scales = layer_lr_scales(config, model)
-    expected = {'patch_embed.proj.weight': 0.8 ** 25,
-                'layers.0.blocks.0.attn.qkv.weight': 0.8 ** 24,
-                'layers.0.downsample.reduction.weight': 0.8 ** 23,
-                'layers.2.blocks.0.mlp.fc1.weight': 0.8 ** 20,
-                'layers.3.blocks.1.norm2.bias': 0.8, 'norm.weight': 1.0, 'head.weight': 1.0}
+    expected = {
+        'patch_embed.proj.weight': 0.8**25,
+        'layers.0.blocks.0.attn.qkv.weight': 0.8**24,
+        'layers.0.downsample.reduction.weight': 0.8**23,
+        'layers.2.blocks.0.mlp.fc1.weight': 0.8**20,
+        'layers.3.blocks.1.norm2.bias': 0.8,
+        'norm.weight': 1.0,
+        'head.weight': 1.0,
+    }
     print_scales('Swin-B (real model), layer decay 0.8', scales, expected)
     assert {n: scales[n] for n in expected} == pytest.approx(expected)
     assert len(scales) == len(list(model.parameters()))
@@ -325,46 +353,80 @@ def test_real_swin_base_layer_scales():
 
 def test_real_vit_base_layer_scales():
     config, model = real_model(
-        'configs/vit_base__800ep/simmim_finetune__vit_base__img224__800ep.yaml', False)
+        'configs/vit_base__800ep/simmim_finetune__vit_base__img224__800ep.yaml', False
+    )
     assert config.TRAIN.LAYER_DECAY == 0.65 and config.MODEL.VIT.DEPTH == 12
     scales = layer_lr_scales(config, model)
-    expected = {'cls_token': 0.65 ** 13, 'patch_embed.proj.weight': 0.65 ** 13,
-                'blocks.0.attn.qkv.weight': 0.65 ** 12,
-                'blocks.0.attn.relative_position_bias_table': 0.65 ** 12,
-                'blocks.11.gamma_2': 0.65, 'fc_norm.weight': 1.0, 'head.weight': 1.0}
+    expected = {
+        'cls_token': 0.65**13,
+        'patch_embed.proj.weight': 0.65**13,
+        'blocks.0.attn.qkv.weight': 0.65**12,
+        'blocks.0.attn.relative_position_bias_table': 0.65**12,
+        'blocks.11.gamma_2': 0.65,
+        'fc_norm.weight': 1.0,
+        'head.weight': 1.0,
+    }
     print_scales('ViT-B (real model), layer decay 0.65', scales, expected)
     assert {n: scales[n] for n in expected} == pytest.approx(expected)
 
 
 def test_real_swin_base_scale_is_applied_once():
     config, model = real_model(
-        'configs/simmim/simmim_finetune__swin_base__img224_window7__800ep.yaml', False,
-        ['TRAIN.LR_SCHEDULER.WARMUP_PREFIX', 'True'])
+        'configs/simmim/simmim_finetune__swin_base__img224_window7__800ep.yaml',
+        False,
+        ['TRAIN.LR_SCHEDULER.WARMUP_PREFIX', 'True'],
+    )
     optimizer = build_optimizer(config, model, is_pretrain=False)
     scheduler = build_scheduler(config, optimizer, n_iter_per_epoch=10)
     scheduler.step_update(config.TRAIN.WARMUP_EPOCHS * 10)  # first update after the warmup
     for g in optimizer.param_groups:
         assert g['lr'] == pytest.approx(config.TRAIN.BASE_LR * g['lr_scale'])
     lowest = min(optimizer.param_groups, key=lambda g: g['lr'])
-    assert lowest['lr'] == pytest.approx(config.TRAIN.BASE_LR * 0.8 ** 25)
+    assert lowest['lr'] == pytest.approx(config.TRAIN.BASE_LR * 0.8**25)
 
 
-@pytest.mark.parametrize('name, no_decay, decay', [
-    ('swin', ['encoder.mask_token', 'encoder.layers.0.blocks.0.attn.relative_position_bias_table',
-              'encoder.patch_embed.norm.weight', 'decoder.0.bias'],
-     ['encoder.layers.0.blocks.0.attn.qkv.weight', 'decoder.0.weight']),
-    ('swinv2', ['encoder.mask_token', 'encoder.layers.0.blocks.0.attn.logit_scale',
+@pytest.mark.parametrize(
+    'name, no_decay, decay',
+    [
+        (
+            'swin',
+            [
+                'encoder.mask_token',
+                'encoder.layers.0.blocks.0.attn.relative_position_bias_table',
+                'encoder.patch_embed.norm.weight',
+                'decoder.0.bias',
+            ],
+            ['encoder.layers.0.blocks.0.attn.qkv.weight', 'decoder.0.weight'],
+        ),
+        (
+            'swinv2',
+            [
+                'encoder.mask_token',
+                'encoder.layers.0.blocks.0.attn.logit_scale',
                 'encoder.layers.0.blocks.0.attn.cpb_mlp.0.weight',
-                'encoder.layers.0.blocks.0.attn.cpb_mlp.2.weight'],
-     ['encoder.layers.0.blocks.0.attn.qkv.weight', 'encoder.patch_embed.proj.weight']),
-    ('vit', ['encoder.mask_token', 'encoder.cls_token', 'encoder.pos_embed',
-             'encoder.rel_pos_bias.relative_position_bias_table', 'encoder.blocks.0.gamma_1'],
-     ['encoder.blocks.0.attn.qkv.weight', 'decoder.0.weight']),
-])
+                'encoder.layers.0.blocks.0.attn.cpb_mlp.2.weight',
+            ],
+            ['encoder.layers.0.blocks.0.attn.qkv.weight', 'encoder.patch_embed.proj.weight'],
+        ),
+        (
+            'vit',
+            [
+                'encoder.mask_token',
+                'encoder.cls_token',
+                'encoder.pos_embed',
+                'encoder.rel_pos_bias.relative_position_bias_table',
+                'encoder.blocks.0.gamma_1',
+            ],
+            ['encoder.blocks.0.attn.qkv.weight', 'decoder.0.weight'],
+        ),
+    ],
+)
 def test_real_simmim_pretraining_weight_decay_membership(tmp_path, name, no_decay, decay):
     config, model = real_model(fixture_config_path(tmp_path, name, 'pretrain'), True)
-    where = {n: g['weight_decay']
-             for n, g in group_of(build_param_groups(config, model, is_pretrain=True)).items()}
+    where = {
+        n: g['weight_decay']
+        for n, g in group_of(build_param_groups(config, model, is_pretrain=True)).items()
+    }
     assert {n: where[n] for n in no_decay} == {n: 0.0 for n in no_decay}
     assert {n: where[n] for n in decay} == {n: config.TRAIN.WEIGHT_DECAY for n in decay}
 
@@ -382,36 +444,60 @@ def test_vit_finetuning_position_tables_follow_the_weight_decay_rules(rules, tab
     assert len(tables) == 12  # one per block
     assert {n: groups[n]['weight_decay'] for n in tables} == {n: table_decay for n in tables}
     assert groups['blocks.0.attn.relative_position_bias_table']['group_name'] == (
-        'layer_1_no_decay' if rules == 'ours' else 'layer_1_decay')
+        'layer_1_no_decay' if rules == 'ours' else 'layer_1_decay'
+    )
     # The same for both: 1-D, biases, named tokens; matrices decayed.
-    for name in ('cls_token', 'blocks.0.gamma_1', 'blocks.0.attn.q_bias', 'fc_norm.weight',
-                 'head.bias'):
+    for name in (
+        'cls_token',
+        'blocks.0.gamma_1',
+        'blocks.0.attn.q_bias',
+        'fc_norm.weight',
+        'head.bias',
+    ):
         assert groups[name]['weight_decay'] == 0.0, name
     for name in ('patch_embed.proj.weight', 'blocks.0.attn.qkv.weight', 'head.weight'):
         assert groups[name]['weight_decay'] == 0.05, name
 
 
-@pytest.mark.parametrize('cfg, decayed_officially', [
-    ('configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml',
-     ['encoder.layers.0.blocks.0.attn.relative_position_bias_table']),
-    ('configs/simmim/simmim_pretrain__swinv2_base__img192_window12__800ep.yaml',
-     ['encoder.layers.0.blocks.0.attn.logit_scale',
-      'encoder.layers.0.blocks.0.attn.cpb_mlp.0.weight']),
-    ('configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml',
-     ['encoder.mask_token', 'encoder.rel_pos_bias.relative_position_bias_table']),
-])
-def test_official_weight_decay_rules_reproduce_the_official_pretraining_bugs(cfg, decayed_officially):
+@pytest.mark.parametrize(
+    'cfg, decayed_officially',
+    [
+        (
+            'configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml',
+            ['encoder.layers.0.blocks.0.attn.relative_position_bias_table'],
+        ),
+        (
+            'configs/simmim/simmim_pretrain__swinv2_base__img192_window12__800ep.yaml',
+            [
+                'encoder.layers.0.blocks.0.attn.logit_scale',
+                'encoder.layers.0.blocks.0.attn.cpb_mlp.0.weight',
+            ],
+        ),
+        (
+            'configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml',
+            ['encoder.mask_token', 'encoder.rel_pos_bias.relative_position_bias_table'],
+        ),
+    ],
+)
+def test_official_weight_decay_rules_reproduce_the_official_pretraining_bugs(
+    cfg, decayed_officially
+):
     ours_config, model = real_model(cfg, True)
     ours = group_of(build_param_groups(ours_config, model, is_pretrain=True))
     official_config, _ = real_model(cfg, True, ['TRAIN.WEIGHT_DECAY_RULES', 'official'])
     official = group_of(build_param_groups(official_config, model, is_pretrain=True))
     assert {n: ours[n]['weight_decay'] for n in decayed_officially} == dict.fromkeys(
-        decayed_officially, 0.0)
+        decayed_officially, 0.0
+    )
     assert {n: official[n]['weight_decay'] for n in decayed_officially} == dict.fromkeys(
-        decayed_officially, 0.05)
+        decayed_officially, 0.05
+    )
     # Exact names still matched officially: Swin's mask token, ViT's cls token; 1-D as ever.
     kept = 'encoder.cls_token' if 'vit' in cfg else 'encoder.mask_token'
     assert official[kept]['weight_decay'] == 0.0
     different = {n for n in ours if ours[n]['weight_decay'] != official[n]['weight_decay']}
-    assert all(n.endswith(('relative_position_bias_table', 'logit_scale', 'mask_token'))
-               or '.cpb_mlp.' in n for n in different)
+    assert all(
+        n.endswith(('relative_position_bias_table', 'logit_scale', 'mask_token'))
+        or '.cpb_mlp.' in n
+        for n in different
+    )

@@ -1,5 +1,6 @@
 """data/pretrain_transform.py: the planned pre-training transform equals torchvision's, and the
 JPEG draft decode (DATA.JPEG_DRAFT) keeps every crop and flip, only refiltering the pixels."""
+
 import pytest
 import torch
 from PIL import Image
@@ -17,9 +18,15 @@ SIZE = 48
 
 def torchvision_pipeline(size):
     """The pre-training transform as the official code writes it (before this module)."""
-    return T.Compose([ToRGB(), T.RandomResizedCrop(size, scale=(0.67, 1.0),
-                                                   ratio=(3.0 / 4.0, 4.0 / 3.0)),
-                      T.RandomHorizontalFlip(), T.ToTensor(), normalize()])
+    return T.Compose(
+        [
+            ToRGB(),
+            T.RandomResizedCrop(size, scale=(0.67, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            normalize(),
+        ]
+    )
 
 
 @pytest.mark.parametrize('mode', ['RGB', 'L', 'RGBA'])
@@ -34,10 +41,10 @@ def test_transform_is_torchvision_pipeline_bit_for_bit(mode):
 
 
 @pytest.mark.parametrize('crop_side, expected', [(95, 1), (96, 2), (191, 2), (192, 4), (400, 8)])
-def test_reduction_is_the_largest_scale_keeping_the_crop_at_least_the_output_size(crop_side,
-                                                                                  expected):
-    plan = PretrainTransform(SIZE).plan((500, 500))._replace(
-        height=crop_side, width=crop_side + 30)
+def test_reduction_is_the_largest_scale_keeping_the_crop_at_least_the_output_size(
+    crop_side, expected
+):
+    plan = PretrainTransform(SIZE).plan((500, 500))._replace(height=crop_side, width=crop_side + 30)
     assert PretrainTransform(SIZE, jpeg_draft=True).reduction(plan) == expected
     assert PretrainTransform(SIZE, jpeg_draft=False).reduction(plan) == 1
 
@@ -57,9 +64,12 @@ def test_draft_decodes_a_jpeg_at_the_reduced_size(tmp_path):
 
 
 def dataset_over(folder, jpeg_draft):
-    return MaskedImageDataset(ImageFolderDataset(str(folder)),
-                              PretrainTransform(SIZE, jpeg_draft=jpeg_draft),
-                              MaskGenerator(SIZE, 16, 4, 0.5), seed=3)
+    return MaskedImageDataset(
+        ImageFolderDataset(str(folder)),
+        PretrainTransform(SIZE, jpeg_draft=jpeg_draft),
+        MaskGenerator(SIZE, 16, 4, 0.5),
+        seed=3,
+    )
 
 
 def test_draft_keeps_every_crop_and_flip_and_only_refilters_pixels(tmp_path):

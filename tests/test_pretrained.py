@@ -1,5 +1,6 @@
 """checkpoint/weights.py and utils/pos_embed.py: loading a SimMIM checkpoint for fine-tuning
 reproduces the official load_pretrained (compact fixtures of the official code, tests/fixtures)."""
+
 import logging
 
 import numpy as np
@@ -7,14 +8,19 @@ import pytest
 import torch
 from scipy.interpolate import CubicSpline
 
+from checkpoint.weights import adapt_state_dict, check_compatible, load_pretrained
 from config import load_config
 from models import build_model
-from utils.pos_embed import (geometric_positions, geometric_ratio, resize_abs_pos_embed,
-                             resize_rel_pos_bias_table)
-from checkpoint.weights import adapt_state_dict, check_compatible, load_pretrained
+from tests.fixture_rule import NAMES
+from tests.fixture_rule import official_data as load_fixture
 from utils.errors import IncompatibleCheckpointError
+from utils.pos_embed import (
+    geometric_positions,
+    geometric_ratio,
+    resize_abs_pos_embed,
+    resize_rel_pos_bias_table,
+)
 from utils.state_dict import summarize_keys
-from tests.fixture_rule import NAMES, official_data as load_fixture
 
 NEW_HEAD = ('head.', 'fc_norm.')  # not in a pre-training checkpoint: left at the rule's values
 
@@ -49,7 +55,7 @@ def slow_geometric_resize(table, dst):
     left, right = 1.01, 1.5
     while right - left > 1e-6:
         q = (left + right) / 2
-        if sum(q ** i for i in range(src // 2)) > dst // 2:
+        if sum(q**i for i in range(src // 2)) > dst // 2:
             right = q
         else:
             left = q
@@ -82,8 +88,9 @@ def test_geometric_resize_matches_the_formula(src, dst):
     table = torch.randn(src * src, 2, generator=torch.Generator().manual_seed(0))
     resized = resize_rel_pos_bias_table(table, dst)
     assert resized.shape == (dst * dst, 2) and resized.dtype == table.dtype
-    torch.testing.assert_close(resized.double(), slow_geometric_resize(table, dst),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        resized.double(), slow_geometric_resize(table, dst), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_geometric_resize_keeps_the_centre_and_extra_rows():
@@ -100,11 +107,13 @@ def test_tables_of_windows_2_and_1_resize_to_any_window():
     """A 3x3 table (window 2) has too few offsets for a bicubic spline or a geometric ratio: its
     offsets -1, 0, 1 are stretched to the target's edges and interpolated quadratically, so a
     product of quadratics in the offsets is reproduced exactly. A 1x1 table is a constant."""
-    quadratic = lambda x: 0.3 + 0.2 * x - 0.05 * x ** 2  # noqa: E731
+    quadratic = lambda x: 0.3 + 0.2 * x - 0.05 * x**2  # noqa: E731
+
     def table_of(side, half):  # rows (dy, dx) in the models' order, dy and dx scaled to +-half
         offsets = torch.linspace(-half, half, side, dtype=torch.float64)
         grid = quadratic(offsets)[:, None] * (1 + quadratic(offsets))[None, :]
         return grid.reshape(-1, 1)
+
     for dst in (5, 13):
         resized = resize_rel_pos_bias_table(table_of(3, dst // 2), dst)
         torch.testing.assert_close(resized, table_of(dst, dst // 2), rtol=1e-9, atol=1e-9)
@@ -142,11 +151,17 @@ def test_remap_accepts_wrapped_and_prefixed_checkpoints():
     data = load_fixture('swin')
     official = data['finetune_state_dict']
     plain = adapt_state_dict(data['pretrain_state_dict'], official, 'swin')
-    for wrapped in ({'model': {'module.' + k: v for k, v in data['pretrain_state_dict'].items()}},
-                    {'state_dict': {'_orig_mod.' + k: v
-                                    for k, v in data['pretrain_state_dict'].items()}},
-                    {'module': {k[len('encoder.'):]: v for k, v in
-                                data['pretrain_state_dict'].items() if k.startswith('encoder.')}}):
+    for wrapped in (
+        {'model': {'module.' + k: v for k, v in data['pretrain_state_dict'].items()}},
+        {'state_dict': {'_orig_mod.' + k: v for k, v in data['pretrain_state_dict'].items()}},
+        {
+            'module': {
+                k[len('encoder.') :]: v
+                for k, v in data['pretrain_state_dict'].items()
+                if k.startswith('encoder.')
+            }
+        },
+    ):
         ours = adapt_state_dict(wrapped, official, 'swin')
         assert ours.keys() == plain.keys()
         assert all(torch.equal(ours[k], plain[k]) for k in plain)
@@ -187,20 +202,29 @@ def test_load_pretrained_logs_new_and_ignored_keys_in_plain_words(tmp_path, capl
     config, model = finetune_setup(tmp_path, 'vit')
     with caplog.at_level(logging.INFO, logger='test_pretrained'):
         report = load_pretrained(config, model, logging.getLogger('test_pretrained'))
-    assert sorted(report.missing_keys) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias',
-                                           'head.weight']
+    assert sorted(report.missing_keys) == [
+        'fc_norm.bias',
+        'fc_norm.weight',
+        'head.bias',
+        'head.weight',
+    ]
     assert sorted(report.unexpected_keys) == ['norm.bias', 'norm.weight']
     assert report.num_loaded == len(load_fixture('vit')['finetune_state_dict']) - 4
     assert 'Newly initialised (not in checkpoint): fc_norm.*, head.*' in caplog.text
     assert 'Ignored (not in model): norm.*' in caplog.text
-    assert 'Copied the shared rel_pos_bias.relative_position_bias_table into the 2 blocks' \
+    assert (
+        'Copied the shared rel_pos_bias.relative_position_bias_table into the 2 blocks'
         in caplog.text
+    )
 
 
 def test_vit_checkpoint_without_shared_table_loads(tmp_path, caplog):
     # Official bug (SimMIM issue #19): KeyError when the checkpoint has no shared table.
-    sd = {k: v for k, v in load_fixture('vit')['pretrain_state_dict'].items()
-          if 'rel_pos_bias' not in k}
+    sd = {
+        k: v
+        for k, v in load_fixture('vit')['pretrain_state_dict'].items()
+        if 'rel_pos_bias' not in k
+    }
     config, model = finetune_setup(tmp_path, 'vit', sd)
     with caplog.at_level(logging.INFO, logger='test_pretrained'):
         report = load_pretrained(config, model, logging.getLogger('test_pretrained'))
@@ -212,13 +236,15 @@ def test_checkpoint_of_another_architecture_fails_naming_keys(tmp_path):
     config, model = finetune_setup(tmp_path, 'vit', load_fixture('swin')['pretrain_state_dict'])
     with pytest.raises(IncompatibleCheckpointError, match='another architecture or size') as e:
         load_pretrained(config, model)
-    assert 'patch_embed.proj.weight: checkpoint (24, 3, 4, 4) vs model (48, 3, 16, 16)' \
-        in str(e.value)
+    assert 'patch_embed.proj.weight: checkpoint (24, 3, 4, 4) vs model (48, 3, 16, 16)' in str(
+        e.value
+    )
     swin, swinv2 = load_fixture('swin'), load_fixture('swinv2')
     with pytest.raises(IncompatibleCheckpointError, match=r'downsample.norm.weight: checkpoint'):
-        check_compatible(adapt_state_dict(swin['pretrain_state_dict'],
-                                          swinv2['finetune_state_dict'], 'swinv2'),
-                         swinv2['finetune_state_dict'])
+        check_compatible(
+            adapt_state_dict(swin['pretrain_state_dict'], swinv2['finetune_state_dict'], 'swinv2'),
+            swinv2['finetune_state_dict'],
+        )
 
 
 def test_vit_tables_are_resized_to_a_new_patch_grid():
@@ -243,12 +269,16 @@ def test_vit_tables_are_resized_to_a_new_patch_grid():
 # -----------------------------------------------------------------------------------------------
 def test_checkpoint_of_another_size_fails_naming_shapes():
     data = load_fixture('swin')
-    bigger = {k: torch.zeros(*(2 * s if s == 24 else s for s in v.shape))
-              for k, v in data['finetune_state_dict'].items()}  # embed 24 -> 48 in stage 0
+    bigger = {
+        k: torch.zeros(*(2 * s if s == 24 else s for s in v.shape))
+        for k, v in data['finetune_state_dict'].items()
+    }  # embed 24 -> 48 in stage 0
     sd = adapt_state_dict(data['pretrain_state_dict'], bigger, 'swin')
-    with pytest.raises(IncompatibleCheckpointError,
-                       match=r'patch_embed.proj.weight: checkpoint \(24, 3, 4, 4\) vs model '
-                             r'\(48, 3, 4, 4\)'):
+    with pytest.raises(
+        IncompatibleCheckpointError,
+        match=r'patch_embed.proj.weight: checkpoint \(24, 3, 4, 4\) vs model '
+        r'\(48, 3, 4, 4\)',
+    ):
         check_compatible(sd, bigger)
 
 
@@ -279,8 +309,17 @@ def test_classifier_head_of_another_size_is_not_loaded():
 
 
 def test_summarize_keys_groups_modules_and_blocks():
-    reference = ['head.weight', 'head.bias', 'norm.weight', 'norm.bias',
-                 'blocks.0.attn.table', 'blocks.1.attn.table', 'blocks.1.attn.qkv.weight']
-    text = summarize_keys(['head.weight', 'head.bias', 'norm.weight', 'blocks.0.attn.table',
-                           'blocks.1.attn.table'], reference)
+    reference = [
+        'head.weight',
+        'head.bias',
+        'norm.weight',
+        'norm.bias',
+        'blocks.0.attn.table',
+        'blocks.1.attn.table',
+        'blocks.1.attn.qkv.weight',
+    ]
+    text = summarize_keys(
+        ['head.weight', 'head.bias', 'norm.weight', 'blocks.0.attn.table', 'blocks.1.attn.table'],
+        reference,
+    )
     assert text == 'head.*, norm.weight, blocks.*.attn.table (x2)'

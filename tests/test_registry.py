@@ -1,18 +1,26 @@
 """models/registry.py and models/architectures.py: one registry entry per MODEL.TYPE carries
 everything the rest of the code asks about an architecture, so a new one is a single registration."""
+
 import pytest
 import torch
 
-from config import get_defaults
-from models import (ARCHITECTURES, Architecture, build_classifier, build_simmim, encoder_stride,
-                    get_architecture, model_patch_size, register_architecture)
+from checkpoint.weights import adapt_state_dict
+from config import get_defaults, validate_config
+from models import (
+    ARCHITECTURES,
+    Architecture,
+    build_classifier,
+    build_simmim,
+    encoder_stride,
+    get_architecture,
+    model_patch_size,
+    register_architecture,
+)
 from models.architectures import remap_vit, vit_kwargs, vit_layer_id
 from models.simmim import VisionTransformerForSimMIM
 from models.vision_transformer import VisionTransformer
 from optimizer import layer_lr_scales
-from config import validate_config
 from utils.errors import ConfigError, require
-from checkpoint.weights import adapt_state_dict
 from utils.tasks import PRETRAIN
 
 
@@ -43,12 +51,20 @@ def small_vit_type():
         checked.append(config.MODEL.TYPE)
         require(config.MODEL.SMALL_VIT.DEPTH <= 4, 'MODEL.SMALL_VIT.DEPTH must be at most 4.')
 
-    register_architecture(Architecture(
-        name='small_vit', config_key='SMALL_VIT',
-        classifier=VisionTransformer, encoder=VisionTransformerForSimMIM,
-        constructor_kwargs=vit_kwargs, encoder_stride=lambda s: s.PATCH_SIZE,
-        num_layers=lambda s: s.DEPTH, layer_id=lambda name, s: vit_layer_id(name, s.DEPTH),
-        remap_checkpoint=remap_vit, check_config=check))
+    register_architecture(
+        Architecture(
+            name='small_vit',
+            config_key='SMALL_VIT',
+            classifier=VisionTransformer,
+            encoder=VisionTransformerForSimMIM,
+            constructor_kwargs=vit_kwargs,
+            encoder_stride=lambda s: s.PATCH_SIZE,
+            num_layers=lambda s: s.DEPTH,
+            layer_id=lambda name, s: vit_layer_id(name, s.DEPTH),
+            remap_checkpoint=remap_vit,
+            check_config=check,
+        )
+    )
     config = get_defaults()
     config.MODEL.SMALL_VIT = config.MODEL.VIT.clone()
     config.MODEL.SMALL_VIT.update(PATCH_SIZE=8, EMBED_DIM=16, DEPTH=2, NUM_HEADS=2)
@@ -73,7 +89,7 @@ def test_a_new_architecture_works_everywhere_from_one_registration(small_vit_typ
     classifier = build_classifier(config)
     config.TRAIN.LAYER_DECAY = 0.5
     scales = layer_lr_scales(config, classifier)
-    assert scales['patch_embed.proj.weight'] == 0.5 ** 3 and scales['head.weight'] == 1.0
+    assert scales['patch_embed.proj.weight'] == 0.5**3 and scales['head.weight'] == 1.0
     sd = adapt_state_dict({'model': simmim.state_dict()}, classifier.state_dict(), 'small_vit')
     assert 'blocks.0.attn.relative_position_bias_table' in sd  # remap_vit: shared -> per block
     config.MODEL.SMALL_VIT.DEPTH = 5
@@ -83,9 +99,12 @@ def test_a_new_architecture_works_everywhere_from_one_registration(small_vit_typ
 
 def test_the_timm_mapping_is_a_field_of_the_entry(small_vit_type):
     from checkpoint.timm_folder import interop_for
+
     with_timm = {name for name, arch in ARCHITECTURES.items() if arch.timm is not None}
     assert with_timm == {'swin', 'swinv2', 'vit'}
     assert all(interop_for(name) is ARCHITECTURES[name].timm for name in with_timm)
-    with pytest.raises(ConfigError, match="'small_vit' has no timm mapping; known: swin, swinv2, "
-                                          "vit .*`timm` field"):
+    with pytest.raises(
+        ConfigError,
+        match="'small_vit' has no timm mapping; known: swin, swinv2, vit .*`timm` field",
+    ):
         interop_for('small_vit')  # registered without one

@@ -1,6 +1,7 @@
 """Fault injection on real training processes: SIGKILL, a kill while writing a checkpoint, SIGTERM,
 non-finite losses and a full disk. Each fault is injected by a small wrapper script that patches
 one function and then runs main_simmim exactly as the command line does."""
+
 import os
 import random
 import signal
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 import main_simmim
-from tests.conftest import ROOT
 from engine.launch import run
+from tests.conftest import ROOT
 from utils.errors import EXIT_PREEMPTED
 from utils.safe_load import load_checkpoint_file
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')
 
-WRAPPER = r'''
+WRAPPER = r"""
 import errno, os, sys, time
 sys.path.insert(0, {root!r})
 import torch
@@ -59,14 +60,21 @@ def faulty_save(obj, f, *args, **kwargs):
 
 torch.save = faulty_save
 sys.exit(run(main_simmim.main, sys.argv[1:]))
-'''
+"""
 
 
 def command(tmp_path, *opts):
     script = tmp_path / 'faulty_main.py'
     script.write_text(WRAPPER.format(root=ROOT))
-    return [sys.executable, str(script), '--cfg', TINY, '--output', str(tmp_path / 'out'),
-            *(['--opts', *map(str, opts)] if opts else [])]
+    return [
+        sys.executable,
+        str(script),
+        '--cfg',
+        TINY,
+        '--output',
+        str(tmp_path / 'out'),
+        *(['--opts', *map(str, opts)] if opts else []),
+    ]
 
 
 def run_dir(tmp_path):
@@ -76,9 +84,15 @@ def run_dir(tmp_path):
 def launch(tmp_path, fault='', *opts, wait=True):
     env = {**os.environ, 'FAULT': fault, 'PYTHONUNBUFFERED': '1'}
     # Its own session (process group), as a job under a shell or scheduler has.
-    proc = subprocess.Popen(command(tmp_path, *opts), cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command(tmp_path, *opts),
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     if wait:
         out, _ = proc.communicate(timeout=240)
         return proc.returncode, out
@@ -92,7 +106,9 @@ def wait_for(proc, path, text, count=1, timeout=120):
         if os.path.exists(path) and open(path).read().count(text) >= count:
             return
         time.sleep(0.02)
-    raise AssertionError(f'{text!r} never appeared in {path}; output: {proc.communicate()[0][-2000:]}')
+    raise AssertionError(
+        f'{text!r} never appeared in {path}; output: {proc.communicate()[0][-2000:]}'
+    )
 
 
 @pytest.fixture(scope='module')
@@ -164,7 +180,8 @@ def _stop_mid_epoch(tmp_path, send):
 
 
 def test_sigterm_to_the_whole_process_group_with_workers_saves_and_resumes_exactly(
-        tmp_path, reference_weights):
+    tmp_path, reference_weights
+):
     """`timeout -s TERM`, `kill -TERM -PGID`, systemd and `scancel` without --signal=B: signal
     every process of the job, the DataLoader workers included."""
     code, out, step_files = _stop_mid_epoch(tmp_path, lambda p: os.killpg(p.pid, signal.SIGTERM))
@@ -191,8 +208,14 @@ def test_a_nan_loss_is_skipped_and_counted(tmp_path):
 
 
 def test_consecutive_nan_losses_stop_the_run_with_remedies(tmp_path):
-    code, out = launch(tmp_path, 'nan:' + ','.join(map(str, range(4, 13))),
-                       'TRAIN.MAX_NONFINITE_STEPS', 3, 'PRINT_FREQ', 100)
+    code, out = launch(
+        tmp_path,
+        'nan:' + ','.join(map(str, range(4, 13))),
+        'TRAIN.MAX_NONFINITE_STEPS',
+        3,
+        'PRINT_FREQ',
+        100,
+    )
     assert code == 3, out[-2000:]
     assert '3 consecutive optimizer steps (since update 3, epoch 0)' in out
     assert 'Last good checkpoint: none written yet' in out and 'lower TRAIN.BASE_LR' in out
@@ -214,17 +237,39 @@ def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
     out = tmp_path / 'out'
     proc = subprocess.Popen(
-        [torchrun, '--nproc_per_node', '2', '--master_port', '29541', os.path.join(ROOT, 'main_simmim.py'),
-         '--cfg', TINY, '--output', str(out), '--opts', 'TRAIN.EPOCHS', '50', 'DATA.BATCH_SIZE', '4',
-         'DATA.NUM_WORKERS', '1'],
-        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'})
+        [
+            torchrun,
+            '--nproc_per_node',
+            '2',
+            '--master_port',
+            '29541',
+            os.path.join(ROOT, 'main_simmim.py'),
+            '--cfg',
+            TINY,
+            '--output',
+            str(out),
+            '--opts',
+            'TRAIN.EPOCHS',
+            '50',
+            'DATA.BATCH_SIZE',
+            '4',
+            'DATA.NUM_WORKERS',
+            '1',
+        ],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'},
+    )
     logs = os.path.join(str(out), 'simmim_pretrain', 'tiny')
     wait_for(proc, os.path.join(logs, 'log_rank0.txt'), 'ckpt_epoch_1.pth saved')
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
     proc.communicate(timeout=120)
-    messages = [open(os.path.join(logs, f'log_rank{r}.txt')).read().split('Preempted: ')[-1].split('\n')[0]
-                for r in (0, 1)]
+    messages = [
+        open(os.path.join(logs, f'log_rank{r}.txt')).read().split('Preempted: ')[-1].split('\n')[0]
+        for r in (0, 1)
+    ]
     assert all(m.startswith('Stopped by') for m in messages)
     # Both ranks stopped after the same step, and name the same checkpoint.
     assert messages[0].split(' after ', 1)[1] == messages[1].split(' after ', 1)[1]

@@ -1,5 +1,6 @@
 """engine/run_folder.py and what a run shows about itself: one run per output folder, the config
 record, a finished run started again, the whole-run ETA, the epoch's loss, TensorBoard's axis."""
+
 import datetime
 import json
 import os
@@ -13,23 +14,25 @@ import time
 import pytest
 
 import main_simmim
-from tests.conftest import ROOT
 from engine import run_folder
 from engine.launch import run
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')
 # main_simmim as on the command line, but its first step waits until the file $RELEASE exists.
-WAITING_MAIN = ('import os, sys, time; sys.path.insert(0, {root!r})\n'
-                'import main_simmim\nfrom engine import batch_loss as tasks\nfrom engine.launch import run\n'
-                'task = tasks.PretrainBatchLoss.__call__\n'
-                'def waiting(*args):\n'
-                '    while not os.path.exists(os.environ["RELEASE"]):\n'
-                '        time.sleep(0.05)\n'
-                '    return task(*args)\n'
-                'tasks.PretrainBatchLoss.__call__ = waiting\n'
-                'sys.exit(run(main_simmim.main, sys.argv[1:]))\n')
+WAITING_MAIN = (
+    'import os, sys, time; sys.path.insert(0, {root!r})\n'
+    'import main_simmim\nfrom engine import batch_loss as tasks\nfrom engine.launch import run\n'
+    'task = tasks.PretrainBatchLoss.__call__\n'
+    'def waiting(*args):\n'
+    '    while not os.path.exists(os.environ["RELEASE"]):\n'
+    '        time.sleep(0.05)\n'
+    '    return task(*args)\n'
+    'tasks.PretrainBatchLoss.__call__ = waiting\n'
+    'sys.exit(run(main_simmim.main, sys.argv[1:]))\n'
+)
 
 
 def pretrain(output, *opts, extra=()):
@@ -53,18 +56,46 @@ def dead_pid():
 def test_a_second_run_into_the_same_folder_stops_at_once_naming_the_first(tmp_path):
     release = tmp_path / 'release'
     first = subprocess.Popen(
-        [sys.executable, '-c', WAITING_MAIN.format(root=ROOT), '--cfg', TINY, '--output',
-         str(tmp_path), '--opts', 'TRAIN.EPOCHS', '1'],
-        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env={**os.environ, 'PYTHONUNBUFFERED': '1', 'RELEASE': str(release)})
+        [
+            sys.executable,
+            '-c',
+            WAITING_MAIN.format(root=ROOT),
+            '--cfg',
+            TINY,
+            '--output',
+            str(tmp_path),
+            '--opts',
+            'TRAIN.EPOCHS',
+            '1',
+        ],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, 'PYTHONUNBUFFERED': '1', 'RELEASE': str(release)},
+    )
     log = os.path.join(run_dir(tmp_path), 'log_rank0.txt')
     deadline = time.time() + 180
     while not (os.path.exists(log) and 'Start training' in open(log).read()):
         assert first.poll() is None and time.time() < deadline, first.communicate()[0][-3000:]
         time.sleep(0.1)
-    second = subprocess.run([sys.executable, os.path.join(ROOT, 'main_simmim.py'), '--cfg', TINY,
-                             '--output', str(tmp_path), '--opts', 'TRAIN.EPOCHS', '1'],
-                            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    second = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, 'main_simmim.py'),
+            '--cfg',
+            TINY,
+            '--output',
+            str(tmp_path),
+            '--opts',
+            'TRAIN.EPOCHS',
+            '1',
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert first.poll() is None  # still in its first step
     release.touch()
     out, _ = first.communicate(timeout=240)
@@ -86,13 +117,16 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_log_line(tmp_path):
         json.dump(stale, f)
     assert pretrain(tmp_path, 'TRAIN.EPOCHS', 1) == 0
     log = open(os.path.join(folder, 'log_rank0.txt')).read()
-    assert (f"left by a run that did not exit cleanly (pid {stale['pid']} on host "
-            f"{stale['host']}, started 2026-01-02T03:04:05)") in log
+    assert (
+        f'left by a run that did not exit cleanly (pid {stale["pid"]} on host '
+        f'{stale["host"]}, started 2026-01-02T03:04:05)'
+    ) in log
     assert not os.path.exists(os.path.join(folder, run_folder.LOCK_NAME))
 
 
-@pytest.mark.parametrize('holder, busy', [('live pid here', True), ('dead pid here', False),
-                                          ('another host', True)])
+@pytest.mark.parametrize(
+    'holder, busy', [('live pid here', True), ('dead pid here', False), ('another host', True)]
+)
 def test_without_flock_the_lock_file_content_decides(tmp_path, monkeypatch, holder, busy):
     """On a file system without working flock, a lock naming a live process (or one on another
     host, which cannot be checked) stops the run; one naming a dead process here is stale."""
@@ -130,9 +164,18 @@ def test_a_failed_start_keeps_the_config_of_the_run(finished, tmp_path):
     output = copy_of(finished, tmp_path)
     config_path = os.path.join(run_dir(output), 'config.yaml')
     before = open(config_path).read()
-    code = pretrain(output, 'TENSORBOARD', True, 'VIS_FREQ', 1, 'PRINT_FREQ', 1, 'DATA.DATASET',
-                    'folder', extra=['--data-path', str(tmp_path / 'mistyped'),
-                                     '--batch-size', '4'])
+    code = pretrain(
+        output,
+        'TENSORBOARD',
+        True,
+        'VIS_FREQ',
+        1,
+        'PRINT_FREQ',
+        1,
+        'DATA.DATASET',
+        'folder',
+        extra=['--data-path', str(tmp_path / 'mistyped'), '--batch-size', '4'],
+    )
     assert open(config_path).read() == before
     assert [n for n in os.listdir(run_dir(output)) if n.startswith('config')] == ['config.yaml']
     assert code == 2  # a data error: the command must change
@@ -141,8 +184,10 @@ def test_a_failed_start_keeps_the_config_of_the_run(finished, tmp_path):
 def test_a_changed_config_keeps_the_previous_one_beside_it(finished, tmp_path):
     output = copy_of(finished, tmp_path)
     before = open(os.path.join(run_dir(output), 'config.yaml')).read()
-    assert pretrain(output, 'TENSORBOARD', True, 'VIS_FREQ', 1, 'PRINT_FREQ', 1,
-                    'TRAIN.EPOCHS', 3) == 0
+    assert (
+        pretrain(output, 'TENSORBOARD', True, 'VIS_FREQ', 1, 'PRINT_FREQ', 1, 'TRAIN.EPOCHS', 3)
+        == 0
+    )
     configs = sorted(n for n in os.listdir(run_dir(output)) if n.startswith('config'))
     assert len(configs) == 2 and re.fullmatch(r'config\.\d{8}-\d{6}\.yaml', configs[0])
     assert open(os.path.join(run_dir(output), configs[0])).read() == before
@@ -154,8 +199,11 @@ def test_a_changed_config_keeps_the_previous_one_beside_it(finished, tmp_path):
 
 def test_a_finished_run_started_again_says_so_and_trains_nothing(finished, tmp_path, capsys):
     output = copy_of(finished, tmp_path)
-    files = {n: os.path.getmtime(os.path.join(run_dir(output), n))
-             for n in os.listdir(run_dir(output)) if n.endswith(('.pth', '.yaml'))}
+    files = {
+        n: os.path.getmtime(os.path.join(run_dir(output), n))
+        for n in os.listdir(run_dir(output))
+        if n.endswith(('.pth', '.yaml'))
+    }
     capsys.readouterr()
     assert pretrain(output, 'TENSORBOARD', True, 'VIS_FREQ', 1, 'PRINT_FREQ', 1) == 0
     out = capsys.readouterr().out
@@ -168,9 +216,11 @@ def test_a_finished_run_started_again_says_so_and_trains_nothing(finished, tmp_p
 # What the log and TensorBoard show
 # ------------------------------------------------------------------------------------------------
 def _progress_lines(log):
-    pattern = (r'Train: \[(\d+)/2\]\[(\d+)/6\]\teta (\S+) \(run (\S+)\) .*?\tloss (\S+) ')
-    return [(int(e), int(i), _seconds(eta), _seconds(run_eta), float(loss))
-            for e, i, eta, run_eta, loss in re.findall(pattern, log)]
+    pattern = r'Train: \[(\d+)/2\]\[(\d+)/6\]\teta (\S+) \(run (\S+)\) .*?\tloss (\S+) '
+    return [
+        (int(e), int(i), _seconds(eta), _seconds(run_eta), float(loss))
+        for e, i, eta, run_eta, loss in re.findall(pattern, log)
+    ]
 
 
 def _seconds(text):
@@ -187,15 +237,18 @@ def test_log_lines_show_the_run_eta_and_the_epochs_average_loss(finished):
     assert lines[-1][2:4] == (0, 0)
     for epoch in (0, 1):
         losses = [loss for e, _, _, _, loss in lines if e == epoch]  # equal batches: plain mean
-        average = float(re.search(rf'EPOCH {epoch} training takes \S+, loss avg (\S+)',
-                                  log).group(1))
+        average = float(
+            re.search(rf'EPOCH {epoch} training takes \S+, loss avg (\S+)', log).group(1)
+        )
         assert average == pytest.approx(sum(losses) / len(losses), abs=2e-4)
 
 
 def test_reconstructions_are_on_the_training_scalars_step_axis(finished):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(os.path.join(run_dir(finished), 'tensorboard'),
-                              size_guidance={'images': 0, 'scalars': 0})
+
+    events = EventAccumulator(
+        os.path.join(run_dir(finished), 'tensorboard'), size_guidance={'images': 0, 'scalars': 0}
+    )
     events.Reload()
     loss_steps = [e.step for e in events.Scalars('train/loss')]
     assert loss_steps == list(range(12))  # epoch * 6 + index, one per step

@@ -6,8 +6,10 @@ from data.sampler import EvalDistributedSampler, ResumableDistributedSampler
 
 
 def _all_ranks(dataset_len, world_size, epoch=0, seed=0, shuffle=True):
-    samplers = [ResumableDistributedSampler(dataset_len, world_size, r, shuffle, seed)
-                for r in range(world_size)]
+    samplers = [
+        ResumableDistributedSampler(dataset_len, world_size, r, shuffle, seed)
+        for r in range(world_size)
+    ]
     for s in samplers:
         s.set_epoch(epoch)
     return [list(s) for s in samplers]
@@ -51,6 +53,7 @@ def test_set_epoch_with_start_index_yields_the_tail_of_the_epoch():
 def test_eval_sampler_covers_every_index_exactly_once_with_uneven_shards(dataset_len, world_size):
     shards = [list(EvalDistributedSampler(dataset_len, world_size, r)) for r in range(world_size)]
     assert sorted(i for shard in shards for i in shard) == list(range(dataset_len))
-    assert [len(s) for s in shards] == [len(EvalDistributedSampler(dataset_len, world_size, r))
-                                        for r in range(world_size)]
+    assert [len(s) for s in shards] == [
+        len(EvalDistributedSampler(dataset_len, world_size, r)) for r in range(world_size)
+    ]
     assert max(map(len, shards)) - min(map(len, shards)) <= 1

@@ -1,6 +1,7 @@
 """checkpoint/sharded.py in one process (DCP without a process group): the round trip, the
 directory-level atomicity, safe loading, keep-K over both layouts and the conversion tool.
 Two-process sharding and resharding are in tests/test_sharding_e2e.py."""
+
 import errno
 import logging
 import os
@@ -10,19 +11,24 @@ import shutil
 import pytest
 import torch
 
+from checkpoint import sharded
+from checkpoint.layout import (
+    TrainingState,
+    build_checkpoint,
+    capture_rng_state,
+    progress_state,
+    prune_step_checkpoints,
+    verify_checkpoint,
+)
+from checkpoint.resume import find_resume_checkpoint, resume_training, verify_resume_checkpoint
 from config import load_config
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
 from tests.conftest import ROOT
 from tools import convert_checkpoint
-from checkpoint import sharded
-from checkpoint.layout import (TrainingState, build_checkpoint, capture_rng_state, progress_state,
-                               prune_step_checkpoints, verify_checkpoint)
-from checkpoint.resume import find_resume_checkpoint, resume_training, verify_resume_checkpoint
-from utils.errors import CheckpointWriteError
 from utils.distributed import DistInfo
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, CheckpointWriteError
 from utils.safe_load import load_checkpoint_file
 
 TINY_V2 = os.path.join(ROOT, 'tests', 'configs', 'tiny_swinv2_pretrain.yaml')
@@ -47,8 +53,12 @@ def trained(seed=0, opts=()):
 
 
 def save(path, config, model, optimizer, scheduler, position=(1, 2)):
-    progress = progress_state(config, TrainingState(model, optimizer, scheduler, global_update=2),
-                              position, [capture_rng_state()])
+    progress = progress_state(
+        config,
+        TrainingState(model, optimizer, scheduler, global_update=2),
+        position,
+        [capture_rng_state()],
+    )
     sharded.save_sharded_checkpoint(path, model, optimizer, progress, ONE_PROCESS)
     return path
 
@@ -57,10 +67,19 @@ def save(path, config, model, optimizer, scheduler, position=(1, 2)):
 def saved(tmp_path_factory):
     """A sharded checkpoint of the trained tiny model, and the single-file dict of the same state."""
     config, model, optimizer, scheduler = trained()
-    path = save(str(tmp_path_factory.mktemp('sharded') / 'ckpt_epoch_0_step_2'), config, model,
-                optimizer, scheduler)
-    single = build_checkpoint(config, TrainingState(model, optimizer, scheduler, global_update=2),
-                              (1, 2), [capture_rng_state()])
+    path = save(
+        str(tmp_path_factory.mktemp('sharded') / 'ckpt_epoch_0_step_2'),
+        config,
+        model,
+        optimizer,
+        scheduler,
+    )
+    single = build_checkpoint(
+        config,
+        TrainingState(model, optimizer, scheduler, global_update=2),
+        (1, 2),
+        [capture_rng_state()],
+    )
     return path, single
 
 
@@ -122,8 +141,13 @@ def test_checkpoint_of_another_size_names_the_mismatch(saved):
     path, _ = saved
     config, model, optimizer, scheduler = trained(opts=['MODEL.SWINV2.EMBED_DIM', '8'])
     with pytest.raises(CheckpointError, match='does not fit the model.*shape mismatches'):
-        resume_training(path, verify_resume_checkpoint(path),
-                        TrainingState(model, optimizer, scheduler), config, LOGGER)
+        resume_training(
+            path,
+            verify_resume_checkpoint(path),
+            TrainingState(model, optimizer, scheduler),
+            config,
+            LOGGER,
+        )
 
 
 def test_auto_resume_skips_a_directory_without_marker_and_ignores_tmp(saved, tmp_path, caplog):
@@ -139,7 +163,9 @@ def test_auto_resume_skips_a_directory_without_marker_and_ignores_tmp(saved, tmp
     assert f'skipping {unfinished}' in caplog.text and 'no COMPLETE marker' in caplog.text
 
 
-def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_tmp(saved, tmp_path, monkeypatch):
+def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_tmp(
+    saved, tmp_path, monkeypatch
+):
     path, _ = saved
     target = shutil.copytree(path, str(tmp_path / 'ckpt_epoch_0'))
 
@@ -175,8 +201,11 @@ def test_keep_k_counts_step_checkpoints_of_both_layouts(tmp_path):
         torch.save({}, tmp_path / f'ckpt_epoch_{epoch}_step_{step}.pth')
     (tmp_path / 'ckpt_epoch_0.pth').write_bytes(b'')
     prune_step_checkpoints(str(tmp_path), keep=2)
-    assert sorted(os.listdir(tmp_path)) == ['ckpt_epoch_0.pth', 'ckpt_epoch_1_step_2',
-                                            'ckpt_epoch_1_step_4.pth']
+    assert sorted(os.listdir(tmp_path)) == [
+        'ckpt_epoch_0.pth',
+        'ckpt_epoch_1_step_2',
+        'ckpt_epoch_1_step_4.pth',
+    ]
 
 
 def test_optimizer_state_by_name_and_by_index_are_inverse(saved):
@@ -191,6 +220,7 @@ def test_an_interrupted_directory_is_named_incomplete_wherever_it_is_given(saved
     unfinished = shutil.copytree(path, str(tmp_path / 'ckpt_epoch_1'))
     os.remove(os.path.join(unfinished, 'COMPLETE'))
     for read in (sharded.verify_sharded_checkpoint, sharded.read_checkpoint):
-        with pytest.raises(CheckpointError, match='is an incomplete sharded checkpoint: it has no '
-                                                  'COMPLETE marker'):
+        with pytest.raises(
+            CheckpointError, match='is an incomplete sharded checkpoint: it has no COMPLETE marker'
+        ):
             read(unfinished)

@@ -6,6 +6,7 @@ Every run is the tiny SwinV2 of tests/configs with gradient accumulation and a c
 enough to clip (so the global gradient norm over shards matters); the FSDP run also checkpoints
 activations, and rank 0 alone gets a NaN loss once, which every rank must skip.
 """
+
 import os
 import shutil
 import signal
@@ -16,13 +17,13 @@ import pytest
 
 import main_finetune
 import main_simmim
-from tests.conftest import ROOT
-from tools import convert_checkpoint
+from checkpoint.sharded import read_sharded_checkpoint
 from engine import batch_loss as tasks
 from engine.launch import run
+from tests.conftest import ROOT
+from tools import convert_checkpoint
 from utils.errors import EXIT_PREEMPTED
 from utils.safe_load import load_checkpoint_file
-from checkpoint.sharded import read_sharded_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ STEP_CHECKPOINTS = ['CHECKPOINT.STEP_FREQ', '2', 'CHECKPOINT.KEEP_STEP_CKPTS', '
 NAN_ON_RANK0_AT_CALL = 3  # epoch 0, first micro-step of the second update
 
 # Runs main_simmim as the command line does, after making rank 0's loss NaN once.
-NAN_WRAPPER = r'''
+NAN_WRAPPER = r"""
 import os, sys
 sys.path.insert(0, {root!r})
 import main_simmim
@@ -51,7 +52,7 @@ def nan_once_on_rank0(self, model, batch, device):
 
 tasks.PretrainBatchLoss.__call__ = nan_once_on_rank0
 sys.exit(run(main_simmim.main, sys.argv[1:]))
-'''
+"""
 
 
 def torchrun(tmp_path, out, port, *opts, nan=False):
@@ -60,11 +61,29 @@ def torchrun(tmp_path, out, port, *opts, nan=False):
         script = str(tmp_path / 'nan_main.py')
         with open(script, 'w') as f:
             f.write(NAN_WRAPPER.format(root=ROOT, call=NAN_ON_RANK0_AT_CALL))
-    command = [os.path.join(os.path.dirname(sys.executable), 'torchrun'), '--nproc_per_node', '2',
-               '--master_port', str(port), script, '--cfg', TINY_V2, '--output', str(out),
-               '--opts', *COMMON, *opts]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    command = [
+        os.path.join(os.path.dirname(sys.executable), 'torchrun'),
+        '--nproc_per_node',
+        '2',
+        '--master_port',
+        str(port),
+        script,
+        '--cfg',
+        TINY_V2,
+        '--output',
+        str(out),
+        '--opts',
+        *COMMON,
+        *opts,
+    ]
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, 'OMP_NUM_THREADS': '1'},
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return os.path.join(str(out), 'simmim_pretrain', 'tiny_v2')
 
@@ -72,8 +91,15 @@ def torchrun(tmp_path, out, port, *opts, nan=False):
 def progress_lines(run_dir):
     """(loss, grad_norm, skipped) of every logged step of rank 0 (PRINT_FREQ 1)."""
     lines = open(os.path.join(run_dir, 'log_rank0.txt')).read().splitlines()
-    return [(line.split('\tloss ')[1].split()[0], line.split('grad_norm ')[1].split()[0],
-             'skipped' in line) for line in lines if 'Train: [' in line]
+    return [
+        (
+            line.split('\tloss ')[1].split()[0],
+            line.split('grad_norm ')[1].split()[0],
+            'skipped' in line,
+        )
+        for line in lines
+        if 'Train: [' in line
+    ]
 
 
 def model_weights(path):
@@ -104,29 +130,52 @@ def test_fsdp_gives_the_loss_curve_and_weights_of_ddp(fsdp_run, ddp_run):
     fsdp, ddp = progress_lines(fsdp_run), progress_lines(ddp_run)
     assert len(fsdp) == 12 and fsdp == ddp  # loss, clipped global grad norm, the skipped NaN step
     assert [skipped for *_, skipped in fsdp].count(True) > 0
-    assert 'FSDP: 5 block units + root over 2 ranks' in open(os.path.join(fsdp_run, 'log_rank0.txt')).read()
-    difference = max_difference(model_weights(os.path.join(fsdp_run, 'ckpt_epoch_1')),
-                                model_weights(os.path.join(ddp_run, 'ckpt_epoch_1.pth')))
+    assert (
+        'FSDP: 5 block units + root over 2 ranks'
+        in open(os.path.join(fsdp_run, 'log_rank0.txt')).read()
+    )
+    difference = max_difference(
+        model_weights(os.path.join(fsdp_run, 'ckpt_epoch_1')),
+        model_weights(os.path.join(ddp_run, 'ckpt_epoch_1.pth')),
+    )
     assert difference < 1e-6
 
 
 def test_compiled_blocks_under_fsdp_give_the_eager_run(fsdp_run, tmp_path):
     # Each block is compiled before fully_shard wraps it (engine/sharding.py); aot_eager traces the
     # same graphs as inductor without its kernels, so the run must match the eager one exactly.
-    compiled = torchrun(tmp_path, tmp_path / 'out', 29563, *FSDP, 'TRAIN.COMPILE', 'blocks',
-                        'TRAIN.COMPILE_BACKEND', 'aot_eager', nan=True)
+    compiled = torchrun(
+        tmp_path,
+        tmp_path / 'out',
+        29563,
+        *FSDP,
+        'TRAIN.COMPILE',
+        'blocks',
+        'TRAIN.COMPILE_BACKEND',
+        'aot_eager',
+        nan=True,
+    )
     assert progress_lines(compiled) == progress_lines(fsdp_run)
     log = open(os.path.join(compiled, 'log_rank0.txt')).read()
     assert 'TRAIN.COMPILE blocks: 5 transformer blocks compiled' in log
-    assert max_difference(model_weights(os.path.join(compiled, 'ckpt_epoch_1')),
-                          model_weights(os.path.join(fsdp_run, 'ckpt_epoch_1'))) < 1e-6
+    assert (
+        max_difference(
+            model_weights(os.path.join(compiled, 'ckpt_epoch_1')),
+            model_weights(os.path.join(fsdp_run, 'ckpt_epoch_1')),
+        )
+        < 1e-6
+    )
 
 
 def test_sharded_layout_with_keep_k(fsdp_run):
     names = sorted(os.listdir(fsdp_run))
     # Updates 2, 4, 6 wrote step checkpoints; keep-K 2 left the newest two.
     assert [n for n in names if n.startswith('ckpt_')] == [
-        'ckpt_epoch_0', 'ckpt_epoch_1', 'ckpt_epoch_1_step_2', 'ckpt_epoch_1_step_6']
+        'ckpt_epoch_0',
+        'ckpt_epoch_1',
+        'ckpt_epoch_1_step_2',
+        'ckpt_epoch_1_step_6',
+    ]
     shards = sorted(os.listdir(os.path.join(fsdp_run, 'ckpt_epoch_1')))
     assert shards == ['.metadata', 'COMPLETE', '__0_0.distcp', '__1_0.distcp', 'progress.pth']
 
@@ -147,8 +196,17 @@ def test_resume_on_one_process_with_a_preemption_on_the_way(fsdp_run, tmp_path, 
     two-process run left alone ended."""
     resumed = os.path.join(str(tmp_path), 'simmim_pretrain', 'tiny_v2')
     shutil.copytree(os.path.join(fsdp_run, 'ckpt_epoch_0'), os.path.join(resumed, 'ckpt_epoch_0'))
-    argv = ['--cfg', TINY_V2, '--output', str(tmp_path), '--opts', *COMMON, *FSDP,
-            'DATA.BATCH_SIZE', '8']
+    argv = [
+        '--cfg',
+        TINY_V2,
+        '--output',
+        str(tmp_path),
+        '--opts',
+        *COMMON,
+        *FSDP,
+        'DATA.BATCH_SIZE',
+        '8',
+    ]
     task, calls = tasks.PretrainBatchLoss.__call__, [0]
 
     def sigterm_at_the_third_batch(self, model, batch, device):
@@ -173,9 +231,23 @@ def test_resume_on_one_process_with_a_preemption_on_the_way(fsdp_run, tmp_path, 
 def test_converted_checkpoint_fine_tunes(fsdp_run, tmp_path):
     converted = str(tmp_path / 'pretrained.pth')
     assert convert_checkpoint.main([os.path.join(fsdp_run, 'ckpt_epoch_1'), converted]) == 0
-    code = run(main_finetune.main, ['--cfg', TINY_V2, '--output', str(tmp_path), '--pretrained',
-                                    converted, '--opts', 'TRAIN.EPOCHS', '1',
-                                    'DATA.SYNTHETIC.TRAIN_SIZE', '16'], is_pretrain=False)
+    code = run(
+        main_finetune.main,
+        [
+            '--cfg',
+            TINY_V2,
+            '--output',
+            str(tmp_path),
+            '--pretrained',
+            converted,
+            '--opts',
+            'TRAIN.EPOCHS',
+            '1',
+            'DATA.SYNTHETIC.TRAIN_SIZE',
+            '16',
+        ],
+        is_pretrain=False,
+    )
     assert code == 0
     log = open(os.path.join(str(tmp_path), 'simmim_pretrain', 'tiny_v2', 'log_rank0.txt')).read()
     assert 'Newly initialised (not in checkpoint): head.*' in log

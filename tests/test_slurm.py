@@ -1,6 +1,7 @@
 """tools/slurm.py: the batch script it writes, run by bash with stand-ins for srun, scontrol and
 torchrun (SLURM itself is not needed): the torchrun command line, and requeueing when SIGTERM
 arrives or the job exits with 75, but not when it finishes or fails."""
+
 import os
 import shlex
 import signal
@@ -29,7 +30,14 @@ wait $child
 exit "$FAKE_EXIT"
 """,
 }
-COMMAND = ['main_simmim.py', '--cfg', 'configs/my run.yaml', '--opts', 'CHECKPOINT.STEP_FREQ', '1000']
+COMMAND = [
+    'main_simmim.py',
+    '--cfg',
+    'configs/my run.yaml',
+    '--opts',
+    'CHECKPOINT.STEP_FREQ',
+    '1000',
+]
 
 
 def write_job(tmp_path, *options):
@@ -43,9 +51,16 @@ def write_job(tmp_path, *options):
 
 
 def start(tmp_path, path, exit_code=0, sleep=0):
-    env = {**os.environ, 'PATH': f'{tmp_path}:{os.environ["PATH"]}', 'FAKE_DIR': str(tmp_path),
-           'FAKE_EXIT': str(exit_code), 'FAKE_SLEEP': str(sleep), 'SLURM_JOB_ID': '42',
-           'SLURM_NNODES': '2', 'SLURM_JOB_NODELIST': 'node-[a-b]'}
+    env = {
+        **os.environ,
+        'PATH': f'{tmp_path}:{os.environ["PATH"]}',
+        'FAKE_DIR': str(tmp_path),
+        'FAKE_EXIT': str(exit_code),
+        'FAKE_SLEEP': str(sleep),
+        'SLURM_JOB_ID': '42',
+        'SLURM_NNODES': '2',
+        'SLURM_JOB_NODELIST': 'node-[a-b]',
+    }
     return subprocess.Popen(['bash', str(path)], env=env, stdout=subprocess.PIPE, text=True)
 
 
@@ -55,17 +70,45 @@ def requeues(tmp_path):
 
 
 def test_sbatch_options_and_one_torchrun_per_node(tmp_path):
-    script, path = write_job(tmp_path, '--nodes', '2', '--gpus-per-node', '4', '--time', '2:00:00',
-                             '--signal-seconds', '240', '--partition', 'gpu')
-    for line in ('#SBATCH --nodes=2', '#SBATCH --ntasks-per-node=1', '#SBATCH --gpus-per-node=4',
-                 '#SBATCH --time=2:00:00', '#SBATCH --requeue', '#SBATCH --signal=B:TERM@240',
-                 '#SBATCH --partition=gpu'):
+    script, path = write_job(
+        tmp_path,
+        '--nodes',
+        '2',
+        '--gpus-per-node',
+        '4',
+        '--time',
+        '2:00:00',
+        '--signal-seconds',
+        '240',
+        '--partition',
+        'gpu',
+    )
+    for line in (
+        '#SBATCH --nodes=2',
+        '#SBATCH --ntasks-per-node=1',
+        '#SBATCH --gpus-per-node=4',
+        '#SBATCH --time=2:00:00',
+        '#SBATCH --requeue',
+        '#SBATCH --signal=B:TERM@240',
+        '#SBATCH --partition=gpu',
+    ):
         assert line in script.splitlines()
     job = start(tmp_path, path)
     assert job.wait(timeout=60) == 0
     args = (tmp_path / 'torchrun.args').read_text().splitlines()
-    assert args == ['--nnodes', '2', '--nproc_per_node', '4', '--rdzv_backend', 'c10d',
-                    '--rdzv_endpoint', 'node-a:29500', '--rdzv_id', '42', *COMMAND]
+    assert args == [
+        '--nnodes',
+        '2',
+        '--nproc_per_node',
+        '4',
+        '--rdzv_backend',
+        'c10d',
+        '--rdzv_endpoint',
+        'node-a:29500',
+        '--rdzv_id',
+        '42',
+        *COMMAND,
+    ]
     assert requeues(tmp_path) == []
 
 
@@ -92,8 +135,10 @@ def test_sigterm_is_forwarded_and_the_job_requeued(tmp_path):
 
 def test_user_arguments_are_quoted():
     args = slurm.build_parser().parse_args(['--', *COMMAND])
-    srun_line = next(line for line in slurm.build_script(args).splitlines() if line.startswith('srun'))
-    assert shlex.split(srun_line.rstrip(' &'))[-len(COMMAND):] == COMMAND
+    srun_line = next(
+        line for line in slurm.build_script(args).splitlines() if line.startswith('srun')
+    )
+    assert shlex.split(srun_line.rstrip(' &'))[-len(COMMAND) :] == COMMAND
 
 
 def test_command_must_start_with_the_training_script(capsys):

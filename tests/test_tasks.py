@@ -1,5 +1,6 @@
 """utils/tasks.py: pre-training and fine-tuning as data, and the official `is_pretrain` spelling of
 the public builders (build_model, build_loader, build_optimizer, get_config/load_config, run)."""
+
 import logging
 import os
 
@@ -13,15 +14,18 @@ from utils.arguments import build_arg_parser
 from utils.errors import ConfigError
 from utils.tasks import FINETUNE, PRETRAIN, Task, as_task
 
-SWIN_800 = os.path.join(ROOT, 'configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml')
+SWIN_800 = os.path.join(
+    ROOT, 'configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml'
+)
 
 
 def tiny_swin(layer_decay=1.0):
     config = get_defaults()
     config.DATA.IMG_SIZE = 32
     config.MODEL.NUM_CLASSES = 3
-    config.MODEL.SWIN.update(EMBED_DIM=8, DEPTHS=[1, 1], NUM_HEADS=[1, 2], WINDOW_SIZE=4,
-                             PATCH_SIZE=2)
+    config.MODEL.SWIN.update(
+        EMBED_DIM=8, DEPTHS=[1, 1], NUM_HEADS=[1, 2], WINDOW_SIZE=4, PATCH_SIZE=2
+    )
     config.TRAIN.LAYER_DECAY = layer_decay
     return config
 
@@ -31,13 +35,23 @@ def test_the_two_tasks_differ_in_what_the_shared_code_asks():
     assert FINETUNE.layer_decay and not PRETRAIN.layer_decay
     assert FINETUNE.finetune_flags and not PRETRAIN.finetune_flags
     parser = build_arg_parser(finetune=FINETUNE.finetune_flags)
-    assert parser.parse_args(['--cfg', 'x', '--pretrained', 'p.pth', '--eval']).pretrained == 'p.pth'
+    assert (
+        parser.parse_args(['--cfg', 'x', '--pretrained', 'p.pth', '--eval']).pretrained == 'p.pth'
+    )
 
 
-@pytest.mark.parametrize('args, expected', [
-    ((), PRETRAIN), ((None,), PRETRAIN), ((True,), PRETRAIN), ((False,), FINETUNE),
-    (('finetune',), FINETUNE), ((FINETUNE,), FINETUNE), ((PRETRAIN, False), FINETUNE),
-])
+@pytest.mark.parametrize(
+    'args, expected',
+    [
+        ((), PRETRAIN),
+        ((None,), PRETRAIN),
+        ((True,), PRETRAIN),
+        ((False,), FINETUNE),
+        (('finetune',), FINETUNE),
+        ((FINETUNE,), FINETUNE),
+        ((PRETRAIN, False), FINETUNE),
+    ],
+)
 def test_as_task_reads_tasks_names_and_the_official_flag(args, expected):
     assert as_task(*args) is expected
 
@@ -52,8 +66,11 @@ def test_build_model_official_flag_and_task_agree():
     config = tiny_swin()
     assert isinstance(build_model(config), SimMIM)
     assert isinstance(build_model(config, PRETRAIN), SimMIM)
-    for finetune in (build_model(config, is_pretrain=False), build_model(config, False),
-                     build_model(config, FINETUNE)):
+    for finetune in (
+        build_model(config, is_pretrain=False),
+        build_model(config, False),
+        build_model(config, FINETUNE),
+    ):
         assert not isinstance(finetune, SimMIM) and finetune.head.out_features == 3
 
 

@@ -1,24 +1,29 @@
 """The timm helpers this project adopted give what the formulas they replaced give: the Swin/BEiT
 relative position index, the SwinV2 log-spaced offsets, the bicubic position-embedding resize, and
 model unwrapping (each checked against a reference written out here)."""
+
 import math
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.utils import unwrap_model
 from torch.nn.parallel import DistributedDataParallel
 
 from models.attention import relative_position_index
 from models.swin_transformer_v2 import log_spaced_coords_table
-from timm.utils import unwrap_model
 from utils.pos_embed import resize_abs_pos_embed
 
 
 def reference_relative_position_index(wh, ww):
     """index[i, j] = (dy + Wh - 1) * (2Ww - 1) + (dx + Ww - 1) for the offset (dy, dx) = pos_i - pos_j."""
     positions = [(y, x) for y in range(wh) for x in range(ww)]
-    return torch.tensor([[(yi - yj + wh - 1) * (2 * ww - 1) + (xi - xj + ww - 1)
-                          for (yj, xj) in positions] for (yi, xi) in positions])
+    return torch.tensor(
+        [
+            [(yi - yj + wh - 1) * (2 * ww - 1) + (xi - xj + ww - 1) for (yj, xj) in positions]
+            for (yi, xi) in positions
+        ]
+    )
 
 
 def test_relative_position_index_is_the_swin_formula():
@@ -26,14 +31,19 @@ def test_relative_position_index_is_the_swin_formula():
         index = relative_position_index(window)
         assert index.dtype == torch.int64
         assert torch.equal(index, reference_relative_position_index(*window))
-    assert relative_position_index((2, 2)).tolist() == [[4, 3, 1, 0], [5, 4, 2, 1],
-                                                        [7, 6, 4, 3], [8, 7, 5, 4]]
+    assert relative_position_index((2, 2)).tolist() == [
+        [4, 3, 1, 0],
+        [5, 4, 2, 1],
+        [7, 6, 4, 3],
+        [8, 7, 5, 4],
+    ]
 
 
 def test_log_spaced_coords_table_is_the_swinv2_formula():
     def reference(d, norm):  # sign(d) * log2(1 + |8 d / (norm - 1)|) / log2(8)
         v = 8 * d / (norm - 1)
         return math.copysign(math.log2(1 + abs(v)) / 3, v) if v else 0.0
+
     for window, pretrained in (((3, 4), (0, 0)), ((6, 6), (0, 0)), ((12, 12), (6, 6))):
         table = log_spaced_coords_table(window, pretrained)
         norm = pretrained if pretrained[0] else window
@@ -58,9 +68,13 @@ def test_unwrap_model_removes_ddp_and_compile_in_any_order(tmp_path):
     model = torch.nn.Linear(2, 2)
     dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
     try:
-        for wrapped in (model, DistributedDataParallel(model), torch.compile(model),
-                        DistributedDataParallel(torch.compile(model)),
-                        torch.compile(DistributedDataParallel(model))):
+        for wrapped in (
+            model,
+            DistributedDataParallel(model),
+            torch.compile(model),
+            DistributedDataParallel(torch.compile(model)),
+            torch.compile(DistributedDataParallel(model)),
+        ):
             assert unwrap_model(wrapped) is model
     finally:
         dist.destroy_process_group()

@@ -9,6 +9,7 @@ What is compared (float32, CPU, eval mode, relative to the largest reference val
   the patch embedding, Swin reshaped to NHWC), timm's pooled pre-logits against our
   forward_features, and the logits.
 """
+
 import json
 import os
 import re
@@ -17,29 +18,42 @@ import pytest
 import timm
 import torch
 
+from config import load_config_text
 from models import build_model
 from tools.export import main as export
 from tools.import_timm import main as import_timm
-from config import load_config_text
 from utils.safe_load import load_checkpoint_file
 
-SWIN = ('  {key}:\n    EMBED_DIM: 16\n    DEPTHS: [1, 2, 1, 1]\n    NUM_HEADS: [1, 2, 2, 2]\n'
-        '    WINDOW_SIZE: 4\n{extra}DATA:\n  IMG_SIZE: 64\n  MASK_PATCH_SIZE: 16\n')
-VIT = ('  VIT:\n    PATCH_SIZE: 8\n    EMBED_DIM: 24\n    DEPTH: 2\n    NUM_HEADS: 2\n{extra}'
-       'DATA:\n  IMG_SIZE: 32\n  MASK_PATCH_SIZE: 16\n')
+SWIN = (
+    '  {key}:\n    EMBED_DIM: 16\n    DEPTHS: [1, 2, 1, 1]\n    NUM_HEADS: [1, 2, 2, 2]\n'
+    '    WINDOW_SIZE: 4\n{extra}DATA:\n  IMG_SIZE: 64\n  MASK_PATCH_SIZE: 16\n'
+)
+VIT = (
+    '  VIT:\n    PATCH_SIZE: 8\n    EMBED_DIM: 24\n    DEPTH: 2\n    NUM_HEADS: 2\n{extra}'
+    'DATA:\n  IMG_SIZE: 32\n  MASK_PATCH_SIZE: 16\n'
+)
 # Stage 2 and 3 maps (4x4, 2x2) are no larger than the window: the clamped windows are covered.
 CONFIGS = {
     'swin': 'MODEL:\n  TYPE: swin\n' + SWIN.format(key='SWIN', extra=''),
-    'swinv2': 'MODEL:\n  TYPE: swinv2\n' + SWIN.format(
-        key='SWINV2', extra='    PRETRAINED_WINDOW_SIZES: [3, 3, 2, 0]\n'),
+    'swinv2': 'MODEL:\n  TYPE: swinv2\n'
+    + SWIN.format(key='SWINV2', extra='    PRETRAINED_WINDOW_SIZES: [3, 3, 2, 0]\n'),
     'vit': 'MODEL:\n  TYPE: vit\n' + VIT.format(extra=''),  # shared RPB, cls pooling: beit_*
-    'vit_rpb': 'MODEL:\n  TYPE: vit\n' + VIT.format(
-        extra='    USE_RPB: True\n    USE_SHARED_RPB: False\n    USE_MEAN_POOLING: True\n'),
-    'vit_plain': 'MODEL:\n  TYPE: vit\n' + VIT.format(  # no relative bias at all: vit_*
-        extra='    USE_APE: True\n    USE_SHARED_RPB: False\n    USE_MEAN_POOLING: True\n'),
+    'vit_rpb': 'MODEL:\n  TYPE: vit\n'
+    + VIT.format(
+        extra='    USE_RPB: True\n    USE_SHARED_RPB: False\n    USE_MEAN_POOLING: True\n'
+    ),
+    'vit_plain': 'MODEL:\n  TYPE: vit\n'
+    + VIT.format(  # no relative bias at all: vit_*
+        extra='    USE_APE: True\n    USE_SHARED_RPB: False\n    USE_MEAN_POOLING: True\n'
+    ),
 }
-TIMM_CLASS = {'swin': 'SwinTransformer', 'swinv2': 'SwinTransformerV2', 'vit': 'Beit',
-              'vit_rpb': 'Beit', 'vit_plain': 'VisionTransformer'}
+TIMM_CLASS = {
+    'swin': 'SwinTransformer',
+    'swinv2': 'SwinTransformerV2',
+    'vit': 'Beit',
+    'vit_rpb': 'Beit',
+    'vit_plain': 'VisionTransformer',
+}
 NUM_CLASSES = 5
 pytestmark = pytest.mark.usefixtures('single_thread')
 
@@ -55,8 +69,11 @@ def randomize(model, seed=0):
 
 
 def make_checkpoint(tmp_path, name, pretrain):
-    text = CONFIGS[name] if pretrain else CONFIGS[name].replace(
-        'MODEL:\n', f'MODEL:\n  NUM_CLASSES: {NUM_CLASSES}\n', 1)
+    text = (
+        CONFIGS[name]
+        if pretrain
+        else CONFIGS[name].replace('MODEL:\n', f'MODEL:\n  NUM_CLASSES: {NUM_CLASSES}\n', 1)
+    )
     config = load_config_text(text, is_pretrain=pretrain)
     model = randomize(build_model(config, is_pretrain=pretrain))
     path = str(tmp_path / f'{name}.pth')
@@ -110,8 +127,7 @@ def test_finetuned_classifier_exported_to_timm_gives_our_features_and_logits(tmp
         if not name.startswith('vit'):
             tokens = tokens.reshape(features.shape)  # (B, h*w, C) -> NHWC, row-major like timm
         pooled = timm_model.forward_head(features, pre_logits=True)
-        pairs = [(features, tokens), (pooled, model.forward_features(x)),
-                 (timm_model(x), model(x))]
+        pairs = [(features, tokens), (pooled, model.forward_features(x)), (timm_model(x), model(x))]
     for got, expected in pairs:
         assert relative_difference(got, expected) < 1e-5
 
@@ -146,15 +162,45 @@ def test_pretraining_export_leaves_out_decoder_and_mask_token(tmp_path):
 # timm -> our layout -> timm
 # -----------------------------------------------------------------------------------------------
 TIMM_MODELS = {
-    'swin': ('swin_tiny_patch4_window7_224', dict(img_size=64, embed_dim=16, depths=(1, 2, 1, 1),
-                                                  num_heads=(1, 2, 2, 2), window_size=4)),
-    'swinv2': ('swinv2_tiny_window8_256', dict(img_size=64, embed_dim=16, depths=(1, 2, 1, 1),
-                                               num_heads=(1, 2, 2, 2), window_size=4,
-                                               pretrained_window_sizes=(3, 3, 2, 0))),
-    'beit': ('beit_base_patch16_224', dict(img_size=32, patch_size=8, embed_dim=24, depth=2,
-                                           num_heads=2, use_rel_pos_bias=True, init_values=0.1)),
-    'vit': ('vit_base_patch16_224', dict(img_size=32, patch_size=8, embed_dim=24, depth=2,
-                                         num_heads=2, init_values=0.1, global_pool='avg')),
+    'swin': (
+        'swin_tiny_patch4_window7_224',
+        dict(img_size=64, embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 2), window_size=4),
+    ),
+    'swinv2': (
+        'swinv2_tiny_window8_256',
+        dict(
+            img_size=64,
+            embed_dim=16,
+            depths=(1, 2, 1, 1),
+            num_heads=(1, 2, 2, 2),
+            window_size=4,
+            pretrained_window_sizes=(3, 3, 2, 0),
+        ),
+    ),
+    'beit': (
+        'beit_base_patch16_224',
+        dict(
+            img_size=32,
+            patch_size=8,
+            embed_dim=24,
+            depth=2,
+            num_heads=2,
+            use_rel_pos_bias=True,
+            init_values=0.1,
+        ),
+    ),
+    'vit': (
+        'vit_base_patch16_224',
+        dict(
+            img_size=32,
+            patch_size=8,
+            embed_dim=24,
+            depth=2,
+            num_heads=2,
+            init_values=0.1,
+            global_pool='avg',
+        ),
+    ),
 }
 
 
@@ -165,7 +211,7 @@ def timm_folder(tmp_path, name, zero_key_bias=True):
         for block in getattr(model, 'blocks', []):
             if block.attn.qkv.bias is not None:
                 dim = block.attn.qkv.bias.shape[0] // 3
-                block.attn.qkv.bias.data[dim:2 * dim] = 0
+                block.attn.qkv.bias.data[dim : 2 * dim] = 0
     folder = str(tmp_path / f'timm_{name}')
     timm.models.save_for_hf(model, folder, model_args=args, safe_serialization=True)
     return model, folder
@@ -220,18 +266,32 @@ def test_timm_vit_key_bias_is_dropped_without_changing_outputs(tmp_path):
         assert relative_difference(model(x), timm_model(x)) < 1e-5
 
 
-@pytest.mark.parametrize('architecture, args, message', [
-    ('test_resnet', {}, 'has no counterpart here'),
-    ('vit_base_patch16_224', dict(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2,
-                                  reg_tokens=1), 'register tokens'),
-    ('beit_base_patch16_224', dict(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2,
-                                   scale_mlp=True), 'unexpected: blocks.*.mlp.norm.weight'),
-])
+@pytest.mark.parametrize(
+    'architecture, args, message',
+    [
+        ('test_resnet', {}, 'has no counterpart here'),
+        (
+            'vit_base_patch16_224',
+            dict(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2, reg_tokens=1),
+            'register tokens',
+        ),
+        (
+            'beit_base_patch16_224',
+            dict(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2, scale_mlp=True),
+            'unexpected: blocks.*.mlp.norm.weight',
+        ),
+    ],
+)
 def test_timm_model_our_layout_cannot_hold_is_refused_and_nothing_written(
-        tmp_path, capsys, architecture, args, message):
+    tmp_path, capsys, architecture, args, message
+):
     folder = str(tmp_path / 'timm')
-    timm.models.save_for_hf(timm.create_model(architecture, num_classes=0, **args), folder,
-                            model_args=args, safe_serialization=True)
+    timm.models.save_for_hf(
+        timm.create_model(architecture, num_classes=0, **args),
+        folder,
+        model_args=args,
+        safe_serialization=True,
+    )
     assert import_timm([folder, str(tmp_path / 'ours.pth')]) == 2
     err = capsys.readouterr().err
     assert re.match(r'(Configuration |Checkpoint )?[Ee]rror: ', err) and message in err, err

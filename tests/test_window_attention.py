@@ -1,16 +1,17 @@
 """models/window_attention.py: the fast Swin window attention equals the textbook formula (fp32,
 with and without the shift mask, Swin and SwinV2), and MODEL.WINDOW_ATTENTION reaches every layer."""
+
 import pytest
 import torch
 
 from config import load_config
-from utils.errors import ConfigError
 from models import build_model
 from models.attention import attention, eager_attention
 from models.swin_transformer import SwinTransformer
 from models.swin_transformer_v2 import SwinTransformerV2
 from models.window_attention import set_window_attention
 from tests.conftest import ROOT
+from utils.errors import ConfigError
 
 TINY = f'{ROOT}/tests/configs/tiny_swin_pretrain.yaml'
 
@@ -27,8 +28,16 @@ def stage(model_class, seed=0, dtype=torch.float64):
     """One stage of two blocks (unshifted, then shifted) on an 8x8 map with 4x4 windows, random
     weights everywhere (zero-initialised tables and post-norms would hide bugs)."""
     torch.manual_seed(seed)
-    model = model_class(img_size=16, patch_size=2, embed_dim=16, depths=(2,), num_heads=(2,),
-                        window_size=4, num_classes=0, drop_path_rate=0.0).to(dtype)
+    model = model_class(
+        img_size=16,
+        patch_size=2,
+        embed_dim=16,
+        depths=(2,),
+        num_heads=(2,),
+        window_size=4,
+        num_classes=0,
+        drop_path_rate=0.0,
+    ).to(dtype)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.5)
@@ -55,8 +64,11 @@ def test_sdpa_window_attention_equals_textbook_values_and_gradients(model_class,
 def test_cpu_training_uses_the_textbook_formula_and_inference_sdpa(monkeypatch):
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
-                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    monkeypatch.setattr(
+        torch.nn.functional,
+        'scaled_dot_product_attention',
+        lambda *a, **k: calls.append(1) or sdpa(*a, **k),
+    )
     q = torch.randn(2, 2, 5, 4, requires_grad=True)
     attention(q, q, q)
     assert not calls
@@ -79,8 +91,17 @@ def test_flex_window_attention_equals_textbook_forward_on_cpu():
 
 
 def test_window_attention_key_reaches_every_window_attention_layer():
-    config = load_config(TINY, ['MODEL.WINDOW_ATTENTION', 'flex', 'MODEL.SIMMIM.HEAD.NAME',
-                                'inverse_swin', 'MODEL.SIMMIM.HEAD.INVERSE_SWIN.WINDOW_SIZE', 4])
+    config = load_config(
+        TINY,
+        [
+            'MODEL.WINDOW_ATTENTION',
+            'flex',
+            'MODEL.SIMMIM.HEAD.NAME',
+            'inverse_swin',
+            'MODEL.SIMMIM.HEAD.INVERSE_SWIN.WINDOW_SIZE',
+            4,
+        ],
+    )
     model = build_model(config)
     kernels = [m.window_kernel for m in model.modules() if hasattr(m, 'window_kernel')]
     assert len(kernels) == 4 + 12 and set(kernels) == {'flex'}  # encoder + inverse Swin-T head

@@ -8,6 +8,7 @@ masks use the DATA.BLOCKWISE defaults). Each cell pools --num-masks masks; the p
 masked fraction actually drawn (square masks only come in whole squares of mask patches). A cell is
 empty where a mask would have no visible pixel (e.g. random:64 at 0.9 masks all 9 patches).
 """
+
 import argparse
 import math
 import os
@@ -15,23 +16,43 @@ import sys
 
 from PIL import Image, ImageDraw, ImageFont
 
-
-from utils.errors import ConfigError
 from data.avgdist import mean_avg_dist
 from data.masking import MASK_GENERATORS
 from engine.launch import prepare_output_dir, run_tool
+from utils.errors import ConfigError
 
-FIGURE_3A_SETTINGS = ['random:4', 'random:8', 'random:16', 'random:32', 'random:64', 'square:16',
-                      'square:32', 'blockwise:16', 'blockwise:32']
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-          (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+FIGURE_3A_SETTINGS = [
+    'random:4',
+    'random:8',
+    'random:16',
+    'random:32',
+    'random:64',
+    'square:16',
+    'square:32',
+    'blockwise:16',
+    'blockwise:32',
+]
+COLORS = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
 
 
 def parse_setting(text):
     strategy, _, size = text.partition(':')
     if strategy not in MASK_GENERATORS or not size.isdigit():
-        raise argparse.ArgumentTypeError(f"setting {text!r} is not STRATEGY:MASK_PATCH_SIZE with a "
-                                         f"strategy in {sorted(MASK_GENERATORS)}")
+        raise argparse.ArgumentTypeError(
+            f'setting {text!r} is not STRATEGY:MASK_PATCH_SIZE with a '
+            f'strategy in {sorted(MASK_GENERATORS)}'
+        )
     return strategy, int(size)
 
 
@@ -42,12 +63,15 @@ def measure(settings, ratios, img_size, model_patch_size, num_masks, seed):
         row = []
         for ratio in ratios:
             try:
-                generator = MASK_GENERATORS[strategy](img_size, mask_patch_size, model_patch_size,
-                                                      ratio)
+                generator = MASK_GENERATORS[strategy](
+                    img_size, mask_patch_size, model_patch_size, ratio
+                )
             except ValueError as e:  # the generator names the size or ratio that does not fit
-                raise ConfigError(f"Setting {strategy}:{mask_patch_size} at ratio {ratio} with "
-                                  f"--img-size {img_size} and --model-patch-size "
-                                  f"{model_patch_size}: {e}") from None
+                raise ConfigError(
+                    f'Setting {strategy}:{mask_patch_size} at ratio {ratio} with '
+                    f'--img-size {img_size} and --model-patch-size '
+                    f'{model_patch_size}: {e}'
+                ) from None
             try:
                 dist, fraction = mean_avg_dist(generator, num_masks, seed)
             except ValueError:  # a mask without visible pixels
@@ -59,8 +83,10 @@ def measure(settings, ratios, img_size, model_patch_size, num_masks, seed):
 
 def format_table(table, ratios):
     """AvgDist in pixels, with the masked fraction drawn in parentheses."""
-    lines = ['AvgDist (px), masked fraction in parentheses',
-             f"{'setting':<14}" + ''.join(f'{r:>14.1f}' for r in ratios)]
+    lines = [
+        'AvgDist (px), masked fraction in parentheses',
+        f'{"setting":<14}' + ''.join(f'{r:>14.1f}' for r in ratios),
+    ]
     for (strategy, size), row in table.items():
         cells = ['-' if math.isnan(d) else f'{d:.2f} ({f:.2f})' for _, f, d in row]
         lines.append(f'{strategy + ":" + str(size):<14}' + ''.join(f'{c:>14}' for c in cells))
@@ -80,8 +106,10 @@ def plot(table, path, title, size=(900, 560)):
     points = [(f, d) for row in table.values() for _, f, d in row if not math.isnan(d)]
     y_step = _nice_step(max(d for _, d in points))
     y_max = y_step * math.ceil(max(d for _, d in points) / y_step)
-    to_px = lambda x, y: (left + x * (width - left - right),  # noqa: E731
-                          height - bottom - y / y_max * (height - top - bottom))
+    to_px = lambda x, y: (
+        left + x * (width - left - right),  # noqa: E731
+        height - bottom - y / y_max * (height - top - bottom),
+    )
     image = Image.new('RGB', size, 'white')
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
@@ -105,38 +133,56 @@ def plot(table, path, title, size=(900, 560)):
         for x, y in line:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
         legend_y = top + 18 * k
-        draw.line([(width - right + 15, legend_y + 6), (width - right + 40, legend_y + 6)],
-                  fill=color, width=3)
-        draw.text((width - right + 48, legend_y), f'{strategy} {mask_size}px', fill='black',
-                  font=font)
+        draw.line(
+            [(width - right + 15, legend_y + 6), (width - right + 40, legend_y + 6)],
+            fill=color,
+            width=3,
+        )
+        draw.text(
+            (width - right + 48, legend_y), f'{strategy} {mask_size}px', fill='black', font=font
+        )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     image.save(path)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--settings', nargs='+', type=parse_setting,
-                        default=[parse_setting(s) for s in FIGURE_3A_SETTINGS],
-                        metavar='STRATEGY:MASK_PATCH_SIZE')
-    parser.add_argument('--ratios', nargs='+', type=float,
-                        default=[round(0.1 * i, 1) for i in range(1, 10)])
+    parser.add_argument(
+        '--settings',
+        nargs='+',
+        type=parse_setting,
+        default=[parse_setting(s) for s in FIGURE_3A_SETTINGS],
+        metavar='STRATEGY:MASK_PATCH_SIZE',
+    )
+    parser.add_argument(
+        '--ratios', nargs='+', type=float, default=[round(0.1 * i, 1) for i in range(1, 10)]
+    )
     parser.add_argument('--img-size', type=int, default=192)
-    parser.add_argument('--model-patch-size', type=int, default=4,
-                        help='mask resolution of the encoder (4 for Swin, 16 for ViT)')
+    parser.add_argument(
+        '--model-patch-size',
+        type=int,
+        default=4,
+        help='mask resolution of the encoder (4 for Swin, 16 for ViT)',
+    )
     parser.add_argument('--num-masks', type=int, default=100, help='masks per cell')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--output', default='docs/images/avgdist.png', help='PNG plot path')
     args = parser.parse_args(argv)
     if args.num_masks < 1:
-        raise ConfigError(f"--num-masks must be at least 1, got {args.num_masks}.")
-    table = measure(args.settings, args.ratios, args.img_size, args.model_patch_size,
-                    args.num_masks, args.seed)
-    print(f'image {args.img_size}px, model patch {args.model_patch_size}px, {args.num_masks} masks '
-          f'per cell')
+        raise ConfigError(f'--num-masks must be at least 1, got {args.num_masks}.')
+    table = measure(
+        args.settings, args.ratios, args.img_size, args.model_patch_size, args.num_masks, args.seed
+    )
+    print(
+        f'image {args.img_size}px, model patch {args.model_patch_size}px, {args.num_masks} masks '
+        f'per cell'
+    )
     print(format_table(table, args.ratios))
     if all(math.isnan(d) for row in table.values() for _, _, d in row):
-        raise ConfigError("Every mask asked for masks the whole image, where AvgDist is undefined; "
-                          "nothing to plot. Use lower --ratios or smaller mask patch sizes.")
+        raise ConfigError(
+            'Every mask asked for masks the whole image, where AvgDist is undefined; '
+            'nothing to plot. Use lower --ratios or smaller mask patch sizes.'
+        )
     prepare_output_dir(os.path.dirname(os.path.abspath(args.output)))
     plot(table, args.output, f'AvgDist vs masked fraction, {args.img_size}x{args.img_size} images')
     print(f'plot saved to {args.output}')

@@ -9,6 +9,7 @@ The images are the config's training samples (same data source and crops as pre-
 The palette, (MODEL.SIMMIM.TARGET.NUM_CLUSTERS, 3) RGB in [0, 1] sorted by brightness, is written to
 --output (default: MODEL.SIMMIM.TARGET.PALETTE) as a tensor (.pt) or a numpy array (.npy).
 """
+
 import argparse
 import logging
 import os
@@ -17,20 +18,19 @@ import sys
 import numpy as np
 import torch
 
-
 from config import load_config
 from data import build_pretrain_data
-from models import model_patch_size
-from utils.errors import ConfigError
-from models.targets import nearest_color_index, normalized_to_rgb
 from engine.launch import prepare_output_dir, run_tool
+from models import model_patch_size
+from models.targets import nearest_color_index, normalized_to_rgb
+from utils.errors import ConfigError
 
 
 def kmeans(points, k, iterations=30, generator=None):
     """Lloyd's k-means of (N, D) `points`: (k, D) centres, initialised with k distinct points drawn
     at random; a centre left without points moves to the point farthest from its centre."""
     if points.shape[0] < k:
-        raise ValueError(f"k-means needs at least k = {k} points, got {points.shape[0]}.")
+        raise ValueError(f'k-means needs at least k = {k} points, got {points.shape[0]}.')
     centres = points[torch.randperm(points.shape[0], generator=generator)[:k]].clone()
     for _ in range(iterations):
         assignment = nearest_color_index(points, centres)
@@ -71,8 +71,9 @@ def main(argv=None):
     parser.add_argument('--cfg', required=True, metavar='FILE', help='pre-training config')
     parser.add_argument('--data-path', help='training image folder (DATA.DATA_PATH)')
     parser.add_argument('--opts', nargs='+', action='extend', default=[], metavar='KEY VALUE')
-    parser.add_argument('--output', help='palette file (.pt or .npy); default: '
-                                         'MODEL.SIMMIM.TARGET.PALETTE')
+    parser.add_argument(
+        '--output', help='palette file (.pt or .npy); default: MODEL.SIMMIM.TARGET.PALETTE'
+    )
     parser.add_argument('--num-colors', type=int, help='default: MODEL.SIMMIM.TARGET.NUM_CLUSTERS')
     parser.add_argument('--num-images', type=int, default=1000)
     parser.add_argument('--pixels-per-image', type=int, default=256)
@@ -89,27 +90,35 @@ def main(argv=None):
     if not output:
         parser.error('give --output PATH (the config has no MODEL.SIMMIM.TARGET.PALETTE)')
     num_colors = args.num_colors or config.MODEL.SIMMIM.TARGET.NUM_CLUSTERS
-    for flag, value in (('--num-colors', num_colors), ('--num-images', args.num_images),
-                        ('--pixels-per-image', args.pixels_per_image)):
+    for flag, value in (
+        ('--num-colors', num_colors),
+        ('--num-images', args.num_images),
+        ('--pixels-per-image', args.pixels_per_image),
+    ):
         if value < 1:
-            raise ConfigError(f"{flag} must be at least 1, got {value}.")
+            raise ConfigError(f'{flag} must be at least 1, got {value}.')
     prepare_output_dir(os.path.dirname(os.path.abspath(output)))
 
     logging.basicConfig(level=logging.INFO, format='%(message)s')
-    dataset = build_pretrain_data(config, model_patch_size(config),
-                                  logging.getLogger('simmim.palette')).train_set
+    dataset = build_pretrain_data(
+        config, model_patch_size(config), logging.getLogger('simmim.palette')
+    ).train_set
     generator = torch.Generator().manual_seed(args.seed)
     pixels = sample_pixels(dataset, args.num_images, args.pixels_per_image, generator)
     if pixels.shape[0] < num_colors:
-        raise ConfigError(f"{num_colors} colours need at least as many sampled pixels, but "
-                          f"{min(args.num_images, len(dataset))} image(s) x --pixels-per-image "
-                          f"{args.pixels_per_image} give {pixels.shape[0]}. Raise --num-images or "
-                          f"--pixels-per-image, or lower --num-colors.")
+        raise ConfigError(
+            f'{num_colors} colours need at least as many sampled pixels, but '
+            f'{min(args.num_images, len(dataset))} image(s) x --pixels-per-image '
+            f'{args.pixels_per_image} give {pixels.shape[0]}. Raise --num-images or '
+            f'--pixels-per-image, or lower --num-colors.'
+        )
     palette = kmeans(pixels, num_colors, args.iterations, generator)
     palette = palette[palette.sum(dim=1).argsort()]
     save_palette(palette, output)
-    print(f'{num_colors}-colour palette from {pixels.shape[0]} pixels of '
-          f'{min(args.num_images, len(dataset))} images saved to {output}')
+    print(
+        f'{num_colors}-colour palette from {pixels.shape[0]} pixels of '
+        f'{min(args.num_images, len(dataset))} images saved to {output}'
+    )
     return 0
 
 

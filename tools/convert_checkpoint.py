@@ -9,27 +9,33 @@ lr_scheduler, epoch, config, position, rng_states, ...), so fine-tuning (--pretr
 group and needs CPU memory for the whole model (and, without --model-only, its AdamW state: three
 times as much). Exit codes: 0 written, 1 unreadable checkpoint or failed write, 2 usage error.
 """
+
 import argparse
 import os
 import sys
 
-
-from utils.atomic_write import atomic_save
-from utils.errors import CheckpointWriteError
-from utils.errors import CheckpointError
 from checkpoint.sharded import read_sharded_checkpoint
+from utils.atomic_write import atomic_save
+from utils.errors import CheckpointError, CheckpointWriteError
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('sharded_dir', help='a ckpt_epoch_* directory written under TRAIN.SHARDING fsdp')
+    parser.add_argument(
+        'sharded_dir', help='a ckpt_epoch_* directory written under TRAIN.SHARDING fsdp'
+    )
     parser.add_argument('output', help='the .pth file to write')
-    parser.add_argument('--model-only', action='store_true',
-                        help='leave the optimizer state out (enough for --pretrained and --eval)')
+    parser.add_argument(
+        '--model-only',
+        action='store_true',
+        help='leave the optimizer state out (enough for --pretrained and --eval)',
+    )
     args = parser.parse_args(argv)
     if not os.path.isdir(args.sharded_dir):
-        parser.error(f"{args.sharded_dir} is not a directory; give a sharded checkpoint directory "
-                     f"(ckpt_epoch_N or ckpt_epoch_N_step_K written under TRAIN.SHARDING fsdp).")
+        parser.error(
+            f'{args.sharded_dir} is not a directory; give a sharded checkpoint directory '
+            f'(ckpt_epoch_N or ckpt_epoch_N_step_K written under TRAIN.SHARDING fsdp).'
+        )
     try:
         checkpoint = read_sharded_checkpoint(args.sharded_dir, model_only=args.model_only)
         atomic_save(checkpoint, args.output)
@@ -37,8 +43,10 @@ def main(argv=None):
         print(f'Error: {e}', file=sys.stderr)
         return 1
     values = sum(t.numel() for t in checkpoint['model'].values())
-    print(f"{args.output}: {len(checkpoint['model'])} tensors, {values:,} values (epoch "
-          f"{checkpoint['epoch']}, position {checkpoint['position']})")
+    print(
+        f'{args.output}: {len(checkpoint["model"])} tensors, {values:,} values (epoch '
+        f'{checkpoint["epoch"]}, position {checkpoint["position"]})'
+    )
     return 0
 
 

@@ -11,27 +11,34 @@ Face cache only ($HF_HUB_CACHE or --cache-dir); nothing is downloaded. OUT_FILE 
 (or --opts MODEL.PRETRAINED OUT_FILE for pre-training) and --eval --resume.
 MODEL.PRETRAINED timm:NAME_OR_FOLDER reads the same weights without this step.
 """
+
 import argparse
 import os
 import sys
 
-
-from utils.atomic_write import atomic_save
+from checkpoint.timm_folder import (
+    MAX_RELATIVE_DIFFERENCE,
+    load_timm_model,
+    output_difference,
+    timm_config_yaml,
+    timm_weights,
+)
 from config import load_config_text
-from utils.errors import ToolFailure
 from engine.launch import prepare_output_dir, run_tool
-from utils.safetensors_io import save_safetensors_checkpoint
 from models.timm_mapping import UnsupportedInTimm
-from checkpoint.timm_folder import (MAX_RELATIVE_DIFFERENCE, load_timm_model,
-                           output_difference, timm_config_yaml, timm_weights)
+from utils.atomic_write import atomic_save
+from utils.errors import ToolFailure
+from utils.safetensors_io import save_safetensors_checkpoint
 
 
 def _main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], allow_abbrev=False)
     parser.add_argument('source', metavar='NAME_OR_FOLDER', help='a timm folder or model name')
     parser.add_argument('out_file', metavar='OUT_FILE', help='.safetensors or .pth')
-    parser.add_argument('--cache-dir', help='Hugging Face hub cache (default: $HF_HUB_CACHE or '
-                                            '~/.cache/huggingface/hub)')
+    parser.add_argument(
+        '--cache-dir',
+        help='Hugging Face hub cache (default: $HF_HUB_CACHE or ~/.cache/huggingface/hub)',
+    )
     args = parser.parse_args(argv)
     prepare_output_dir(os.path.dirname(os.path.abspath(args.out_file)))
 
@@ -41,18 +48,22 @@ def _main(argv):
         config_text = timm_config_yaml(timm_model)
         difference = output_difference(load_config_text(config_text), state_dict, timm_model)
     except UnsupportedInTimm as e:
-        raise UnsupportedInTimm(f"{args.source}: {e}") from None
+        raise UnsupportedInTimm(f'{args.source}: {e}') from None
     if not difference <= MAX_RELATIVE_DIFFERENCE:
-        raise ToolFailure(f"Our model built from {args.source} differs from timm's by "
-                          f"{difference:.1e} (relative); the import is wrong. Please report it.")
+        raise ToolFailure(
+            f"Our model built from {args.source} differs from timm's by "
+            f'{difference:.1e} (relative); the import is wrong. Please report it.'
+        )
     if args.out_file.endswith('.safetensors'):
         save_safetensors_checkpoint(args.out_file, state_dict, config_text)
     else:
         atomic_save({'model': state_dict, 'config': config_text}, args.out_file)
-    print(f"Wrote {args.out_file}: timm's {type(timm_model).__name__} as MODEL.TYPE {model_type} "
-          f"({len(state_dict)} tensors, {timm_model.num_classes or 'no'} classes) with its "
-          f"config; our output vs timm's on a random batch: max relative difference "
-          f"{difference:.1e}. Fine-tune from it with --pretrained {args.out_file}.")
+    print(
+        f"Wrote {args.out_file}: timm's {type(timm_model).__name__} as MODEL.TYPE {model_type} "
+        f'({len(state_dict)} tensors, {timm_model.num_classes or "no"} classes) with its '
+        f"config; our output vs timm's on a random batch: max relative difference "
+        f'{difference:.1e}. Fine-tune from it with --pretrained {args.out_file}.'
+    )
     return 0
 
 

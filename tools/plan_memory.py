@@ -11,35 +11,43 @@ the model and benchmarks/RESULTS.md for how it compares with measured peaks). "F
 --reserve of the card free for the CUDA context, cuBLAS/NCCL workspaces and fragmentation.
 Exit codes: 0 done, 2 usage or config error.
 """
+
 import argparse
 import os
 import sys
 
 import torch
 
-
 from config import load_config
+from engine.memory_plan import GIB, estimate, largest_batch, measure_activations, model_stats
 from engine.precision import amp_enabled
 from utils.errors import ConfigError
-from engine.memory_plan import (GIB, estimate, largest_batch, measure_activations,
-                               model_stats)
 
 SETTINGS = [('ddp', False), ('ddp', True), ('fsdp', False), ('fsdp', True)]
 
 
 def plan_table(stats, activations, gpus, budget, batch, precision):
     """Markdown lines: one row per (sharding, checkpointing)."""
-    lines = [f'| sharding | act. ckpt | weights | grads | AdamW | activations | other | peak at '
-             f'batch {batch} | fits | largest batch/GPU |', '|---|---|---|---|---|---|---|---|---|---|']
+    lines = [
+        f'| sharding | act. ckpt | weights | grads | AdamW | activations | other | peak at '
+        f'batch {batch} | fits | largest batch/GPU |',
+        '|---|---|---|---|---|---|---|---|---|---|',
+    ]
     for sharding, checkpointing in SETTINGS:
+
         def peak(b, sharding=sharding, checkpointing=checkpointing):
             return estimate(stats, activations, b, gpus, sharding, checkpointing, precision).peak
+
         e = estimate(stats, activations, batch, gpus, sharding, checkpointing, precision)
         best = largest_batch(lambda b: peak(b) <= budget)
-        gib = [f'{v / GIB:.1f}' for v in (e.weights, e.gradients, e.optimizer, e.activations,
-                                          e.other, e.peak)]
-        lines.append(f"| {sharding} | {'on' if checkpointing else 'off'} | {' | '.join(gib)} | "
-                     f"{'yes' if e.peak <= budget else 'no'} | {best or 'none'} |")
+        gib = [
+            f'{v / GIB:.1f}'
+            for v in (e.weights, e.gradients, e.optimizer, e.activations, e.other, e.peak)
+        ]
+        lines.append(
+            f'| {sharding} | {"on" if checkpointing else "off"} | {" | ".join(gib)} | '
+            f'{"yes" if e.peak <= budget else "no"} | {best or "none"} |'
+        )
     return lines
 
 
@@ -49,12 +57,19 @@ def main(argv=None):
     parser.add_argument('--gpus', type=int, default=8, help='total number of GPUs (ranks)')
     parser.add_argument('--gpu-memory', type=float, default=80, help='GiB per GPU')
     parser.add_argument('--batch-size', type=int, help='images per GPU (default: DATA.BATCH_SIZE)')
-    parser.add_argument('--precision', choices=['bf16', 'fp32'],
-                        help='default: bf16 unless the config turns autocast off')
-    parser.add_argument('--reserve', type=float, default=0.1,
-                        help='fraction of the card kept free (default 0.1)')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                        help='where activations are measured (default: a GPU if present)')
+    parser.add_argument(
+        '--precision',
+        choices=['bf16', 'fp32'],
+        help='default: bf16 unless the config turns autocast off',
+    )
+    parser.add_argument(
+        '--reserve', type=float, default=0.1, help='fraction of the card kept free (default 0.1)'
+    )
+    parser.add_argument(
+        '--device',
+        default='cuda' if torch.cuda.is_available() else 'cpu',
+        help='where activations are measured (default: a GPU if present)',
+    )
     parser.add_argument('--opts', nargs='+', default=[], metavar='KEY VALUE')
     args = parser.parse_args(argv)
     if args.gpus < 1 or args.gpu_memory <= 0 or not 0 <= args.reserve < 1:
@@ -67,12 +82,15 @@ def main(argv=None):
     precision = args.precision or ('bf16' if amp_enabled(config) else 'fp32')
     batch = args.batch_size or config.DATA.BATCH_SIZE
     stats = model_stats(config)
-    activations = measure_activations(os.path.abspath(args.cfg), tuple(args.opts), args.device,
-                                      'cuda', precision)
+    activations = measure_activations(
+        os.path.abspath(args.cfg), tuple(args.opts), args.device, 'cuda', precision
+    )
     budget = args.gpu_memory * GIB * (1 - args.reserve)
-    print(f'{config.TAG}: {stats.params / 1e6:.1f} M parameters, {args.gpus} GPU(s) of '
-          f'{args.gpu_memory:g} GiB ({budget / GIB:.1f} GiB usable), {precision}, activations '
-          f'measured on {args.device}; GiB per GPU:\n')
+    print(
+        f'{config.TAG}: {stats.params / 1e6:.1f} M parameters, {args.gpus} GPU(s) of '
+        f'{args.gpu_memory:g} GiB ({budget / GIB:.1f} GiB usable), {precision}, activations '
+        f'measured on {args.device}; GiB per GPU:\n'
+    )
     print('\n'.join(plan_table(stats, activations, args.gpus, budget, batch, precision)))
     return 0
 

@@ -14,6 +14,7 @@ then runs ``scontrol requeue``, and the requeued job resumes from that checkpoin
 it saw, or on exit code 75 from a launcher that passes it through. The output folder must be on a
 file system every node sees (sharded checkpoints are written by every rank).
 """
+
 import argparse
 import shlex
 import sys
@@ -45,10 +46,18 @@ exit "$code"
 
 
 def sbatch_lines(args):
-    options = [f'--job-name={args.job_name}', f'--nodes={args.nodes}', '--ntasks-per-node=1',
-               f'--gpus-per-node={args.gpus_per_node}', f'--cpus-per-task={args.cpus_per_task}',
-               f'--time={args.time}', '--requeue', '--open-mode=append',
-               f'--signal=B:TERM@{args.signal_seconds}', f'--output={args.log_dir}/%x-%j.out']
+    options = [
+        f'--job-name={args.job_name}',
+        f'--nodes={args.nodes}',
+        '--ntasks-per-node=1',
+        f'--gpus-per-node={args.gpus_per_node}',
+        f'--cpus-per-task={args.cpus_per_task}',
+        f'--time={args.time}',
+        '--requeue',
+        '--open-mode=append',
+        f'--signal=B:TERM@{args.signal_seconds}',
+        f'--output={args.log_dir}/%x-%j.out',
+    ]
     if args.partition:
         options.append(f'--partition={args.partition}')
     options += args.sbatch_option
@@ -58,17 +67,30 @@ def sbatch_lines(args):
 def torchrun_command(args):
     """One torchrun per node (srun starts one task per node), c10d rendezvous on the first node."""
     script, *script_args = args.command
-    launcher = ['torchrun', '--nnodes', '$SLURM_NNODES', '--nproc_per_node', str(args.gpus_per_node),
-                '--rdzv_backend', 'c10d', '--rdzv_endpoint', f'$head_node:{RDZV_PORT}',
-                '--rdzv_id', '$SLURM_JOB_ID']
+    launcher = [
+        'torchrun',
+        '--nnodes',
+        '$SLURM_NNODES',
+        '--nproc_per_node',
+        str(args.gpus_per_node),
+        '--rdzv_backend',
+        'c10d',
+        '--rdzv_endpoint',
+        f'$head_node:{RDZV_PORT}',
+        '--rdzv_id',
+        '$SLURM_JOB_ID',
+    ]
     # The shell expands the $SLURM_* / $head_node words; everything of the user's is quoted.
     words = [f'"{w}"' if w.startswith('$') else w for w in launcher]
     return ' '.join(words + [shlex.quote(w) for w in [script, *script_args]])
 
 
 def build_script(args):
-    return TEMPLATE.format(sbatch=sbatch_lines(args), signal_seconds=args.signal_seconds,
-                           torchrun=torchrun_command(args))
+    return TEMPLATE.format(
+        sbatch=sbatch_lines(args),
+        signal_seconds=args.signal_seconds,
+        torchrun=torchrun_command(args),
+    )
 
 
 def build_parser():
@@ -77,16 +99,26 @@ def build_parser():
     parser.add_argument('--gpus-per-node', type=int, default=8)
     parser.add_argument('--cpus-per-task', type=int, default=64, help='CPU cores per node')
     parser.add_argument('--time', default='24:00:00', help='time limit of one job (HH:MM:SS)')
-    parser.add_argument('--signal-seconds', type=int, default=300,
-                        help='SIGTERM this long before the time limit: enough to finish a step '
-                             'and write a checkpoint')
+    parser.add_argument(
+        '--signal-seconds',
+        type=int,
+        default=300,
+        help='SIGTERM this long before the time limit: enough to finish a step '
+        'and write a checkpoint',
+    )
     parser.add_argument('--job-name', default='simmim')
     parser.add_argument('--partition')
     parser.add_argument('--log-dir', default='logs')
-    parser.add_argument('--sbatch-option', action='append', default=[], metavar='OPTION',
-                        help='any other #SBATCH option, e.g. --sbatch-option=--account=ABC')
-    parser.add_argument('command', nargs='+',
-                        help='after --: the training script and its arguments')
+    parser.add_argument(
+        '--sbatch-option',
+        action='append',
+        default=[],
+        metavar='OPTION',
+        help='any other #SBATCH option, e.g. --sbatch-option=--account=ABC',
+    )
+    parser.add_argument(
+        'command', nargs='+', help='after --: the training script and its arguments'
+    )
     return parser
 
 
@@ -94,8 +126,10 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command[0].endswith('.py'):
-        parser.error(f"the command after -- must start with the training script (main_simmim.py "
-                     f"or main_finetune.py), got {args.command[0]!r}.")
+        parser.error(
+            f'the command after -- must start with the training script (main_simmim.py '
+            f'or main_finetune.py), got {args.command[0]!r}.'
+        )
     if args.nodes < 1 or args.gpus_per_node < 1 or args.signal_seconds < 1:
         parser.error('--nodes, --gpus-per-node and --signal-seconds must be positive.')
     sys.stdout.write(build_script(args))

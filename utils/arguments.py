@@ -1,8 +1,9 @@
 """The command line of the entry scripts: the official SimMIM flags, and how they map to config keys.
 
-    build_arg_parser(finetune=False)   the parser (fine-tuning adds --pretrained --eval --throughput)
-    apply_args(config, args)           flags given -> their config keys (after YAML and --opts)
+build_arg_parser(finetune=False)   the parser (fine-tuning adds --pretrained --eval --throughput)
+apply_args(config, args)           flags given -> their config keys (after YAML and --opts)
 """
+
 import argparse
 import difflib
 import os
@@ -17,7 +18,7 @@ class _ArgumentParser(argparse.ArgumentParser):
             for bad in message.split(':', 1)[1].split():
                 close = difflib.get_close_matches(bad.split('=')[0], flags, n=2)
                 if close:
-                    message += f" (did you mean {' or '.join(close)}?)"
+                    message += f' (did you mean {" or ".join(close)}?)'
         super().error(message)
 
 
@@ -25,34 +26,74 @@ def build_arg_parser(finetune=False):
     """The official SimMIM flags (plus the Swin-Transformer repo's --enable-amp/--disable-amp)."""
     name = 'SimMIM fine-tuning' if finetune else 'SimMIM pre-training'
     parser = _ArgumentParser(name, allow_abbrev=False)
-    parser.add_argument('--cfg', type=str, required=True, metavar='FILE', help='path to config file')
-    parser.add_argument('--opts', nargs='+', action='extend', default=None, metavar='KEY VALUE',
-                        help="override config keys, e.g. --opts TRAIN.EPOCHS 1 DATA.NUM_WORKERS 0 "
-                             "(given twice, both groups apply, in order)")
+    parser.add_argument(
+        '--cfg', type=str, required=True, metavar='FILE', help='path to config file'
+    )
+    parser.add_argument(
+        '--opts',
+        nargs='+',
+        action='extend',
+        default=None,
+        metavar='KEY VALUE',
+        help='override config keys, e.g. --opts TRAIN.EPOCHS 1 DATA.NUM_WORKERS 0 '
+        '(given twice, both groups apply, in order)',
+    )
     parser.add_argument('--batch-size', type=int, help='batch size per GPU (DATA.BATCH_SIZE)')
     parser.add_argument('--data-path', type=str, help='path to the dataset (DATA.DATA_PATH)')
     parser.add_argument('--resume', help='resume from this checkpoint (MODEL.RESUME)')
     parser.add_argument('--accumulation-steps', type=int, help='gradient accumulation steps')
-    parser.add_argument('--use-checkpoint', action='store_true',
-                        help='gradient checkpointing to save memory (TRAIN.USE_CHECKPOINT)')
-    parser.add_argument('--amp-opt-level', type=str, choices=['O0', 'O1', 'O2'], default=None,
-                        help='O0 turns mixed precision off; O1/O2 turn torch.amp autocast on')
-    parser.add_argument('--enable-amp', action='store_true', default=None, dest='enable_amp',
-                        help='turn torch.amp autocast on (ENABLE_AMP True)')
-    parser.add_argument('--disable-amp', action='store_false', dest='enable_amp',
-                        help='turn mixed precision off (ENABLE_AMP False)')
-    parser.add_argument('--output', default=None, type=str, metavar='PATH',
-                        help='root of the output folder (OUTPUT; default "output")')
+    parser.add_argument(
+        '--use-checkpoint',
+        action='store_true',
+        help='gradient checkpointing to save memory (TRAIN.USE_CHECKPOINT)',
+    )
+    parser.add_argument(
+        '--amp-opt-level',
+        type=str,
+        choices=['O0', 'O1', 'O2'],
+        default=None,
+        help='O0 turns mixed precision off; O1/O2 turn torch.amp autocast on',
+    )
+    parser.add_argument(
+        '--enable-amp',
+        action='store_true',
+        default=None,
+        dest='enable_amp',
+        help='turn torch.amp autocast on (ENABLE_AMP True)',
+    )
+    parser.add_argument(
+        '--disable-amp',
+        action='store_false',
+        dest='enable_amp',
+        help='turn mixed precision off (ENABLE_AMP False)',
+    )
+    parser.add_argument(
+        '--output',
+        default=None,
+        type=str,
+        metavar='PATH',
+        help='root of the output folder (OUTPUT; default "output")',
+    )
     parser.add_argument('--tag', help='tag of experiment (TAG)')
-    parser.add_argument('--compile', choices=['blocks', 'model'], default=None,
-                        help='torch.compile each transformer block or the whole model '
-                             '(TRAIN.COMPILE)')
+    parser.add_argument(
+        '--compile',
+        choices=['blocks', 'model'],
+        default=None,
+        help='torch.compile each transformer block or the whole model (TRAIN.COMPILE)',
+    )
     # torch.distributed.launch passes one of these; torchrun sets LOCAL_RANK, which wins.
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=None, dest='local_rank',
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        '--local_rank',
+        '--local-rank',
+        type=int,
+        default=None,
+        dest='local_rank',
+        help=argparse.SUPPRESS,
+    )
     if finetune:
-        parser.add_argument('--pretrained', type=str,
-                            help='SimMIM checkpoint to fine-tune from (MODEL.PRETRAINED)')
+        parser.add_argument(
+            '--pretrained', type=str, help='SimMIM checkpoint to fine-tune from (MODEL.PRETRAINED)'
+        )
         parser.add_argument('--eval', action='store_true', help='evaluate only')
         parser.add_argument('--throughput', action='store_true', help='measure throughput only')
     return parser
@@ -91,4 +132,3 @@ def apply_args(config, args):
         config.THROUGHPUT_MODE = True
     local_rank = os.environ.get('LOCAL_RANK', given('local_rank'))
     config.LOCAL_RANK = int(local_rank) if local_rank is not None else 0
-

@@ -5,6 +5,7 @@ message a failed checkpoint write gets.
     fsync_folder(path)                   make a rename inside `path` survive a power loss
     write_error(path, errors, ...)       the CheckpointWriteError for a write that failed
 """
+
 import errno
 import os
 import secrets
@@ -36,9 +37,10 @@ def write_error(path, errors, what='checkpoint', where='a larger disk'):
         reason = getattr(first, 'strerror', None) or f'{type(first).__name__}: {str(first)[:300]}'
     folder = os.path.dirname(os.path.abspath(path))
     return CheckpointWriteError(
-        f"Could not write {what} {path}: {reason}. Nothing was overwritten: earlier checkpoints "
-        f"in {folder} are intact. Free space (or pass --output on {where}) and resume from the "
-        f"newest checkpoint.")
+        f'Could not write {what} {path}: {reason}. Nothing was overwritten: earlier checkpoints '
+        f'in {folder} are intact. Free space (or pass --output on {where}) and resume from the '
+        f'newest checkpoint.'
+    )
 
 
 def atomic_save(obj, path, write=None):

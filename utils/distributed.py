@@ -4,6 +4,7 @@ collectives the other layers use: sums and maxima, object gathers, and agreeing 
 
 The module whose parameter names are the official ones is timm's `timm.utils.unwrap_model` (DDP's
 .module and torch.compile's ._orig_mod removed; tests/test_timm_helpers.py)."""
+
 import inspect
 import os
 import pickle
@@ -48,17 +49,24 @@ def init_distributed(local_rank=0):
         local_world_size = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
         if local_world_size > torch.cuda.device_count():
             # NCCL refuses two ranks on one GPU ("Duplicate GPU detected") after a long start-up.
-            raise ConfigError(f"torchrun started {local_world_size} processes on this node but it "
-                              f"has {torch.cuda.device_count()} GPU(s); use --nproc_per_node "
-                              f"{torch.cuda.device_count()} (one process per GPU).")
+            raise ConfigError(
+                f'torchrun started {local_world_size} processes on this node but it '
+                f'has {torch.cuda.device_count()} GPU(s); use --nproc_per_node '
+                f'{torch.cuda.device_count()} (one process per GPU).'
+            )
         torch.cuda.set_device(local_rank)
         device = torch.device('cuda', torch.cuda.current_device())
     else:
         device = torch.device('cpu')
     if world_size > 1 and not dist.is_initialized():
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
-        dist.init_process_group(backend, init_method='env://', world_size=world_size, rank=rank,
-                                device_id=device if device.type == 'cuda' else None)
+        dist.init_process_group(
+            backend,
+            init_method='env://',
+            world_size=world_size,
+            rank=rank,
+            device_id=device if device.type == 'cuda' else None,
+        )
     return DistInfo(rank, world_size, local_rank, device)
 
 
@@ -73,10 +81,17 @@ def wrap_ddp(model, device):
     checkpointing and unused parameters, neither of which occurs here.
     """
     params = inspect.signature(DistributedDataParallel.__init__).parameters
-    no_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in params
-               else {'broadcast_buffers': False})
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None,
-                                   gradient_as_bucket_view=True, **no_sync)
+    no_sync = (
+        {'forward_sync_buffers': False}
+        if 'forward_sync_buffers' in params
+        else {'broadcast_buffers': False}
+    )
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == 'cuda' else None,
+        gradient_as_bucket_view=True,
+        **no_sync,
+    )
 
 
 def broadcast_batchnorm_stats(model, src=0):
@@ -85,8 +100,12 @@ def broadcast_batchnorm_stats(model, src=0):
     (the linear probe's head) tracks its own batches; call this before evaluating or saving."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
-             torch.nn.SyncBatchNorm)
+    norms = (
+        torch.nn.BatchNorm1d,
+        torch.nn.BatchNorm2d,
+        torch.nn.BatchNorm3d,
+        torch.nn.SyncBatchNorm,
+    )
     for module in model.modules():
         if isinstance(module, norms):
             for buffer in module.buffers():
@@ -96,7 +115,7 @@ def broadcast_batchnorm_stats(model, src=0):
 def seed_everything(seed):
     """Seed the global RNGs of this process (dropout, drop path, Mixup)."""
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 

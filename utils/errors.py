@@ -11,6 +11,7 @@ with its `exit_code`:
     3  EXIT_NONFINITE   too many consecutive non-finite steps
     75 EXIT_PREEMPTED   stopped by a signal after writing a checkpoint (EX_TEMPFAIL: run it again)
 """
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
@@ -20,29 +21,34 @@ EXIT_PREEMPTED = 75
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and the fix."""
+
     exit_code = EXIT_CONFIG
     title = 'Configuration error'
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used; the message names the file and the fix."""
+
     exit_code = EXIT_CONFIG
     title = 'Checkpoint error'
 
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; the previous one is intact."""
+
     exit_code = EXIT_FAILURE
 
 
 class IncompatibleCheckpointError(RuntimeError):
     """A checkpoint that does not fit the model; the message names keys and shapes."""
+
     exit_code = EXIT_CONFIG
     title = 'Checkpoint error'
 
 
 class DataError(RuntimeError):
     """The data on disk cannot be used as configured; the message names the path and the fix."""
+
     exit_code = EXIT_CONFIG
     title = 'Data error'
 
@@ -53,24 +59,36 @@ class BadImageError(DataError):
 
 class ToolFailure(RuntimeError):
     """A tool ran but its result is wrong (e.g. an export that does not reproduce the model)."""
+
     exit_code = EXIT_FAILURE
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient norm."""
+
     exit_code = EXIT_NONFINITE
 
 
 class Preempted(Exception):
     """Raised after the stop checkpoint is written; carries EXIT_PREEMPTED."""
+
     exit_code = EXIT_PREEMPTED
     title = 'Preempted'
 
 
 # Failures whose message is enough: the entry scripts show it without a traceback.
-KNOWN_ERRORS = (ConfigError, CheckpointError, CheckpointWriteError, IncompatibleCheckpointError,
-                DataError, ToolFailure, NonFiniteLossError, Preempted, FileNotFoundError,
-                NotADirectoryError)
+KNOWN_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    CheckpointWriteError,
+    IncompatibleCheckpointError,
+    DataError,
+    ToolFailure,
+    NonFiniteLossError,
+    Preempted,
+    FileNotFoundError,
+    NotADirectoryError,
+)
 
 
 def exit_code_of(error):

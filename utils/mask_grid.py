@@ -1,6 +1,7 @@
 """Conversions between masks at the mask-patch, model-patch and pixel resolutions, shared by the
 mask generators (data/masking.py), the losses (models/targets.py) and the visualisation tools.
 A leaf module (torch only), so models need not import the data pipeline for them."""
+
 import torch
 import torch.nn.functional as F
 

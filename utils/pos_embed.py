@@ -17,6 +17,7 @@ the not-a-knot bicubic interpolant, and FITPACK evaluates targets outside the so
 +-13 when the outermost source offset is 12.99994) at the nearest end of the range. Tables of
 windows 1 and 2 are too small for that (see SMALLEST_GEOMETRIC_SIDE).
 """
+
 import math
 
 import numpy as np
@@ -39,7 +40,7 @@ def geometric_ratio(src_side, dst_side):
     n = src_side // 2
     while right - left > GEOMETRIC_Q_TOLERANCE:
         q = (left + right) / 2.0
-        if (1.0 - q ** n) / (1.0 - q) > dst_side // 2:
+        if (1.0 - q**n) / (1.0 - q) > dst_side // 2:
             right = q
         else:
             left = q
@@ -58,10 +59,12 @@ def resize_rel_pos_bias_table(table, dst_side, num_extra_tokens=0):
     are kept unchanged at the end."""
     num_rows, num_heads = table.shape
     grid_rows = num_rows - num_extra_tokens
-    src_side = int(round(grid_rows ** 0.5))
+    src_side = int(round(grid_rows**0.5))
     if src_side * src_side != grid_rows:
-        raise ValueError(f"A relative position bias table with {num_rows} rows and "
-                         f"{num_extra_tokens} extra rows is not a square grid of offsets.")
+        raise ValueError(
+            f'A relative position bias table with {num_rows} rows and '
+            f'{num_extra_tokens} extra rows is not a square grid of offsets.'
+        )
     if src_side == dst_side:
         return table.clone()
     grid, extra = table[:grid_rows], table[grid_rows:]
@@ -90,7 +93,9 @@ def resize_abs_pos_embed(pos_embed, dst_grid, num_extra_tokens=0):
     work; antialias=False matters, timm's default antialiasing gives other values."""
     num_patches = pos_embed.shape[1] - num_extra_tokens
     if math.isqrt(num_patches) ** 2 != num_patches:
-        raise ValueError(f"A position embedding of {num_patches} patch tokens is not a square "
-                         f"grid.")
-    return resample_abs_pos_embed(pos_embed, list(dst_grid), num_prefix_tokens=num_extra_tokens,
-                                  antialias=False)
+        raise ValueError(
+            f'A position embedding of {num_patches} patch tokens is not a square grid.'
+        )
+    return resample_abs_pos_embed(
+        pos_embed, list(dst_grid), num_prefix_tokens=num_extra_tokens, antialias=False
+    )

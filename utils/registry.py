@@ -6,6 +6,7 @@ message a wrong name gets: the config key, the valid names and the closest ones.
 
 A leaf module (imports only utils.errors), so every layer may keep its table here.
 """
+
 import difflib
 
 from utils.errors import ConfigError
@@ -15,7 +16,7 @@ def not_one_of(key, value, choices, what='values'):
     """The ConfigError for `value` of `key` outside `choices`, with the closest valid ones."""
     names = [str(c) for c in choices]
     close = difflib.get_close_matches(str(value), names, n=2, cutoff=0.5)
-    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ''
+    hint = f' Did you mean {" or ".join(repr(c) for c in close)}?' if close else ''
     return ConfigError(f"{key} '{value}' is not one of the valid {what}: {', '.join(names)}.{hint}")
 
 

@@ -7,6 +7,7 @@ pickled object makes the load fail with a message, and its code never runs. Safe
 (utils.safetensors_io) hold no pickle and are recognised by their content. A directory is refused
 with what to pass instead (a sharded checkpoint is read by checkpoint.sharded).
 """
+
 import collections
 import os
 import pickle
@@ -27,14 +28,16 @@ def load_checkpoint_file(path, purpose='checkpoint'):
     `purpose` names the flag or key the path came from, for the error message.
     """
     if not path:
-        raise CheckpointError(f"No {purpose} path given.")
+        raise CheckpointError(f'No {purpose} path given.')
     if os.path.isdir(path):
         raise folder_error(path, purpose)
     if not os.path.isfile(path):
-        raise CheckpointError(f"{purpose}: file not found: {path}. Check the path.")
+        raise CheckpointError(f'{purpose}: file not found: {path}. Check the path.')
     if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{purpose}: {path} is empty (0 bytes), probably left by a write "
-                              f"that was interrupted. Use an earlier checkpoint.")
+        raise CheckpointError(
+            f'{purpose}: {path} is empty (0 bytes), probably left by a write '
+            f'that was interrupted. Use an earlier checkpoint.'
+        )
     if path.endswith('.safetensors') or is_safetensors_file(path):
         try:
             return load_safetensors_checkpoint(path)
@@ -49,10 +52,11 @@ def load_checkpoint_file(path, purpose='checkpoint'):
             raise _unreadable(path, purpose, e) from None
         first_line = blocked[0]
         raise CheckpointError(
-            f"{purpose}: refused to load {path}: it contains a pickled object that is neither a "
-            f"tensor, a container of tensors and numbers, nor an official SimMIM config, so "
-            f"loading it could run arbitrary code. ({first_line}) Re-save the weights alone "
-            f"(e.g. torch.save({{'model': state_dict}}, path)) from a trusted environment.") from None
+            f'{purpose}: refused to load {path}: it contains a pickled object that is neither a '
+            f'tensor, a container of tensors and numbers, nor an official SimMIM config, so '
+            f'loading it could run arbitrary code. ({first_line}) Re-save the weights alone '
+            f"(e.g. torch.save({{'model': state_dict}}, path)) from a trusted environment."
+        ) from None
     except Exception as e:  # truncated zip, plain text, old format with garbage, ...
         raise _unreadable(path, purpose, e) from None
 
@@ -62,16 +66,20 @@ def folder_error(path, purpose):
     (complete or not) or any other folder."""
     if os.path.isfile(os.path.join(path, SHARDED_MARKER)):
         return CheckpointError(
-            f"{purpose}: {path} is a sharded checkpoint directory (TRAIN.SHARDING fsdp). Convert it "
-            f"to one file with `python -m tools.convert_checkpoint {path} OUT.pth` and pass OUT.pth "
-            f"(resuming a training run takes the directory itself; tools/export.py reads it too).")
+            f'{purpose}: {path} is a sharded checkpoint directory (TRAIN.SHARDING fsdp). Convert it '
+            f'to one file with `python -m tools.convert_checkpoint {path} OUT.pth` and pass OUT.pth '
+            f'(resuming a training run takes the directory itself; tools/export.py reads it too).'
+        )
     if os.path.isfile(os.path.join(path, '.metadata')):  # DCP's index, written before the marker
         return CheckpointError(
-            f"{purpose}: {path} is an incomplete sharded checkpoint: it has no {SHARDED_MARKER} "
-            f"marker, so its write was interrupted. Use an earlier checkpoint.")
-    return CheckpointError(f"{purpose}: {path} is a folder, not a checkpoint file. Pass the file "
-                           f"itself, e.g. {os.path.join(path, 'ckpt_epoch_N.pth')} (a run's "
-                           f"folder is resumed by running its command again, with auto-resume).")
+            f'{purpose}: {path} is an incomplete sharded checkpoint: it has no {SHARDED_MARKER} '
+            f'marker, so its write was interrupted. Use an earlier checkpoint.'
+        )
+    return CheckpointError(
+        f'{purpose}: {path} is a folder, not a checkpoint file. Pass the file '
+        f"itself, e.g. {os.path.join(path, 'ckpt_epoch_N.pth')} (a run's "
+        f'folder is resumed by running its command again, with auto-resume).'
+    )
 
 
 def _unreadable(path, purpose, error):
@@ -80,6 +88,7 @@ def _unreadable(path, purpose, error):
     if 'weights_only' in first_line:  # torch's advice to load unsafely; the bytes are no pickle
         detail = 'its bytes are not a pickled checkpoint'
     return CheckpointError(
-        f"{purpose}: {path} is not a readable PyTorch checkpoint (truncated or not a checkpoint "
-        f"at all: {type(error).__name__}: {detail}). Use an earlier checkpoint or re-download "
-        f"the file.")
+        f'{purpose}: {path} is not a readable PyTorch checkpoint (truncated or not a checkpoint '
+        f'at all: {type(error).__name__}: {detail}). Use an earlier checkpoint or re-download '
+        f'the file.'
+    )

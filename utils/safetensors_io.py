@@ -10,6 +10,7 @@ version and the checkpoint's scalars such as epoch and accuracy). So the file re
 dict a .pth checkpoint gives, minus optimizer and schedule state. A timm folder's
 model.safetensors is the same container with timm's names and no such metadata.
 """
+
 import json
 import os
 import struct
@@ -32,8 +33,7 @@ def is_safetensors_file(path):
         size = os.path.getsize(path)
     except OSError:
         return False
-    return (len(head) == 9 and head[8:9] == b'{'
-            and 0 < struct.unpack('<Q', head[:8])[0] <= size - 8)
+    return len(head) == 9 and head[8:9] == b'{' and 0 < struct.unpack('<Q', head[:8])[0] <= size - 8
 
 
 def _without_shared_storage(state_dict):

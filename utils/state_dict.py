@@ -13,6 +13,7 @@ checkpoint remap (models/architectures.py) and by load_pretrained (checkpoint/we
 
 `model_state` is the target model's state dict (only names and shapes are read).
 """
+
 import math
 import re
 
@@ -39,7 +40,7 @@ def strip_wrapper_prefixes(key, prefixes=('module.', '_orig_mod.')):
         stripped = False
         for prefix in prefixes:
             if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
+                key, stripped = key[len(prefix) :], True
     return key
 
 
@@ -53,8 +54,9 @@ def canonical_keys(state_dict):
     """The names our models use, for a state dict of this framework or the official code: no DDP /
     torch.compile prefix, released SwinV2 names renamed, rebuilt buffers dropped ('encoder.'
     kept)."""
-    return drop_rebuilt_buffers(rename_released_keys(
-        {strip_wrapper_prefixes(k): v for k, v in state_dict.items()}))
+    return drop_rebuilt_buffers(
+        rename_released_keys({strip_wrapper_prefixes(k): v for k, v in state_dict.items()})
+    )
 
 
 def resize_pos_embed_entry(sd, model_state, key, num_extra_tokens, patch_grid, logger=None):
@@ -71,7 +73,7 @@ def resize_pos_embed_entry(sd, model_state, key, num_extra_tokens, patch_grid, l
         return  # left to check_compatible
     old = tuple(sd[key].shape)
     sd[key] = resize_abs_pos_embed(sd[key], patch_grid, num_extra_tokens)
-    log_info(logger, f"Resized {key} {old} -> {tuple(sd[key].shape)} (bicubic on the patch grid).")
+    log_info(logger, f'Resized {key} {old} -> {tuple(sd[key].shape)} (bicubic on the patch grid).')
 
 
 def resize_position_tables(sd, model_state, num_extra_tokens, patch_grid=None, logger=None):
@@ -84,22 +86,28 @@ def resize_position_tables(sd, model_state, num_extra_tokens, patch_grid=None, l
         src, dst = tuple(sd[key].shape), tuple(model_state[key].shape)
         if src[1] != dst[1]:
             raise IncompatibleCheckpointError(
-                f"{key}: the checkpoint has {src[1]} attention heads {src}, the model {dst[1]} "
-                f"{dst}. Probably another architecture or size; check MODEL.*.NUM_HEADS.")
+                f'{key}: the checkpoint has {src[1]} attention heads {src}, the model {dst[1]} '
+                f'{dst}. Probably another architecture or size; check MODEL.*.NUM_HEADS.'
+            )
         if patch_grid is not None and patch_grid[0] != patch_grid[1]:
             raise NotImplementedError(
-                f"{key}: resizing a relative position table {src} -> {dst} for a non-square patch "
-                f"grid {tuple(patch_grid)} is not implemented; use a square DATA.IMG_SIZE.")
+                f'{key}: resizing a relative position table {src} -> {dst} for a non-square patch '
+                f'grid {tuple(patch_grid)} is not implemented; use a square DATA.IMG_SIZE.'
+            )
         dst_side = math.isqrt(dst[0] - num_extra_tokens)
         if dst_side * dst_side != dst[0] - num_extra_tokens:
             raise IncompatibleCheckpointError(
                 f"{key}: cannot resize {src} to the model's {dst}, which is not a square grid of "
-                f"offsets.")
+                f'offsets.'
+            )
         sd[key] = resize_rel_pos_bias_table(sd[key], dst_side, num_extra_tokens)
         resized.setdefault((src[0], dst[0]), []).append(key)
     for (src_rows, dst_rows), keys in resized.items():
-        log_info(logger, f"Resized {len(keys)} relative position tables from {src_rows} to "
-                         f"{dst_rows} rows (geometric interpolation): {summarize_keys(keys)}")
+        log_info(
+            logger,
+            f'Resized {len(keys)} relative position tables from {src_rows} to '
+            f'{dst_rows} rows (geometric interpolation): {summarize_keys(keys)}',
+        )
 
 
 def summarize_keys(keys, reference_keys=(), limit=12):
@@ -119,9 +127,9 @@ def summarize_keys(keys, reference_keys=(), limit=12):
         if pattern not in counts:
             parts.append(pattern)
         counts[pattern] = counts.get(pattern, 0) + 1
-    words = [p if counts[p] == 1 or p.endswith('.*') else f"{p} (x{counts[p]})" for p in parts]
+    words = [p if counts[p] == 1 or p.endswith('.*') else f'{p} (x{counts[p]})' for p in parts]
     if len(words) > limit:
-        words = words[:limit] + [f"... {len(words) - limit} more"]
+        words = words[:limit] + [f'... {len(words) - limit} more']
     return ', '.join(words)
 
 
@@ -134,14 +142,19 @@ def unwrap_state_dict(obj):
                     f"The checkpoint's '{key}' entry is a {type(obj[key]).__name__}, not a state "
                     f"dict ({{parameter name: tensor}}); it was not saved from a model's "
                     f"state_dict(). Re-save it with torch.save({{'{key}': model.state_dict()}}, "
-                    f"path).")
+                    f'path).'
+                )
             obj = obj[key]
             break
-    if (not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj)
-            or not all(hasattr(v, 'shape') for v in obj.values())):
+    if (
+        not isinstance(obj, dict)
+        or not all(isinstance(k, str) for k in obj)
+        or not all(hasattr(v, 'shape') for v in obj.values())
+    ):
         raise IncompatibleCheckpointError(
             "The checkpoint holds no state dict: expected {'model': state_dict}, "
-            "{'state_dict': ...}, {'module': ...} or a bare {name: tensor} mapping.")
+            "{'state_dict': ...}, {'module': ...} or a bare {name: tensor} mapping."
+        )
     return dict(obj)
 
 
@@ -150,8 +163,11 @@ def strip_prefixes(state_dict):
     the encoder only, without its prefix. mask_token is dropped."""
     sd = {strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
     if any(k.startswith('encoder.') for k in sd):
-        sd = {strip_wrapper_prefixes(k[len('encoder.'):]): v for k, v in sd.items()
-              if k.startswith('encoder.')}
+        sd = {
+            strip_wrapper_prefixes(k[len('encoder.') :]): v
+            for k, v in sd.items()
+            if k.startswith('encoder.')
+        }
     sd.pop('mask_token', None)
     return sd
 
@@ -169,8 +185,11 @@ def key_differences(stored, model_state):
     model shape) of the keys both have with different shapes."""
     missing = [k for k in model_state if k not in stored]
     unexpected = [k for k in stored if k not in model_state]
-    mismatched = [(k, _shape(stored[k]), _shape(v)) for k, v in model_state.items()
-                  if k in stored and _shape(stored[k]) != _shape(v)]
+    mismatched = [
+        (k, _shape(stored[k]), _shape(v))
+        for k, v in model_state.items()
+        if k in stored and _shape(stored[k]) != _shape(v)
+    ]
     return missing, unexpected, mismatched
 
 
@@ -178,14 +197,18 @@ def describe_key_differences(missing, unexpected, mismatched, stored=(), model_s
     """The differences `key_differences` found, in plain words (keys grouped by summarize_keys)."""
     parts = []
     if missing:
-        parts.append(f"{len(missing)} model tensors are not in it (missing: "
-                     f"{summarize_keys(missing, model_state, limit)})")
+        parts.append(
+            f'{len(missing)} model tensors are not in it (missing: '
+            f'{summarize_keys(missing, model_state, limit)})'
+        )
     if unexpected:
-        parts.append(f"{len(unexpected)} of its tensors are not in the model (unexpected: "
-                     f"{summarize_keys(unexpected, stored, limit)})")
+        parts.append(
+            f'{len(unexpected)} of its tensors are not in the model (unexpected: '
+            f'{summarize_keys(unexpected, stored, limit)})'
+        )
     if mismatched:
-        pairs = '; '.join(f"{k}: checkpoint {src} vs model {dst}" for k, src, dst in mismatched[:5])
-        parts.append(f"{len(mismatched)} shape mismatches ({pairs})")
+        pairs = '; '.join(f'{k}: checkpoint {src} vs model {dst}' for k, src, dst in mismatched[:5])
+        parts.append(f'{len(mismatched)} shape mismatches ({pairs})')
     return '; '.join(parts)
 
 
@@ -196,8 +219,9 @@ def check_fits(stored, model_state, source, hint='', model_name='the model'):
     if missing or unexpected or mismatched:
         report = describe_key_differences(missing, unexpected, mismatched, stored, model_state)
         raise IncompatibleCheckpointError(
-            f"{source} does not fit {model_name} (another architecture or size?): {report}."
-            f"{' ' + hint if hint else ''}")
+            f'{source} does not fit {model_name} (another architecture or size?): {report}.'
+            f'{" " + hint if hint else ""}'
+        )
 
 
 def encoder_weights(checkpoint):
@@ -208,9 +232,12 @@ def encoder_weights(checkpoint):
     prefixes, buffers the model rebuilds and released SwinV2 names are normalised."""
     full = drop_rebuilt_buffers(unwrap_state_dict(checkpoint))
     weights = rename_released_keys(strip_prefixes(full))
-    dropped = [k for k in full
-               if re.sub(r'^((module|_orig_mod)\.)*(encoder\.)?', '', k).replace('rpe_mlp', 'cpb_mlp')
-               not in weights]
+    dropped = [
+        k
+        for k in full
+        if re.sub(r'^((module|_orig_mod)\.)*(encoder\.)?', '', k).replace('rpe_mlp', 'cpb_mlp')
+        not in weights
+    ]
     return weights, dropped
 
 

@@ -8,6 +8,7 @@ script (main_simmim.py: PRETRAIN, main_finetune.py: FINETUNE) and handed to the 
 A leaf module, so every layer may take a Task. How a batch becomes a loss for each task is
 engine/batch_loss.py.
 """
+
 from dataclasses import dataclass
 
 from utils.registry import Registry
@@ -25,10 +26,12 @@ class Task:
     finetune_flags: bool  # the command line takes --pretrained, --eval and --throughput
 
 
-PRETRAIN = Task('pretrain', 'pre-training', masked_image_modeling=True, layer_decay=False,
-                finetune_flags=False)
-FINETUNE = Task('finetune', 'fine-tuning', masked_image_modeling=False, layer_decay=True,
-                finetune_flags=True)
+PRETRAIN = Task(
+    'pretrain', 'pre-training', masked_image_modeling=True, layer_decay=False, finetune_flags=False
+)
+FINETUNE = Task(
+    'finetune', 'fine-tuning', masked_image_modeling=False, layer_decay=True, finetune_flags=True
+)
 TASKS = Registry('task', 'tasks', {task.name: task for task in (PRETRAIN, FINETUNE)})
 
 
