@@ -103,7 +103,8 @@ _C.MODEL = CN()
 _C.MODEL.TYPE = 'swin'  # a registered architecture (models/architectures.py): swin | swinv2 | vit
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'  # logger name and output sub-folder
 # Weights to start from (Swin-Transformer key): fine-tuning's model, or pre-training's encoder. A
-# checkpoint (.pth or .safetensors), or timm:NAME_OR_FOLDER for a timm model (checkpoint/timm_folder.py).
+# checkpoint (.pth or .safetensors), or timm:NAME_OR_FOLDER for a timm model
+# (checkpoint/timm_folder.py).
 _C.MODEL.PRETRAINED = ''
 _C.MODEL.RESUME = ''  # checkpoint to resume from
 # Fine-tuning classes. 0 = the number of class sub-folders found in the data (the official code
@@ -178,8 +179,8 @@ _C.MODEL.SIMMIM.HEAD.INVERSE_SWIN.MLP_RATIO = 4.0
 # color_clusters.
 _C.MODEL.SIMMIM.TARGET = CN()
 _C.MODEL.SIMMIM.TARGET.NAME = 'pixel'
-# Prediction resolution IMG_SIZE / DOWNSAMPLE (Table 3: 1 ... 32): the target image is average-pooled
-# by DOWNSAMPLE and the head predicts at that resolution.
+# Prediction resolution IMG_SIZE / DOWNSAMPLE (Table 3: 1 ... 32): the target image is
+# average-pooled by DOWNSAMPLE and the head predicts at that resolution.
 _C.MODEL.SIMMIM.TARGET.DOWNSAMPLE = 1
 _C.MODEL.SIMMIM.TARGET.NUM_BINS = 8  # color_bins: equal-width bins per RGB channel (8 or 256)
 _C.MODEL.SIMMIM.TARGET.NUM_CLUSTERS = 512  # color_clusters: palette size (iGPT's 512)
@@ -399,7 +400,8 @@ def validate_config(config: CN, task: Task) -> None:
 # Loading
 # -----------------------------------------------------------------------------------------------
 def _scale_learning_rates(config, world_size):
-    """Linear scaling rule: LRs are given for a total batch of 512 (section 5.4 of the reference)."""
+    """Linear scaling rule: LRs are given for a total batch of 512 (section 5.4 of the
+    reference)."""
     factor = config.DATA.BATCH_SIZE * world_size / 512.0
     if config.TRAIN.ACCUMULATION_STEPS > 1:
         factor *= config.TRAIN.ACCUMULATION_STEPS
@@ -410,7 +412,8 @@ def _scale_learning_rates(config, world_size):
 
 def _validate_and_derive(config, world_size, task):
     """Check the merged `config`; unless it is FINALIZED already, derive the run's values (the
-    MODEL.PRETRAINED alias, OUTPUT/MODEL.NAME/TAG, the learning rates for the total batch); freeze."""
+    MODEL.PRETRAINED alias, OUTPUT/MODEL.NAME/TAG, the learning rates for the total batch);
+    freeze."""
     if not config.FINALIZED:
         if config.PRETRAINED and not config.MODEL.PRETRAINED:
             config.MODEL.PRETRAINED = config.PRETRAINED

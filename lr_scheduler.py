@@ -139,7 +139,7 @@ class LRScheduler:
     def step_update(self, num_updates):
         """Set every param group's lr to its value at update index `num_updates`."""
         self.last_num_updates = int(num_updates)
-        for group, lr in zip(self.optimizer.param_groups, self.lr_at(num_updates)):
+        for group, lr in zip(self.optimizer.param_groups, self.lr_at(num_updates), strict=True):
             group['lr'] = lr
 
     # -- checkpoints ----------------------------------------------------------------------------

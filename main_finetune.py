@@ -3,7 +3,8 @@
 python main_finetune.py --cfg FILE --data-path DIR --pretrained CKPT      # fine-tune
 python main_finetune.py --cfg FILE --data-path DIR --eval --resume CKPT   # evaluate
 python main_finetune.py --cfg FILE --data-path DIR --throughput           # forward images/s
-(linear probing: a config with LINEAR_PROBE.ENABLE True, e.g. configs/vit_base__800ep/...linprobe...)
+(linear probing: a config with LINEAR_PROBE.ENABLE True, e.g.
+configs/vit_base__800ep/...linprobe...)
 """
 
 import logging

@@ -19,13 +19,13 @@ import torch
 import torch.distributed as dist
 from torch._dynamo.utils import counters
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 from config import load_config
 from engine.compilation import compile_model
 from engine.precision import autocast
 from models import build_model
 from utils.distributed import wrap_ddp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SWIN_B = 'configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml'
 

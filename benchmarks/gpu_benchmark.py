@@ -1,5 +1,5 @@
-"""GPU checks the CPU cannot make: fused attention kernels, bf16 / fp16 training steps, the on-device
-skip of non-finite steps, and training throughput of the official Swin-B / ViT-B models.
+"""GPU checks the CPU cannot make: fused attention kernels, bf16 / fp16 training steps, the
+on-device skip of non-finite steps, and training throughput of the official Swin-B / ViT-B models.
 
     python -m benchmarks.gpu_benchmark [--out results.md] [--steps 20] [--batch-size 128]
 
@@ -14,13 +14,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 from config import load_config
 from engine.precision import autocast
 from models import build_model
 from models.attention import attention, eager_attention
 from optimizer import build_optimizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SWIN_B = 'configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml'
 VIT_B = 'configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml'
@@ -63,7 +63,8 @@ def check_attention(lines):
             )
         except RuntimeError as e:
             lines.append(
-                f'- bf16 {name} kernel accepts the additive bias: no ({str(e).splitlines()[0][:120]})'
+                f'- bf16 {name} kernel accepts the additive bias: no '
+                f'({str(e).splitlines()[0][:120]})'
             )
 
 
@@ -127,7 +128,7 @@ def train_steps(cfg_path, batch_size, steps, dtype, eager, use_scaler=False, war
         synchronize()
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == 'cuda' else float('nan')
-    del model, optimizer
+    model = optimizer = None  # free the memory before empty_cache (the closure holds them)
     if DEVICE == 'cuda':
         torch.cuda.empty_cache()
     return batch_size / seconds, seconds * 1000, peak, loss.item()

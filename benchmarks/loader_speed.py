@@ -30,8 +30,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import default_collate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 from benchmarks.report import machine_description, write_report
 from config import load_config
 from data import build_loader
@@ -42,6 +40,8 @@ from data.pretrain_transform import PretrainTransform, draft_jpeg
 from data.seeding import sample_seed, seeded_global_rngs
 from data.transforms import to_rgb
 from utils.mask_grid import upsample_mask
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SWIN_B = 'configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml'
 
@@ -110,7 +110,9 @@ def time_stages(paths, transform, mask_generator, new_masks, batch_size, gpu_han
         generator = torch.Generator().manual_seed(sample_seed(0, 0, index, 'mask'))
         mask = mask_generator(generator) if new_masks else old_mask(generator, mask_generator)
         t5 = time.perf_counter()
-        for name, seconds in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+        for name, seconds in zip(
+            stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True
+        ):
             stages[name].append(seconds)
         samples.append((sample, mask, 0))
     if not gpu_handover:
@@ -131,7 +133,7 @@ def draft_difference(paths, transform):
         reduced = []
         image = load_image(
             path,
-            before_decode=lambda header: reduced.append(
+            before_decode=lambda header, reduced=reduced, plan=plan: reduced.append(
                 draft_jpeg(header, transform.reduction(plan))
             ),
         )

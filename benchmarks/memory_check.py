@@ -23,14 +23,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 from config import load_config
 from engine.memory_plan import GIB, estimate, measure_activations, model_stats
 from engine.precision import autocast
 from engine.sharding import shard_model
 from models import build_model
 from optimizer import build_optimizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SWINV2_B = 'configs/simmim/simmim_pretrain__swinv2_base__img192_window12__800ep.yaml'
 SWINV2_L = 'configs/swinv2_large__800ep/simmim_pretrain__swinv2_large__img192_window12__800ep.yaml'
@@ -181,7 +181,7 @@ def main(argv=None):
             peak, speed, loss = measure(case, args.device)
             speed = f'{speed:.1f}' if args.device == 'cuda' else '-'  # the CPU tracker slows it
             row = f'{peak / GIB:.3f} | {plan / peak:.2f} | {speed} | {loss:.4f}'
-        except Exception as e:  # noqa: BLE001 -- e.g. out of memory: report and go on
+        except Exception as e:  # e.g. out of memory: report and go on
             row = f'failed: {type(e).__name__} | | |'
         lines.append(
             f'| {name} | {batch} | {sharding} | {checkpointing} | {ranks} | '

@@ -17,14 +17,14 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import main_finetune
 import main_simmim
 from benchmarks.report import machine_description
 from engine.launch import run
 from utils.safe_load import load_checkpoint_file
 from utils.tasks import FINETUNE, PRETRAIN
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PRETRAIN_CFG = 'configs/quickstart/simmim_pretrain__swin_tiny__img64__synthetic.yaml'
 FINETUNE_CFG = 'configs/quickstart/simmim_finetune__swin_tiny__img64__synthetic.yaml'

@@ -81,14 +81,14 @@ def _state_by_name(saved, names_per_group, optimizer):
     """{parameter name: state entry} of `saved`, checked against the parameters of `optimizer`."""
     by_name = {
         name: _as_tensor_step(saved['state'][index])
-        for group, names in zip(saved['param_groups'], names_per_group)
-        for index, name in zip(group['params'], names)
+        for group, names in zip(saved['param_groups'], names_per_group, strict=True)
+        for index, name in zip(group['params'], names, strict=True)
         if index in saved['state']
     }
     ours = [
         (name, param)
         for group in optimizer.param_groups
-        for name, param in zip(group['param_names'], group['params'])
+        for name, param in zip(group['param_names'], group['params'], strict=True)
     ]
     unknown = sorted(set(by_name) - {name for name, _ in ours})
     wrong = [
@@ -114,8 +114,8 @@ def _remapped(saved, names_per_group, optimizer):
     current = optimizer.state_dict()
     indices = [
         (index, name)
-        for group, live in zip(current['param_groups'], optimizer.param_groups)
-        for index, name in zip(group['params'], live['param_names'])
+        for group, live in zip(current['param_groups'], optimizer.param_groups, strict=True)
+        for index, name in zip(group['params'], live['param_names'], strict=True)
     ]
     state = {index: by_name[name] for index, name in indices if name in by_name}
     return {'state': state, 'param_groups': current['param_groups']}

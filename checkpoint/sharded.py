@@ -5,10 +5,11 @@ A directory ``ckpt_epoch_{e}`` or ``ckpt_epoch_{e}_step_{k}`` (the single-file n
 ``.pth``) holds:
 
     .metadata, __{rank}_0.distcp   DCP: 'model' (the state dict, official names) and
-                                   'optimizer_state' (the optimizer's tensors, keyed by parameter name)
-    progress.pth                   the rest, as in a single-file checkpoint (`progress_state`: config
-                                   YAML, position, lr_scheduler, scaler, every rank's RNG states,
-                                   train_state), plus the optimizer's param_groups and non-tensor state
+                                   'optimizer_state' (the optimizer's tensors, by parameter name)
+    progress.pth                   the rest, as in a single-file checkpoint (`progress_state`:
+                                   config YAML, position, lr_scheduler, scaler, every rank's RNG
+                                   states, train_state), plus the optimizer's param_groups and
+                                   non-tensor state
     COMPLETE                       written last
 
 It is written as ``NAME.tmp`` and renamed when complete, so a directory without the marker is
@@ -127,7 +128,7 @@ def optimizer_state_by_name(state_dict):
     `set_state_dict` wants; uses the 'param_names' our parameter groups carry (optimizer.py)."""
     names, groups = {}, []
     for group in state_dict['param_groups']:
-        names.update(zip(group['params'], group['param_names']))
+        names.update(zip(group['params'], group['param_names'], strict=True))
         groups.append({**group, 'params': list(group['param_names'])})
     return {'state': {names[i]: s for i, s in state_dict['state'].items()}, 'param_groups': groups}
 
@@ -212,7 +213,7 @@ def save_sharded_checkpoint(path, model, optimizer, progress, dist_info):
                 os.path.join(tmp, PROGRESS_FILE),
             )
             _publish(tmp, path, dist_info.world_size)
-    except Exception as e:  # noqa: BLE001 -- every rank learns of it below
+    except Exception as e:  # every rank learns of it below
         error = _write_error(path, e)
     try:
         agree_on_failure(error)

@@ -209,7 +209,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             try:
                 load_image(path)
                 reason = 'a read error that has passed'
-            except Exception as err:  # noqa: BLE001 -- PIL raises many types; only shown here
+            except Exception as err:  # PIL raises many types; only shown here
                 reason = f'{type(err).__name__}: {err}'
             named.append(f'{path} ({reason})')
         more = f'; and {len(new) - limit} more' if len(new) > limit else ''

@@ -55,7 +55,8 @@ def read_encoded(path, rgb_conversion='careful', before_decode=None):
 
 class EncodedMaskedImageDataset(MaskedImageDataset):
     """Pre-training samples for GPU decoding: (EncodedImage, plan (top, left, height, width, flip)
-    as an int64 tensor, mask, label), plan and mask drawn exactly as MaskedImageDataset draws them."""
+    as an int64 tensor, mask, label), plan and mask drawn exactly as MaskedImageDataset draws
+    them."""
 
     def __getitem__(self, key):
         epoch, index = _split_key(key)
@@ -66,7 +67,7 @@ class EncodedMaskedImageDataset(MaskedImageDataset):
 def collate_encoded(samples):
     """Batch EncodedMaskedImageDataset samples: (list of data tensors, list of paths, plans (B, 5),
     masks (B, h, w), labels (B,)); the DataLoader pins the tensors in the lists too."""
-    items, plans, masks, labels = zip(*samples)
+    items, plans, masks, labels = zip(*samples, strict=True)
     return (
         [item.data for item in items],
         [item.path for item in items],
@@ -83,13 +84,13 @@ def _decode_jpegs(datas, paths, device):
         return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
         images = []
-        for data, path in zip(datas, paths):
+        for data, path in zip(datas, paths, strict=True):
             try:
                 images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
             except RuntimeError:
                 try:
                     pixels = np.array(load_image(path))
-                except Exception as err:  # noqa: BLE001 -- PIL raises many types for broken files
+                except Exception as err:  # PIL raises many types for broken files
                     raise BadImageError(
                         f'Cannot decode image {path} ({type(err).__name__}: {err}). Fix or remove '
                         f'the file, or use DATA.DECODE cpu, which skips unreadable images '
@@ -106,13 +107,13 @@ def decode_batch(datas, paths, plans, size, device):
     decoded = (
         _decode_jpegs([datas[i] for i in jpeg], [paths[i] for i in jpeg], device) if jpeg else []
     )
-    for i, image in zip(jpeg, decoded):
+    for i, image in zip(jpeg, decoded, strict=True):
         images[i] = image
     for i, data in enumerate(datas):
         if images[i] is None:
             images[i] = data.to(device, non_blocking=True)
     out = []
-    for image, (top, left, height, width, flip) in zip(images, plans.tolist()):
+    for image, (top, left, height, width, flip) in zip(images, plans.tolist(), strict=True):
         crop = (
             TF.resized_crop(image.float(), top, left, height, width, [size, size], antialias=True)
             .round_()

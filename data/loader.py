@@ -37,7 +37,8 @@ DECODERS = ('cpu', 'gpu')  # DATA.DECODE
 
 
 def rank_and_world_size():
-    """(rank, world size) from torch.distributed when initialised, else RANK/WORLD_SIZE, else (0, 1)."""
+    """(rank, world size) from torch.distributed when initialised, else RANK/WORLD_SIZE, else (0,
+    1)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
@@ -206,7 +207,8 @@ def build_pretrain_data(
 
 
 def build_finetune_data(config: CfgNode, logger: logging.Logger | None = None) -> FinetuneData:
-    """Labelled train and val images (class sub-folders, or the synthetic set), with Mixup/CutMix."""
+    """Labelled train and val images (class sub-folders, or the synthetic set), with
+    Mixup/CutMix."""
     logger = logger or logging.getLogger('simmim.data')
     rank, world_size = rank_and_world_size()
     synthetic = config.DATA.DATASET == 'synthetic'

@@ -82,7 +82,8 @@ class MaskGenerator:
         return torch.from_numpy(grid.reshape(self.mask_grid_size, self.mask_grid_size))
 
     def __call__(self, generator=None):
-        """The mask at model-patch resolution, drawn from `generator` (torch's global RNG if None)."""
+        """The mask at model-patch resolution, drawn from `generator` (torch's global RNG if
+        None)."""
         # numpy on these few hundred cells: about half the time of the same steps in torch ops
         # (benchmarks/loader_speed.py), with identical masks.
         grid = self.choose_mask_patches(generator).numpy()
@@ -137,7 +138,8 @@ class BlockwiseMaskGenerator(MaskGenerator):
     h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect)), h and w smaller than the grid,
     top-left uniform. A block is kept if it masks at least one new patch and no more than are still
     to mask; after `max_attempts` rejected draws in a row the blocks stop, and (as in BEiT v2) the
-    count is completed with uniformly random unmasked patches, so it is exact, as for random masking.
+    count is completed with uniformly random unmasked patches, so it is exact, as for random
+    masking.
 
     min_patches_per_block=None keeps BEiT's minimum block of 16 16-px patches (64x64 pixels) in this
     mask patch size; max_patches_per_block=None means no cap (BEiT's default).

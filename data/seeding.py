@@ -1,5 +1,5 @@
-"""Per-sample seeds, so that a sample is a pure function of (seed, epoch, index) whatever the worker,
-rank or resume point that produces it."""
+"""Per-sample seeds, so that a sample is a pure function of (seed, epoch, index) whatever the
+worker, rank or resume point that produces it."""
 
 import contextlib
 import hashlib
@@ -21,8 +21,8 @@ def sample_seed(seed, epoch, index, stream):
 
 @contextlib.contextmanager
 def seeded_global_rngs(seed):
-    """Seed python `random`, numpy's global RNG and torch's global CPU RNG for the block, then restore
-    their previous states.
+    """Seed python `random`, numpy's global RNG and torch's global CPU RNG for the block, then
+    restore their previous states.
 
     Transforms from torchvision and timm draw from these global RNGs; restoring them matters with
     num_workers=0, where the dataset runs in the main process next to the training loop.

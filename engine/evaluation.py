@@ -89,8 +89,9 @@ def throughput(model, data_loader, device, logger, amp_dtype=None, warmup=50, ti
 
 def load_eval_weights(config, model, logger):
     """--eval: load the model weights of MODEL.RESUME; without it, of OUTPUT/model_best.pth, else of
-    the newest resumable checkpoint in OUTPUT (either layout). The file must hold every tensor of the model
-    (checkpoint.weights.load_full_state_dict), so evaluation never runs on initial weights."""
+    the newest resumable checkpoint in OUTPUT (either layout). The file must hold every tensor of
+    the model (checkpoint.weights.load_full_state_dict), so evaluation never runs on initial
+    weights."""
     path, checkpoint = config.MODEL.RESUME, None
     if not path and os.path.isfile(os.path.join(config.OUTPUT, BEST_CHECKPOINT)):
         path = os.path.join(config.OUTPUT, BEST_CHECKPOINT)

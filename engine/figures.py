@@ -18,7 +18,8 @@ COLUMNS = ('original', 'masked input', 'prediction', 'prediction pasted')
 
 
 def mask_to_pixels(mask, size):
-    """(B, h, w) patch mask (1 = masked) -> (B, 1, H, W) float pixel mask for an H = `size` image."""
+    """(B, h, w) patch mask (1 = masked) -> (B, 1, H, W) float pixel mask for an H = `size`
+    image."""
     return upsample_mask(mask, size // mask.shape[-1]).unsqueeze(1).float()
 
 
@@ -68,7 +69,8 @@ def save_png(grid, path, min_cell=0, labels=False):
 
 @torch.no_grad()
 def reconstruct_images(model, images, mask):
-    """The model's prediction as a normalised image (B, 3, H, W) for (images, mask), in eval mode."""
+    """The model's prediction as a normalised image (B, 3, H, W) for (images, mask), in eval
+    mode."""
     was_training = model.training
     model.eval()
     try:

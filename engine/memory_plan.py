@@ -140,7 +140,8 @@ def _stage_depths(config):
 
 
 def _saved_bytes_per_block(model, blocks, images, mask, autocast_dtype):
-    """({block index or 'rest': bytes autograd saves}, {block index: input bytes}) of one forward."""
+    """({block index or 'rest': bytes autograd saves}, {block index: input bytes}) of one
+    forward."""
     excluded = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen, owner = set(), ['rest']
     saved, inputs = {'rest': 0}, {}
@@ -166,7 +167,7 @@ def _saved_bytes_per_block(model, blocks, images, mask, autocast_dtype):
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             autocast(images.device, autocast_dtype),
         ):
-            loss = model(images, mask)  # noqa: F841 -- keeps the saved tensors alive until here
+            _loss = model(images, mask)  # keeps the saved tensors alive until here
     finally:
         for handle in handles:
             handle.remove()
@@ -210,7 +211,10 @@ def measure_activations(cfg_path, opts=(), device='cpu', target='cuda', precisio
     per_stage = [line(saved1.get(i, 0), saved2.get(i, 0)) for i in range(len(blocks))]
     # Block inputs are the residual stream, which autocast leaves in fp32.
     stage_inputs = [line(inputs1[i], inputs2[i], 1.0) for i in range(len(blocks))]
-    expand = lambda values: [v for v, depth in zip(values, depths) for _ in range(depth)]  # noqa: E731
+
+    def expand(values):
+        return [v for v, depth in zip(values, depths, strict=True) for _ in range(depth)]
+
     return Activations(
         expand(per_stage), expand(stage_inputs), line(saved1['rest'], saved2['rest'])
     )

@@ -35,7 +35,9 @@ class EpochStats:
     """Running loss / gradient-norm statistics kept on the device until a log line reads them."""
 
     def __init__(self, device):
-        zero = lambda: torch.zeros((), device=device)  # noqa: E731
+        def zero():
+            return torch.zeros((), device=device)
+
         self.loss_sum, self.loss_count, self.last_loss = zero(), zero(), zero()
         self.norm_sum, self.norm_count, self.last_norm = zero(), zero(), zero()
         self.skipped = zero()

@@ -262,12 +262,12 @@ class Trainer:
             last = self.checkpoints.last_checkpoint or 'none written yet'
             raise NonFiniteLossError(
                 f'{consecutive} consecutive optimizer steps (since update {streak_start}, epoch '
-                f'{epoch}) had a non-finite loss or gradient norm; each was skipped without touching '
-                f'the parameters, and TRAIN.MAX_NONFINITE_STEPS is '
+                f'{epoch}) had a non-finite loss or gradient norm; each was skipped without '
+                f'touching the parameters, and TRAIN.MAX_NONFINITE_STEPS is '
                 f'{self.config.TRAIN.MAX_NONFINITE_STEPS}. Last good checkpoint: {last}. Usual '
-                f'remedies: lower TRAIN.BASE_LR or lengthen TRAIN.WARMUP_EPOCHS, keep TRAIN.CLIP_GRAD '
-                f'on, train in bfloat16 (AMP_DTYPE bfloat16) or fp32 (--disable-amp) instead of '
-                f'float16, then resume from that checkpoint.'
+                'remedies: lower TRAIN.BASE_LR or lengthen TRAIN.WARMUP_EPOCHS, keep '
+                'TRAIN.CLIP_GRAD on, train in bfloat16 (AMP_DTYPE bfloat16) or fp32 '
+                '(--disable-amp) instead of float16, then resume from that checkpoint.'
             )
 
     # ------------------------------------------------------------------ logging

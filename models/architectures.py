@@ -84,8 +84,9 @@ def check_swin_family(config, key):
     down = swin_encoder_stride(arch)
     require(
         img % down == 0,
-        f'DATA.IMG_SIZE {img} must be divisible by {down} (PATCH_SIZE {patch} x 2^{len(depths) - 1} '
-        f'patch merges) for MODEL.TYPE {config.MODEL.TYPE}; use e.g. {max(down, img // down * down)}.',
+        f'DATA.IMG_SIZE {img} must be divisible by {down} (PATCH_SIZE {patch} x '
+        f'2^{len(depths) - 1} patch merges) for MODEL.TYPE {config.MODEL.TYPE}; use e.g. '
+        f'{max(down, img // down * down)}.',
     )
     for i, heads in enumerate(arch.NUM_HEADS):
         dim = arch.EMBED_DIM * 2**i

@@ -34,7 +34,7 @@ def eager_attention(enabled=True, model=None):
         yield
     finally:
         _use_eager = previous[0]
-        for module, fused in zip(timm_modules, previous[1]):
+        for module, fused in zip(timm_modules, previous[1], strict=True):
             module.fused_attn = fused
 
 

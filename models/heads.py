@@ -153,7 +153,7 @@ class InverseSwinHead(ConfigurableHead, nn.Module):
         self.proj = nn.Linear(in_channels, dims[0])
         self.stages = nn.ModuleList()
         h, w = input_resolution
-        for i, (depth, heads, dim) in enumerate(zip(depths, num_heads, dims)):
+        for i, (depth, heads, dim) in enumerate(zip(depths, num_heads, dims, strict=True)):
             blocks = [
                 SwinTransformerBlock(
                     dim,

@@ -279,7 +279,7 @@ class SwinTransformer(nn.Module):
         # Stochastic depth grows linearly over all blocks of all stages.
         drop_path_rates = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         self.layers = nn.ModuleList()
-        for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+        for i, (depth, heads) in enumerate(zip(depths, num_heads, strict=True)):
             dim = int(embed_dim * 2**i)
             resolution = (grid[0] // 2**i, grid[1] // 2**i)
             first = sum(depths[:i])

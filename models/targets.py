@@ -137,8 +137,8 @@ class PredictionTarget(nn.Module):
         raise NotImplementedError
 
     def loss_weights(self, mask, size):
-        """(B, 1, size, size) weight of each prediction pixel: 1 in scope, 0 outside; the fraction of
-        masked pixels where a prediction pixel spans several mask cells."""
+        """(B, 1, size, size) weight of each prediction pixel: 1 in scope, 0 outside; the fraction
+        of masked pixels where a prediction pixel spans several mask cells."""
         if self.scope == 'all':
             return torch.ones(mask.shape[0], 1, size, size, device=mask.device)
         if self.patch_size % self.downsample == 0:
@@ -290,7 +290,8 @@ class ColorBins(PredictionTarget):
         return (rgb * self.num_bins).floor().long().clamp(max=self.num_bins - 1)
 
     def _logits(self, prediction):
-        """(B, C * bins, h, w) -> (B, bins, C, h, w), the class axis where cross_entropy wants it."""
+        """(B, C * bins, h, w) -> (B, bins, C, h, w), the class axis where cross_entropy wants
+        it."""
         return prediction.unflatten(1, (self.in_chans, self.num_bins)).transpose(1, 2)
 
     def element_loss(self, prediction, target):

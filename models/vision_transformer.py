@@ -20,6 +20,8 @@ from utils.errors import require
 
 from .attention import ignore_saved_copy
 
+LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)  # the official ViT's norm layer
+
 
 def check_init_values(init_values):
     """MODEL.VIT.INIT_VALUES: None (no layer scale) or positive. timm's Beit reads 0 as "no layer
@@ -54,7 +56,7 @@ class VisionTransformer(Beit):
         drop_rate=0.0,
         attn_drop_rate=0.0,
         drop_path_rate=0.0,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        norm_layer=LAYER_NORM,
         init_values=None,
         use_abs_pos_emb=True,
         use_rel_pos_bias=False,

@@ -23,7 +23,8 @@ WINDOW_ATTENTION = ('sdpa', 'flex')
 
 
 def window_bias(position_bias, window_mask):
-    """(heads, N, N) bias and (num_windows, N, N) mask or None -> (num_windows or 1, heads, N, N)."""
+    """(heads, N, N) bias and (num_windows, N, N) mask or None -> (num_windows or 1, heads, N,
+    N)."""
     if window_mask is None:
         return position_bias.unsqueeze(0)
     return position_bias.unsqueeze(0) + window_mask.unsqueeze(1)

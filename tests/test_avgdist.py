@@ -49,8 +49,8 @@ def test_distances_are_euclidean():
 
 def test_mean_avg_dist_pools_masks_of_a_generator():
     """One 4x4 corner square of an 8x8 image (2x2 grid, ratio 0.25): pixel (i, j) of the top-left
-    corner is min(4 - i, 4 - j) from the visible pixels -> 7, 5, 3, 1 pixels at 1, 2, 3, 4 = 30 / 16,
-    and every corner is the same by symmetry."""
+    corner is min(4 - i, 4 - j) from the visible pixels -> 7, 5, 3, 1 pixels at 1, 2, 3, 4 = 30 /
+    16, and every corner is the same by symmetry."""
     dist, fraction = mean_avg_dist(SquareMaskGenerator(8, 4, 1, 0.25), num_masks=6)
     assert dist == pytest.approx(30 / 16) and fraction == 0.25
 

@@ -312,7 +312,7 @@ def test_an_unexpected_error_in_a_worker_process_exits_instead_of_hanging(tmp_pa
     import sys
 
     script = (
-        'import sys; sys.path.insert(0, %r)\n'
+        f'import sys; sys.path.insert(0, {ROOT!r})\n'
         'import data.loader\n'
         'def broken(config):\n'
         '    def transform(image):\n'
@@ -321,7 +321,7 @@ def test_an_unexpected_error_in_a_worker_process_exits_instead_of_hanging(tmp_pa
         'data.loader.build_pretrain_transform = broken\n'
         'import main_simmim\n'
         'from engine.launch import run\n'
-        'sys.exit(run(main_simmim.main, sys.argv[1:]))\n' % ROOT
+        'sys.exit(run(main_simmim.main, sys.argv[1:]))\n'
     )
     result = subprocess.run(
         [

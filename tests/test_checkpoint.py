@@ -1,4 +1,5 @@
-"""checkpoint/layout.py, checkpoint/resume.py and utils/safe_load.py: atomic writes, verified auto-resume, safe loading."""
+"""checkpoint/layout.py, checkpoint/resume.py and utils/safe_load.py: atomic writes, verified
+auto-resume, safe loading."""
 
 import errno
 import logging
@@ -100,7 +101,7 @@ def test_concurrent_saves_to_one_path_all_succeed(tmp_path, monkeypatch):
     def write(value):
         try:
             atomic_save(_resume_dict(value), path)
-        except Exception as e:  # noqa: BLE001 -- collected for the assertion
+        except Exception as e:  # collected for the assertion
             errors.append(e)
 
     threads = [threading.Thread(target=write, args=(v,)) for v in (1, 2)]

@@ -1,5 +1,5 @@
-"""engine/compilation.py (TRAIN.COMPILE): compiled models match eager ones, blocks share graphs, nothing
-recompiles after warm-up (also under DDP), and checkpoints keep the official names.
+"""engine/compilation.py (TRAIN.COMPILE): compiled models match eager ones, blocks share graphs,
+nothing recompiles after warm-up (also under DDP), and checkpoints keep the official names.
 
 Backends: 'aot_eager' traces like inductor (dynamo graph capture, AOT autograd) but runs the traced
 ATen graph instead of generated code; the tests that check what compilation does to the model
@@ -97,7 +97,11 @@ def assert_same_step(eager, compiled, rtol, atol):
     assert compiled[1].keys() == eager[1].keys()
     for name in eager[1]:
         torch.testing.assert_close(
-            compiled[1][name], eager[1][name], rtol=rtol, atol=atol, msg=lambda m: f'{name}: {m}'
+            compiled[1][name],
+            eager[1][name],
+            rtol=rtol,
+            atol=atol,
+            msg=lambda m, name=name: f'{name}: {m}',
         )
 
 

@@ -1,5 +1,5 @@
-"""models/ against the official SimMIM / Swin-Transformer code: tiny models filled by the seeded rule
-of tests/fixtures/README.md, whose official outputs are stored there."""
+"""models/ against the official SimMIM / Swin-Transformer code: tiny models filled by the seeded
+rule of tests/fixtures/README.md, whose official outputs are stored there."""
 
 import pytest
 import torch

@@ -296,7 +296,7 @@ def test_build_loader_pretrain_batches_match_for_zero_and_two_workers(tmp_path):
     assert mask.shape == (4, 12, 12) and mask.dtype == torch.int64
     assert label.shape == (4,) and label.dtype == torch.int64
     assert len(dataset) == 16 and len(loader) == 4
-    for a, b in zip(*batches):
+    for a, b in zip(*batches, strict=True):
         assert torch.equal(a, b)
 
 
@@ -351,7 +351,8 @@ def test_batch_larger_than_a_ranks_share_is_an_error(tmp_path, monkeypatch):
 
 def test_randaugment_posterize_at_top_magnitude_works():
     """The official fine-tuning RandAugment (increasing magnitude, mstd 0.5) can ask posterize to
-    keep 0 bits; Pillow 13 raises on that, which would kill fine-tuning mid-epoch (hence the pin)."""
+    keep 0 bits; Pillow 13 raises on that, which would kill fine-tuning mid-epoch (hence the
+    pin)."""
     from timm.data.auto_augment import posterize
 
     image = Image.new('RGB', (8, 8), (200, 100, 50))

@@ -1,4 +1,5 @@
-"""models/linear_probe.py: frozen encoder, features of the chosen ViT block, only the head trains."""
+"""models/linear_probe.py: frozen encoder, features of the chosen ViT block, only the head
+trains."""
 
 import torch
 import torch.nn.functional as F

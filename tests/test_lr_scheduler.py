@@ -181,7 +181,10 @@ def test_swinv2_finetune_yaml_reaches_the_peak_after_warmup_and_half_at_epoch_60
     assert (config.TRAIN.EPOCHS, config.TRAIN.WARMUP_EPOCHS) == (100, 20)
     peak = config.TRAIN.BASE_LR
     scheduler = build_scheduler(config, make_optimizer((peak,)), N_ITER)
-    ratio = lambda epoch: scheduler.lr_at(epoch * N_ITER)[0] / peak  # noqa: E731
+
+    def ratio(epoch):
+        return scheduler.lr_at(epoch * N_ITER)[0] / peak
+
     assert ratio(20) == pytest.approx(1.0, abs=1e-12)
     assert ratio(60) == pytest.approx(0.5001, abs=1e-12)
     assert ratio(100) == pytest.approx(2.5e-7 / 1.25e-3, abs=1e-12)  # MIN_LR at the end

@@ -216,7 +216,7 @@ def test_fused_attention_matches_eager_path(model_type, keys, monkeypatch):
     assert not calls  # the textbook path really ran
     eager.sum().backward()
     torch.testing.assert_close(fused, eager, rtol=1e-6, atol=1e-6)
-    for g_fused, p in zip(fused_grads, model.parameters()):
+    for g_fused, p in zip(fused_grads, model.parameters(), strict=True):
         torch.testing.assert_close(g_fused, p.grad, rtol=1e-6, atol=1e-6)
 
 

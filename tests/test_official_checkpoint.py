@@ -131,7 +131,7 @@ def test_official_pretraining_state_is_loaded_by_parameter(official):
     assert position[:2] == (1, 0)  # official epoch 0 done -> continue at epoch 1
     assert optimizer.param_groups[0]['group_name'] != 'decay'  # ours start with no_decay here
     for group in optimizer.param_groups:
-        for name, param in zip(group['param_names'], group['params']):
+        for name, param in zip(group['param_names'], group['params'], strict=True):
             state = optimizer.state[param]
             assert float(state['step']) == OFFICIAL_STEPS
             torch.testing.assert_close(state['exp_avg'], official[name]['exp_avg'], rtol=0, atol=0)
@@ -167,10 +167,10 @@ def test_official_state_loads_alike_through_the_fsdp_path(official):
     assert expected == (1, 0)
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
-    for ref_group, group in zip(ref_optimizer.param_groups, optimizer.param_groups):
+    for ref_group, group in zip(ref_optimizer.param_groups, optimizer.param_groups, strict=True):
         assert group['param_names'] == ref_group['param_names']
         assert group['weight_decay'] == ref_group['weight_decay']
-        for ref_param, param in zip(ref_group['params'], group['params']):
+        for ref_param, param in zip(ref_group['params'], group['params'], strict=True):
             for key, value in ref_optimizer.state[ref_param].items():
                 torch.testing.assert_close(optimizer.state[param][key], value, rtol=0, atol=0)
 

@@ -277,7 +277,7 @@ def test_adamw_is_fused_on_cpu_and_skips_a_step_flagged_by_found_inf():
     before = [p.detach().clone() for p in model.parameters()]
     optimizer.found_inf = torch.ones(())
     optimizer.step()
-    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
     optimizer.found_inf = torch.zeros(())
     optimizer.step()
     assert not torch.equal(before[0], next(model.parameters()))

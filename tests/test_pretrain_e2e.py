@@ -126,7 +126,8 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
 def test_gradient_accumulation_matches_one_larger_batch(tmp_path):
     """2 micro-batches of 8 then one step = one batch of 16 (constant LR, no drop path: the same
-    samples in the same order, and SimMIM's loss is normalised per micro-batch by an equal count)."""
+    samples in the same order, and SimMIM's loss is normalised per micro-batch by an equal
+    count)."""
     constant = [
         'TRAIN.EPOCHS',
         1,
@@ -143,6 +144,9 @@ def test_gradient_accumulation_matches_one_larger_batch(tmp_path):
     _, large = pretrain(tmp_path / 'large', *constant, extra=['--batch-size', '16'])
     _, small = pretrain(tmp_path / 'small', *constant, extra=['--batch-size', '8'])
     a, b, c = (final_weights(d, epoch=0) for d in (accumulated, large, small))
-    largest_difference = lambda x, y: max((x[k] - y[k]).abs().max().item() for k in x)  # noqa: E731
+
+    def largest_difference(x, y):
+        return max((x[k] - y[k]).abs().max().item() for k in x)
+
     assert largest_difference(a, b) < 1e-5
     assert largest_difference(c, b) > 1e-4  # without accumulation the result really differs

@@ -107,7 +107,9 @@ def test_tables_of_windows_2_and_1_resize_to_any_window():
     """A 3x3 table (window 2) has too few offsets for a bicubic spline or a geometric ratio: its
     offsets -1, 0, 1 are stretched to the target's edges and interpolated quadratically, so a
     product of quadratics in the offsets is reproduced exactly. A 1x1 table is a constant."""
-    quadratic = lambda x: 0.3 + 0.2 * x - 0.05 * x**2  # noqa: E731
+
+    def quadratic(x):
+        return 0.3 + 0.2 * x - 0.05 * x**2
 
     def table_of(side, half):  # rows (dy, dx) in the models' order, dy and dx scaled to +-half
         offsets = torch.linspace(-half, half, side, dtype=torch.float64)

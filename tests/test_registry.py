@@ -1,5 +1,6 @@
 """models/registry.py and models/architectures.py: one registry entry per MODEL.TYPE carries
-everything the rest of the code asks about an architecture, so a new one is a single registration."""
+everything the rest of the code asks about an architecture, so a new one is a single
+registration."""
 
 import pytest
 import torch

@@ -232,7 +232,7 @@ def test_log_lines_show_the_run_eta_and_the_epochs_average_loss(finished):
     log = open(os.path.join(run_dir(finished), 'log_rank0.txt')).read()
     lines = _progress_lines(log)
     assert [(e, i) for e, i, *_ in lines] == [(e, i) for e in (0, 1) for i in range(6)]
-    for epoch, idx, eta, run_eta, _ in lines:
+    for epoch, _idx, eta, run_eta, _ in lines:
         assert run_eta >= eta and (epoch == 0 or run_eta == eta)  # the last epoch: the same
     assert lines[-1][2:4] == (0, 0)
     for epoch in (0, 1):

@@ -65,7 +65,8 @@ def save(path, config, model, optimizer, scheduler, position=(1, 2)):
 
 @pytest.fixture(scope='module')
 def saved(tmp_path_factory):
-    """A sharded checkpoint of the trained tiny model, and the single-file dict of the same state."""
+    """A sharded checkpoint of the trained tiny model, and the single-file dict of the same
+    state."""
     config, model, optimizer, scheduler = trained()
     path = save(
         str(tmp_path_factory.mktemp('sharded') / 'ckpt_epoch_0_step_2'),
@@ -91,7 +92,9 @@ def assert_equal_trees(a, b):
     elif torch.is_tensor(a):
         assert torch.equal(a, b)
     elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b) and all(assert_equal_trees(x, y) is None for x, y in zip(a, b))
+        assert len(a) == len(b) and all(
+            assert_equal_trees(x, y) is None for x, y in zip(a, b, strict=True)
+        )
     else:
         assert a == b
 

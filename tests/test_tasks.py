@@ -77,7 +77,10 @@ def test_build_model_official_flag_and_task_agree():
 def test_layer_decay_follows_the_task_and_the_official_positional_flag(caplog):
     config = tiny_swin(layer_decay=0.5)
     model = build_model(config, FINETUNE)
-    names = lambda groups: sorted(g['group_name'] for g in groups)  # noqa: E731
+
+    def names(groups):
+        return sorted(g['group_name'] for g in groups)
+
     by_task = names(build_optimizer(config, model, None, FINETUNE).param_groups)
     assert by_task == names(build_optimizer(config, model, None, False).param_groups)
     assert by_task == names(build_param_groups(config, model, is_pretrain=False))

@@ -16,7 +16,8 @@ from utils.pos_embed import resize_abs_pos_embed
 
 
 def reference_relative_position_index(wh, ww):
-    """index[i, j] = (dy + Wh - 1) * (2Ww - 1) + (dx + Ww - 1) for the offset (dy, dx) = pos_i - pos_j."""
+    """index[i, j] = (dy + Wh - 1) * (2Ww - 1) + (dx + Ww - 1) for the offset (dy, dx) = pos_i -
+    pos_j."""
     positions = [(y, x) for y in range(wh) for x in range(ww)]
     return torch.tensor(
         [

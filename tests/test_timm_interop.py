@@ -1,5 +1,5 @@
-"""models/timm_mapping.py, checkpoint/timm_folder.py, tools/export.py --to timm and tools/import_timm.py:
-our encoders in timm and back, on tiny models of every architecture.
+"""models/timm_mapping.py, checkpoint/timm_folder.py, tools/export.py --to timm and
+tools/import_timm.py: our encoders in timm and back, on tiny models of every architecture.
 
 What is compared (float32, CPU, eval mode, relative to the largest reference value):
 - pre-training checkpoints: timm's forward_features (Swin: the NHWC map after the final norm;

@@ -33,7 +33,10 @@ def test_grid_columns_original_masked_prediction_pasted():
     mask = torch.tensor([[1, 0], [0, 0]]).expand(2, -1, -1)  # top-left 4x4 pixels masked
     grid = reconstruction_grid(images, mask, prediction)
     assert grid.shape == (3, 2 * 10 + 2, 4 * 10 + 2) and grid.dtype == torch.uint8
-    cell = lambda row, col: grid[:, 2 + row * 10 : 10 + row * 10, 2 + col * 10 : 10 + col * 10]  # noqa
+
+    def cell(row, col):
+        return grid[:, 2 + row * 10 : 10 + row * 10, 2 + col * 10 : 10 + col * 10]
+
     expected = (rgb[0] * 255).round().to(torch.uint8)
     assert torch.equal(cell(0, 0), expected)
     assert torch.equal(cell(0, 3)[:, 4:, :], expected[:, 4:, :])  # visible pixels: the original

@@ -1,5 +1,6 @@
 """models/window_attention.py: the fast Swin window attention equals the textbook formula (fp32,
-with and without the shift mask, Swin and SwinV2), and MODEL.WINDOW_ATTENTION reaches every layer."""
+with and without the shift mask, Swin and SwinV2), and MODEL.WINDOW_ATTENTION reaches every
+layer."""
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def test_sdpa_window_attention_equals_textbook_values_and_gradients(model_class,
     expected = textbook_blocks(x, [block])
     expected_grads = torch.autograd.grad(expected.square().sum(), [x, *block.parameters()])
     torch.testing.assert_close(fast, expected, rtol=1e-10, atol=1e-10)
-    for got, want in zip(fast_grads, expected_grads):
+    for got, want in zip(fast_grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 

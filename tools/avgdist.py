@@ -106,10 +106,13 @@ def plot(table, path, title, size=(900, 560)):
     points = [(f, d) for row in table.values() for _, f, d in row if not math.isnan(d)]
     y_step = _nice_step(max(d for _, d in points))
     y_max = y_step * math.ceil(max(d for _, d in points) / y_step)
-    to_px = lambda x, y: (
-        left + x * (width - left - right),  # noqa: E731
-        height - bottom - y / y_max * (height - top - bottom),
-    )
+
+    def to_px(x, y):
+        return (
+            left + x * (width - left - right),
+            height - bottom - y / y_max * (height - top - bottom),
+        )
+
     image = Image.new('RGB', size, 'white')
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()

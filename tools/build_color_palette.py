@@ -1,7 +1,8 @@
 """Build the colour palette of the color_clusters target (iGPT-style, Table 5): k-means over pixels
 sampled from the training images of a pre-training config.
 
-    python -m tools.build_color_palette --cfg configs/ablations/table5_target/igpt_cluster__res48.yaml \
+    python -m tools.build_color_palette \
+        --cfg configs/ablations/table5_target/igpt_cluster__res48.yaml \
         --data-path /data/imagenet/train
     python -m tools.build_color_palette --cfg FILE --opts DATA.DATASET synthetic --output palette.pt
 

@@ -1,7 +1,8 @@
 """Estimate per-GPU memory of SimMIM pre-training under DDP and FSDP, with and without activation
 checkpointing, and the largest batch per GPU that fits.
 
-    python -m tools.plan_memory --cfg configs/swinv2_huge__800ep/simmim_pretrain__swinv2_huge__img192_window12__800ep.yaml \
+    python -m tools.plan_memory \
+        --cfg configs/swinv2_huge__800ep/simmim_pretrain__swinv2_huge__img192_window12__800ep.yaml \
         --gpus 16 --gpu-memory 80 [--batch-size 128] [--precision bf16|fp32] [--opts KEY VALUE ...]
 
 Weights, gradients and AdamW state are counted from the model built on the meta device;

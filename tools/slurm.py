@@ -2,8 +2,10 @@
 node and requeues itself when it is stopped early.
 
     python -m tools.slurm --nodes 2 --gpus-per-node 8 --time 24:00:00 -- \
-        main_simmim.py --cfg configs/swinv2_huge__800ep/simmim_pretrain__swinv2_huge__img192_window12__800ep.yaml \
-        --data-path /data/imagenet/train --output /checkpoints/simmim --opts CHECKPOINT.STEP_FREQ 1000 \
+        main_simmim.py \
+        --cfg configs/swinv2_huge__800ep/simmim_pretrain__swinv2_huge__img192_window12__800ep.yaml \
+        --data-path /data/imagenet/train --output /checkpoints/simmim \
+        --opts CHECKPOINT.STEP_FREQ 1000 \
         > job.sh && sbatch job.sh
 
 How a stop becomes a requeue: SLURM sends SIGTERM to the batch shell --signal-seconds before the
@@ -37,7 +39,8 @@ while kill -0 "$pid" 2>/dev/null; do  # the trap interrupts wait; wait for srun 
     code=$?
 done
 if [ "$stopped" -eq 1 ] || [ "$code" -eq 75 ]; then
-    echo "stopped early (exit code $code): requeueing job $SLURM_JOB_ID to resume from its step checkpoint"
+    echo "stopped early (exit code $code): requeueing job $SLURM_JOB_ID" \
+        "to resume from its step checkpoint"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi

@@ -1,5 +1,6 @@
-"""Reconstruction figures (Figures 4-6) from a pre-training checkpoint: one PNG grid per mask setting,
-one row per image: original | masked input | prediction | prediction pasted into the visible pixels.
+"""Reconstruction figures (Figures 4-6) from a pre-training checkpoint: one PNG grid per mask
+setting, one row per image: original | masked input | prediction | prediction pasted into the
+visible pixels.
 
     # Figure 6: random masks of several mask patch sizes at ratio 0.6, on the synthetic images
     python -m tools.visualize_reconstruction --checkpoint output/.../ckpt_epoch_99.pth \
@@ -95,7 +96,8 @@ def random_masks(config, strategy, mask_patch_size, mask_ratio, count, seed):
 
 
 def mask_from_image(path, config):
-    """(h, w) model-patch mask from a black-and-white image (white = masked), resized to the input."""
+    """(h, w) model-patch mask from a black-and-white image (white = masked), resized to the
+    input."""
     size = config.DATA.IMG_SIZE
     try:
         grey = Image.open(path).convert('L').resize((size, size), Image.NEAREST)

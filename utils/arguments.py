@@ -1,4 +1,5 @@
-"""The command line of the entry scripts: the official SimMIM flags, and how they map to config keys.
+"""The command line of the entry scripts: the official SimMIM flags, and how they map to config
+keys.
 
 build_arg_parser(finetune=False)   the parser (fine-tuning adds --pretrained --eval --throughput)
 apply_args(config, args)           flags given -> their config keys (after YAML and --opts)
@@ -101,8 +102,11 @@ def build_arg_parser(finetune=False):
 
 def apply_args(config, args):
     """Write the flags given in `args` (an argparse Namespace) into their config keys."""
+
     # Like the official update_config: each flag applies only when given.
-    given = lambda name: getattr(args, name, None)  # noqa: E731
+    def given(name):
+        return getattr(args, name, None)
+
     if given('batch_size') is not None:  # 0 is given too, and rejected by validation
         config.DATA.BATCH_SIZE = args.batch_size
     if given('data_path'):

@@ -1,8 +1,9 @@
 """Merging YAML files and `--opts` into a config, checking every key and type on the way.
 
-    merge_yaml(config, cfg_file)   BASE files first (recursively, relative to the YAML), then the file
+    merge_yaml(config, cfg_file)            BASE files first (recursively, relative to the YAML),
+                                            then the file
     merge_yaml_text(config, text, source)   the same for YAML text (a checkpoint's config)
-    merge_opts(config, opts)       KEY VALUE pairs from the command line
+    merge_opts(config, opts)                KEY VALUE pairs from the command line
 
 An unknown key is an error that suggests the closest valid keys; a value of the wrong type is an
 error naming the expected type. Official SimMIM and Swin-Transformer YAML files load unchanged.
@@ -126,10 +127,10 @@ def merge_opts(config, opts):
     opts = list(opts or [])
     if len(opts) % 2:
         raise ConfigError(f'--opts takes KEY VALUE pairs; got an odd number of items: {opts}')
-    for full_key, raw in zip(opts[0::2], opts[1::2]):
+    for full_key, raw in zip(opts[0::2], opts[1::2], strict=True):
         value = CN._decode_cfg_value(raw) if isinstance(raw, str) else raw
         node, parts = config, full_key.split('.')
-        for i, part in enumerate(parts[:-1]):
+        for part in parts[:-1]:
             if part not in node or not isinstance(node[part], CN):
                 raise _unknown_key_error(full_key, '--opts', config)
             node = node[part]

@@ -153,7 +153,7 @@ def _portable(error):
     try:
         pickle.loads(pickle.dumps(error))
         return error
-    except Exception:  # noqa: BLE001 -- any exception type may fail to pickle
+    except Exception:  # any exception type may fail to pickle
         return RuntimeError(f'{type(error).__name__}: {error}')
 
 
@@ -173,7 +173,7 @@ def on_main_rank(fn, is_main):
     if is_main:
         try:
             result = fn()
-        except Exception as e:  # noqa: BLE001 -- raised on every rank by agree_on_failure
+        except Exception as e:  # raised on every rank by agree_on_failure
             error = e
     agree_on_failure(error)
     return all_gather_objects(result)[0]

@@ -107,6 +107,7 @@ def title_of(error):
 
 
 def require(condition, message):
-    """Raise ConfigError(message) unless `condition` holds: the one-line form of every config check."""
+    """Raise ConfigError(message) unless `condition` holds: the one-line form of every config
+    check."""
     if not condition:
         raise ConfigError(message)

@@ -12,8 +12,8 @@ def upsample_mask(mask, scale):
 
 
 def pixel_mask_to_patches(pixel_mask, model_patch_size):
-    """(..., H, W) pixel mask (nonzero = masked) -> (..., H/p, W/p) int64 mask at the model patch size
-    p: a patch is masked when at least half of its pixels are (for masks drawn by hand)."""
+    """(..., H, W) pixel mask (nonzero = masked) -> (..., H/p, W/p) int64 mask at the model patch
+    size p: a patch is masked when at least half of its pixels are (for masks drawn by hand)."""
     masked = (torch.as_tensor(pixel_mask) != 0).float()
     pooled = F.avg_pool2d(masked.view(-1, 1, *masked.shape[-2:]), model_patch_size)
     return (pooled >= 0.5).long().view(*masked.shape[:-2], *pooled.shape[-2:])

@@ -66,9 +66,10 @@ def folder_error(path, purpose):
     (complete or not) or any other folder."""
     if os.path.isfile(os.path.join(path, SHARDED_MARKER)):
         return CheckpointError(
-            f'{purpose}: {path} is a sharded checkpoint directory (TRAIN.SHARDING fsdp). Convert it '
-            f'to one file with `python -m tools.convert_checkpoint {path} OUT.pth` and pass OUT.pth '
-            f'(resuming a training run takes the directory itself; tools/export.py reads it too).'
+            f'{purpose}: {path} is a sharded checkpoint directory (TRAIN.SHARDING fsdp). Convert '
+            f'it to one file with `python -m tools.convert_checkpoint {path} OUT.pth` and pass '
+            'OUT.pth (resuming a training run takes the directory itself; tools/export.py reads '
+            'it too).'
         )
     if os.path.isfile(os.path.join(path, '.metadata')):  # DCP's index, written before the marker
         return CheckpointError(
