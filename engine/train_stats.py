@@ -7,6 +7,7 @@ is the only host-device sync of its window.
 import datetime
 import math
 import resource
+from typing import NamedTuple
 
 import torch
 
@@ -87,24 +88,21 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS on Linux (KiB)
 
 
-def progress_line(
-    epoch,
-    num_epochs,
-    idx,
-    num_steps,
-    values,
-    lr,
-    step_time,
-    avg_time,
-    data_fraction,
-    images_per_sec,
-    memory_mb,
-    run_steps_left,
-):
+class WindowTiming(NamedTuple):
+    """The timing of the steps since the last log line."""
+
+    step_time: float  # seconds per step in the window
+    avg_time: float  # seconds per step in the epoch so far
+    data_fraction: float  # of the window's time spent waiting for data
+    images_per_sec: float  # over all ranks
+
+
+def progress_line(epoch, num_epochs, idx, num_steps, values, lr, timing, memory_mb, steps_left):
     """The official-style 'Train: [epoch/epochs][idx/steps] ...' log line, with the ETA of the
-    epoch and of the whole run (`run_steps_left` training steps at the average step time)."""
+    epoch and of the whole run (`steps_left` training steps at the average step time)."""
+    step_time, avg_time, data_fraction, images_per_sec = timing
     eta = datetime.timedelta(seconds=int(avg_time * (num_steps - idx - 1)))
-    run_eta = datetime.timedelta(seconds=int(avg_time * run_steps_left))
+    run_eta = datetime.timedelta(seconds=int(avg_time * steps_left))
     skipped = f'\tskipped {values["skipped"]:.0f}' if values['skipped'] else ''
     return (
         f'Train: [{epoch}/{num_epochs}][{idx}/{num_steps}]\t'

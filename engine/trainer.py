@@ -24,6 +24,7 @@ from engine.sharding import full_tensor, gradient_sync, wrap_model
 from engine.train_stats import (
     EpochStats,
     NonFiniteCounter,
+    WindowTiming,
     peak_memory_mb,
     progress_line,
     write_train_scalars,
@@ -285,22 +286,12 @@ class Trainer:
         )
         data_fraction = data_time / max(elapsed, 1e-9)
         steps_left = (config.TRAIN.EPOCHS - epoch - 1) * num_steps + num_steps - idx - 1
-        self.logger.info(
-            progress_line(
-                epoch,
-                config.TRAIN.EPOCHS,
-                idx,
-                num_steps,
-                values,
-                lr,
-                step_time,
-                avg_time,
-                data_fraction,
-                images_per_sec,
-                peak_memory_mb(self.device),
-                steps_left,
-            )
+        timing = WindowTiming(step_time, avg_time, data_fraction, images_per_sec)
+        memory = peak_memory_mb(self.device)
+        line = progress_line(
+            epoch, config.TRAIN.EPOCHS, idx, num_steps, values, lr, timing, memory, steps_left
         )
+        self.logger.info(line)
         if self.writer is not None:
             write_train_scalars(
                 self.writer,

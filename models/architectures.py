@@ -8,7 +8,7 @@ needs besides its nn.Modules, in one place.
 - the checks of its config section.
 
 Adding an encoder: its classes in a model file, then one `register_architecture(...)` block here and
-its defaults section in config.py (worked example in the README, "How the code is laid out").
+its defaults section in config.py (worked example in CONTRIBUTING.md).
 """
 
 import re

@@ -3,7 +3,7 @@ to know about an encoder family, so that config validation, model building, laye
 checkpoint loading ask the registry instead of testing MODEL.TYPE.
 
 The entries themselves are in models/architectures.py; adding an encoder is a model file plus one
-`register_architecture(Architecture(...))` there (worked example in the README).
+`register_architecture(Architecture(...))` there (worked example in CONTRIBUTING.md).
 """
 
 from collections.abc import Callable

@@ -129,49 +129,12 @@ class SwinTransformerV2(SwinTransformer):
     block_layer = SwinTransformerBlockV2
     downsample_layer = PatchMergingV2
 
-    def __init__(
-        self,
-        img_size=224,
-        patch_size=4,
-        in_chans=3,
-        num_classes=1000,
-        embed_dim=96,
-        depths=(2, 2, 6, 2),
-        num_heads=(3, 6, 12, 24),
-        window_size=7,
-        mlp_ratio=4.0,
-        qkv_bias=True,
-        drop_rate=0.0,
-        attn_drop_rate=0.0,
-        drop_path_rate=0.1,
-        norm_layer=nn.LayerNorm,
-        ape=False,
-        patch_norm=True,
-        use_checkpoint=False,
-        pretrained_window_sizes=(0, 0, 0, 0),
-    ):
-        super().__init__(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            embed_dim=embed_dim,
-            depths=depths,
-            num_heads=num_heads,
-            window_size=window_size,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            drop_rate=drop_rate,
-            attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate,
-            norm_layer=norm_layer,
-            ape=ape,
-            patch_norm=patch_norm,
-            use_checkpoint=use_checkpoint,
-            stage_attn_kwargs=[
-                {'pretrained_window_size': to_2tuple(size)} for size in pretrained_window_sizes
-            ],
-        )
+    def __init__(self, pretrained_window_sizes=(0, 0, 0, 0), **kwargs):
+        """The other arguments are SwinTransformer's (its qk_scale has no use here)."""
+        stage_attn_kwargs = [
+            {'pretrained_window_size': to_2tuple(size)} for size in pretrained_window_sizes
+        ]
+        super().__init__(stage_attn_kwargs=stage_attn_kwargs, **kwargs)
         # Post-norms start at zero so every residual branch starts switched off (official init).
         for layer in self.layers:
             for block in layer.blocks:

@@ -263,3 +263,12 @@ def test_import_models_loads_no_data_module_and_no_config():
         [sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == '[]'
+
+
+def test_no_room_holds_more_than_a_quarter_of_the_code():
+    lines = {}
+    for module, path in project_modules().items():
+        with open(path) as f:
+            lines[room(module)] = lines.get(room(module), 0) + sum(1 for _ in f)
+    total = sum(lines.values())
+    assert {r: n for r, n in lines.items() if n > total / 4} == {}

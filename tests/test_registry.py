@@ -45,7 +45,7 @@ def test_an_unknown_type_names_the_registered_ones():
 @pytest.fixture
 def small_vit_type():
     """A new MODEL.TYPE 'small_vit' with its own config section MODEL.SMALL_VIT, registered the way
-    the README tells a newcomer to (and removed afterwards)."""
+    CONTRIBUTING.md tells a newcomer to (and removed afterwards)."""
     checked = []
 
     def check(config):

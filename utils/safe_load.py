@@ -68,8 +68,8 @@ def folder_error(path, purpose):
         return CheckpointError(
             f'{purpose}: {path} is a sharded checkpoint directory (TRAIN.SHARDING fsdp). Convert '
             f'it to one file with `python -m tools.convert_checkpoint {path} OUT.pth` and pass '
-            'OUT.pth (resuming a training run takes the directory itself; tools/export.py reads '
-            'it too).'
+            'OUT.pth (resuming a training run takes the directory itself; python -m tools.export '
+            'reads it too).'
         )
     if os.path.isfile(os.path.join(path, '.metadata')):  # DCP's index, written before the marker
         return CheckpointError(
