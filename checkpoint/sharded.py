@@ -1,23 +1,9 @@
-"""Sharded checkpoints (TRAIN.SHARDING fsdp): one directory per checkpoint, each rank writing its
-own shards with torch.distributed.checkpoint (DCP), readable again on any number of ranks.
-
-A directory ``ckpt_epoch_{e}`` or ``ckpt_epoch_{e}_step_{k}`` (the single-file names without
-``.pth``) holds:
-
-    .metadata, __{rank}_0.distcp   DCP: 'model' (the state dict, official names) and
-                                   'optimizer_state' (the optimizer's tensors, by parameter name)
-    progress.pth                   the rest, as in a single-file checkpoint (`progress_state`:
-                                   config YAML, position, lr_scheduler, scaler, every rank's RNG
-                                   states, train_state), plus the optimizer's param_groups and
-                                   non-tensor state
-    COMPLETE                       written last
-
-It is written as ``NAME.tmp`` and renamed when complete, so a directory without the marker is
-never resumed from. DCP pickles its `.metadata`: it is read through an allow-list of DCP's own
-classes first (like `utils.safe_load`), and every tensor is read with ``weights_only=True``.
-Resharding (another world size, or one process without a process group) is DCP's
-`get_state_dict` / `set_state_dict` (`load_distributed_state`, for either layout);
-`read_sharded_checkpoint` gives the single-file layout (tools/convert_checkpoint.py).
+"""Sharded checkpoints (TRAIN.SHARDING fsdp): one directory per checkpoint (``.metadata`` and
+``__{rank}_0.distcp`` from torch.distributed.checkpoint, ``progress.pth`` with the rest, a
+``COMPLETE`` marker written last), each rank writing its own shards, readable again on any number
+of ranks (`load_distributed_state`, for either layout) or whole (`read_sharded_checkpoint`,
+`read_checkpoint`). DCP's pickled metadata is read through an allow-list; nothing runs code. The
+layout and its guarantees: docs/scaling.md.
 """
 
 import contextlib

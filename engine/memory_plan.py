@@ -1,30 +1,8 @@
 """Per-GPU memory of a SimMIM pre-training step under DDP or FSDP, with or without activation
-checkpointing (tools/plan_memory.py; checked against measured peaks in benchmarks/memory_check.py).
-
-What persists through the step, for P parameters on N ranks (AdamW, fp32 master weights):
-  DDP   weights 4P, AdamW state 8P, DDP's gradient buckets 4P (N > 1)
-  FSDP  weights 4P/N, AdamW state 8P/N, plus the root unit gathered in the compute dtype
-        (FSDP keeps the root unsharded from forward to backward) and two block units in flight
-        (the current and the prefetched one)
-Gradients (4P, or 4P/N sharded, plus one unsharded block unit under FSDP) exist only from the
-backward pass to the optimizer step, since the loop zeroes them with set_to_none.
-
-Activations are measured, not derived from a formula: a copy of the model with one block per
-stage runs forward at batch 1 and 2, and a saved-tensor hook adds up the bytes autograd keeps for
-backward (parameter storage excluded), per block and for the rest (embedding, patch merging,
-head, loss). Every quantity is linear in the batch, so two batches give it for any batch; each
-block's figure stands for all blocks of its stage. With activation checkpointing a block keeps
-only its input, and its full activations come back one block at a time in the backward pass.
-
-The peak is the larger of (a) the backward pass, block by block from the last: what persists +
-the activations of the blocks not yet back-propagated + the gradients produced so far + the
-current block's activations once more for the temporaries of its backward, and (b) the optimizer
-step with every gradient present.
-
-Measuring on a GPU (device='cuda') is exact for that GPU's kernels and autocast. On the CPU the
-measurement is in fp32 with CPU kernels; for a GPU plan it then stands in the fused attention
-kernels' saved tensors (q, k, v, output, log-sum-exp: no N x N matrix) and, for bf16, scales
-activations by BF16_ACTIVATION_RATIO.
+checkpointing (python -m tools.plan_memory; checked against measured peaks by
+benchmarks/memory_check.py): weights, gradients and AdamW state counted from the model on the meta
+device, activations measured by a forward pass of a one-block-per-stage copy, and the peak of the
+backward pass and of the optimizer step. The memory model, term by term: docs/scaling.md.
 """
 
 import functools

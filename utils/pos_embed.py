@@ -5,17 +5,10 @@
     geometric_positions(src_side, q)                                 its source sample positions
     resize_abs_pos_embed(pos_embed, dst_grid, num_extra_tokens=0)    bicubic on the patch grid
 
-Relative-position-bias tables (Swin, BEiT-style ViT) hold one row per offset of a
-(2W-1) x (2W-1) grid ("side" below is 2W-1). They are resized as in BEiT / the official SimMIM
-load_pretrained (reference 6.3): the source offsets are placed at geometrically growing distances
-1, 1+q, 1+q+q^2, ... from 0 (mirrored), with q chosen so that the outermost source offset lands
-on the outermost target offset; a bicubic spline through each head's grid is then evaluated at
-the integer target offsets. Near offsets therefore keep their values and far ones are stretched.
-SciPy removed the interp2d the official code used; RectBivariateSpline(x, y, z.T, kx=3, ky=3,
-s=0) evaluated and transposed is its exact replacement (SciPy's migration guide). That spline is
-the not-a-knot bicubic interpolant, and FITPACK evaluates targets outside the source range (e.g.
-+-13 when the outermost source offset is 12.99994) at the nearest end of the range. Tables of
-windows 1 and 2 are too small for that (see SMALLEST_GEOMETRIC_SIDE).
+Relative-position-bias tables (one row per offset of a (2W-1) x (2W-1) grid; "side" below is
+2W-1) are resized by the official geometric interpolation, absolute position embeddings bicubically
+on the patch grid. The maths and the SciPy replacement of the official interp2d:
+docs/finetuning.md.
 """
 
 import math
