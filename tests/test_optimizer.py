@@ -436,8 +436,8 @@ VIT_FINETUNE = 'configs/vit_base__800ep/simmim_finetune__vit_base__img224__800ep
 
 @pytest.mark.parametrize('rules, table_decay', [('ours', 0.0), ('official', 0.05)])
 def test_vit_finetuning_position_tables_follow_the_weight_decay_rules(rules, table_decay):
-    # Ours: no weight decay for any position table, as docs/differences.md says; official: the BEiT-style
-    # ViT named none, so its per-block tables were decayed in fine-tuning.
+    # Ours: no weight decay for any position table, as docs/differences.md says; official: the
+    # BEiT-style ViT named none, so its per-block tables were decayed in fine-tuning.
     config, model = real_model(VIT_FINETUNE, False, ['TRAIN.WEIGHT_DECAY_RULES', rules])
     groups = group_of(build_param_groups(config, model, is_pretrain=False))
     tables = [n for n in groups if n.endswith('relative_position_bias_table')]
