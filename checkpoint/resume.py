@@ -10,9 +10,13 @@ place, and its counters restored. How auto-resume picks a checkpoint: docs/resum
 """
 
 import glob
+import logging
 import os
 
+from yacs.config import CfgNode
+
 from checkpoint.layout import (
+    TrainingState,
     checkpoint_position,
     is_candidate,
     recorded_position,
@@ -96,7 +100,16 @@ def resume_mismatch_fix(found_in):
     return "Pass a checkpoint of this config's model, or set MODEL.* to match the checkpoint."
 
 
-def resume_training(path, checkpoint, state, config, logger, rank=0, world_size=1, found_in=None):
+def resume_training(
+    path: str,
+    checkpoint: dict,
+    state: TrainingState,
+    config: CfgNode,
+    logger: logging.Logger,
+    rank: int = 0,
+    world_size: int = 1,
+    found_in: str | None = None,
+) -> tuple[int, int]:
     """Restore `state` (a TrainingState) from `checkpoint`, what verifying `path` returned (ours or
     official; either layout); return the (epoch, step) where training continues. A sharded
     directory, or a model sharded by FSDP, loads through DCP (any world size); a single file into

@@ -6,13 +6,30 @@ sharded directory (TRAIN.SHARDING fsdp): every rank writes its shards, rank 0 th
 (checkpoint/sharded.py). Earlier checkpoints are never touched by a failed write.
 """
 
-from checkpoint.layout import build_checkpoint, capture_rng_state, progress_state, sharded_path
+import logging
+
+from yacs.config import CfgNode
+
+from checkpoint.layout import (
+    TrainingState,
+    build_checkpoint,
+    capture_rng_state,
+    progress_state,
+    sharded_path,
+)
 from checkpoint.sharded import save_sharded_checkpoint
 from utils.atomic_write import atomic_save
-from utils.distributed import all_gather_objects, barrier, on_main_rank
+from utils.distributed import DistInfo, all_gather_objects, barrier, on_main_rank
 
 
-def save_training_state(path, state, position, config, dist_info, logger):
+def save_training_state(
+    path: str,
+    state: TrainingState,
+    position: tuple[int, int],
+    config: CfgNode,
+    dist_info: DistInfo,
+    logger: logging.Logger,
+) -> str:
     """Called on every rank: write `state` (a TrainingState) for continuing at `position` (epoch,
     step) to `path`, a single file, or under TRAIN.SHARDING fsdp the directory of that name
     without ``.pth``; return the path written."""

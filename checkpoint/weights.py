@@ -163,7 +163,7 @@ def _looks_pretrained(keys):
     return any(k.startswith('decoder.') or k == 'encoder.mask_token' for k in keys)
 
 
-def load_full_state_dict(model, checkpoint, source):
+def load_full_state_dict(model: nn.Module, checkpoint: dict, source: str) -> int:
     """Load `checkpoint` (a checkpoint dict or a bare state dict) into `model` for --eval or
     --resume, where every tensor must come from the file. Names go through ``canonical_keys``; a
     wrong shape, a model tensor the file lacks or a file tensor the model lacks raises

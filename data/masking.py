@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 import torch
+from yacs.config import CfgNode
 
 from utils.errors import require
 from utils.registry import Registry
@@ -251,8 +252,12 @@ MASK_GENERATORS = Registry(
 
 
 def build_mask_generator(
-    config, model_patch_size, strategy=None, mask_patch_size=None, mask_ratio=None
-):
+    config: CfgNode,
+    model_patch_size: int,
+    strategy: str | None = None,
+    mask_patch_size: int | None = None,
+    mask_ratio: float | None = None,
+) -> 'MaskGenerator':
     """The mask generator for a (pre-training) config and the encoder's patch size (pixels):
     DATA.MASK_STRATEGY with DATA.MASK_PATCH_SIZE, DATA.MASK_RATIO and the strategy's own keys;
     arguments given here override those three."""

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
+from yacs.config import CfgNode
 
 from .transforms import to_rgb
 
@@ -125,7 +126,7 @@ def draft_jpeg(image, reduction):
     return int(round(width / result[1][2]))
 
 
-def build_pretrain_transform(config):
+def build_pretrain_transform(config: CfgNode) -> 'PretrainTransform':
     """The SimMIM pre-training image transform (the image half of the official SimMIMTransform; the
     mask is drawn separately, see data.masking): PIL image -> normalised (3, IMG_SIZE, IMG_SIZE).
     Nothing beyond crop and flip (§3.2)."""

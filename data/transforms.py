@@ -7,6 +7,7 @@ from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import str_to_interp_mode
 from torchvision import transforms as T
+from yacs.config import CfgNode
 
 from utils.registry import require_choice
 
@@ -80,7 +81,7 @@ def _eval_interpolation(name):
         return T.InterpolationMode.BILINEAR
 
 
-def build_finetune_transform(config, is_train):
+def build_finetune_transform(config: CfgNode, is_train: bool):
     """The official fine-tuning transform (Swin-repo build_transform): timm RandAugment, random
     erasing ... for training; resize (+ centre crop when TEST.CROP) for evaluation."""
     img_size = config.DATA.IMG_SIZE

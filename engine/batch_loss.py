@@ -3,9 +3,10 @@ inside the shared training loop (engine/trainer.py), and fine-tuning's classific
 
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from yacs.config import CfgNode
 
 
-def build_classification_criterion(config, mixup_fn=None):
+def build_classification_criterion(config: CfgNode, mixup_fn=None) -> torch.nn.Module:
     """Fine-tuning's loss: soft-target cross-entropy under Mixup/CutMix (their soft targets carry
     the label smoothing), else label-smoothed (MODEL.LABEL_SMOOTHING > 0) or plain cross-entropy."""
     if mixup_fn is not None:

@@ -16,6 +16,8 @@ only at the end of the single backward graph.
 
 import time
 
+import torch
+
 from config import COMPILE_MODES
 from models import transformer_blocks
 from models.attention import raise_recompile_limit
@@ -67,7 +69,9 @@ def compile_monitor():
     return _monitor
 
 
-def compile_model(model, mode, logger=None, backend='inductor'):
+def compile_model(
+    model: torch.nn.Module, mode: str, logger=None, backend: str = 'inductor'
+) -> torch.nn.Module:
     """Compile `model` in place as TRAIN.COMPILE `mode` says ('' leaves it eager) and return it.
 
     Call it after moving the model to its device and before wrapping it in DDP. The first forward

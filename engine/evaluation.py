@@ -11,6 +11,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from yacs.config import CfgNode
 
 from checkpoint.layout import BEST_CHECKPOINT
 from checkpoint.resume import find_resume_checkpoint
@@ -23,7 +24,14 @@ from utils.errors import CheckpointError
 
 
 @torch.no_grad()
-def evaluate(model, data_loader, device, amp_dtype=None, logger=None, print_freq=10):
+def evaluate(
+    model: torch.nn.Module,
+    data_loader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    logger=None,
+    print_freq: int = 10,
+) -> tuple[float, float, float, int]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over the whole validation set.
 
     Each rank evaluates its own shard (no padded duplicates), and the sums of correct predictions,
@@ -63,7 +71,15 @@ def evaluate(model, data_loader, device, amp_dtype=None, logger=None, print_freq
 
 
 @torch.no_grad()
-def throughput(model, data_loader, device, logger, amp_dtype=None, warmup=50, timed=30):
+def throughput(
+    model: torch.nn.Module,
+    data_loader,
+    device: torch.device,
+    logger,
+    amp_dtype: torch.dtype | None = None,
+    warmup: int = 50,
+    timed: int = 30,
+) -> float:
     """Images per second of the forward pass on one validation batch, as the official script:
     `warmup` untimed passes, then `timed` passes between two synchronisations (under the run's
     autocast dtype, if any)."""
@@ -87,7 +103,7 @@ def throughput(model, data_loader, device, logger, amp_dtype=None, warmup=50, ti
     return images_per_sec
 
 
-def load_eval_weights(config, model, logger):
+def load_eval_weights(config: CfgNode, model: torch.nn.Module, logger) -> dict:
     """--eval: load the model weights of MODEL.RESUME; without it, of OUTPUT/model_best.pth, else of
     the newest resumable checkpoint in OUTPUT (either layout). The file must hold every tensor of
     the model (checkpoint.weights.load_full_state_dict), so evaluation never runs on initial

@@ -3,6 +3,7 @@ logger, TensorBoard, and turning known failures into one clear paragraph and an 
 
 import os
 import sys
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -12,7 +13,7 @@ from logger import create_logger
 from utils.arguments import build_arg_parser
 from utils.distributed import cleanup, init_distributed, seed_everything
 from utils.errors import EXIT_PREEMPTED, KNOWN_ERRORS, ConfigError, exit_code_of, title_of
-from utils.tasks import PRETRAIN, as_task
+from utils.tasks import PRETRAIN, Task, as_task
 
 
 def prepare_output_dir(path):
@@ -30,7 +31,7 @@ def prepare_output_dir(path):
         ) from None
 
 
-def setup(argv, task):
+def setup(argv: Sequence[str] | None, task: Task) -> tuple:
     """Parse `argv` for `task` (utils.tasks), build the frozen config, join the process group,
     prepare OUTPUT and logging.
 
@@ -74,7 +75,7 @@ def describe_failure(error):
     return exit_code_of(error), f'{title_of(error)}: {_message(error)}'
 
 
-def run_tool(main_fn, argv=None):
+def run_tool(main_fn: Callable, argv: Sequence[str] | None = None) -> int:
     """Run a tool's main_fn(argv) with the scripts' handling of known failures: one paragraph on
     stderr and the same exit codes, no traceback."""
     try:
@@ -95,7 +96,13 @@ def _message(error):
     return text
 
 
-def run(main_fn, argv=None, task=PRETRAIN, *, is_pretrain=None):
+def run(
+    main_fn: Callable,
+    argv: Sequence[str] | None = None,
+    task: Task = PRETRAIN,
+    *,
+    is_pretrain: bool | None = None,
+) -> int:
     """Call main_fn(config, dist_info, logger, writer) for `task` (or the `is_pretrain` flag) and
     map failures to exit codes: 0 done, 1 failed, 2 configuration/usage error, 3 too many
     non-finite steps, 75 preempted (utils/errors.py)."""

@@ -21,17 +21,18 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import (
-    FSDPModule,
     MixedPrecisionPolicy,
     fully_shard,
     register_fsdp_forward_method,
 )
 from torch.distributed.tensor import DTensor
+from yacs.config import CfgNode
 
 from models import transformer_blocks
-from utils.distributed import wrap_ddp
+from utils.distributed import DistInfo, is_fsdp, wrap_ddp
 
 # Methods other than forward() that run the sharded model (reconstruction grids); FSDP must
 # all-gather the root's parameters for them too.
@@ -73,7 +74,9 @@ def shard_model(model, amp_dtype=None):
     return model
 
 
-def wrap_model(config, model, dist_info, amp_dtype=None, logger=None):
+def wrap_model(
+    config: CfgNode, model: nn.Module, dist_info: DistInfo, amp_dtype=None, logger=None
+) -> nn.Module:
     """The module the training loop calls: DDP- or FSDP-wrapped under torchrun, the model itself
     for one process. FSDP shards `model` in place (the optimizer must be built afterwards)."""
     if not dist_info.distributed:
@@ -93,10 +96,6 @@ def wrap_model(config, model, dist_info, amp_dtype=None, logger=None):
             )
         return model
     return wrap_ddp(model, dist_info.device)
-
-
-def is_fsdp(model):
-    return isinstance(model, FSDPModule)
 
 
 def gradient_sync(model, enabled):

@@ -10,9 +10,14 @@ No step forces a host-device sync (docs/speed.md).
 """
 
 import datetime
+import logging
 import time
+from collections.abc import Callable
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from yacs.config import CfgNode
 
 from checkpoint.layout import TrainingState
 from checkpoint.resume import choose_resume_checkpoint, resume_training
@@ -31,22 +36,22 @@ from engine.train_stats import (
 )
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer, supports_found_inf
-from utils.distributed import all_reduce_max, broadcast_batchnorm_stats
+from utils.distributed import DistInfo, all_reduce_max, broadcast_batchnorm_stats
 from utils.errors import NonFiniteLossError
-from utils.tasks import PRETRAIN
+from utils.tasks import PRETRAIN, Task
 
 
 def build_trainer(
-    config,
-    model,
-    data_loader,
-    batch_loss,
-    logger,
-    dist_info,
+    config: CfgNode,
+    model: nn.Module,
+    data_loader: DataLoader,
+    batch_loss: Callable,
+    logger: logging.Logger,
+    dist_info: DistInfo,
     writer=None,
-    task=PRETRAIN,
-    pretrained=None,
-):
+    task: Task = PRETRAIN,
+    pretrained: nn.Module | None = None,
+) -> 'Trainer':
     """A Trainer for `model` (on its device already, compiled if asked), resumed from the
     checkpoint to continue from if there is one: the autocast dtype and GradScaler, the DDP/FSDP
     wrapper, the optimizer (`task`, a utils.tasks.Task, says whether layer decay applies) and the

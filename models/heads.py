@@ -12,6 +12,7 @@ import logging
 
 import torch.nn as nn
 from timm.layers import Mlp
+from yacs.config import CfgNode
 
 from utils.errors import require
 from utils.registry import Registry
@@ -260,7 +261,7 @@ def check_head_config(config, encoder_stride):
     _head_class(config).check_config(config, upscale, (feature_map, feature_map))
 
 
-def build_decoder(config, encoder):
+def build_decoder(config: CfgNode, encoder: nn.Module) -> nn.Module:
     """The prediction head MODEL.SIMMIM.HEAD.NAME for `encoder`, sized for MODEL.SIMMIM.TARGET:
     (B, num_features, H/s, W/s) -> (B, prediction channels, H/d, W/d) for encoder stride s and
     TARGET.DOWNSAMPLE d. Logs its parameter count (Table 2's #params)."""

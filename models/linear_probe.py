@@ -10,6 +10,7 @@ average-pooled without the cls token; with BLOCK 0, and for Swin, the model's ow
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
+from yacs.config import CfgNode
 
 from .build import build_classifier
 
@@ -57,7 +58,7 @@ class LinearProbe(nn.Module):
         return self
 
 
-def build_linear_probe(config):
+def build_linear_probe(config: CfgNode) -> nn.Module:
     """The probe for config.MODEL.TYPE: a headless classifier backbone (load pre-trained weights
     into `probe.encoder`) and a new head with MODEL.NUM_CLASSES outputs."""
     backbone_config = config.clone()

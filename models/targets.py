@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from yacs.config import CfgNode
 
 from utils.errors import ConfigError, require
 from utils.mask_grid import upsample_mask
@@ -433,6 +434,6 @@ def prediction_channels(config, in_chans):
     return _target_class(config).num_prediction_channels(config, in_chans)
 
 
-def build_criterion(config, encoder):
+def build_criterion(config: CfgNode, encoder: nn.Module) -> 'PredictionTarget':
     """The target/loss unit of MODEL.SIMMIM.TARGET and MODEL.SIMMIM.LOSS for `encoder`."""
     return _target_class(config).from_config(config, encoder.patch_size, encoder.in_chans)

@@ -148,7 +148,7 @@ def plot(table, path, title, size=(900, 560)):
     image.save(path)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument(
         '--settings',

@@ -67,7 +67,7 @@ def save_palette(palette, path):
         torch.save(palette, path)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--cfg', required=True, metavar='FILE', help='pre-training config')
     parser.add_argument('--data-path', help='training image folder (DATA.DATA_PATH)')

@@ -19,7 +19,7 @@ from utils.atomic_write import atomic_save
 from utils.errors import CheckpointError, CheckpointWriteError
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument(
         'sharded_dir', help='a ckpt_epoch_* directory written under TRAIN.SHARDING fsdp'

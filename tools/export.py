@@ -140,7 +140,7 @@ def _main(argv):
     return 0
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """Exit code: 0 done, 2 bad input, 1 a wrong result; failures print one paragraph."""
     return run_tool(_main, argv)
 

@@ -52,7 +52,7 @@ def plan_table(stats, activations, gpus, budget, batch, precision):
     return lines
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--cfg', required=True, metavar='FILE', help='pre-training config')
     parser.add_argument('--gpus', type=int, default=8, help='total number of GPUs (ranks)')

@@ -154,7 +154,7 @@ def mask_settings(args, config, count):
     ]
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--checkpoint', required=True, help='SimMIM pre-training checkpoint')
     parser.add_argument('--cfg', help='config (default: the one stored in the checkpoint)')
