@@ -21,8 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from utils.checksum import sidecar_path
 from utils.errors import CheckpointError
-from utils.safe_load import load_checkpoint_file
+from utils.safe_load import SIDECAR, load_checkpoint_file
+from utils.state_dict import check_finite
 
 FORMAT_VERSION = 1
 BEST_CHECKPOINT = 'model_best.pth'  # fine-tuning's best validation accuracy: weights and scalars
@@ -91,11 +93,21 @@ def prune_step_checkpoints(output_dir, keep):
     """Delete all but the `keep` newest step checkpoints (epoch checkpoints are never touched)."""
     found = []
     for path in glob.glob(os.path.join(output_dir, 'ckpt_epoch_*_step_*')):
-        match = _STEP_NAME.search(os.path.basename(path))
+        match = _STEP_NAME.fullmatch(os.path.basename(path))
         if match:
             found.append(((int(match.group(1)), int(match.group(2))), path))
     for _, path in sorted(found)[:-keep] if keep > 0 else []:
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)  # sharded: a directory
+        remove_checkpoint(path)
+
+
+def remove_checkpoint(path):
+    """Delete a checkpoint: a sharded directory, or a single file with its checksum record."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+        return
+    os.remove(path)
+    if os.path.exists(sidecar_path(path)):
+        os.remove(sidecar_path(path))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -152,15 +164,21 @@ def build_checkpoint(config, state, position, rng_states):
 
 
 def progress_state(config, state, position, rng_states):
-    """Everything of a checkpoint but the model and optimizer tensors (both layouts)."""
-    epoch, step = position
+    """Everything of a checkpoint but the model and optimizer tensors (both layouts). `position`
+    is (epoch, step) or (epoch, step, samples): where training continues, with the number of the
+    epoch's samples already trained over all ranks (what a resume on another world size needs)."""
+    epoch, step, *samples = position
     return {
         'lr_scheduler': state.lr_scheduler.state_dict(),
         'scaler': (state.scaler or _idle_grad_scaler()).state_dict(),
         'epoch': epoch - 1,  # the last completed epoch (official meaning)
         'max_accuracy': float(state.max_accuracy),
         'config': config.dump(),
-        'position': {'epoch': int(epoch), 'step': int(step)},
+        'position': {
+            'epoch': int(epoch),
+            'step': int(step),
+            **({'samples': int(samples[0])} if samples else {}),
+        },
         'rng_states': rng_states,
         'train_state': state.counters(),
         'format_version': FORMAT_VERSION,
@@ -181,9 +199,19 @@ def recorded_position(checkpoint):
     return int(checkpoint['epoch']) + 1, 0  # official checkpoints: the last completed epoch
 
 
-def verify_checkpoint(path):
-    """Load `path` and check it has the keys a resume needs; return the dict or raise."""
-    checkpoint = load_checkpoint_file(path, 'resume checkpoint')
+def recorded_samples(checkpoint):
+    """The epoch's samples already trained over all ranks, as `checkpoint` records it (None for
+    checkpoints that do not: official ones, older ones of ours)."""
+    position = checkpoint.get('position')
+    return (
+        int(position['samples']) if isinstance(position, dict) and 'samples' in position else None
+    )
+
+
+def verify_checkpoint(path, check_bytes=True):
+    """Load `path` (with `check_bytes`: against its checksum record) and check it has the keys a
+    resume needs and finite weights and optimizer state; return the dict or raise."""
+    checkpoint = load_checkpoint_file(path, 'resume checkpoint', SIDECAR if check_bytes else None)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f'{path} holds a {type(checkpoint).__name__}, not a checkpoint dict.')
     missing = [k for k in REQUIRED_KEYS if k not in checkpoint]
@@ -192,4 +220,8 @@ def verify_checkpoint(path):
             f'{path} lacks {", ".join(missing)} (a weights-only file? use it with '
             f'--pretrained, not --resume).'
         )
+    check_finite(
+        {'model': checkpoint['model'], 'optimizer': checkpoint['optimizer']},
+        f'The checkpoint {path}',
+    )
     return checkpoint

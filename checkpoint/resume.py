@@ -30,15 +30,15 @@ from checkpoint.sharded import (
     verify_sharded_checkpoint,
 )
 from checkpoint.weights import load_full_state_dict
-from utils.distributed import is_fsdp
+from utils.distributed import is_fsdp, on_main_rank
 from utils.errors import CheckpointError, IncompatibleCheckpointError
 
 
-def verify_resume_checkpoint(path):
-    """Either layout: a directory is sharded, a file single."""
-    return (
-        verify_sharded_checkpoint(path) if is_sharded_checkpoint(path) else verify_checkpoint(path)
-    )
+def verify_resume_checkpoint(path, check_bytes=True):
+    """Either layout: a directory is sharded, a file single (see their verify functions)."""
+    if is_sharded_checkpoint(path):
+        return verify_sharded_checkpoint(path, check_bytes)
+    return verify_checkpoint(path, check_bytes)
 
 
 def find_resume_checkpoint(output_dir, logger):
@@ -74,9 +74,24 @@ def find_resume_checkpoint(output_dir, logger):
     return None, None
 
 
-def choose_resume_checkpoint(config, logger):
+def choose_resume_checkpoint(config, logger, is_main=True):
     """(path, verified checkpoint dict) to continue from, or (None, None). Auto-resume from OUTPUT
-    wins over MODEL.RESUME, as in the official code, so a requeued job picks up its newest file."""
+    wins over MODEL.RESUME, as in the official code, so a requeued job picks up its newest file.
+    Collective: rank 0 (`is_main`) chooses and checks every byte, the other ranks read what it
+    chose without checking the bytes again."""
+    chosen = {}
+
+    def choose():
+        chosen['path'], chosen['checkpoint'] = _choose(config, logger)
+        return chosen['path']
+
+    path = on_main_rank(choose, is_main)
+    if path is None:
+        return None, None
+    return path, chosen['checkpoint'] if is_main else verify_resume_checkpoint(path, False)
+
+
+def _choose(config, logger):
     path, checkpoint = None, None
     if config.TRAIN.AUTO_RESUME:
         path, checkpoint = find_resume_checkpoint(config.OUTPUT, logger)

@@ -45,7 +45,9 @@ def save_training_state(
         )
     else:
         on_main_rank(
-            lambda: atomic_save(build_checkpoint(config, state, position, rng_states), path),
+            lambda: atomic_save(
+                build_checkpoint(config, state, position, rng_states), path, checksum=True
+            ),
             dist_info.is_main,
         )
         barrier()

@@ -8,6 +8,7 @@ layout and its guarantees: docs/scaling.md.
 
 import contextlib
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -17,16 +18,19 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from checkpoint.layout import REQUIRED_KEYS
 from checkpoint.optimizer_state import named_optimizer_state
 from utils.atomic_write import atomic_save, fsync_folder, write_error
-from utils.distributed import agree_on_failure, barrier
+from utils.checksum import check_file, file_record
+from utils.distributed import agree_on_failure, all_gather_objects, barrier
 from utils.errors import CheckpointError, CheckpointWriteError
 from utils.safe_load import SHARDED_MARKER as MARKER
 from utils.safe_load import folder_error, load_checkpoint_file
-from utils.state_dict import canonical_keys, check_fits
+from utils.state_dict import canonical_keys, check_finite, check_fits
 
+logger = logging.getLogger('simmim.checkpoint')
 PROGRESS_FILE = 'progress.pth'
 _OPTIMIZER_KEYS = ('optimizer_param_groups', 'optimizer_extra_state')
 
@@ -144,16 +148,29 @@ def _merge_state(tensors, others):
 # -----------------------------------------------------------------------------------------------
 # Writing
 # -----------------------------------------------------------------------------------------------
-def _write_marker(folder, world_size):
+def _write_marker(folder, world_size, files):
+    marker = {'layout': 'torch.distributed.checkpoint', 'world_size': world_size, 'files': files}
     with open(os.path.join(folder, MARKER), 'w') as f:
-        json.dump({'layout': 'torch.distributed.checkpoint', 'world_size': world_size}, f)
+        json.dump(marker, f)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _publish(tmp, path, world_size):
-    """Marker last, then rename `tmp` to `path` (a directory of that name is replaced)."""
-    _write_marker(tmp, world_size)
+def _own_shard_records(folder, rank):
+    """Checksum records of the shard files rank `rank` wrote into `folder`."""
+    return {
+        name: file_record(os.path.join(folder, name))
+        for name in os.listdir(folder)
+        if name.startswith(f'__{rank}_') and name.endswith('.distcp')
+    }
+
+
+def _publish(tmp, path, world_size, files):
+    """Marker last (with the checksum record of every file), then rename `tmp` to `path` (a
+    directory of that name is replaced)."""
+    for name in ('.metadata', PROGRESS_FILE):
+        files[name] = file_record(os.path.join(tmp, name))
+    _write_marker(tmp, world_size, files)
     old = f'{path}.old'
     if os.path.exists(path):
         shutil.rmtree(old, ignore_errors=True)
@@ -182,14 +199,22 @@ def save_sharded_checkpoint(path, model, optimizer, progress, dist_info):
     barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
     tensors, others = _split_tensors(optimizer_state['state'])
-    error = None
+    error, records = None, {}
     try:
         with _quiet_without_process_group():  # raises on every rank if any rank failed
             dcp.save(
                 {'model': model_state, 'optimizer_state': tensors},
                 storage_writer=FileSystemWriter(tmp),
             )
-        if dist_info.is_main:
+        records = _own_shard_records(tmp, dist_info.rank)  # each rank hashes what it wrote
+    except Exception as e:  # every rank learns of it below
+        error = _write_error(path, e)
+    _agree_or_clean_up(error, tmp, dist_info)
+    files = {
+        name: r for rank_records in all_gather_objects(records) for name, r in rank_records.items()
+    }
+    if dist_info.is_main:
+        try:
             atomic_save(
                 {
                     **progress,
@@ -198,31 +223,74 @@ def save_sharded_checkpoint(path, model, optimizer, progress, dist_info):
                 },
                 os.path.join(tmp, PROGRESS_FILE),
             )
-            _publish(tmp, path, dist_info.world_size)
-    except Exception as e:  # every rank learns of it below
-        error = _write_error(path, e)
+            _publish(tmp, path, dist_info.world_size, files)
+        except Exception as e:  # every rank learns of it below
+            error = _write_error(path, e)
+    _agree_or_clean_up(error, tmp, dist_info)
+    barrier()
+
+
+def _agree_or_clean_up(error, tmp, dist_info):
+    """Raise on every rank if any rank failed, after rank 0 removed the unfinished `tmp`."""
     try:
         agree_on_failure(error)
     except Exception:
         if dist_info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    barrier()
 
 
 # -----------------------------------------------------------------------------------------------
 # Finding, verifying, resuming
 # -----------------------------------------------------------------------------------------------
-def verify_sharded_checkpoint(path):
-    """Check that the directory `path` is a complete sharded checkpoint; return the dict of
-    progress.pth (the single-file checkpoint's keys but 'model' and 'optimizer') or raise."""
-    if not os.path.isfile(os.path.join(path, MARKER)):  # interrupted, or no sharded checkpoint
+def read_marker(path):
+    """The COMPLETE marker of the sharded directory `path` (a folder error when there is none)."""
+    marker_file = os.path.join(path, MARKER)
+    if not os.path.isfile(marker_file):  # interrupted, or no sharded checkpoint
         raise folder_error(path, 'resume checkpoint')
-    progress = load_checkpoint_file(os.path.join(path, PROGRESS_FILE), 'resume checkpoint')
+    try:
+        with open(marker_file) as f:
+            marker = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f'{marker_file} is unreadable ({e}): the sharded checkpoint {path} cannot be '
+            f'verified. Use an earlier checkpoint.'
+        ) from None
+    return marker if isinstance(marker, dict) else {}
+
+
+def check_shard_files(path, marker):
+    """Check every file of the sharded directory `path` against the records of its `marker`;
+    a directory without records (written before they were kept) is logged as unverified."""
+    files = marker.get('files')
+    if not files:
+        logger.info(
+            f'{path}: no checksums recorded (an older sharded checkpoint), so its files '
+            f'are not verified'
+        )
+        return
+    for name, record in sorted(files.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(
+                f'The sharded checkpoint {path} lacks {name}, which it was written with. Use an '
+                f'earlier checkpoint, or copy the whole directory again.'
+            )
+        check_file(file, record, 'A file of the sharded checkpoint')
+
+
+def verify_sharded_checkpoint(path, check_bytes=True):
+    """Check that the directory `path` is a complete sharded checkpoint (with `check_bytes`: every
+    file against its checksum); return the dict of progress.pth (the single-file checkpoint's
+    keys but 'model' and 'optimizer') or raise."""
+    marker = read_marker(path)
+    progress = load_checkpoint_file(os.path.join(path, PROGRESS_FILE), 'resume checkpoint', None)
     missing = [k for k in (*REQUIRED_KEYS[2:], *_OPTIMIZER_KEYS) if k not in progress]
     if missing:
         raise CheckpointError(f'{path}/{PROGRESS_FILE} lacks {", ".join(missing)}.')
-    read_metadata(path)
+    read_metadata(path)  # through the allow-list first: a foreign pickle is refused as such
+    if check_bytes:
+        check_shard_files(path, marker)
     return progress
 
 
@@ -249,6 +317,7 @@ def load_distributed_state(path, checkpoint, state, config=None, logger=None):
         merged = _merge_state(tensors['optimizer_state'], checkpoint['optimizer_extra_state'])
         full = {'state': merged, 'param_groups': checkpoint['optimizer_param_groups']}
         set_state_dict(model, optimizer, model_state_dict=tensors['model'], optim_state_dict=full)
+        _agree_on_finite_state(state, path)
         return
     # A single file (a DDP run, or converted): every rank reads it whole and keeps its shard.
     weights = canonical_keys(checkpoint['model'])  # e.g. an official file's rebuilt buffers
@@ -274,6 +343,31 @@ def load_distributed_state(path, checkpoint, state, config=None, logger=None):
         optim_state_dict=named,
         options=StateDictOptions(full_state_dict=True),
     )
+    _agree_on_finite_state(state, path)
+
+
+def _agree_on_finite_state(state, path):
+    """Collective: raise on every rank if the weights or optimizer state any rank holds now are
+    not finite (each rank checks its own shards)."""
+
+    def local(tensor):
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+    error = None
+    try:
+        check_finite(
+            {
+                'model': {k: local(v) for k, v in state.model.state_dict().items()},
+                'optimizer': {
+                    str(i): {k: local(v) for k, v in s.items()}
+                    for i, s in enumerate(state.optimizer.state.values())
+                },
+            },
+            f'The resume checkpoint {path}',
+        )
+    except CheckpointError as e:
+        error = e
+    agree_on_failure(error)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from utils.safe_load import load_checkpoint_file
 from utils.state_dict import (
     REBUILT_BUFFERS,
     canonical_keys,
+    check_finite,
     check_fits,
     describe_key_differences,
     key_differences,
@@ -145,6 +146,7 @@ def load_pretrained(
         checkpoint = load_checkpoint_file(path, 'MODEL.PRETRAINED')
     sd = adapt_state_dict(checkpoint, model_state, config.MODEL.TYPE, _patch_grid(model), logger)
     check_compatible(sd, model_state)
+    check_finite(sd, f'MODEL.PRETRAINED {path}')
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not any(b in k for b in REBUILT_BUFFERS)]
     unexpected = list(result.unexpected_keys)
@@ -188,5 +190,6 @@ def load_full_state_dict(model: nn.Module, checkpoint: dict, source: str) -> int
             'against the config the checkpoint was written with.'
         )
     check_fits(sd, model_state, source, hint)
+    check_finite(sd, source)
     model.load_state_dict(sd)
     return len(sd)

@@ -10,6 +10,10 @@ class ResumableDistributedSampler(torch.utils.data.Sampler):
 
     Each epoch's order is a permutation seeded by (seed, epoch), the same on every rank, padded by
     repetition to a multiple of `num_replicas`; rank r takes positions r, r + num_replicas, ...
+    So after k samples per rank, the first k * num_replicas positions are consumed whatever the
+    world size, and a resume from `start_sample` (global positions already trained, written by a
+    run of any world size) continues with exactly the positions after them: the rest is padded by
+    repetition to a multiple of `num_replicas` and dealt out in the same way.
     Yields ``(epoch, index)`` so the dataset can seed each sample by (seed, epoch, index) even in
     persistent workers, which never see `set_epoch`.
     """
@@ -23,37 +27,46 @@ class ResumableDistributedSampler(torch.utils.data.Sampler):
         self.shuffle, self.seed = shuffle, seed
         self.num_samples = -(-dataset_len // num_replicas)  # per rank, per epoch (with padding)
         self.total_size = self.num_samples * num_replicas
-        self.epoch, self.start_index = 0, 0
+        self.epoch, self.start_sample = 0, 0
 
-    def set_epoch(self, epoch, start_index=0):
-        """Iterate over `epoch`, skipping the first `start_index` samples of this rank (those a
-        resumed run already consumed in that epoch)."""
-        if not 0 <= start_index <= self.num_samples:
+    def set_epoch(self, epoch, start_index=0, start_sample=None):
+        """Iterate over `epoch`, skipping the positions a resumed run already trained in it:
+        `start_sample` global positions (over all ranks), or `start_index` samples per rank of
+        this world size (the same as start_sample = start_index * num_replicas)."""
+        start_sample = start_index * self.num_replicas if start_sample is None else start_sample
+        if not 0 <= start_sample <= self.total_size:
             raise ValueError(
-                f'start_index {start_index} must lie in [0, {self.num_samples}] (this '
-                f"rank's samples per epoch)."
+                f'start_sample {start_sample} must lie in [0, {self.total_size}] (the samples of '
+                f'an epoch over {self.num_replicas} ranks).'
             )
-        self.epoch, self.start_index = epoch, start_index
+        self.epoch, self.start_sample = epoch, start_sample
+
+    def _permutation(self):
+        if not self.shuffle:
+            return list(range(self.dataset_len))
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0, 'shuffle'))
+        return torch.randperm(self.dataset_len, generator=generator).tolist()
+
+    @staticmethod
+    def _padded(indices, size):
+        """`indices` repeated from its start until it has `size` entries (a loop: the padding may
+        exceed the list)."""
+        while len(indices) < size:
+            indices = indices + indices[: size - len(indices)]
+        return indices
 
     def epoch_indices(self):
-        """This rank's full index sequence for the current epoch."""
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(
-                sample_seed(self.seed, self.epoch, 0, 'shuffle')
-            )
-            indices = torch.randperm(self.dataset_len, generator=generator).tolist()
-        else:
-            indices = list(range(self.dataset_len))
-        while len(indices) < self.total_size:  # a loop: the padding may exceed the dataset
-            indices += indices[: self.total_size - len(indices)]
-        return indices[self.rank :: self.num_replicas]
+        """This rank's index sequence for the current epoch, from `start_sample` on."""
+        indices = self._padded(self._permutation(), self.total_size)[self.start_sample :]
+        rest = -(-len(indices) // self.num_replicas) * self.num_replicas
+        return self._padded(indices, rest)[self.rank :: self.num_replicas] if indices else []
 
     def __iter__(self):
         epoch = self.epoch
-        return iter([(epoch, index) for index in self.epoch_indices()[self.start_index :]])
+        return iter([(epoch, index) for index in self.epoch_indices()])
 
     def __len__(self):
-        return self.num_samples - self.start_index
+        return -(-(self.total_size - self.start_sample) // self.num_replicas)
 
 
 class EvalDistributedSampler(torch.utils.data.Sampler):

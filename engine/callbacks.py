@@ -104,6 +104,7 @@ class ValidateAndKeepBest:
                         'config': config.dump(),
                     },
                     path,
+                    checksum=True,
                 )
                 logger.info(f'{path} saved (best so far)')
         state.max_accuracy = max(state.max_accuracy, acc1)

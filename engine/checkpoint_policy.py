@@ -10,10 +10,15 @@
 
 import contextlib
 
+import torch
+from torch.distributed.tensor import DTensor
+
 from checkpoint.layout import epoch_checkpoint_path, prune_step_checkpoints, step_checkpoint_path
 from checkpoint.save import save_training_state
 from engine.preemption import PreemptionHandler
-from utils.errors import Preempted
+from utils.distributed import all_reduce_max
+from utils.errors import NonFiniteLossError, Preempted
+from utils.state_dict import nonfinite_tensors, summarize_keys
 
 
 class CheckpointPolicy:
@@ -37,26 +42,45 @@ class CheckpointPolicy:
         finally:
             self.preemption.uninstall()
 
-    def save(self, epoch, step, path):
-        """Write the state for continuing at (epoch, step) to `path` (on every rank); return the
-        path written (a directory under TRAIN.SHARDING fsdp)."""
+    def save(self, position, path):
+        """Write the state for continuing at `position` ((epoch, step, samples trained in the
+        epoch over all ranks)) to `path` (on every rank); return the path written (a directory
+        under TRAIN.SHARDING fsdp). Weights that are not finite are never written."""
+        self._refuse_nonfinite_weights(path)
         self.last_checkpoint = save_training_state(
-            path, self.state, (epoch, step), self.config, self.dist_info, self.logger
+            path, self.state, position, self.config, self.dist_info, self.logger
         )
         return self.last_checkpoint
 
-    def after_update(self, epoch, next_step):
-        """After an optimizer step; `next_step` is the index of the epoch's next batch."""
+    def _refuse_nonfinite_weights(self, path):
+        """Collective: raise NonFiniteLossError on every rank if any rank's weights hold NaN/Inf."""
+
+        def local(tensor):
+            return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+        bad = nonfinite_tensors({n: local(p) for n, p in self.state.model.named_parameters()})
+        flag = torch.tensor([float(bool(bad))], device=self.dist_info.device)
+        if all_reduce_max(flag).item():
+            last = self.last_checkpoint or 'none written yet'
+            raise NonFiniteLossError(
+                f'The weights are not finite ({summarize_keys(bad, limit=6) or "on another rank"}'
+                f' hold NaN or Inf), so {path} was not written and the newest checkpoint is still '
+                f'{last}. Resume from it with a lower TRAIN.BASE_LR, TRAIN.CLIP_GRAD on, or '
+                f'bfloat16 / fp32 instead of float16.'
+            )
+
+    def after_update(self, epoch, next_step, samples):
+        """After an optimizer step; `next_step` is the index of the epoch's next batch, `samples`
+        the epoch's samples trained so far over all ranks."""
         config = self.config
         freq = config.CHECKPOINT.STEP_FREQ
+        position = (epoch, next_step, samples)
         if freq and self.state.global_update % freq == 0:
-            self.save(epoch, next_step, step_checkpoint_path(config.OUTPUT, epoch, next_step))
+            self.save(position, step_checkpoint_path(config.OUTPUT, epoch, next_step))
             if self.dist_info.is_main:
                 prune_step_checkpoints(config.OUTPUT, config.CHECKPOINT.KEEP_STEP_CKPTS)
         if self.preemption.stop_requested():
-            path = self.save(
-                epoch, next_step, step_checkpoint_path(config.OUTPUT, epoch, next_step)
-            )
+            path = self.save(position, step_checkpoint_path(config.OUTPUT, epoch, next_step))
             raise Preempted(
                 f'Stopped by {self.preemption.signal_name} after step {next_step} of '
                 f'epoch {epoch}; checkpoint written to {path}. Run the same command '
@@ -66,4 +90,4 @@ class CheckpointPolicy:
     def after_epoch(self, epoch):
         config = self.config
         if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
-            self.save(epoch + 1, 0, epoch_checkpoint_path(config.OUTPUT, epoch))
+            self.save((epoch + 1, 0, 0), epoch_checkpoint_path(config.OUTPUT, epoch))

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
-from checkpoint.layout import TrainingState
+from checkpoint.layout import TrainingState, recorded_samples
 from checkpoint.resume import choose_resume_checkpoint, resume_training
 from checkpoint.weights import load_pretrained
 from engine.checkpoint_policy import CheckpointPolicy
@@ -67,7 +67,7 @@ def build_trainer(
     )
     amp_dtype = autocast_dtype(config, dist_info.device)
     logger.info(f'autocast: {amp_dtype or "off (fp32)"}')
-    path, checkpoint = choose_resume_checkpoint(config, logger)
+    path, checkpoint = choose_resume_checkpoint(config, logger, dist_info.is_main)
     if path is None and config.MODEL.PRETRAINED and pretrained is not None:
         load_pretrained(config, pretrained, logger)
     # FSDP replaces the parameters by their shards in place, so the optimizer comes after it.
@@ -126,6 +126,9 @@ class Trainer:
         self._nonfinite = NonFiniteCounter(self.device)
         self.checkpoints = CheckpointPolicy(config, state, dist_info, logger)
         self.start = (config.TRAIN.START_EPOCH, 0)  # (epoch, step) where fit() begins
+        self.start_sample = 0  # the samples of that epoch trained already, over all ranks
+        self.samples_per_step = config.DATA.BATCH_SIZE * dist_info.world_size
+        self.updates_this_run = 0
 
     def resume(self, path, checkpoint):
         """Continue from `path` (what choose_resume_checkpoint found; None: from the start)."""
@@ -145,8 +148,17 @@ class Trainer:
             found_in,
         )
         self.checkpoints.last_checkpoint = path
+        # The position in global samples (any world size wrote it): the step of this world size
+        # that contains it, and the sampler starts exactly after it.
+        samples = recorded_samples(checkpoint)
+        if samples is not None:
+            self.start = (self.start[0], samples // self.samples_per_step)
+        self.start_sample = (
+            samples if samples is not None else self.start[1] * self.samples_per_step
+        )
         logger.info(
-            f'resumed from {path}: continuing at epoch {self.start[0]}, step {self.start[1]}'
+            f'resumed from {path}: continuing at epoch {self.start[0]}, step {self.start[1]} '
+            f"({self.start_sample} of the epoch's samples trained)"
         )
 
     # ------------------------------------------------------------------ the loop
@@ -165,21 +177,36 @@ class Trainer:
             return
         if self.dist_info.is_main:
             record_config(config, self.logger)  # only now: this config is known to start
+        resumed_here = (start_epoch, start_step) == self.start
         with self.checkpoints.stop_signals_caught():
             start_time = time.time()
             for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-                self.train_epoch(epoch, start_step if epoch == start_epoch else 0)
+                first = epoch == start_epoch
+                start_sample = (
+                    self.start_sample
+                    if first and resumed_here
+                    else start_step * self.samples_per_step
+                    if first
+                    else 0
+                )
+                self.train_epoch(epoch, start_step if first else 0, start_sample)
+                self._check_nonfinite(epoch, run_ended=epoch == config.TRAIN.EPOCHS - 1)
                 if after_epoch is not None:
                     after_epoch(epoch)
                 self.checkpoints.after_epoch(epoch)
             total = datetime.timedelta(seconds=int(time.time() - start_time))
             self.logger.info(f'Training time {total}')
 
-    def train_epoch(self, epoch, start_step=0):
+    def train_epoch(self, epoch, start_step=0, start_sample=None):
+        """One epoch from batch `start_step` on, the sampler skipping the `start_sample` samples
+        (over all ranks; default: start_step's) a resumed run trained already."""
         config, device, state = self.config, self.device, self.state
         num_steps = self.steps_per_epoch
+        if start_sample is None:
+            start_sample = start_step * self.samples_per_step
         self.wrapped_model.train()
-        self.sampler.set_epoch(epoch, start_index=start_step * config.DATA.BATCH_SIZE)
+        self.sampler.set_epoch(epoch, start_sample=start_sample)
+        last_step = start_step + len(self.data_loader) - 1  # misaligned resumes end early
         state.optimizer.zero_grad(set_to_none=True)
         stats = EpochStats(device)
         epoch_start = window_start = time.perf_counter()
@@ -187,7 +214,7 @@ class Trainer:
         window_steps = 0
         loss_since_update = torch.zeros((), device=device)
         data_iter = iter(self.data_loader)
-        for idx in range(start_step, num_steps):
+        for idx in range(start_step, last_step + 1):
             fetch_start = time.perf_counter()
             batch = next(data_iter)
             data_time += time.perf_counter() - fetch_start
@@ -209,12 +236,14 @@ class Trainer:
                 loss_since_update = torch.zeros((), device=device)
                 state.lr_scheduler.step_update(epoch * num_steps + idx)
                 state.global_update += 1
+                self.updates_this_run += 1
                 check_every = min(config.PRINT_FREQ, config.TRAIN.MAX_NONFINITE_STEPS)
                 if state.global_update % check_every == 0:
                     self._check_nonfinite(epoch)
-                self.checkpoints.after_update(epoch, idx + 1)
+                samples = start_sample + (idx + 1 - start_step) * self.samples_per_step
+                self.checkpoints.after_update(epoch, idx + 1, samples)
 
-            if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
+            if idx % config.PRINT_FREQ == 0 or idx == last_step:
                 elapsed = time.perf_counter() - window_start
                 self._log_progress(epoch, idx, num_steps, stats, elapsed, window_steps, data_time)
                 window_start, data_time, window_steps = time.perf_counter(), 0.0, 0
@@ -222,9 +251,7 @@ class Trainer:
         broadcast_batchnorm_stats(state.model)  # every rank evaluates and saves the same
         took = datetime.timedelta(seconds=int(time.perf_counter() - epoch_start))
         covered = (
-            f' (steps {start_step}-{num_steps - 1}: this epoch since the resume)'
-            if start_step
-            else ''
+            f' (steps {start_step}-{last_step}: this epoch since the resume)' if start_step else ''
         )
         self.logger.info(
             f'EPOCH {epoch} training takes {took}, loss avg {stats.read()["loss_avg"]:.4f}{covered}'
@@ -262,9 +289,15 @@ class Trainer:
         self._nonfinite.update(bad, self.state.global_update)
         return grad_norm.detach().float(), bad.reshape(())
 
-    def _check_nonfinite(self, epoch):
+    def _check_nonfinite(self, epoch, run_ended=False):
+        """Raise NonFiniteLossError after TRAIN.MAX_NONFINITE_STEPS consecutive skipped steps (the
+        streak runs on across epochs); when the run has ended, also after a shorter run whose every
+        step was skipped, so no run ends well with a last window that trained nothing."""
         consecutive, streak_start = self._nonfinite.read()
-        if consecutive >= self.config.TRAIN.MAX_NONFINITE_STEPS:
+        window = self.config.TRAIN.MAX_NONFINITE_STEPS
+        if run_ended:
+            window = min(window, self.updates_this_run)
+        if consecutive and consecutive >= window:
             last = self.checkpoints.last_checkpoint or 'none written yet'
             raise NonFiniteLossError(
                 f'{consecutive} consecutive optimizer steps (since update {streak_start}, epoch '

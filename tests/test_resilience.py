@@ -161,7 +161,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_with_the_requeue_code(tmp_path, r
     assert proc.returncode == EXIT_PREEMPTED, out[-2000:]
     assert 'Preempted: Stopped by SIGTERM after step' in out
     assert 'Traceback' not in out
-    step_files = [n for n in os.listdir(run_dir(tmp_path)) if '_step_' in n]
+    step_files = [n for n in os.listdir(run_dir(tmp_path)) if '_step_' in n and n.endswith('.pth')]
     assert len(step_files) == 1
     code, out = launch(tmp_path)
     assert code == 0 and f'resumed from {os.path.join(run_dir(tmp_path), step_files[0])}' in out
@@ -176,7 +176,11 @@ def _stop_mid_epoch(tmp_path, send):
     wait_for(proc, os.path.join(run_dir(tmp_path), 'log_rank0.txt'), 'Train: [0/2][2/6]')
     send(proc)
     out, _ = proc.communicate(timeout=240)
-    return proc.returncode, out, [n for n in os.listdir(run_dir(tmp_path)) if '_step_' in n]
+    return (
+        proc.returncode,
+        out,
+        [n for n in os.listdir(run_dir(tmp_path)) if '_step_' in n and n.endswith('.pth')],
+    )
 
 
 def test_sigterm_to_the_whole_process_group_with_workers_saves_and_resumes_exactly(
@@ -273,5 +277,5 @@ def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step(tmp_path):
     assert all(m.startswith('Stopped by') for m in messages)
     # Both ranks stopped after the same step, and name the same checkpoint.
     assert messages[0].split(' after ', 1)[1] == messages[1].split(' after ', 1)[1]
-    step_files = [n for n in os.listdir(logs) if '_step_' in n]
+    step_files = [n for n in os.listdir(logs) if '_step_' in n and n.endswith('.pth')]
     assert len(step_files) == 1 and step_files[0] in messages[0]

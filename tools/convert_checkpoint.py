@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         checkpoint = read_sharded_checkpoint(args.sharded_dir, model_only=args.model_only)
-        atomic_save(checkpoint, args.output)
+        atomic_save(checkpoint, args.output, checksum=True)
     except (CheckpointError, CheckpointWriteError) as e:
         print(f'Error: {e}', file=sys.stderr)
         return 1

@@ -57,7 +57,7 @@ def _main(argv):
     if args.out_file.endswith('.safetensors'):
         save_safetensors_checkpoint(args.out_file, state_dict, config_text)
     else:
-        atomic_save({'model': state_dict, 'config': config_text}, args.out_file)
+        atomic_save({'model': state_dict, 'config': config_text}, args.out_file, checksum=True)
     print(
         f"Wrote {args.out_file}: timm's {type(timm_model).__name__} as MODEL.TYPE {model_type} "
         f'({len(state_dict)} tensors, {timm_model.num_classes or "no"} classes) with its '

@@ -1,7 +1,8 @@
 """Writing files so that a crash at any moment leaves either the old file or the new, and the one
 message a failed checkpoint write gets.
 
-    atomic_save(obj, path, write=None)   temporary file, fsync, rename, fsync of the folder
+    atomic_save(obj, path, write=None, checksum=False)   temporary file, fsync, rename, fsync of
+                                                        the folder; a checksum record beside it
     fsync_folder(path)                   make a rename inside `path` survive a power loss
     write_error(path, errors, ...)       the CheckpointWriteError for a write that failed
 """
@@ -12,6 +13,7 @@ import secrets
 
 import torch
 
+from utils.checksum import HashingWriter, sidecar_path, write_sidecar
 from utils.errors import CheckpointWriteError
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -43,21 +45,29 @@ def write_error(path, errors, what='checkpoint', where='a larger disk'):
     )
 
 
-def atomic_save(obj, path, write=None):
+def atomic_save(obj, path, write=None, checksum=False):
     """Write `obj` to `path` so that a crash at any moment leaves either the old file or the new.
 
     The bytes go to a temporary file in the same folder, which is flushed, fsynced and renamed over
     `path`; the folder is fsynced so the rename itself survives a power loss. The temporary name is
     unique per call (``{path}.{random}.tmp``), so two writers never share one. `write(obj, file)`
-    produces the bytes: torch.save (looked up at call time) unless given.
+    produces the bytes: torch.save (looked up at call time) unless given. With `checksum`, the
+    bytes are hashed as they are written and the record goes beside the file
+    (utils/checksum.py); an earlier record is removed before the rename, so a crash never pairs
+    the new file with the old record.
     """
     tmp = f'{path}.{secrets.token_hex(6)}.tmp'
     try:
         with open(tmp, 'xb') as f:  # exclusive create; permissions follow the umask
-            (write or torch.save)(obj, f)
+            target = HashingWriter(f) if checksum else f
+            (write or torch.save)(obj, target)
             f.flush()
             os.fsync(f.fileno())
+        if checksum and os.path.exists(sidecar_path(path)):
+            os.remove(sidecar_path(path))
         os.replace(tmp, path)
+        if checksum:
+            write_sidecar(path, target.record())
         fsync_folder(os.path.dirname(os.path.abspath(path)))
     except OSError as e:
         if os.path.exists(tmp) and not isinstance(e, FileExistsError):

@@ -9,21 +9,28 @@ with what to pass instead (a sharded checkpoint is read by checkpoint.sharded).
 """
 
 import collections
+import logging
 import os
 import pickle
 
 import torch
 
+from utils.checksum import check_file, read_sidecar
 from utils.errors import CheckpointError
 from utils.safetensors_io import is_safetensors_file, load_safetensors_checkpoint
 
 # Classes official checkpoints pickle, mapped to the harmless type that stands in for them.
 _ALLOWED_ALIASES = [(collections.OrderedDict, 'yacs.config.CfgNode')]
 SHARDED_MARKER = 'COMPLETE'  # the last file a sharded checkpoint directory gets
+SIDECAR = 'sidecar'  # load_checkpoint_file's default: the checksum record beside the file
+logger = logging.getLogger('simmim.checkpoint')
 
 
-def load_checkpoint_file(path, purpose='checkpoint'):
-    """Return the object stored in `path`, read on the CPU with weights_only=True.
+def load_checkpoint_file(path, purpose='checkpoint', record=SIDECAR):
+    """Return the object stored in `path`, read on the CPU with weights_only=True, after checking
+    its bytes against their checksum record: the one beside the file by default (a file without
+    one, e.g. an official checkpoint, loads with a log line saying it was not verified), a given
+    record dict, or None when the caller has checked the file already.
 
     `purpose` names the flag or key the path came from, for the error message.
     """
@@ -38,6 +45,20 @@ def load_checkpoint_file(path, purpose='checkpoint'):
             f'{purpose}: {path} is empty (0 bytes), probably left by a write '
             f'that was interrupted. Use an earlier checkpoint.'
         )
+    checkpoint = _load(path, purpose)
+    if record is SIDECAR:
+        record = read_sidecar(path)
+        if record is None:
+            logger.info(
+                f'{path}: no checksum recorded (an official or older checkpoint, or a '
+                f'file written elsewhere), so its bytes are not verified'
+            )
+    if record is not None:
+        check_file(path, record, purpose)
+    return checkpoint
+
+
+def _load(path, purpose):
     if path.endswith('.safetensors') or is_safetensors_file(path):
         try:
             return load_safetensors_checkpoint(path)
@@ -45,7 +66,12 @@ def load_checkpoint_file(path, purpose='checkpoint'):
             raise _unreadable(path, purpose, e) from None
     try:
         with torch.serialization.safe_globals(_ALLOWED_ALIASES):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            try:  # mapped, not copied: the checksum pass then reads the file only once
+                return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if 'mmap' not in str(e):
+                    raise
+                return torch.load(path, map_location='cpu', weights_only=True)  # legacy format
     except pickle.UnpicklingError as e:
         blocked = [line.strip() for line in str(e).splitlines() if 'GLOBAL' in line]
         if not blocked:  # garbage the unpickler choked on, not a forbidden object

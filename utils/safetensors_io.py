@@ -56,7 +56,7 @@ def save_safetensors_checkpoint(path, state_dict, config_text='', info=None):
     if config_text:
         metadata['config'] = config_text
     data = serialize(_without_shared_storage(state_dict), metadata=metadata)
-    atomic_save(data, path, write=lambda payload, f: f.write(payload))
+    atomic_save(data, path, write=lambda payload, f: f.write(payload), checksum=True)
 
 
 def load_safetensors_checkpoint(path):

@@ -17,7 +17,9 @@ checkpoint remap (models/architectures.py) and by load_pretrained (checkpoint/we
 import math
 import re
 
-from utils.errors import IncompatibleCheckpointError
+import torch
+
+from utils.errors import CheckpointError, IncompatibleCheckpointError
 from utils.pos_embed import resize_abs_pos_embed, resize_rel_pos_bias_table
 
 REBUILT_BUFFERS = ('relative_position_index', 'relative_coords_table', 'attn_mask')
@@ -245,3 +247,33 @@ def num_classes_of(state_dict):
     """Outputs of the classifier head in `state_dict`; 0 for an encoder without one."""
     head = state_dict.get('head.weight')
     return int(head.shape[0]) if head is not None else 0
+
+
+def nonfinite_tensors(tree, prefix=''):
+    """Names (dotted paths) of the floating-point tensors in `tree` (nested dicts, lists and
+    tuples of tensors) holding a NaN or an infinity. A finite sum (one fast pass) proves every value
+    finite; only a sum that is not (an overflow, or a real NaN) is checked value by value."""
+    if torch.is_tensor(tree):
+        bad = tree.is_floating_point() and tree.numel() and not torch.isfinite(tree.sum())
+        bad = bad and not torch.isfinite(tree).all()
+        return [prefix.rstrip('.') or '(tensor)'] if bad else []
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return []
+    return [name for key, value in items for name in nonfinite_tensors(value, f'{prefix}{key}.')]
+
+
+def check_finite(tree, source):
+    """Raise CheckpointError naming the tensors of `tree` that hold NaN or Inf; `source` names
+    what they were read from."""
+    bad = nonfinite_tensors(tree)
+    if bad:
+        raise CheckpointError(
+            f'{source} holds NaN or infinite values in {len(bad)} tensors '
+            f'({summarize_keys(bad, limit=6)}). Such weights make every training step non-finite '
+            f'and every output meaningless: the run that wrote them diverged, or the file is '
+            f'damaged. Use an earlier checkpoint.'
+        )
