@@ -176,7 +176,7 @@ _C.MODEL.SIMMIM.HEAD.INVERSE_SWIN.NUM_HEADS = [24, 12, 6, 3]
 _C.MODEL.SIMMIM.HEAD.INVERSE_SWIN.WINDOW_SIZE = 6
 _C.MODEL.SIMMIM.HEAD.INVERSE_SWIN.MLP_RATIO = 4.0
 # Prediction target (section 3.4, Tables 3 and 5; models/targets.py): pixel | color_bins |
-# color_clusters.
+# color_clusters | dvae_tokens (models/dvae_target.py).
 _C.MODEL.SIMMIM.TARGET = CN()
 _C.MODEL.SIMMIM.TARGET.NAME = 'pixel'
 # Prediction resolution IMG_SIZE / DOWNSAMPLE (Table 3: 1 ... 32): the target image is
@@ -187,6 +187,11 @@ _C.MODEL.SIMMIM.TARGET.NUM_CLUSTERS = 512  # color_clusters: palette size (iGPT'
 # color_clusters: the palette file, (NUM_CLUSTERS, 3) RGB in [0, 1] (.pt or .npy; iGPT's [-1, 1]
 # centres are accepted too), written by tools/build_color_palette.py.
 _C.MODEL.SIMMIM.TARGET.PALETTE = ''
+# dvae_tokens (BEiT's target): the frozen tokenizer file, written by tools/train_dvae.py
+# (safetensors with its architecture) or DALL-E's encoder converted to a state dict; one token per
+# DOWNSAMPLE x DOWNSAMPLE pixels, so DOWNSAMPLE must divide DATA.MASK_PATCH_SIZE (BEiT: 16).
+_C.MODEL.SIMMIM.TARGET.TOKENIZER = ''
+_C.MODEL.SIMMIM.TARGET.VOCAB_SIZE = 8192  # dvae_tokens: the tokenizer's vocabulary (BEiT: 8192)
 # Loss (Tables 4 and 5). TYPE is for the pixel target; the colour targets use cross-entropy.
 _C.MODEL.SIMMIM.LOSS = CN()
 _C.MODEL.SIMMIM.LOSS.TYPE = 'l1'  # l1 | l2 | smooth_l1

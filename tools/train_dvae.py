@@ -164,6 +164,12 @@ def parse_args(argv):
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--resume', action='store_true', help='continue from OUT.train_state.pt')
+    parser.add_argument(
+        '--stop-after',
+        type=int,
+        help='stop after this many steps of the --steps schedule, with a training state to '
+        '--resume from (a time-limited job)',
+    )
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     return parser.parse_args(argv)
 
@@ -206,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else None
     anneal_steps = int(args.anneal_fraction * args.steps)
     figure_batch = batch_at(dataset, -1, args.figure_images, args.seed).to(device)
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=args.no_progress)
+    stop = min(args.steps, args.stop_after or args.steps)
+    bar = tqdm(range(start, stop), initial=start, total=args.steps, disable=args.no_progress)
     began, first_mse, mse = time.time(), None, None
     for step in bar:
         for group in optimizer.param_groups:
@@ -221,19 +228,23 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step % 10 == 0 or step == args.steps - 1:
+        if step % 10 == 0 or step == stop - 1:
             mse = mse.item()
             first_mse = mse if first_mse is None else first_mse
             bar.set_postfix(mse=f'{mse:.4f}', tau=f'{temperature:.3f}')
-        if (step + 1) % args.checkpoint_every == 0 or step == args.steps - 1:
+        if (step + 1) % args.checkpoint_every == 0 or step == stop - 1:
             save_train_state(state_path, model, optimizer, step + 1, args)
             reconstruction_figure(model, figure_batch, os.path.splitext(args.out)[0] + '.png')
-    save_tokenizer(model.cpu(), args.out)
-    print(
+    summary = (
         f'{args.vocab_size}-code tokenizer ({2 ** (args.num_groups - 1)}x down-sampling) trained '
-        f'for steps {start}..{args.steps} in {time.time() - began:.1f} s '
-        f'(reconstruction MSE {first_mse} -> {mse}), written to {args.out}'
+        f'for steps {start}..{stop} of {args.steps} in {time.time() - began:.1f} s '
+        f'(reconstruction MSE {first_mse} -> {mse})'
     )
+    if stop < args.steps:
+        print(f'{summary}; continue with --resume (training state in {state_path})')
+        return 0
+    save_tokenizer(model.cpu(), args.out)
+    print(f'{summary}, written to {args.out}')
     return 0
 
 
