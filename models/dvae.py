@@ -319,14 +319,15 @@ def _dalle_tokenizer(state, path, purpose):
             f'does not have the DALL-E encoder layout (missing: {", ".join(missing[:4]) or "-"}; '
             f'unexpected: {", ".join(unexpected[:4]) or "-"})',
         )
-    model = DiscreteVAE(
-        vocab_size=state['blocks.output.conv.w'].shape[0],
-        hidden_dim=state['blocks.input.w'].shape[0],
-        num_groups=num_groups,
-        blocks_per_group=blocks_per_group,
-        in_chans=state['blocks.input.w'].shape[1],
-        has_decoder=False,
-    )
+    with torch.device('cpu'):
+        model = DiscreteVAE(
+            vocab_size=state['blocks.output.conv.w'].shape[0],
+            hidden_dim=state['blocks.input.w'].shape[0],
+            num_groups=num_groups,
+            blocks_per_group=blocks_per_group,
+            in_chans=state['blocks.input.w'].shape[1],
+            has_decoder=False,
+        )
     renamed = {
         'encoder.' + k[:-2] + ('.weight' if k.endswith('.w') else '.bias'): v.float()
         for k, v in state.items()
@@ -354,7 +355,8 @@ def load_tokenizer(path, vocab_size=None, purpose='MODEL.SIMMIM.TARGET.TOKENIZER
     if METADATA_KEY in metadata:
         try:
             info = json.loads(metadata[METADATA_KEY])
-            model = DiscreteVAE(**{k: info[k] for k in ARCHITECTURE_KEYS})
+            with torch.device('cpu'):  # real weights, also where the model is built on 'meta'
+                model = DiscreteVAE(**{k: info[k] for k in ARCHITECTURE_KEYS})
         except (ValueError, KeyError, TypeError) as e:
             raise _expected(path, purpose, f'has unreadable architecture metadata ({e})') from None
         _load_strict(model, state, path, purpose)

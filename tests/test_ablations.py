@@ -12,9 +12,11 @@ import main_simmim
 from config import load_config
 from data.masking import build_mask_generator
 from models import build_model, model_patch_size
+from models.dvae import DiscreteVAE, save_tokenizer
 from models.heads import count_parameters
 from tests.conftest import ROOT
 from tools.build_color_palette import main as build_palette
+from tools.train_dvae import main as train_dvae
 from utils.errors import ConfigError
 
 ABLATIONS = os.path.join(ROOT, 'configs', 'ablations')
@@ -60,6 +62,19 @@ def palette_512(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope='module')
+def tokenizer_8192(tmp_path_factory):
+    """A tiny 8192-code tokenizer (8x down-sampling, as the rows' DALL-E-scale one)."""
+    path = tmp_path_factory.mktemp('tokenizer') / 'dvae_8192.safetensors'
+    torch.manual_seed(0)
+    save_tokenizer(DiscreteVAE(8192, 4, 4, 1, 4), str(path))
+    return str(path)
+
+
+def target_files(palette, tokenizer):
+    return ['MODEL.SIMMIM.TARGET.PALETTE', palette, 'MODEL.SIMMIM.TARGET.TOKENIZER', tokenizer]
+
+
 def flatten(node, prefix=''):
     out = {}
     for key, value in node.items():
@@ -74,13 +89,14 @@ def test_every_table_row_has_a_config():
     counts = {
         table: len(glob.glob(os.path.join(ABLATIONS, table, '*.yaml'))) for table in TABLE_KEYS
     }
-    # Table 1: 3 square + 6 block-wise + 20 random rows; Table 5 without BEiT's dVAE tokens.
+    # Table 1: 3 square + 6 block-wise + 20 random rows; Table 5 with BEiT's dVAE tokens at two
+    # token sizes.
     assert counts == {
         'table1_masking': 29,
         'table2_head': 4,
         'table3_resolution': 6,
         'table4_scope': 2,
-        'table5_target': 11,
+        'table5_target': 13,
     }
 
 
@@ -116,8 +132,8 @@ _full_size_params = {}
 
 
 @pytest.mark.parametrize('path', ROWS, ids=ROW_IDS)
-def test_each_row_builds_its_full_size_model_and_mask_generator(path, palette_512):
-    config = load_config(path, ['MODEL.SIMMIM.TARGET.PALETTE', palette_512])
+def test_each_row_builds_its_full_size_model_and_mask_generator(path, palette_512, tokenizer_8192):
+    config = load_config(path, target_files(palette_512, tokenizer_8192))
     generator = build_mask_generator(config, model_patch_size(config))
     mask = generator(torch.Generator().manual_seed(0))
     assert mask.shape == (48, 48) and mask.sum() > 0
@@ -138,8 +154,8 @@ def test_each_row_builds_its_full_size_model_and_mask_generator(path, palette_51
 
 
 @pytest.mark.parametrize('path', ROWS, ids=ROW_IDS)
-def test_each_row_trains_as_a_tiny_model(path, palette_512):
-    config = load_config(path, TINY + ['MODEL.SIMMIM.TARGET.PALETTE', palette_512])
+def test_each_row_trains_as_a_tiny_model(path, palette_512, tokenizer_8192):
+    config = load_config(path, TINY + target_files(palette_512, tokenizer_8192))
     torch.manual_seed(0)
     model = build_model(config)
     generator = build_mask_generator(config, model_patch_size(config))
@@ -229,6 +245,28 @@ def test_end_to_end_inverse_swin_head_with_colour_clusters_from_the_palette_tool
 
 
 @pytest.mark.slow
+def test_end_to_end_dvae_tokens_with_a_tokenizer_from_the_tool(tmp_path):
+    cfg = os.path.join(ABLATIONS, 'table5_target', 'dvae_tokens__res12.yaml')
+    tokenizer = tmp_path / 'dvae_64.safetensors'
+    flags = ['--vocab-size', '64', '--hidden-dim', '8', '--num-groups', '2', '--steps', '3']
+    flags += ['--image-size', '16', '--batch-size', '4', '--device', 'cpu', '--no-progress']
+    assert train_dvae(['synthetic', str(tokenizer), *flags]) == 0
+    code, run_dir = pretrain(
+        tmp_path,
+        cfg,
+        'MODEL.SIMMIM.TARGET.TOKENIZER',
+        tokenizer,
+        'MODEL.SIMMIM.TARGET.VOCAB_SIZE',
+        64,
+        'TENSORBOARD',
+        False,
+    )
+    assert code == 0
+    assert (run_dir / 'ckpt_epoch_0.pth').is_file()
+    assert (run_dir / 'reconstructions' / 'epoch_0.png').is_file()
+
+
+@pytest.mark.slow
 def test_end_to_end_mlp_head_with_colour_bins(tmp_path):
     cfg = os.path.join(ABLATIONS, 'table2_head', 'mlp.yaml')
     code, run_dir = pretrain(
@@ -261,6 +299,20 @@ def test_end_to_end_mlp_head_with_colour_bins(tmp_path):
         (['MODEL.SIMMIM.LOSS.SCOPE', 'visible'], "LOSS.SCOPE 'visible' is not one of"),
         (['MODEL.SIMMIM.TARGET.DOWNSAMPLE', 3], 'DOWNSAMPLE 3 must divide the encoder stride 32'),
         (['MODEL.SIMMIM.TARGET.NAME', 'color_clusters'], 'PALETTE is empty'),
+        (['MODEL.SIMMIM.TARGET.NAME', 'dvae_tokens'], 'TOKENIZER is empty'),
+        (
+            [
+                'MODEL.SIMMIM.TARGET.NAME',
+                'dvae_tokens',
+                'MODEL.SIMMIM.TARGET.TOKENIZER',
+                'dvae.safetensors',
+                'MODEL.SIMMIM.TARGET.DOWNSAMPLE',
+                32,
+                'DATA.MASK_PATCH_SIZE',
+                16,
+            ],
+            'straddle the 16-px mask patches',
+        ),
         (
             ['MODEL.SIMMIM.TARGET.NAME', 'color_bins', 'MODEL.SIMMIM.NORM_TARGET.ENABLE', True],
             'cannot be combined',
