@@ -15,8 +15,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import main_simmim
 from config import get_defaults
 from data.synthetic import SyntheticShapes
+from engine.launch import run
 from models import build_model
 from models.dvae import (
     METADATA_KEY,
@@ -30,8 +32,10 @@ from models.dvae import (
 from models.dvae_target import DVAETokens
 from models.targets import check_target_config, normalized_to_rgb, rgb_to_normalized
 from optimizer import build_optimizer
+from tests.conftest import ROOT
 from tools.train_dvae import main as train_dvae
 from utils.errors import ConfigError
+from utils.safe_load import load_checkpoint_file
 
 TINY_ARCH = dict(vocab_size=16, hidden_dim=8, num_groups=3, blocks_per_group=1, codebook_dim=8)
 
@@ -406,3 +410,30 @@ def test_target_config_errors_name_the_key(tokenizer_file):
     config.MODEL.SIMMIM.TARGET.VOCAB_SIZE = 8192
     with pytest.raises(ConfigError, match='vocabulary of 64 codes'):
         build_model(config)
+
+
+def pretrain_with_tokens(output, tokenizer, *opts):
+    """main_simmim on the tiny Swin test config (64 px, 16-px mask patches) with 4x4 tokens."""
+    argv = ['--cfg', os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')]
+    argv += ['--output', str(output), '--opts', 'MODEL.SIMMIM.TARGET.NAME', 'dvae_tokens']
+    argv += ['MODEL.SIMMIM.TARGET.TOKENIZER', tokenizer, 'MODEL.SIMMIM.TARGET.VOCAB_SIZE', '64']
+    argv += ['MODEL.SIMMIM.TARGET.DOWNSAMPLE', '16', 'DATA.SYNTHETIC.TRAIN_SIZE', '16']
+    code = run(main_simmim.main, argv + list(map(str, opts)), is_pretrain=True)
+    return code, os.path.join(str(output), 'simmim_pretrain', 'tiny')
+
+
+def test_pretraining_checkpoints_hold_no_tokenizer_and_resume_exactly(tmp_path, tokenizer_file):
+    _, straight = pretrain_with_tokens(tmp_path / 'straight', tokenizer_file)
+    _, split = pretrain_with_tokens(tmp_path / 'split', tokenizer_file, 'TRAIN.EPOCHS', 1)
+    code, split = pretrain_with_tokens(tmp_path / 'split', tokenizer_file)  # resumes epoch 1
+    assert code == 0
+    assert 'resumed from' in open(os.path.join(split, 'log_rank0.txt')).read()
+    a = load_checkpoint_file(os.path.join(straight, 'ckpt_epoch_1.pth'))
+    b = load_checkpoint_file(os.path.join(split, 'ckpt_epoch_1.pth'))
+    assert not any('tokenizer' in k or k.startswith('criterion.') for k in a['model'])
+    # The tiny Swin has no persistent buffers: every state-dict entry is a trainable parameter,
+    # and the optimizer holds exactly those (the tokenizer's 45 tensors are in neither).
+    num_params = sum(len(g['params']) for g in a['optimizer']['param_groups'])
+    assert num_params == len(a['model']) == len(a['optimizer']['state'])
+    assert a['model'].keys() == b['model'].keys()
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
