@@ -17,6 +17,7 @@ step), and a reconstruction figure (original | tokens decoded, one row per image
 """
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -87,10 +88,11 @@ def batch_at(dataset, step, batch_size, seed):
 
 
 def learning_rate(step, steps, base_lr, warmup):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `steps`."""
     if step < warmup:
         return base_lr * (step + 1) / warmup
     progress = (step - warmup) / max(steps - warmup, 1)
-    return base_lr * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
+    return base_lr * 0.5 * (1 + math.cos(progress * math.pi))
 
 
 def reconstruction_figure(model, images, path):
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     start = resume(state_path, model, optimizer, args) if args.resume else 0
     dtype = torch.bfloat16 if device.type == 'cuda' and torch.cuda.is_bf16_supported() else None
     anneal_steps = int(args.anneal_fraction * args.steps)
-    figure_batch = batch_at(dataset, -1, args.figure_images, args.seed).to(device)
+    figure_batch = batch_at(dataset, args.steps, args.figure_images, args.seed).to(device)  # fixed
     stop = min(args.steps, args.stop_after or args.steps)
     bar = tqdm(range(start, stop), initial=start, total=args.steps, disable=args.no_progress)
     began, first_mse, mse = time.time(), None, None
