@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import main_simmim
 from config import get_defaults
 from data.synthetic import SyntheticShapes
-from engine.launch import run
+from engine.launch import run, run_tool
 from models import build_model
 from models.dvae import (
     METADATA_KEY,
@@ -267,8 +267,10 @@ def test_training_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_training_flags_are_checked(tmp_path):
+def test_training_flags_are_checked(tmp_path, capsys):
     out = str(tmp_path / 't.safetensors')
+    assert run_tool(train_dvae, ['synthetic', out, '--vocab-size', '0']) == 2
+    assert 'Configuration error: --vocab-size must be at least 1' in capsys.readouterr().err
     with pytest.raises(ConfigError, match='multiple of the down-sampling'):
         train_dvae(['synthetic', out, '--image-size', '30', *TRAIN_FLAGS[:8]])
     with pytest.raises(ConfigError, match='no training state'):
@@ -437,3 +439,14 @@ def test_pretraining_checkpoints_hold_no_tokenizer_and_resume_exactly(tmp_path, 
     assert num_params == len(a['model']) == len(a['optimizer']['state'])
     assert a['model'].keys() == b['model'].keys()
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+
+
+def test_pretraining_with_a_wrong_tokenizer_file_exits_2_with_one_paragraph(tmp_path, capsys):
+    wrong = tmp_path / 'palette.pt'
+    torch.save(torch.rand(8, 3), wrong)
+    code, _ = pretrain_with_tokens(tmp_path / 'run', str(wrong))
+    assert code == 2
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
+    assert 'no state dict of tensors' in output and 'blocks.input.w' in output
+    assert 'Traceback' not in output
