@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import main_simmim
-from config import get_defaults
+from config import get_defaults, load_config
 from data.synthetic import SyntheticShapes
 from engine.launch import run, run_tool
 from models import build_model
@@ -450,3 +450,20 @@ def test_pretraining_with_a_wrong_tokenizer_file_exits_2_with_one_paragraph(tmp_
     output = captured.out + captured.err
     assert 'no state dict of tensors' in output and 'blocks.input.w' in output
     assert 'Traceback' not in output
+
+
+def test_beit_geometry_14x14_tokens_from_112_px_for_a_224_px_vit_b_16(tmp_path):
+    """ViT-B/16 at 224 px with DOWNSAMPLE 16: one token per patch, 14x14, and an 8x tokenizer
+    (DALL-E's 4 groups) sees the image at 112 px."""
+    path = str(tmp_path / 'tok8x.safetensors')
+    save_tokenizer(tiny_tokenizer(vocab_size=8192, hidden_dim=4, num_groups=4), path)
+    cfg = os.path.join(
+        ROOT, 'configs', 'vit_base__800ep', 'simmim_pretrain__vit_base__img224__800ep.yaml'
+    )
+    opts = ['MODEL.SIMMIM.TARGET.NAME', 'dvae_tokens', 'MODEL.SIMMIM.TARGET.TOKENIZER', path]
+    config = load_config(cfg, opts + ['MODEL.SIMMIM.TARGET.DOWNSAMPLE', 16])
+    criterion = DVAETokens.from_config(config, 16, 3)
+    seen = []
+    criterion.tokenizer.encoder.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    target = criterion.target(torch.randn(1, 3, 224, 224))
+    assert target.shape == (1, 14, 14) and seen == [(1, 3, 112, 112)]
