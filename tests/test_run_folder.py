@@ -127,8 +127,8 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_log_line(tmp_path):
 @pytest.mark.parametrize(
     'holder, busy', [('live pid here', True), ('dead pid here', False), ('another host', True)]
 )
-def test_without_flock_the_lock_file_content_decides(tmp_path, monkeypatch, holder, busy):
-    """On a file system without working flock, a lock naming a live process (or one on another
+def test_without_working_locks_the_lock_file_content_decides(tmp_path, monkeypatch, holder, busy):
+    """On a file system without working locks, a lock naming a live process (or one on another
     host, which cannot be checked) stops the run; one naming a dead process here is stale."""
     monkeypatch.setattr(run_folder, 'fcntl', None)
     pid = {'live pid here': os.getppid(), 'dead pid here': dead_pid(), 'another host': 1}[holder]
