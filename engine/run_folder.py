@@ -9,8 +9,8 @@ it do not share it (they would share a ``flock``, and keep the folder locked aft
 main process until they notice and exit), so a restart right after a kill takes the folder at
 once. On a file system without working locks the file's content decides instead: a lock
 naming a process that no longer exists on this host is stale and taken over; one naming a live
-process, or another host (whose processes cannot be checked from here), stops the second run. A clean exit removes
-the file; one left behind by a killed run is taken over with a log line.
+process, or another host (whose processes cannot be checked from here), stops the second run. A
+clean exit removes the file; one left behind by a killed run is taken over with a log line.
 
 Config. ``config.yaml`` is written once the run is known to start (data, model and any resume
 checkpoint loaded). When a later start of the same folder uses a different config, the previous
