@@ -1,8 +1,9 @@
 """timm model folders and timm models, in and out (the name mappings are in models.timm_mapping).
 
-    export_timm_folder(config, state_dict, out_dir, info=None) -> the timm model written
+    export_timm_folder(config, state_dict, out_dir, info=None, verify=None) -> the timm model
         OUT_DIR/config.json (timm's format) + OUT_DIR/model.safetensors, loadable offline with
-        timm.create_model('local-dir:OUT_DIR', pretrained=True)
+        timm.create_model('local-dir:OUT_DIR', pretrained=True); staged beside OUT_DIR,
+        verify(staging) checked, then published
     load_timm_model(spec, cache_dir=None)        spec: such a folder, or a timm model name whose
                                                  weights are already in the local HF cache
     read_timm_checkpoint(spec, model_type=None)  {'model': its weights under our names}

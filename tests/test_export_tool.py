@@ -27,6 +27,7 @@ from models import build_model
 from tests.conftest import ROOT
 from tests.test_timm_interop import CONFIGS, images, randomize, relative_difference
 from tools.export import main as export
+from tools.import_timm import main as import_timm
 from utils.errors import CheckpointError
 from utils.safe_load import load_checkpoint_file
 from utils.safetensors_io import is_safetensors_file
@@ -494,6 +495,7 @@ def test_exported_files_get_the_permissions_of_the_umask(tmp_path):
         for path in (first, second):  # a new folder, then files replaced in an existing one
             assert export([path, '--to', 'timm', str(tmp_path / 'timm')]) == 0
             assert export([path, '--to', 'safetensors', str(tmp_path / 'x.safetensors')]) == 0
+            assert import_timm([str(tmp_path / 'timm'), str(tmp_path / 'y.pth')]) == 0
             modes = {
                 name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)
                 for name in (
@@ -502,6 +504,8 @@ def test_exported_files_get_the_permissions_of_the_umask(tmp_path):
                     'timm/model.safetensors',
                     'x.safetensors',
                     'x.safetensors.checksum',
+                    'y.pth',
+                    'y.pth.checksum',
                 )
             }
             assert modes == {
@@ -510,6 +514,8 @@ def test_exported_files_get_the_permissions_of_the_umask(tmp_path):
                 'timm/model.safetensors': 0o640,
                 'x.safetensors': 0o640,
                 'x.safetensors.checksum': 0o640,
+                'y.pth': 0o640,
+                'y.pth.checksum': 0o640,
             }
     finally:
         os.umask(previous)
@@ -539,3 +545,20 @@ def test_pretrained_timm_folder_or_cached_name_with_a_truncated_file_names_it(
     config.MODEL.PRETRAINED = f'timm:{name}'
     with pytest.raises(CheckpointError, match=f'{re.escape(str(cached))}.*truncated or damaged'):
         load_pretrained(config, build_model(config, is_pretrain=False))
+
+
+def test_an_output_of_the_wrong_kind_is_a_usage_error(tmp_path, capsys):
+    first, _ = checkpoints_of_two_models(tmp_path)
+    (tmp_path / 'folder.safetensors').mkdir()
+    (tmp_path / 'file').write_text('mine')
+    assert export([first, '--to', 'safetensors', str(tmp_path / 'folder.safetensors')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('Configuration error: ') and 'is an existing folder' in err
+    assert 'disk' not in err and os.listdir(tmp_path / 'folder.safetensors') == []
+    assert export([first, '--to', 'timm', str(tmp_path / 'file')]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith('Configuration error: ')
+        and 'is a file, but a timm export is a folder' in err
+    )
+    assert (tmp_path / 'file').read_text() == 'mine'
