@@ -31,6 +31,22 @@ def prepare_output_dir(path):
         ) from None
 
 
+def prepare_output_file(path, what='the output file', suffixes=None):
+    """Check that a tool can write the file `path` (not a folder; one of `suffixes`, when given)
+    and create its folder, before any work; else raise a ConfigError saying what to pass."""
+    if os.path.isdir(path):
+        raise ConfigError(
+            f'{what} {path} is an existing folder; pass a file path, e.g. '
+            f'{os.path.join(path, "model" + (suffixes[0] if suffixes else ".pth"))}.'
+        )
+    if suffixes and not path.endswith(tuple(suffixes)):
+        raise ConfigError(
+            f'{what} {path}: the suffix says a format this tool does not write; name the file '
+            f'with one of {", ".join(suffixes)}.'
+        )
+    prepare_output_dir(os.path.dirname(os.path.abspath(path)))
+
+
 def setup(argv: Sequence[str] | None, task: Task) -> tuple:
     """Parse `argv` for `task` (utils.tasks), build the frozen config, join the process group,
     prepare OUTPUT and logging.
