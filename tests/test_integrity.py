@@ -12,18 +12,26 @@ import torch
 import main_finetune
 import main_simmim
 from checkpoint import sharded
-from checkpoint.layout import prune_step_checkpoints, step_checkpoint_path
+from checkpoint.layout import (
+    TrainingState,
+    epoch_checkpoint_path,
+    prune_step_checkpoints,
+    step_checkpoint_path,
+)
 from checkpoint.resume import find_resume_checkpoint, verify_resume_checkpoint
 from config import load_config
 from data.sampler import ResumableDistributedSampler
+from engine.checkpoint_policy import CheckpointPolicy
 from engine.evaluation import load_eval_weights
 from engine.launch import run
+from lr_scheduler import build_scheduler
 from models import build_model
+from optimizer import build_optimizer
 from tests.conftest import ROOT
-from tests.test_sharded_checkpoint import save, trained
+from tests.test_sharded_checkpoint import ONE_PROCESS, save, trained
 from utils.atomic_write import atomic_save
 from utils.checksum import file_record, read_sidecar, sidecar_path
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, NonFiniteLossError
 from utils.safe_load import load_checkpoint_file
 
 TINY = os.path.join(ROOT, 'tests', 'configs', 'tiny_swin_pretrain.yaml')
@@ -303,3 +311,20 @@ def test_a_resumed_epoch_that_does_not_divide_repeats_only_padding():
     rest = consumed(50, 3, None, start_sample=40)
     assert len(set(first)) == 40 and set(first) | set(rest) == set(range(50))
     assert len(first + rest) - len(set(first + rest)) == 2 == len(consumed(50, 4, None)) - 50
+
+
+def test_weights_that_went_non_finite_are_never_written_as_the_newest_checkpoint(tmp_path):
+    config = load_config(TINY, ['OUTPUT', str(tmp_path)])
+    torch.manual_seed(0)
+    model = build_model(config)
+    optimizer = build_optimizer(config, model)
+    state = TrainingState(model, optimizer, build_scheduler(config, optimizer, 6))
+    policy = CheckpointPolicy(config, state, ONE_PROCESS, LOGGER)
+    good = policy.save((1, 0, 0), epoch_checkpoint_path(str(tmp_path), 0))
+    with torch.no_grad():
+        model.encoder.patch_embed.proj.weight[0, 0, 0, 0] = float('nan')
+    with pytest.raises(NonFiniteLossError) as info:
+        policy.save((2, 0, 0), epoch_checkpoint_path(str(tmp_path), 1))
+    assert 'encoder.patch_embed.proj.weight' in str(info.value) and good in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ['ckpt_epoch_0.pth', 'ckpt_epoch_0.pth.checksum']
+    assert policy.last_checkpoint == good
