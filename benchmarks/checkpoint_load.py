@@ -1,4 +1,5 @@
-"""What the checksum check adds to loading a checkpoint (docs/resume.md#what-is-verified-on-every-load).
+"""What the checksum check adds to loading a checkpoint (docs/resume.md, "What is verified").
+
 
 Builds the Swin-B/192 pre-training model of the official 800-epoch config with an AdamW state as
 after one step (about 1.1 GB in one file), writes it with its checksum record, and times, in
