@@ -1,6 +1,5 @@
 """What the checksum check adds to loading a checkpoint (docs/resume.md, "What is verified").
 
-
 Builds the Swin-B/192 pre-training model of the official 800-epoch config with an AdamW state as
 after one step (about 1.1 GB in one file), writes it with its checksum record, and times, in
 alternating rounds so that both see the same page cache: loading it (memory-mapped, every tensor
