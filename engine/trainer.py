@@ -70,6 +70,8 @@ def build_trainer(
     path, checkpoint = choose_resume_checkpoint(config, logger, dist_info.is_main)
     if path is None and config.MODEL.PRETRAINED and pretrained is not None:
         load_pretrained(config, pretrained, logger)
+    elif config.MODEL.PRETRAINED and pretrained is not None:
+        logger.info(f'MODEL.PRETRAINED is not loaded: {path} continues this run, weights included')
     # FSDP replaces the parameters by their shards in place, so the optimizer comes after it.
     wrapped = wrap_model(config, model, dist_info, amp_dtype, logger)
     optimizer = build_optimizer(config, model, logger, task)

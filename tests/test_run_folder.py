@@ -212,6 +212,19 @@ def test_a_finished_run_started_again_says_so_and_trains_nothing(finished, tmp_p
     assert files == {n: os.path.getmtime(os.path.join(run_dir(output), n)) for n in files}
 
 
+def test_pretrained_weights_given_to_a_run_that_continues_are_said_to_be_unused(
+    finished, tmp_path, capsys
+):
+    output = copy_of(finished, tmp_path)
+    capsys.readouterr()
+    opts = ('TENSORBOARD', True, 'VIS_FREQ', 1, 'PRINT_FREQ', 1, 'MODEL.PRETRAINED', 'enc.pth')
+    assert pretrain(output, *opts) == 0
+    out = capsys.readouterr().out
+    assert (
+        'MODEL.PRETRAINED is not loaded: ' in out and 'ckpt_epoch_1.pth continues this run' in out
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # What the log and TensorBoard show
 # ------------------------------------------------------------------------------------------------
