@@ -379,7 +379,13 @@ NUMERIC_RANGES = {
         if key not in ('DEPTHS', 'WINDOW_SIZE')
     },
     'MODEL.VIT.DEPTH': AT_LEAST_1,
-    'MODEL.VIT.INIT_VALUES': Range(0, low_open=True, none_ok=True, note='None: no layer scale.'),
+    'MODEL.VIT.INIT_VALUES': Range(
+        0,
+        low_open=True,
+        none_ok=True,
+        note='None: no layer scale (0 would be read as none by timm and as gammas fixed at 0, '
+        'which silence every block, by the official code; the official configs use 0.1).',
+    ),
     'MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE': AT_LEAST_1,
     'MODEL.SIMMIM.HEAD.MLP_HIDDEN_DIM': SIZE_OR_DEFAULT,
     **{
