@@ -435,3 +435,17 @@ def test_a_run_config_with_another_batch_keeps_its_rates_and_says_so(tmp_path):
     assert config.DATA.BATCH_SIZE == 16 and config.TRAIN.BASE_LR == run.TRAIN.BASE_LR
     assert config.OUTPUT == run.OUTPUT
     assert [n for n in notes if '16 x 1 here and 8 x 1' in n and 'not scaled again' in n]
+
+
+def test_asking_for_mixed_precision_on_the_cpu_is_answered_in_the_log():
+    import torch
+
+    from engine.precision import autocast_dtype, describe_autocast
+
+    cpu = torch.device('cpu')
+    config = load_config(TINY, amp_opt_level='O1')
+    assert autocast_dtype(config, cpu) is None
+    assert 'only used on CUDA, and this run is on cpu' in describe_autocast(config, cpu, None)
+    off = load_config(TINY, amp_opt_level='O0')
+    assert describe_autocast(off, cpu, None) == 'off (fp32)'
+    assert describe_autocast(config, cpu, torch.bfloat16) == 'torch.bfloat16'
