@@ -5,6 +5,7 @@ import math
 import os
 
 import pytest
+import torch
 from yacs.config import CfgNode
 
 from config import (
@@ -16,6 +17,7 @@ from config import (
     load_config,
     load_config_text,
 )
+from engine.precision import autocast_dtype, describe_autocast
 from tests.conftest import ROOT
 from utils.arguments import build_arg_parser
 from utils.errors import ConfigError
@@ -438,10 +440,6 @@ def test_a_run_config_with_another_batch_keeps_its_rates_and_says_so(tmp_path):
 
 
 def test_asking_for_mixed_precision_on_the_cpu_is_answered_in_the_log():
-    import torch
-
-    from engine.precision import autocast_dtype, describe_autocast
-
     cpu = torch.device('cpu')
     config = load_config(TINY, amp_opt_level='O1')
     assert autocast_dtype(config, cpu) is None

@@ -9,8 +9,10 @@ import sys
 import pytest
 import torch
 
+import main_finetune
 from config import load_config
 from engine.evaluation import load_eval_weights
+from engine.launch import run
 from models import build_model
 from tests.conftest import ROOT
 
@@ -120,9 +122,6 @@ def test_eval_of_a_pretraining_checkpoint_is_refused_with_the_pretrained_hint(tm
 
 @pytest.mark.slow
 def test_eval_with_throughput_does_both(tmp_path, capsys):
-    import main_finetune
-    from engine.launch import run
-
     config = load_config(TINY, ['MODEL.NUM_CLASSES', '4'], is_pretrain=False)
     path = str(tmp_path / 'finetuned.pth')
     torch.save({'model': classifier(config, seed=0).state_dict()}, path)

@@ -14,6 +14,7 @@ import time
 import pytest
 
 import main_simmim
+from data.synthetic import SyntheticShapes
 from engine import run_folder
 from engine.launch import run
 from tests.conftest import ROOT
@@ -273,8 +274,6 @@ def test_reconstructions_are_on_the_training_scalars_step_axis(finished):
 # Which run a start continues: the data it trained on, its own config.yaml
 # ------------------------------------------------------------------------------------------------
 def image_folder(root, count=16):
-    from data.synthetic import SyntheticShapes
-
     images = SyntheticShapes(count, 2, 64, seed=0)
     os.makedirs(root)
     for i in range(count):
