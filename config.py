@@ -11,10 +11,11 @@ Public entry points:
     get_defaults()                            a mutable copy of the defaults
     load_config_text(yaml_text, opts=(), ...) the same from YAML text (a checkpoint's config)
     validate_config(config, task)             every key checked, the error naming key and fix
+    config_warnings(config)                   what a valid config may not mean (logged at start)
 
-Validation (`validate_config`) is here too: it asks each registered unit to check its own keys
-and checks the keys no unit owns. YAML/--opts merging (utils/config_merge.py) and the command line
-(utils/arguments.py) are leaves beside it.
+Validation (`validate_config`) is here too: every numeric key's range first (NUMERIC_RANGES), then
+it asks each registered unit to check its own keys and checks the keys no unit owns. YAML/--opts
+merging (utils/config_merge.py) and the command line (utils/arguments.py) are leaves beside it.
 """
 
 import argparse
@@ -337,48 +338,48 @@ COMPILE_BACKENDS = ('inductor', 'aot_eager', 'eager')  # the last two: tracing o
 # The allowed range of every numeric key (each element of a list); validate_config checks them
 # first, so nothing starts with a value outside its range (a YAML .nan or .inf included). A new
 # numeric key goes here or in UNCONSTRAINED_NUMERIC_KEYS (tests/test_config.py checks both).
-POSITIVE = Range(0, low_open=True)
-AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
-FRACTION = Range(0, 1, high_open=True)  # [0, 1)
-PROBABILITY = Range(0, 1)
-SIZE_OR_DEFAULT = Range(0, note='0 picks the default.')
+_POSITIVE = Range(0, low_open=True)
+_AT_LEAST_0, _AT_LEAST_1 = Range(0), Range(1)
+_FRACTION = Range(0, 1, high_open=True)  # [0, 1)
+_PROBABILITY = Range(0, 1)
+_SIZE_OR_DEFAULT = Range(0, note='0 picks the default.')
 _ARCH_RANGES = {
-    'PATCH_SIZE': AT_LEAST_1,
-    'IN_CHANS': AT_LEAST_1,
-    'EMBED_DIM': AT_LEAST_1,
-    'DEPTHS': AT_LEAST_1,
-    'NUM_HEADS': AT_LEAST_1,
-    'WINDOW_SIZE': AT_LEAST_1,
-    'MLP_RATIO': POSITIVE,
+    'PATCH_SIZE': _AT_LEAST_1,
+    'IN_CHANS': _AT_LEAST_1,
+    'EMBED_DIM': _AT_LEAST_1,
+    'DEPTHS': _AT_LEAST_1,
+    'NUM_HEADS': _AT_LEAST_1,
+    'WINDOW_SIZE': _AT_LEAST_1,
+    'MLP_RATIO': _POSITIVE,
 }
 NUMERIC_RANGES = {
-    'DATA.BATCH_SIZE': POSITIVE,
-    'DATA.IMG_SIZE': POSITIVE,
-    'DATA.NUM_WORKERS': AT_LEAST_0,
-    'DATA.PREFETCH_FACTOR': AT_LEAST_1,
-    'DATA.MASK_PATCH_SIZE': AT_LEAST_1,
+    'DATA.BATCH_SIZE': _POSITIVE,
+    'DATA.IMG_SIZE': _POSITIVE,
+    'DATA.NUM_WORKERS': _AT_LEAST_0,
+    'DATA.PREFETCH_FACTOR': _AT_LEAST_1,
+    'DATA.MASK_PATCH_SIZE': _AT_LEAST_1,
     'DATA.MASK_RATIO': Range(0, 1, True, True, note="(The paper's default is 0.6.)"),
-    'DATA.BLOCKWISE.MIN_PATCHES_PER_BLOCK': SIZE_OR_DEFAULT,
-    'DATA.BLOCKWISE.MAX_PATCHES_PER_BLOCK': SIZE_OR_DEFAULT,
-    'DATA.BLOCKWISE.ASPECT_RATIO_RANGE': POSITIVE,
-    'DATA.SYNTHETIC.TRAIN_SIZE': AT_LEAST_1,
-    'DATA.SYNTHETIC.VAL_SIZE': AT_LEAST_1,
-    'DATA.SYNTHETIC.NUM_CLASSES': AT_LEAST_1,
-    'DATA.SYNTHETIC.SEED': AT_LEAST_0,
+    'DATA.BLOCKWISE.MIN_PATCHES_PER_BLOCK': _SIZE_OR_DEFAULT,
+    'DATA.BLOCKWISE.MAX_PATCHES_PER_BLOCK': _SIZE_OR_DEFAULT,
+    'DATA.BLOCKWISE.ASPECT_RATIO_RANGE': _POSITIVE,
+    'DATA.SYNTHETIC.TRAIN_SIZE': _AT_LEAST_1,
+    'DATA.SYNTHETIC.VAL_SIZE': _AT_LEAST_1,
+    'DATA.SYNTHETIC.NUM_CLASSES': _AT_LEAST_1,
+    'DATA.SYNTHETIC.SEED': _AT_LEAST_0,
     'MODEL.NUM_CLASSES': Range(0, note='0: the number of class folders in the data.'),
-    'MODEL.DROP_RATE': FRACTION,
-    'MODEL.DROP_PATH_RATE': FRACTION,
-    'MODEL.LABEL_SMOOTHING': FRACTION,
+    'MODEL.DROP_RATE': _FRACTION,
+    'MODEL.DROP_PATH_RATE': _FRACTION,
+    'MODEL.LABEL_SMOOTHING': _FRACTION,
     **{f'MODEL.SWIN.{key}': allowed for key, allowed in _ARCH_RANGES.items()},
     'MODEL.SWIN.QK_SCALE': Range(0, low_open=True, none_ok=True, note='None: head_dim ** -0.5.'),
     **{f'MODEL.SWINV2.{key}': allowed for key, allowed in _ARCH_RANGES.items()},
-    'MODEL.SWINV2.PRETRAINED_WINDOW_SIZES': AT_LEAST_0,
+    'MODEL.SWINV2.PRETRAINED_WINDOW_SIZES': _AT_LEAST_0,
     **{
         f'MODEL.VIT.{key}': allowed
         for key, allowed in _ARCH_RANGES.items()
         if key not in ('DEPTHS', 'WINDOW_SIZE')
     },
-    'MODEL.VIT.DEPTH': AT_LEAST_1,
+    'MODEL.VIT.DEPTH': _AT_LEAST_1,
     'MODEL.VIT.INIT_VALUES': Range(
         0,
         low_open=True,
@@ -386,51 +387,51 @@ NUMERIC_RANGES = {
         note='None: no layer scale (0 would be read as none by timm and as gammas fixed at 0, '
         'which silence every block, by the official code; the official configs use 0.1).',
     ),
-    'MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE': AT_LEAST_1,
-    'MODEL.SIMMIM.HEAD.MLP_HIDDEN_DIM': SIZE_OR_DEFAULT,
+    'MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE': _AT_LEAST_1,
+    'MODEL.SIMMIM.HEAD.MLP_HIDDEN_DIM': _SIZE_OR_DEFAULT,
     **{
         f'MODEL.SIMMIM.HEAD.INVERSE_SWIN.{key}': _ARCH_RANGES[key]
         for key in ('EMBED_DIM', 'DEPTHS', 'NUM_HEADS', 'WINDOW_SIZE', 'MLP_RATIO')
     },
-    'MODEL.SIMMIM.TARGET.DOWNSAMPLE': AT_LEAST_1,
+    'MODEL.SIMMIM.TARGET.DOWNSAMPLE': _AT_LEAST_1,
     'MODEL.SIMMIM.TARGET.NUM_BINS': Range(2),
     'MODEL.SIMMIM.TARGET.NUM_CLUSTERS': Range(2),
-    'MODEL.SIMMIM.LOSS.SMOOTH_L1_BETA': POSITIVE,
-    'TRAIN.START_EPOCH': AT_LEAST_0,
-    'TRAIN.EPOCHS': POSITIVE,
-    'TRAIN.WARMUP_EPOCHS': AT_LEAST_0,
-    'TRAIN.WEIGHT_DECAY': AT_LEAST_0,
-    'TRAIN.BASE_LR': POSITIVE,
-    'TRAIN.WARMUP_LR': AT_LEAST_0,
-    'TRAIN.MIN_LR': AT_LEAST_0,
+    'MODEL.SIMMIM.LOSS.SMOOTH_L1_BETA': _POSITIVE,
+    'TRAIN.START_EPOCH': _AT_LEAST_0,
+    'TRAIN.EPOCHS': _POSITIVE,
+    'TRAIN.WARMUP_EPOCHS': _AT_LEAST_0,
+    'TRAIN.WEIGHT_DECAY': _AT_LEAST_0,
+    'TRAIN.BASE_LR': _POSITIVE,
+    'TRAIN.WARMUP_LR': _AT_LEAST_0,
+    'TRAIN.MIN_LR': _AT_LEAST_0,
     'TRAIN.CLIP_GRAD': Range(0, none_ok=True, note='0 or None: no clipping.'),
     'TRAIN.ACCUMULATION_STEPS': Range(0, note='0 or 1: no accumulation.'),
     'TRAIN.LAYER_DECAY': Range(0, 1, low_open=True, note='1: no layer decay.'),
-    'TRAIN.MAX_NONFINITE_STEPS': AT_LEAST_1,
-    'TRAIN.LR_SCHEDULER.DECAY_EPOCHS': POSITIVE,
-    'TRAIN.LR_SCHEDULER.DECAY_RATE': POSITIVE,
-    'TRAIN.LR_SCHEDULER.GAMMA': POSITIVE,
-    'TRAIN.LR_SCHEDULER.MULTISTEPS': AT_LEAST_0,
-    'TRAIN.OPTIMIZER.EPS': POSITIVE,
-    'TRAIN.OPTIMIZER.BETAS': FRACTION,
-    'TRAIN.OPTIMIZER.MOMENTUM': FRACTION,
+    'TRAIN.MAX_NONFINITE_STEPS': _AT_LEAST_1,
+    'TRAIN.LR_SCHEDULER.DECAY_EPOCHS': _POSITIVE,
+    'TRAIN.LR_SCHEDULER.DECAY_RATE': _POSITIVE,
+    'TRAIN.LR_SCHEDULER.GAMMA': _POSITIVE,
+    'TRAIN.LR_SCHEDULER.MULTISTEPS': _AT_LEAST_0,
+    'TRAIN.OPTIMIZER.EPS': _POSITIVE,
+    'TRAIN.OPTIMIZER.BETAS': _FRACTION,
+    'TRAIN.OPTIMIZER.MOMENTUM': _FRACTION,
     'AUG.CROP_SCALE': Range(0, 1, low_open=True),
     'AUG.COLOR_JITTER': Range(0, note='0: off.'),
-    'AUG.REPROB': PROBABILITY,
-    'AUG.RECOUNT': AT_LEAST_1,
+    'AUG.REPROB': _PROBABILITY,
+    'AUG.RECOUNT': _AT_LEAST_1,
     'AUG.MIXUP': Range(0, note='A Beta distribution alpha; 0: off.'),
     'AUG.CUTMIX': Range(0, note='A Beta distribution alpha; 0: off.'),
     'AUG.CUTMIX_MINMAX': Range(0, 1, low_open=True, none_ok=True),
-    'AUG.MIXUP_PROB': PROBABILITY,
-    'AUG.MIXUP_SWITCH_PROB': PROBABILITY,
+    'AUG.MIXUP_PROB': _PROBABILITY,
+    'AUG.MIXUP_SWITCH_PROB': _PROBABILITY,
     'LINEAR_PROBE.BLOCK': Range(0, note='0: the last block.'),
     'CHECKPOINT.STEP_FREQ': Range(0, note='0: only epoch checkpoints.'),
-    'CHECKPOINT.KEEP_STEP_CKPTS': AT_LEAST_1,
+    'CHECKPOINT.KEEP_STEP_CKPTS': _AT_LEAST_1,
     'VIS_FREQ': Range(0, note='0: never.'),
-    'VIS_NUM_IMAGES': AT_LEAST_1,
-    'SAVE_FREQ': POSITIVE,
-    'PRINT_FREQ': POSITIVE,
-    'SEED': AT_LEAST_0,
+    'VIS_NUM_IMAGES': _AT_LEAST_1,
+    'SAVE_FREQ': _POSITIVE,
+    'PRINT_FREQ': _POSITIVE,
+    'SEED': _AT_LEAST_0,
 }
 # Numeric keys any value of their type suits: set by the launcher, or never read.
 UNCONSTRAINED_NUMERIC_KEYS = ('LOCAL_RANK',)
