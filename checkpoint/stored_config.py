@@ -92,8 +92,8 @@ def require_same_data(config, path, checkpoint):
         return
     raise ConfigError(
         f'Auto-resume found {path} in {config.OUTPUT}, a run on {_describe_data(*old)}, but this '
-        f'run is configured for {_describe_data(*new)}. Continuing it would train (or declare '
-        f'finished) the old run on other data, so nothing was started. Give this experiment its '
-        f'own folder with --tag NEW_NAME (or --output DIR); to continue the old run, use its '
-        f'data.'
+        f"run is configured for {_describe_data(*new)}. Continuing it would train the old run's "
+        f'weights on other data (or call that run finished), so nothing was started. Give this '
+        f'experiment its own folder with --tag NEW_NAME (or --output DIR); to continue the old '
+        f'run, use its data.'
     )
