@@ -14,10 +14,13 @@ import time
 import pytest
 
 import main_simmim
+from checkpoint.stored_config import require_same_data
+from config import load_config
 from data.synthetic import SyntheticShapes
 from engine import run_folder
 from engine.launch import run
 from tests.conftest import ROOT
+from utils.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -323,3 +326,17 @@ def test_a_run_started_again_from_its_config_yaml_continues_in_its_folder(tmp_pa
     # The learning rates and OUTPUT read back as they were: only the epochs changed.
     assert log.split('Changed: ')[1].splitlines()[0] == 'TRAIN.EPOCHS 1 -> 2'
     assert open(config_yaml).read() == before.replace('\n  EPOCHS: 1\n', '\n  EPOCHS: 2\n')
+
+
+def test_the_same_data_spelled_differently_is_the_same_run(tmp_path):
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    stored = load_config(TINY, opts=['DATA.DATASET', 'imagenet', 'DATA.DATA_PATH', str(folder)])
+    checkpoint = {'config': stored.dump()}
+    for dataset, path in [('folder', f'{folder}/'), ('imagenet', str(tmp_path / '.' / 'images'))]:
+        config = load_config(TINY, opts=['DATA.DATASET', dataset, 'DATA.DATA_PATH', path])
+        require_same_data(config, 'ckpt_epoch_0.pth', checkpoint)  # passes
+    other = load_config(TINY, opts=['DATA.DATASET', 'folder', 'DATA.DATA_PATH', str(tmp_path)])
+    with pytest.raises(ConfigError, match=f'the image folder {tmp_path} '):
+        require_same_data(other, 'ckpt_epoch_0.pth', checkpoint)
+    require_same_data(other, 'official.pth', {'config': {'DATA': {}}})  # official: cannot tell
