@@ -55,7 +55,8 @@ def setup(argv: Sequence[str] | None, task: Task) -> tuple:
     when TENSORBOARD is on, else None.
     """
     args = build_arg_parser(finetune=task.finetune_flags).parse_args(argv)
-    config = get_config(args, task)
+    notes = []  # what a flag changed besides its key, config_warnings: logged below
+    config = get_config(args, task, notes=notes)
     dist_info = init_distributed(config.LOCAL_RANK)
     prepare_output_dir(config.OUTPUT)
     takeover = take_output_folder(config.OUTPUT, dist_info)  # before anything is written there
@@ -71,6 +72,8 @@ def setup(argv: Sequence[str] | None, task: Task) -> tuple:
     )
     if takeover:
         logger.warning(takeover)
+    for note in notes:
+        logger.warning(note)
     writer = None
     if dist_info.is_main:
         logger.debug(config.dump())  # config.yaml is written once the run starts (record_config)

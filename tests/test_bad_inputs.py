@@ -284,11 +284,21 @@ def test_pretrained_checkpoint_of_another_architecture(capsys, tmp_path):
     [
         (['--opts', 'TRAIN.EPOCS', '1'], 'Did you mean TRAIN.EPOCHS'),
         (['--opts', 'DATA.MASK_RATIO', '1.2'], 'DATA.MASK_RATIO must lie in (0, 1)'),
+        (['--opts', 'TRAIN.CLIP_GRAD', '-1'], 'TRAIN.CLIP_GRAD must be >= 0 (or None), got -1.0'),
+        (['--opts', 'TRAIN.BASE_LR', '1e999'], 'TRAIN.BASE_LR must be positive, got inf'),
     ],
 )
 def test_unknown_or_mistyped_config_key(capsys, tmp_path, args, expected):
     code = run(main_simmim.main, ['--cfg', TINY, '--output', str(tmp_path), *args])
     assert code == 2 and expected in capsys.readouterr().err
+
+
+def test_eval_with_a_training_only_flag_stops_before_anything_runs(capsys, tmp_path):
+    argv = ['--cfg', TINY, '--output', str(tmp_path), '--eval', '--pretrained', 'p.pth']
+    assert run(main_finetune.main, argv, is_pretrain=False) == 2
+    err = capsys.readouterr().err
+    assert 'would do nothing' in err and 'pass it with --resume instead' in err
+    assert not os.listdir(tmp_path)  # nothing written
 
 
 def test_mistyped_flag(capsys, tmp_path):
