@@ -111,6 +111,12 @@ def find_shards(path, split=None):
                 f'DATA.DATA_PATH {path} holds train/ and val/ shard folders, so pre-training '
                 f'reads both. Pass DATA_PATH/train to pre-train on the training split only.'
             )
+        elif _named_split(path, 'train') and _named_split(path, 'val'):
+            logger.warning(
+                f'DATA.DATA_PATH {path} holds train and validation shards (timm/HF naming), so '
+                f'pre-training reads both. Pass a brace pattern of the train shards (e.g. '
+                f'{path}/NAME-train-{{0000..1023}}.tar) to pre-train on the training split only.'
+            )
     else:
         shards = _tars_in(os.path.join(path, split)) or _named_split(path, split)
     if not shards:
@@ -273,6 +279,12 @@ def align_classes(train_set, val_set):
         return
     count = max(len(train_set.classes), len(val_set.classes))
     train_set.classes = val_set.classes = [str(i) for i in range(count)]
+
+
+def source_fingerprint(dataset):
+    """The fingerprint of the shards behind a training dataset (a wrapper with a `base`, or the
+    base itself), or None for other sources."""
+    return getattr(getattr(dataset, 'base', dataset), 'fingerprint', None)
 
 
 def check_fingerprint(recorded, current):
