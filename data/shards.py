@@ -93,6 +93,12 @@ def find_shards(path, split=None):
     """(shard paths in order, the _info.json beside them or '') for `split` (None: every shard,
     for pre-training; 'train' or 'val' for fine-tuning). Raises DataError if there are none."""
     path = os.path.expanduser(path)
+    if split is not None and (_BRACE.search(path) or path.endswith('.tar')):
+        raise DataError(
+            f'Fine-tuning reads two splits, but DATA.DATA_PATH {path} names one set of shards. '
+            f'Fix: pass the folder holding them, with train/ and val/ shard folders or the '
+            f'timm/Hugging Face naming (NAME-train-NNNN.tar, NAME-validation-NNNN.tar).'
+        )
     if _BRACE.search(path) or path.endswith('.tar'):
         shards = expand_braces(path)
         missing = [s for s in shards if not os.path.isfile(s)]

@@ -273,6 +273,8 @@ def test_finetuning_samples_without_a_label_stop_or_are_left_out(tmp_path, caplo
 def test_paths_without_shards_name_the_path_and_the_fix(tmp_path, folder_and_shards):
     with pytest.raises(DataError, match=r'2 of the 2 shards named do not exist.*make_shards'):
         find_shards(str(tmp_path / 'x-{0..1}.tar'))
+    with pytest.raises(DataError, match='Fine-tuning reads two splits'):
+        find_shards(str(tmp_path / 'x-{0..1}.tar'), 'train')
     only_train = tmp_path / 'only'
     only_train.mkdir()
     for shard in folder_and_shards[1].glob('*-train-*.tar'):
