@@ -1,6 +1,7 @@
 """The member-offset index of one tar shard, and reading a sample by seek + read.
 
     shard_index(shard, cache_dir, on_bad_image) -> ShardIndex   built once, then cached
+    shard_indexes(shards, cache_dir, on_bad_image) -> [ShardIndex]   through one file per set
     ShardMember(shard, index_file, ordinal, offset, size)       one image, readable anywhere
 
 A shard is a plain (uncompressed) tar in the webdataset layout: the members of one sample share a
@@ -9,7 +10,9 @@ key (the member name up to the first dot of its base name) and follow each other
 sample, the byte offset and size of its image member and the label from its ``.cls`` member (-1
 without one), so a sample is read with one positioned read and no tar parsing. It is stored beside
 the shard as ``NAME.tar.index.npz`` (or in a cache folder when the shard's folder is read-only)
-and records the shard's size and modification time: a shard that changed is indexed again.
+and records the shard's size and modification time: a shard that changed is indexed again. A set
+of shards also gets one combined file (``_set-DIGEST.index.npz``, the digest over the shards' paths,
+sizes and times), so a start reads one file rather than one per shard.
 Why an own index rather than webdataset or wids: docs/data.md.
 """
 
@@ -218,6 +221,75 @@ def shard_index(shard, cache_dir='', on_bad_image='skip'):
     if index.problem and on_bad_image == 'error':
         raise DataError(damaged_shard_message(shard, index))
     return index
+
+
+def _set_files(shards, stamps, cache_dir):
+    key = '\n'.join(os.path.realpath(s) for s in shards).encode() + stamps.tobytes()
+    name = f'_set-{hashlib.sha1(key).hexdigest()[:16]}{INDEX_SUFFIX}'
+    cache = os.path.expanduser(cache_dir or DEFAULT_CACHE)
+    return [os.path.join(os.path.dirname(shards[0]), name), os.path.join(cache, name)]
+
+
+def _load_set(path, stamps):
+    """The ShardIndexes stored in the set file `path`, or None (absent, stale or unreadable)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path) as stored:
+            if not np.array_equal(stored['stamps'], stamps):
+                return None
+            ends = np.cumsum(stored['lengths'])[:-1]
+            columns = [np.split(stored[k], ends) for k in ('offsets', 'sizes', 'labels')]
+            return [
+                ShardIndex(offsets, sizes, labels, str(problem), str(index_file))
+                for offsets, sizes, labels, problem, index_file in zip(
+                    *columns, stored['problems'], stored['index_files'], strict=True
+                )
+            ]
+    except Exception as err:  # zip, pickle and key errors: any damage means rebuild
+        logger.warning('The shard set index %s cannot be read (%s); it is rebuilt.', path, err)
+        return None
+
+
+def _save_set(path, stamps, indexes):
+    temporary = f'{path}.{os.getpid()}.tmp'
+    try:
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        with open(temporary, 'wb') as f:
+            np.savez(
+                f,
+                stamps=stamps,
+                lengths=np.array([len(i.offsets) for i in indexes], dtype=np.int64),
+                **{
+                    k: np.concatenate([getattr(i, k) for i in indexes])
+                    for k in ShardIndex._fields[:3]
+                },
+                problems=np.array([i.problem for i in indexes], dtype=str),
+                index_files=np.array([i.index_file for i in indexes], dtype=str),
+            )
+        os.replace(temporary, path)
+        return True
+    except OSError:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        return False
+
+
+def shard_indexes(shards, cache_dir='', on_bad_image='skip'):
+    """[shard_index(shard) for shard in shards], read from the set's combined file when it matches
+    every shard's size and modification time (else from the shards' own indexes, building those
+    missing, and the combined file written). Damaged shards: as shard_index."""
+    check_on_bad_image(on_bad_image)
+    stamps = np.stack([_stamp(s) for s in shards])
+    candidates = _set_files(shards, stamps, cache_dir)
+    indexes = next((i for i in (_load_set(p, stamps) for p in candidates) if i is not None), None)
+    if indexes is None:
+        indexes = [shard_index(s, cache_dir, 'skip') for s in shards]
+        next((p for p in candidates if _save_set(p, stamps, indexes)), None)
+    for shard, index in zip(shards, indexes, strict=True):
+        if index.problem and on_bad_image == 'error':
+            raise DataError(damaged_shard_message(shard, index))
+    return indexes
 
 
 def damaged_shard_message(shard, index):

@@ -22,7 +22,7 @@ import numpy as np
 from utils.errors import DataError
 
 from .datasets import ImageFileDataset
-from .shard_index import ShardMember, damaged_shard_message, shard_index
+from .shard_index import ShardMember, damaged_shard_message, shard_indexes
 
 logger = logging.getLogger('simmim.data')
 INFO_FILE = '_info.json'
@@ -201,7 +201,7 @@ class ShardDataset(ImageFileDataset):
         require_labels=False,
         root=None,
     ):
-        indexes = [shard_index(shard, cache_dir, on_bad_image) for shard in shards]
+        indexes = shard_indexes(shards, cache_dir, on_bad_image)
         for shard, index in zip(shards, indexes, strict=True):
             if index.problem:
                 logger.warning(

@@ -102,6 +102,32 @@ def test_index_is_built_once_cached_beside_the_shard_and_rebuilt_when_the_shard_
     assert len(builds) == 3
 
 
+def test_a_set_of_shards_starts_from_one_combined_index_rebuilt_when_a_shard_changes(
+    tmp_path, monkeypatch
+):
+    shards = [
+        str(_write_tar(tmp_path / f's{i}.tar', [(f'k{i}.jpg', _jpeg(i)), (f'k{i}.cls', b'1')]))
+        for i in range(3)
+    ]
+    first = ShardDataset(shards)
+    assert len(list(tmp_path.glob('_set-*' + INDEX_SUFFIX))) == 1
+    built = []
+    real_build = index_module.build_index
+    monkeypatch.setattr(index_module, 'build_index', lambda p: built.append(p) or real_build(p))
+    opened = []
+    real_load = index_module._load
+    monkeypatch.setattr(
+        index_module, '_load', lambda p, stamp: opened.append(p) or real_load(p, stamp)
+    )
+    again = ShardDataset(shards)
+    assert opened == [] and built == []  # the combined file only
+    assert again.samples.offsets.tolist() == first.samples.offsets.tolist()
+    _write_tar(shards[1], [('new.jpg', _jpeg(7)), ('new.cls', b'2'), ('x.jpg', _jpeg(8))])
+    changed = ShardDataset(shards)
+    assert built == [shards[1]] and changed.shard_lengths == [1, 2, 1]
+    assert [changed[i][1] for i in range(4)] == [1, 2, -1, 1]
+
+
 def test_an_unreadable_index_is_rebuilt_with_a_warning(tmp_path, caplog):
     shard = _write_tar(tmp_path / 'a.tar', [('k0.jpg', _jpeg(0)), ('k1.jpg', _jpeg(1))])
     shard_index(str(shard))
