@@ -102,3 +102,12 @@ def test_another_source_into_the_same_folder_is_refused(tmp_path):
     convert(str(_folder(tmp_path / 'a')), str(tmp_path / 'out'), shard_size=4, log=print)
     with pytest.raises(DataError, match='another source or with other settings'):
         convert(str(_folder(tmp_path / 'b', (1, 1, 1))), str(tmp_path / 'out'), 4, log=print)
+
+
+def test_index_only_indexes_shards_written_elsewhere(tmp_path, capsys):
+    convert(str(_folder(tmp_path / 'src')), str(tmp_path / 'out'), shard_size=4, log=print)
+    for index in (tmp_path / 'out').glob('*.index.npz'):
+        index.unlink()
+    assert main(['--index-only', str(tmp_path / 'out'), '--workers', '1']) == 0
+    assert 'indexed 3 shards, 9 samples' in capsys.readouterr().out
+    assert len(list((tmp_path / 'out').glob('*.tar.index.npz'))) == 3

@@ -1,6 +1,7 @@
 """Write tar shards (webdataset layout) from an image folder, for DATA.DATA_PATH (docs/data.md).
 
     python -m tools.make_shards SRC OUT [--shard-size 1000] [--prefix NAME] [--workers N]
+    python -m tools.make_shards --index-only SHARDS [--workers N]   index shards written elsewhere
 
 SRC is an image folder as training reads it: class sub-folders (one split, 'train'), a flat folder
 of images (no labels), or train/ and val/ folders of class sub-folders. OUT gets, per split,
@@ -11,6 +12,10 @@ unchanged) and ``KEY.cls`` (its class index as text, in the folder's class order
 index. Files that do not decode are reported and left out. Each shard is written under a
 temporary name and renamed when complete, so an interrupted conversion is continued by running
 the same command again: finished shards are kept.
+
+--index-only builds the indexes of existing shards (a folder or brace pattern, as DATA.DATA_PATH
+takes them, e.g. downloaded from the Hugging Face hub) in --workers processes, so that the first
+training start does not spend that time on every rank.
 """
 
 import argparse
@@ -24,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from data.datasets import ImageFolderDataset, load_image
 from data.shard_index import shard_index
-from data.shards import INFO_FILE
+from data.shards import INFO_FILE, find_shards
 from engine.launch import run_tool
 from utils.errors import DataError
 
@@ -205,16 +210,37 @@ def convert(source, out, shard_size=1000, prefix=None, workers=1, log=print):
     return info
 
 
+def index_only(path, workers):
+    """Build the index of every shard `path` names; return how many shards and samples."""
+    shards, _ = find_shards(path)
+    with ProcessPoolExecutor(max(1, workers)) as pool:
+        lengths = list(pool.map(_index_length, shards))
+    return len(shards), sum(lengths)
+
+
+def _index_length(shard):
+    return len(shard_index(shard).offsets)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('source', metavar='SRC', help='image folder')
-    parser.add_argument('out', metavar='OUT', help='folder for the shards')
+    parser.add_argument('out', metavar='OUT', nargs='?', help='folder for the shards')
     parser.add_argument('--shard-size', type=int, default=1000, help='images per shard')
     parser.add_argument('--prefix', default=None, help="shard name prefix (default: SRC's name)")
     parser.add_argument(
         '--workers', type=int, default=min(8, os.cpu_count() or 1), help='decode checks in parallel'
     )
+    parser.add_argument(
+        '--index-only', action='store_true', help='SRC names shards: only build their indexes'
+    )
     args = parser.parse_args(argv)
+    if args.index_only:
+        count, samples = index_only(args.source, args.workers)
+        print(f'indexed {count} shards, {samples} samples')
+        return 0
+    if args.out is None:
+        parser.error('OUT is required (the folder for the shards)')
     if args.shard_size < 1:
         parser.error('--shard-size must be at least 1')
     info = convert(args.source, args.out, args.shard_size, args.prefix, args.workers)
