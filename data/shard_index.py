@@ -303,10 +303,11 @@ def damaged_shard_message(shard, index):
 
 def member_name(index_file, ordinal):
     """The image member name of sample `ordinal` in a shard whose index is `index_file`."""
-    if not index_file:
+    try:
+        with np.load(index_file) as stored:
+            return str(stored['names'][ordinal])
+    except Exception:  # no index file (unwritable, or removed since): name it by position
         return f'sample {ordinal}'
-    with np.load(index_file) as stored:
-        return str(stored['names'][ordinal])
 
 
 _open_shards = {}  # shard path -> file descriptor, in this process (see _descriptor)
