@@ -15,6 +15,7 @@ from checkpoint.layout import TrainingState
 from config import load_config
 from data import build_finetune_data, build_pretrain_data
 from data import shard_index as index_module
+from data.gpu_decode import EncodedMaskedImageDataset, collate_encoded, decode_batch
 from data.shard_index import INDEX_SUFFIX, ShardMember, index_files, shard_index
 from data.shards import ShardDataset, check_fingerprint, expand_braces, find_shards
 from tools.make_shards import convert
@@ -326,3 +327,24 @@ def test_resume_on_a_changed_shard_set_is_refused(tmp_path, folder_and_shards):
         state.load_counters({'data': recorded}, 0.0)
     assert 'folder-train-0003.tar' in str(err.value) and exit_code_of(err.value) == 2
     check_fingerprint(None, recorded)  # checkpoints of folder runs, or older ones: no check
+
+
+def test_device_decoding_hands_over_the_same_bytes_plans_and_masks_from_shards(
+    tmp_path, folder_and_shards
+):
+    """DATA.DECODE gpu reads shard members like files: the workers' share (the encoded JPEG, the
+    crop plan, the mask) is the folder's, and the batch decodes on the CPU as on the GPU."""
+    folder, shards = folder_and_shards
+    on_folder = build_pretrain_data(_config(tmp_path, folder / 'train'), 4).train_set
+    on_shards = build_pretrain_data(_config(tmp_path, shards / 'folder-train-{0000..0003}.tar'), 4)
+    on_shards = on_shards.train_set
+    encoded = [
+        EncodedMaskedImageDataset(d.base, d.transform, d.mask_generator, d.seed)
+        for d in (on_folder, on_shards)
+    ]
+    for index in range(len(on_folder)):
+        (item_a, plan_a, mask_a, _), (item_b, plan_b, mask_b, _) = (e[(2, index)] for e in encoded)
+        assert torch.equal(item_a.data, item_b.data) and torch.equal(plan_a, plan_b)
+        assert torch.equal(mask_a, mask_b) and isinstance(item_b.path, ShardMember)
+    datas, paths, plans, _, _ = collate_encoded([encoded[1][(2, i)] for i in range(2)])
+    assert decode_batch(datas, paths, plans, 16, 'cpu').shape == (2, 3, 16, 16)
