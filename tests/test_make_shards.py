@@ -111,3 +111,17 @@ def test_index_only_indexes_shards_written_elsewhere(tmp_path, capsys):
     assert main(['--index-only', str(tmp_path / 'out'), '--workers', '1']) == 0
     assert 'indexed 3 shards, 9 samples' in capsys.readouterr().out
     assert len(list((tmp_path / 'out').glob('*.tar.index.npz'))) == 3
+
+
+def test_a_shuffle_seed_mixes_classes_across_shards_keeping_bytes_and_labels(tmp_path):
+    source = _folder(tmp_path / 'src')
+    convert(str(source), str(tmp_path / 'in_order'), shard_size=3, log=print)
+    convert(str(source), str(tmp_path / 'mixed'), shard_size=3, log=print, shuffle_seed=0)
+
+    def members(out):
+        return [m for s in sorted((tmp_path / out).glob('*.tar')) for m in _members(s)]
+
+    in_order, mixed = members('in_order'), members('mixed')
+    assert in_order != mixed and sorted(in_order) == sorted(mixed)
+    pairs = dict(zip(mixed[::2], mixed[1::2], strict=True))  # (image, its .cls) stay together
+    assert pairs == dict(zip(in_order[::2], in_order[1::2], strict=True))

@@ -1,6 +1,7 @@
 """Write tar shards (webdataset layout) from an image folder, for DATA.DATA_PATH (docs/data.md).
 
     python -m tools.make_shards SRC OUT [--shard-size 1000] [--prefix NAME] [--workers N]
+                                [--shuffle-seed S]
     python -m tools.make_shards --index-only SHARDS [--workers N]   index shards written elsewhere
 
 SRC is an image folder as training reads it: class sub-folders (one split, 'train'), a flat folder
@@ -26,6 +27,8 @@ import sys
 import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
 
 from data.datasets import ImageFolderDataset, load_image
 from data.shard_index import shard_index
@@ -148,9 +151,10 @@ class Progress:
         )
 
 
-def convert(source, out, shard_size=1000, prefix=None, workers=1, log=print):
+def convert(source, out, shard_size=1000, prefix=None, workers=1, log=print, shuffle_seed=None):
     """Write the shards of `source` into `out` (see the module docstring); return the _info.json
-    dict."""
+    dict. With `shuffle_seed`, each split's samples are shuffled (seeded) before they are cut into
+    shards, so that every shard mixes classes (for DATA.SHARD_SHUFFLE window)."""
     source, out = os.path.abspath(os.path.expanduser(source)), os.path.expanduser(out)
     prefix = prefix or os.path.basename(source.rstrip(os.sep)) or 'data'
     splits = list_splits(source)
@@ -158,6 +162,7 @@ def convert(source, out, shard_size=1000, prefix=None, workers=1, log=print):
     plan = {
         'source': source,
         'shard_size': shard_size,
+        'shuffle_seed': shuffle_seed,
         'files': {name: len(dataset.samples) for name, dataset in splits},
     }
     os.makedirs(out, exist_ok=True)
@@ -169,6 +174,9 @@ def convert(source, out, shard_size=1000, prefix=None, workers=1, log=print):
     try:
         for name, dataset in splits:
             samples = dataset.samples
+            if shuffle_seed is not None:
+                order = np.random.default_rng(shuffle_seed).permutation(len(samples))
+                samples = [samples[i] for i in order]
             count = -(-len(samples) // shard_size)
             width = max(4, len(str(count - 1)))
             filenames = [f'{prefix}-{name}-{i:0{width}d}.tar' for i in range(count)]
@@ -229,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--shard-size', type=int, default=1000, help='images per shard')
     parser.add_argument('--prefix', default=None, help="shard name prefix (default: SRC's name)")
     parser.add_argument(
+        '--shuffle-seed',
+        type=int,
+        default=None,
+        help="shuffle each split's samples (seeded) before sharding: every shard mixes classes "
+        "(for DATA.SHARD_SHUFFLE window); default: the folder's order",
+    )
+    parser.add_argument(
         '--workers', type=int, default=min(8, os.cpu_count() or 1), help='decode checks in parallel'
     )
     parser.add_argument(
@@ -243,7 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error('OUT is required (the folder for the shards)')
     if args.shard_size < 1:
         parser.error('--shard-size must be at least 1')
-    info = convert(args.source, args.out, args.shard_size, args.prefix, args.workers)
+    info = convert(
+        args.source,
+        args.out,
+        args.shard_size,
+        args.prefix,
+        args.workers,
+        shuffle_seed=args.shuffle_seed,
+    )
     for name, split in info['splits'].items():
         print(
             f'{name}: {split["num_samples"]} images in {len(split["filenames"])} shards, '
