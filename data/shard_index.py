@@ -169,27 +169,32 @@ def _load(path, stamp):
         return None
 
 
-def _save(path, stamp, names, offsets, sizes, labels, problem):
-    """Write the index atomically (temporary name, then rename); False if it cannot be written."""
+def _save_arrays(path, **arrays):
+    """Write `arrays` as the npz file `path` atomically (temporary name, then rename); False if it
+    cannot be written (a read-only folder, a full disk)."""
     temporary = f'{path}.{os.getpid()}.tmp'
     try:
         os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
         with open(temporary, 'wb') as f:
-            np.savez(
-                f,
-                stamp=stamp,
-                names=np.array(names, dtype=str),
-                offsets=np.array(offsets, dtype=np.int64),
-                sizes=np.array(sizes, dtype=np.int64),
-                labels=np.array(labels, dtype=np.int64),
-                problem=np.array(problem),
-            )
+            np.savez(f, **arrays)
         os.replace(temporary, path)
         return True
     except OSError:
         if os.path.exists(temporary):
             os.remove(temporary)
         return False
+
+
+def _save(path, stamp, names, offsets, sizes, labels, problem):
+    return _save_arrays(
+        path,
+        stamp=stamp,
+        names=np.array(names, dtype=str),
+        offsets=np.array(offsets, dtype=np.int64),
+        sizes=np.array(sizes, dtype=np.int64),
+        labels=np.array(labels, dtype=np.int64),
+        problem=np.array(problem),
+    )
 
 
 def shard_index(shard, cache_dir='', on_bad_image='skip'):
@@ -252,27 +257,14 @@ def _load_set(path, stamps):
 
 
 def _save_set(path, stamps, indexes):
-    temporary = f'{path}.{os.getpid()}.tmp'
-    try:
-        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-        with open(temporary, 'wb') as f:
-            np.savez(
-                f,
-                stamps=stamps,
-                lengths=np.array([len(i.offsets) for i in indexes], dtype=np.int64),
-                **{
-                    k: np.concatenate([getattr(i, k) for i in indexes])
-                    for k in ShardIndex._fields[:3]
-                },
-                problems=np.array([i.problem for i in indexes], dtype=str),
-                index_files=np.array([i.index_file for i in indexes], dtype=str),
-            )
-        os.replace(temporary, path)
-        return True
-    except OSError:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        return False
+    return _save_arrays(
+        path,
+        stamps=stamps,
+        lengths=np.array([len(i.offsets) for i in indexes], dtype=np.int64),
+        **{k: np.concatenate([getattr(i, k) for i in indexes]) for k in ShardIndex._fields[:3]},
+        problems=np.array([i.problem for i in indexes], dtype=str),
+        index_files=np.array([i.index_file for i in indexes], dtype=str),
+    )
 
 
 def shard_indexes(shards, cache_dir='', on_bad_image='skip'):
