@@ -56,9 +56,9 @@ def member_key(name):
     return os.path.join(folder, stem) if folder else stem, extension.lower() if dot else ''
 
 
-def _read_label(f, member):
-    f.seek(member.offset_data)
-    text = f.read(member.size).decode('ascii', 'replace').strip()
+def _read_label(f, offset, size):
+    f.seek(offset)
+    text = f.read(size).decode('ascii', 'replace').strip()
     try:
         return int(text)
     except ValueError:
@@ -73,46 +73,107 @@ def _end_marker_problem(f, shard_size, data_end):
     tail = f.read(2 * _TAR_BLOCK)
     if len(tail) == 2 * _TAR_BLOCK and not tail.strip(b'\0'):
         return ''
-    if end >= shard_size:
+    if not tail.strip(b'\0'):
         return f'it ends at byte {shard_size} without the end-of-archive blocks (truncated)'
-    return f'the tar header at byte {end} is not valid (the file is damaged there)'
+    return f'the tar header at byte {end} is not valid (the file is damaged or cut off there)'
+
+
+class _Unusual(Exception):
+    """A header the fast reader leaves to tarfile: pax or GNU extensions, a bad checksum."""
+
+
+class _ListingStopped(Exception):
+    """The tar listing cannot go on; the message says where and why."""
+
+
+def _octal(field):
+    return int(field.split(b'\0', 1)[0].strip() or b'0', 8)
+
+
+def _plain_tar_members(f):
+    """(name, data offset, size) of the files of a plain ustar archive (what tarfile, webdataset
+    and GNU tar write for short names), read from its 512-byte headers up to the first zero
+    block, about 4x faster than tarfile; raises _Unusual for anything else."""
+    position = 0
+    while True:
+        f.seek(position)
+        header = f.read(_TAR_BLOCK)
+        if not header.strip(b'\0'):
+            return  # the end-of-archive blocks (or the end of the file: checked after)
+        if len(header) < _TAR_BLOCK:
+            raise _Unusual
+        try:
+            checksum, size = _octal(header[148:156]), _octal(header[124:136])
+        except ValueError:  # base-256 sizes, garbage
+            raise _Unusual from None
+        posix = header[257:263] == b'ustar\0'
+        if checksum != sum(header) - sum(header[148:156]) + 8 * 32 or not (
+            posix or header[257:265] == b'ustar  \0'
+        ):
+            raise _Unusual
+        kind, name = header[156:157], header[:100].split(b'\0', 1)[0]
+        if kind not in (b'0', b'\0', b'7', b'5'):
+            raise _Unusual  # pax headers, GNU long names, links, ...
+        if posix and header[345:500].strip(b'\0'):
+            name = header[345:500].split(b'\0', 1)[0] + b'/' + name
+        elif not posix and header[345:500].strip(b'\0'):
+            raise _Unusual  # old GNU fields (sparse files)
+        if kind != b'5' and not name.endswith(b'/'):
+            yield name.decode('utf-8', 'surrogateescape'), position + _TAR_BLOCK, size
+        position += _TAR_BLOCK + -(-size // _TAR_BLOCK) * _TAR_BLOCK
+
+
+def _tarfile_members(f):
+    """(name, data offset, size) of the files of any tar archive, read by tarfile."""
+    f.seek(0)
+    try:
+        archive = tarfile.open(fileobj=f, mode='r:')
+    except tarfile.TarError as err:
+        raise _ListingStopped(f'it is not a readable tar file ({err})') from None
+    try:
+        for member in archive:
+            if member.isfile():
+                yield member.name, member.offset_data, member.size
+    except tarfile.TarError as err:
+        raise _ListingStopped(f'the listing stopped at byte {archive.offset} ({err})') from None
 
 
 def build_index(shard):
-    """(names, offsets, sizes, labels, problem) of `shard`, read with tarfile (headers only, and
-    the few bytes of each .cls member). Members reaching past the end of the file are left out and
-    named in `problem`."""
-    names, offsets, sizes, labels = [], [], [], []
+    """(names, offsets, sizes, labels, problem) of `shard`, from its tar headers (and the few bytes
+    of each .cls member). Members reaching past the end of the file are left out and named in
+    `problem`."""
     shard_size = os.path.getsize(shard)
-    problem, data_end, previous_key = '', 0, None
     with open(shard, 'rb') as f:
         try:
-            archive = tarfile.open(fileobj=f, mode='r:')
-        except tarfile.TarError as err:
-            return [], [], [], [], f'it is not a readable tar file ({err})'
-        try:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                if member.offset_data + member.size > shard_size:
-                    problem = f'member {member.name} runs past the end of the file (truncated)'
-                    break
-                data_end = member.offset_data + member.size
-                key, extension = member_key(member.name)
-                if key != previous_key:  # a new sample (members of one key are consecutive)
-                    names.append('')
-                    offsets.append(-1)
-                    sizes.append(0)
-                    labels.append(-1)
-                    previous_key = key
-                if extension in IMAGE_MEMBER_EXTENSIONS and offsets[-1] < 0:
-                    names[-1], offsets[-1], sizes[-1] = member.name, member.offset_data, member.size
-                elif extension == 'cls':
-                    labels[-1] = _read_label(f, member)  # tarfile seeks to its next header
-        except tarfile.TarError as err:
-            problem = f'the listing stopped at byte {archive.offset} ({err})'
-        if not problem:
-            problem = _end_marker_problem(f, shard_size, data_end)
+            return _index_members(f, shard_size, _plain_tar_members(f))
+        except _Unusual:
+            return _index_members(f, shard_size, _tarfile_members(f))
+
+
+def _index_members(f, shard_size, members):
+    names, offsets, sizes, labels = [], [], [], []
+    problem, data_end, previous_key = '', 0, None
+    try:
+        for name, offset, size in members:
+            if offset + size > shard_size:
+                problem = f'member {name} runs past the end of the file (truncated)'
+                break
+            data_end = offset + size
+            key, extension = member_key(name)
+            if key != previous_key:  # a new sample (members of one key are consecutive)
+                names.append('')
+                offsets.append(-1)
+                sizes.append(0)
+                labels.append(-1)
+                previous_key = key
+            if extension in IMAGE_MEMBER_EXTENSIONS and offsets[-1] < 0:
+                names[-1], offsets[-1], sizes[-1] = name, offset, size
+            elif extension == 'cls':
+                labels[-1] = _read_label(f, offset, size)  # the readers seek to their next header
+    except _ListingStopped as stopped:
+        problem = str(stopped)
+    if not problem:
+        problem = _end_marker_problem(f, shard_size, data_end)
     bad_labels = [names[i] for i, label in enumerate(labels) if label == -2]
     if bad_labels and not problem:
         problem = f'the .cls member of {bad_labels[0]} holds no integer label'

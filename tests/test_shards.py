@@ -348,3 +348,28 @@ def test_device_decoding_hands_over_the_same_bytes_plans_and_masks_from_shards(
         assert torch.equal(mask_a, mask_b) and isinstance(item_b.path, ShardMember)
     datas, paths, plans, _, _ = collate_encoded([encoded[1][(2, i)] for i in range(2)])
     assert decode_batch(datas, paths, plans, 16, 'cpu').shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize(
+    'tar_format', [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]
+)
+def test_the_fast_header_reader_agrees_with_tarfile(tmp_path, tar_format):
+    long_folder = 'folder_' * 20  # past the 100 bytes of a name: ustar's prefix, GNU/pax records
+    members = [
+        (f'{long_folder}/k{i}.{ext}', _jpeg(i) if ext == 'jpg' else str(i).encode())
+        for i in range(3)
+        for ext in ('jpg', 'cls')
+    ] + [('short.png', b'p' * 600), ('ünïcode.jpg', b'u' * 10)]
+    shard = tmp_path / 'f.tar'
+    with tarfile.open(shard, 'w', format=tar_format) as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    fast = index_module.build_index(str(shard))
+    with open(shard, 'rb') as f:
+        plain = index_module._index_members(
+            f, shard.stat().st_size, index_module._tarfile_members(f)
+        )
+    assert fast == plain and fast[0][3:] == ['short.png', 'ünïcode.jpg'] and fast[4] == ''
+    assert fast[3] == [0, 1, 2, -1, -1]
