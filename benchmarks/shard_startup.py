@@ -27,7 +27,9 @@ from PIL import Image
 from benchmarks.report import machine_description, write_report
 from config import load_config
 from data import build_pretrain_data
+from data.datasets import ImageFolderDataset
 from data.shard_index import INDEX_SUFFIX
+from data.shards import ShardDataset, find_shards, is_shard_source
 from tools.make_shards import convert
 
 CONFIG = (
@@ -59,6 +61,13 @@ def first_batch_seconds(config):
     return time.perf_counter() - start, data
 
 
+def listing_seconds(path):
+    """The source alone: listing the folder, or reading the shard set's index."""
+    start = time.perf_counter()
+    ShardDataset(*find_shards(path)) if is_shard_source(path) else ImageFolderDataset(path)
+    return time.perf_counter() - start
+
+
 def per_sample_ms(data, count):
     sampler = data.train_loader.sampler
     sampler.set_epoch(1)
@@ -88,11 +97,13 @@ def measure(work, num_images, shard_size, repeats, batch_size, per_sample_images
         os.remove(os.path.join(shards, index))  # the first start builds them
     built, _ = first_batch_seconds(configs['shards'])
     times = {'folder': [], 'shards': []}
+    listings = {'folder': [], 'shards': []}
     loaded = {}
     for _ in range(repeats):
         for name in times:
             seconds, loaded[name] = first_batch_seconds(configs[name])
             times[name].append(seconds)
+            listings[name].append(listing_seconds(configs[name].DATA.DATA_PATH))
     rates = {name: per_sample_ms(loaded[name], per_sample_images) for name in times}
     return {
         'num_images': num_images,
@@ -104,6 +115,8 @@ def measure(work, num_images, shard_size, repeats, batch_size, per_sample_images
         'shards_seconds': min(times['shards']),
         'folder_median_seconds': statistics.median(times['folder']),
         'shards_median_seconds': statistics.median(times['shards']),
+        'folder_listing_seconds': min(listings['folder']),
+        'shards_listing_seconds': min(listings['shards']),
         'folder_runs': times['folder'],
         'shards_runs': times['shards'],
         'folder_ms_per_sample': rates['folder'],
@@ -136,6 +149,11 @@ def report(result, args):
         f'{r["shards_index_built_seconds"] / r["folder_seconds"]:.2f} | | |',
         f'| shards, cached indexes | {r["shards_seconds"]:.3f} | {ratio:.3f} | '
         f'{r["shards_median_seconds"]:.3f} | {median_ratio:.3f} |',
+        '',
+        f"The source alone (listing the folder, or reading the shard set's index; fastest of "
+        f'{args.repeats}): folder {r["folder_listing_seconds"]:.3f} s, shards '
+        f'{r["shards_listing_seconds"]:.4f} s '
+        f'({r["shards_listing_seconds"] / r["folder_listing_seconds"]:.3f}x).',
         '',
         f'One worker reading training samples (these small JPEGs, {args.per_sample_images} '
         f'samples in the epoch order): folder {r["folder_ms_per_sample"]:.3f} ms, shards '
