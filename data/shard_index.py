@@ -20,7 +20,6 @@ import hashlib
 import io
 import logging
 import os
-import tarfile
 from typing import NamedTuple
 
 import numpy as np
@@ -28,12 +27,18 @@ import numpy as np
 from utils.errors import DataError
 
 from .datasets import IMG_EXTENSIONS, check_on_bad_image
+from .tar_members import (
+    TAR_BLOCK,
+    ListingStopped,
+    UnusualHeader,
+    plain_tar_members,
+    tarfile_members,
+)
 
 INDEX_VERSION = 1
 INDEX_SUFFIX = '.index.npz'
 DEFAULT_CACHE = os.path.join('~', '.cache', 'simmim', 'shard-index')
 IMAGE_MEMBER_EXTENSIONS = tuple(e.lstrip('.') for e in IMG_EXTENSIONS)
-_TAR_BLOCK = 512
 logger = logging.getLogger('simmim.data')
 
 
@@ -68,74 +73,14 @@ def _read_label(f, offset, size):
 def _end_marker_problem(f, shard_size, data_end):
     """A sentence if the archive does not end with the two zero blocks tar writes after its last
     member (a cut-off download, or a damaged header that stopped the listing); '' otherwise."""
-    end = -(-data_end // _TAR_BLOCK) * _TAR_BLOCK
+    end = -(-data_end // TAR_BLOCK) * TAR_BLOCK
     f.seek(end)
-    tail = f.read(2 * _TAR_BLOCK)
-    if len(tail) == 2 * _TAR_BLOCK and not tail.strip(b'\0'):
+    tail = f.read(2 * TAR_BLOCK)
+    if len(tail) == 2 * TAR_BLOCK and not tail.strip(b'\0'):
         return ''
     if not tail.strip(b'\0'):
         return f'it ends at byte {shard_size} without the end-of-archive blocks (truncated)'
     return f'the tar header at byte {end} is not valid (the file is damaged or cut off there)'
-
-
-class _Unusual(Exception):
-    """A header the fast reader leaves to tarfile: pax or GNU extensions, a bad checksum."""
-
-
-class _ListingStopped(Exception):
-    """The tar listing cannot go on; the message says where and why."""
-
-
-def _octal(field):
-    return int(field.split(b'\0', 1)[0].strip() or b'0', 8)
-
-
-def _plain_tar_members(f):
-    """(name, data offset, size) of the files of a plain ustar archive (what tarfile, webdataset
-    and GNU tar write for short names), read from its 512-byte headers up to the first zero
-    block, about 4x faster than tarfile; raises _Unusual for anything else."""
-    position = 0
-    while True:
-        f.seek(position)
-        header = f.read(_TAR_BLOCK)
-        if not header.strip(b'\0'):
-            return  # the end-of-archive blocks (or the end of the file: checked after)
-        if len(header) < _TAR_BLOCK:
-            raise _Unusual
-        try:
-            checksum, size = _octal(header[148:156]), _octal(header[124:136])
-        except ValueError:  # base-256 sizes, garbage
-            raise _Unusual from None
-        posix = header[257:263] == b'ustar\0'
-        if checksum != sum(header) - sum(header[148:156]) + 8 * 32 or not (
-            posix or header[257:265] == b'ustar  \0'
-        ):
-            raise _Unusual
-        kind, name = header[156:157], header[:100].split(b'\0', 1)[0]
-        if kind not in (b'0', b'\0', b'7', b'5'):
-            raise _Unusual  # pax headers, GNU long names, links, ...
-        if posix and header[345:500].strip(b'\0'):
-            name = header[345:500].split(b'\0', 1)[0] + b'/' + name
-        elif not posix and header[345:500].strip(b'\0'):
-            raise _Unusual  # old GNU fields (sparse files)
-        if kind != b'5' and not name.endswith(b'/'):
-            yield name.decode('utf-8', 'surrogateescape'), position + _TAR_BLOCK, size
-        position += _TAR_BLOCK + -(-size // _TAR_BLOCK) * _TAR_BLOCK
-
-
-def _tarfile_members(f):
-    """(name, data offset, size) of the files of any tar archive, read by tarfile."""
-    f.seek(0)
-    try:
-        archive = tarfile.open(fileobj=f, mode='r:')
-    except tarfile.TarError as err:
-        raise _ListingStopped(f'it is not a readable tar file ({err})') from None
-    try:
-        for member in archive:
-            if member.isfile():
-                yield member.name, member.offset_data, member.size
-    except tarfile.TarError as err:
-        raise _ListingStopped(f'the listing stopped at byte {archive.offset} ({err})') from None
 
 
 def build_index(shard):
@@ -145,9 +90,9 @@ def build_index(shard):
     shard_size = os.path.getsize(shard)
     with open(shard, 'rb') as f:
         try:
-            return _index_members(f, shard_size, _plain_tar_members(f))
-        except _Unusual:
-            return _index_members(f, shard_size, _tarfile_members(f))
+            return _index_members(f, shard_size, plain_tar_members(f))
+        except UnusualHeader:
+            return _index_members(f, shard_size, tarfile_members(f))
 
 
 def _index_members(f, shard_size, members):
@@ -170,7 +115,7 @@ def _index_members(f, shard_size, members):
                 names[-1], offsets[-1], sizes[-1] = name, offset, size
             elif extension == 'cls':
                 labels[-1] = _read_label(f, offset, size)  # the readers seek to their next header
-    except _ListingStopped as stopped:
+    except ListingStopped as stopped:
         problem = str(stopped)
     if not problem:
         problem = _end_marker_problem(f, shard_size, data_end)

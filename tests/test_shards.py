@@ -18,6 +18,7 @@ from data import shard_index as index_module
 from data.gpu_decode import EncodedMaskedImageDataset, collate_encoded, decode_batch
 from data.shard_index import INDEX_SUFFIX, ShardMember, index_files, shard_index
 from data.shards import ShardDataset, check_fingerprint, expand_braces, find_shards
+from data.tar_members import tarfile_members
 from tools.make_shards import convert
 from utils.errors import DataError, exit_code_of
 
@@ -368,8 +369,6 @@ def test_the_fast_header_reader_agrees_with_tarfile(tmp_path, tar_format):
             archive.addfile(info, io.BytesIO(data))
     fast = index_module.build_index(str(shard))
     with open(shard, 'rb') as f:
-        plain = index_module._index_members(
-            f, shard.stat().st_size, index_module._tarfile_members(f)
-        )
+        plain = index_module._index_members(f, shard.stat().st_size, tarfile_members(f))
     assert fast == plain and fast[0][3:] == ['short.png', 'ünïcode.jpg'] and fast[4] == ''
     assert fast[3] == [0, 1, 2, -1, -1]
