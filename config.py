@@ -51,9 +51,17 @@ _C.BASE = ['']
 # -----------------------------------------------------------------------------------------------
 _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128  # per GPU (per process)
-# Pre-training: an image folder (class sub-folders, or a flat folder of images).
-# Fine-tuning: a folder holding train/ and val/ image folders.
+# Pre-training: an image folder (class sub-folders, or a flat folder of images), or tar shards (a
+# folder of .tar files, or a brace pattern such as train-{0000..1023}.tar; docs/data.md).
+# Fine-tuning: a folder holding train/ and val/ image or shard folders, or timm/HF-named shards.
 _C.DATA.DATA_PATH = ''
+# Tar shards: the epoch order. 'global' is the permutation an image folder gets (each sample from
+# any shard); 'window' shuffles the shards and then the samples within SHARD_WINDOW shards at a
+# time (fewer files open at once, for cluster storage). Both deterministic and resumable.
+_C.DATA.SHARD_SHUFFLE = 'global'
+_C.DATA.SHARD_WINDOW = 16
+# Where shard indexes go when the shards' folder is read-only ('' = ~/.cache/simmim/shard-index).
+_C.DATA.SHARD_INDEX_CACHE = ''
 # 'imagenet' (official name) or 'folder': read DATA_PATH; 'synthetic': the built-in dataset.
 _C.DATA.DATASET = 'imagenet'
 _C.DATA.IMG_SIZE = 224

@@ -22,6 +22,7 @@ from yacs.config import CfgNode
 from checkpoint.layout import TrainingState, recorded_samples
 from checkpoint.resume import choose_resume_checkpoint, resume_training
 from checkpoint.weights import load_pretrained
+from data.shards import source_fingerprint
 from engine.checkpoint_policy import CheckpointPolicy
 from engine.precision import autocast, autocast_dtype, build_grad_scaler, describe_autocast
 from engine.run_folder import finished_message, record_config
@@ -80,6 +81,7 @@ def build_trainer(
         optimizer,
         build_scheduler(config, optimizer, len(data_loader)),
         build_grad_scaler(amp_dtype),
+        data_fingerprint=source_fingerprint(data_loader.dataset),
     )
     trainer = Trainer(
         config, wrapped, state, data_loader, batch_loss, logger, dist_info, writer, amp_dtype

@@ -57,10 +57,17 @@ def test_missing_data_path(capsys, tmp_path):
 
 
 def test_data_path_naming_a_file(capsys, tmp_path):
-    (tmp_path / 'images.tar').write_text('an archive, not a folder')
-    code, out = pretrain(capsys, tmp_path, opts=folder_opts(str(tmp_path / 'images.tar')))
-    assert code == 2 and f'leads through a file ({tmp_path / "images.tar"}), not a folder' in out
+    (tmp_path / 'images.zip').write_text('an archive, not a folder')
+    code, out = pretrain(capsys, tmp_path, opts=folder_opts(str(tmp_path / 'images.zip')))
+    assert code == 2 and f'leads through a file ({tmp_path / "images.zip"}), not a folder' in out
     assert 'not found' not in out
+
+
+def test_data_path_naming_a_tar_file_that_is_no_tar(capsys, tmp_path):
+    (tmp_path / 'images.tar').write_text('a text file, not a shard')
+    code, out = pretrain(capsys, tmp_path, opts=folder_opts(str(tmp_path / 'images.tar')))
+    assert code == 2 and f'The shard {tmp_path / "images.tar"} is damaged' in out
+    assert 'not a readable tar file' in out and 'Traceback' not in out
 
 
 def test_data_path_not_given_for_an_image_folder_config(capsys, tmp_path):

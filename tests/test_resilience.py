@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import main_simmim
+from data.synthetic import SyntheticShapes
 from engine.launch import run
 from tests.conftest import ROOT
+from tools.make_shards import convert
 from utils.errors import EXIT_PREEMPTED
 from utils.safe_load import load_checkpoint_file
 
@@ -356,3 +358,32 @@ def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step(tmp_path):
     assert messages[0].split(' after ', 1)[1] == messages[1].split(' after ', 1)[1]
     step_files = [n for n in os.listdir(logs) if '_step_' in n and n.endswith('.pth')]
     assert len(step_files) == 1 and step_files[0] in messages[0]
+
+
+def test_sigterm_and_resume_on_shards_in_window_order_match_an_uninterrupted_run(tmp_path):
+    """The tiny run on tar shards (written by tools.make_shards from the synthetic images) in the
+    window order: stopped by SIGTERM mid-epoch and resumed, it ends with the weights of the run
+    left alone, and its checkpoints record the shard set."""
+    images = tmp_path / 'images'
+    for index in range(48):
+        image, label = SyntheticShapes(48, 4, 64)[index]
+        os.makedirs(images / str(label), exist_ok=True)
+        image.save(images / str(label) / f'{index:02d}.png')
+    convert(str(images), str(tmp_path / 'shards'), shard_size=8, log=lambda _: None)
+    opts = ['DATA.DATASET', 'folder', 'DATA.DATA_PATH', str(tmp_path / 'shards')]
+    opts += ['DATA.SHARD_SHUFFLE', 'window', 'DATA.SHARD_WINDOW', '2']
+    reference = tmp_path / 'reference'
+    assert run(main_simmim.main, ['--cfg', TINY, '--output', str(reference), '--opts', *opts]) == 0
+    path = os.path.join(str(reference), 'simmim_pretrain', 'tiny', 'ckpt_epoch_1.pth')
+    reference_checkpoint = load_checkpoint_file(path)
+    assert reference_checkpoint['train_state']['data']['samples'] == 48
+    proc = launch(tmp_path, 'slow:0.1', *opts, wait=False)
+    wait_for(proc, os.path.join(run_dir(tmp_path), 'log_rank0.txt'), 'Train: [0/2][2/6]')
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, out[-2000:]
+    assert 'Data format: tar shards; all: 6 shards, 48 samples' in out
+    code, out = launch(tmp_path, '', *opts)
+    assert code == 0 and 'resumed from' in out, out[-2000:]
+    final = load_checkpoint_file(os.path.join(run_dir(tmp_path), 'ckpt_epoch_1.pth'))['model']
+    assert_same_weights(reference_checkpoint['model'], final)
