@@ -11,10 +11,11 @@ Public entry points:
     get_defaults()                            a mutable copy of the defaults
     load_config_text(yaml_text, opts=(), ...) the same from YAML text (a checkpoint's config)
     validate_config(config, task)             every key checked, the error naming key and fix
+    config_warnings(config)                   what a valid config may not mean (logged at start)
 
-Validation (`validate_config`) is here too: it asks each registered unit to check its own keys
-and checks the keys no unit owns. YAML/--opts merging (utils/config_merge.py) and the command line
-(utils/arguments.py) are leaves beside it.
+Validation (`validate_config`) is here too: every numeric key's range first (NUMERIC_RANGES), then
+it asks each registered unit to check its own keys and checks the keys no unit owns. YAML/--opts
+merging (utils/config_merge.py) and the command line (utils/arguments.py) are leaves beside it.
 """
 
 import argparse
@@ -38,6 +39,7 @@ from utils.config_merge import merge_opts, merge_yaml, merge_yaml_text
 from utils.errors import require
 from utils.registry import require_choice
 from utils.tasks import FINETUNE, PRETRAIN, Task, as_task
+from utils.value_ranges import Range, require_in_range
 
 _C = CN()
 
@@ -49,9 +51,17 @@ _C.BASE = ['']
 # -----------------------------------------------------------------------------------------------
 _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128  # per GPU (per process)
-# Pre-training: an image folder (class sub-folders, or a flat folder of images).
-# Fine-tuning: a folder holding train/ and val/ image folders.
+# Pre-training: an image folder (class sub-folders, or a flat folder of images), or tar shards (a
+# folder of .tar files, or a brace pattern such as train-{0000..1023}.tar; docs/data.md).
+# Fine-tuning: a folder holding train/ and val/ image or shard folders, or timm/HF-named shards.
 _C.DATA.DATA_PATH = ''
+# Tar shards: the epoch order. 'global' is the permutation an image folder gets (each sample from
+# any shard); 'window' shuffles the shards and then the samples within SHARD_WINDOW shards at a
+# time (fewer files open at once, for cluster storage). Both deterministic and resumable.
+_C.DATA.SHARD_SHUFFLE = 'global'
+_C.DATA.SHARD_WINDOW = 16
+# Where shard indexes go when the shards' folder is read-only ('' = ~/.cache/simmim/shard-index).
+_C.DATA.SHARD_INDEX_CACHE = ''
 # 'imagenet' (official name) or 'folder': read DATA_PATH; 'synthetic': the built-in dataset.
 _C.DATA.DATASET = 'imagenet'
 _C.DATA.IMG_SIZE = 224
@@ -338,7 +348,106 @@ AMP_DTYPES = ('auto', 'bfloat16', 'float16')
 SHARDINGS = ('ddp', 'fsdp')  # TRAIN.SHARDING (engine/sharding.py)
 COMPILE_MODES = ('', 'blocks', 'model')  # TRAIN.COMPILE (engine/compilation.py)
 COMPILE_BACKENDS = ('inductor', 'aot_eager', 'eager')  # the last two: tracing only (debugging)
-POSITIVE_KEYS = ('DATA.BATCH_SIZE', 'TRAIN.EPOCHS', 'PRINT_FREQ', 'SAVE_FREQ', 'DATA.IMG_SIZE')
+# The allowed range of every numeric key (each element of a list); validate_config checks them
+# first, so nothing starts with a value outside its range (a YAML .nan or .inf included). A new
+# numeric key goes here or in UNCONSTRAINED_NUMERIC_KEYS (tests/test_config.py checks both).
+_POSITIVE = Range(0, low_open=True)
+_AT_LEAST_0, _AT_LEAST_1 = Range(0), Range(1)
+_FRACTION = Range(0, 1, high_open=True)  # [0, 1)
+_PROBABILITY = Range(0, 1)
+_SIZE_OR_DEFAULT = Range(0, note='0 picks the default.')
+_ARCH_RANGES = {
+    'PATCH_SIZE': _AT_LEAST_1,
+    'IN_CHANS': _AT_LEAST_1,
+    'EMBED_DIM': _AT_LEAST_1,
+    'DEPTHS': _AT_LEAST_1,
+    'NUM_HEADS': _AT_LEAST_1,
+    'WINDOW_SIZE': _AT_LEAST_1,
+    'MLP_RATIO': _POSITIVE,
+}
+NUMERIC_RANGES = {
+    'DATA.BATCH_SIZE': _POSITIVE,
+    'DATA.IMG_SIZE': _POSITIVE,
+    'DATA.NUM_WORKERS': _AT_LEAST_0,
+    'DATA.PREFETCH_FACTOR': _AT_LEAST_1,
+    'DATA.MASK_PATCH_SIZE': _AT_LEAST_1,
+    'DATA.MASK_RATIO': Range(0, 1, True, True, note="(The paper's default is 0.6.)"),
+    'DATA.BLOCKWISE.MIN_PATCHES_PER_BLOCK': _SIZE_OR_DEFAULT,
+    'DATA.BLOCKWISE.MAX_PATCHES_PER_BLOCK': _SIZE_OR_DEFAULT,
+    'DATA.BLOCKWISE.ASPECT_RATIO_RANGE': _POSITIVE,
+    'DATA.SYNTHETIC.TRAIN_SIZE': _AT_LEAST_1,
+    'DATA.SYNTHETIC.VAL_SIZE': _AT_LEAST_1,
+    'DATA.SYNTHETIC.NUM_CLASSES': _AT_LEAST_1,
+    'DATA.SYNTHETIC.SEED': _AT_LEAST_0,
+    'MODEL.NUM_CLASSES': Range(0, note='0: the number of class folders in the data.'),
+    'MODEL.DROP_RATE': _FRACTION,
+    'MODEL.DROP_PATH_RATE': _FRACTION,
+    'MODEL.LABEL_SMOOTHING': _FRACTION,
+    **{f'MODEL.SWIN.{key}': allowed for key, allowed in _ARCH_RANGES.items()},
+    'MODEL.SWIN.QK_SCALE': Range(0, low_open=True, none_ok=True, note='None: head_dim ** -0.5.'),
+    **{f'MODEL.SWINV2.{key}': allowed for key, allowed in _ARCH_RANGES.items()},
+    'MODEL.SWINV2.PRETRAINED_WINDOW_SIZES': _AT_LEAST_0,
+    **{
+        f'MODEL.VIT.{key}': allowed
+        for key, allowed in _ARCH_RANGES.items()
+        if key not in ('DEPTHS', 'WINDOW_SIZE')
+    },
+    'MODEL.VIT.DEPTH': _AT_LEAST_1,
+    'MODEL.VIT.INIT_VALUES': Range(
+        0,
+        low_open=True,
+        none_ok=True,
+        note='None: no layer scale (0 would be read as none by timm and as gammas fixed at 0, '
+        'which silence every block, by the official code; the official configs use 0.1).',
+    ),
+    'MODEL.SIMMIM.NORM_TARGET.PATCH_SIZE': _AT_LEAST_1,
+    'MODEL.SIMMIM.HEAD.MLP_HIDDEN_DIM': _SIZE_OR_DEFAULT,
+    **{
+        f'MODEL.SIMMIM.HEAD.INVERSE_SWIN.{key}': _ARCH_RANGES[key]
+        for key in ('EMBED_DIM', 'DEPTHS', 'NUM_HEADS', 'WINDOW_SIZE', 'MLP_RATIO')
+    },
+    'MODEL.SIMMIM.TARGET.DOWNSAMPLE': _AT_LEAST_1,
+    'MODEL.SIMMIM.TARGET.NUM_BINS': Range(2),
+    'MODEL.SIMMIM.TARGET.NUM_CLUSTERS': Range(2),
+    'MODEL.SIMMIM.LOSS.SMOOTH_L1_BETA': _POSITIVE,
+    'TRAIN.START_EPOCH': _AT_LEAST_0,
+    'TRAIN.EPOCHS': _POSITIVE,
+    'TRAIN.WARMUP_EPOCHS': _AT_LEAST_0,
+    'TRAIN.WEIGHT_DECAY': _AT_LEAST_0,
+    'TRAIN.BASE_LR': _POSITIVE,
+    'TRAIN.WARMUP_LR': _AT_LEAST_0,
+    'TRAIN.MIN_LR': _AT_LEAST_0,
+    'TRAIN.CLIP_GRAD': Range(0, none_ok=True, note='0 or None: no clipping.'),
+    'TRAIN.ACCUMULATION_STEPS': Range(0, note='0 or 1: no accumulation.'),
+    'TRAIN.LAYER_DECAY': Range(0, 1, low_open=True, note='1: no layer decay.'),
+    'TRAIN.MAX_NONFINITE_STEPS': _AT_LEAST_1,
+    'TRAIN.LR_SCHEDULER.DECAY_EPOCHS': _POSITIVE,
+    'TRAIN.LR_SCHEDULER.DECAY_RATE': _POSITIVE,
+    'TRAIN.LR_SCHEDULER.GAMMA': _POSITIVE,
+    'TRAIN.LR_SCHEDULER.MULTISTEPS': _AT_LEAST_0,
+    'TRAIN.OPTIMIZER.EPS': _POSITIVE,
+    'TRAIN.OPTIMIZER.BETAS': _FRACTION,
+    'TRAIN.OPTIMIZER.MOMENTUM': _FRACTION,
+    'AUG.CROP_SCALE': Range(0, 1, low_open=True),
+    'AUG.COLOR_JITTER': Range(0, note='0: off.'),
+    'AUG.REPROB': _PROBABILITY,
+    'AUG.RECOUNT': _AT_LEAST_1,
+    'AUG.MIXUP': Range(0, note='A Beta distribution alpha; 0: off.'),
+    'AUG.CUTMIX': Range(0, note='A Beta distribution alpha; 0: off.'),
+    'AUG.CUTMIX_MINMAX': Range(0, 1, low_open=True, none_ok=True),
+    'AUG.MIXUP_PROB': _PROBABILITY,
+    'AUG.MIXUP_SWITCH_PROB': _PROBABILITY,
+    'LINEAR_PROBE.BLOCK': Range(0, note='0: the last block.'),
+    'CHECKPOINT.STEP_FREQ': Range(0, note='0: only epoch checkpoints.'),
+    'CHECKPOINT.KEEP_STEP_CKPTS': _AT_LEAST_1,
+    'VIS_FREQ': Range(0, note='0: never.'),
+    'VIS_NUM_IMAGES': _AT_LEAST_1,
+    'SAVE_FREQ': _POSITIVE,
+    'PRINT_FREQ': _POSITIVE,
+    'SEED': _AT_LEAST_0,
+}
+# Numeric keys any value of their type suits: set by the launcher, or never read.
+UNCONSTRAINED_NUMERIC_KEYS = ('LOCAL_RANK',)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -352,7 +461,9 @@ def _get(config, key):
 
 
 def check_common_keys(config: CN) -> None:
-    """Keys that no registered unit owns."""
+    """Every numeric key's range (NUMERIC_RANGES), then the keys that no registered unit owns."""
+    for key, allowed in NUMERIC_RANGES.items():
+        require_in_range(key, _get(config, key), allowed)
     data = config.DATA
     require_choice('DATA.DATASET', data.DATASET, DATASETS, 'datasets')
     check_on_bad_image(data.ON_BAD_IMAGE)
@@ -364,13 +475,6 @@ def check_common_keys(config: CN) -> None:
     require_choice(
         'TRAIN.COMPILE_BACKEND', config.TRAIN.COMPILE_BACKEND, COMPILE_BACKENDS, 'backends'
     )
-    for key in POSITIVE_KEYS:
-        require(_get(config, key) > 0, f'{key} must be positive, got {_get(config, key)}.')
-    require(
-        config.CHECKPOINT.STEP_FREQ >= 0 and config.CHECKPOINT.KEEP_STEP_CKPTS >= 1,
-        'CHECKPOINT.STEP_FREQ must be >= 0 and CHECKPOINT.KEEP_STEP_CKPTS >= 1.',
-    )
-    require(config.TRAIN.MAX_NONFINITE_STEPS >= 1, 'TRAIN.MAX_NONFINITE_STEPS must be >= 1.')
     crop = list(config.AUG.CROP_SCALE)
     require(
         len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1,
@@ -431,22 +535,90 @@ def _validate_and_derive(config, world_size, task):
     return config
 
 
-def _merged(merge_source, args, task, is_pretrain):
+def _follow_a_finalized_config(config, stored):
+    """A FINALIZED config (a run's own config.yaml) continues its run; after --opts and the flags,
+    --tag / --output (or MODEL.NAME) given anew take effect: OUTPUT becomes ROOT/MODEL.NAME/TAG
+    again, ROOT the --output given or the stored one. Returns notes for the log."""
+    old_output, old_name, old_tag, old_batch = stored
+    notes = []
+    if (config.OUTPUT, config.MODEL.NAME, config.TAG) != (old_output, old_name, old_tag):
+        root = config.OUTPUT
+        if root == old_output:  # only TAG or MODEL.NAME changed: the stored root
+            head, tag = os.path.split(os.path.normpath(old_output))
+            root, name = os.path.split(head)
+            require(
+                (name, tag) == (old_name, old_tag),
+                f"This finalized config (a run's config.yaml) has OUTPUT {old_output}, which "
+                f'does not end in MODEL.NAME/TAG ({old_name}/{old_tag}), so the folder of the new '
+                f'TAG cannot be derived from it. Pass --output ROOT as well.',
+            )
+        config.OUTPUT = os.path.join(root, config.MODEL.NAME, config.TAG)
+        notes.append(
+            f'The config is the finalized config of the run in {old_output}; with the TAG / '
+            f'OUTPUT given, this run uses {config.OUTPUT} instead (same settings, learning rates '
+            f'as stored).'
+        )
+    batch = (config.DATA.BATCH_SIZE, max(1, config.TRAIN.ACCUMULATION_STEPS))
+    if batch != old_batch:
+        notes.append(
+            f'DATA.BATCH_SIZE x ACCUMULATION_STEPS is {batch[0]} x {batch[1]} here and '
+            f"{old_batch[0]} x {old_batch[1]} in this finalized config (a run's config.yaml): its "
+            f'learning rates (TRAIN.BASE_LR {config.TRAIN.BASE_LR:g}) were scaled for the batch '
+            f'of its run and are used as they are, not scaled again. For rates scaled to the new '
+            f'batch, start from the original YAML.'
+        )
+    return notes
+
+
+def config_warnings(config: CN) -> list[str]:
+    """Warnings about a valid `config` that may not do what was meant (logged at the start)."""
+    train = config.TRAIN
+    warnings = []
+    if train.WARMUP_EPOCHS >= train.EPOCHS and not (config.EVAL_MODE or config.THROUGHPUT_MODE):
+        warnings.append(
+            f'TRAIN.WARMUP_EPOCHS {train.WARMUP_EPOCHS} is not shorter than TRAIN.EPOCHS '
+            f'{train.EPOCHS}: the whole run is warm-up, so the learning rate only rises from '
+            f"TRAIN.WARMUP_LR towards TRAIN.BASE_LR and the schedule's decay never starts. Lower "
+            f'TRAIN.WARMUP_EPOCHS below TRAIN.EPOCHS unless that is what you meant.'
+        )
+    return warnings
+
+
+def _merged(merge_source, args, task, is_pretrain, notes=None):
     config = _C.clone()
     config.defrost()
     merge_source(config)
+    stored = None
+    if config.FINALIZED:
+        stored = (
+            config.OUTPUT,
+            config.MODEL.NAME,
+            config.TAG,
+            (config.DATA.BATCH_SIZE, max(1, config.TRAIN.ACCUMULATION_STEPS)),
+        )
     merge_opts(config, args.opts)
-    apply_args(config, args)
+    found = apply_args(config, args)
+    if stored is not None:
+        found += _follow_a_finalized_config(config, stored)
     world_size = int(os.environ.get('WORLD_SIZE', 1))
-    return _validate_and_derive(config, world_size, as_task(task, is_pretrain))
+    config = _validate_and_derive(config, world_size, as_task(task, is_pretrain))
+    if notes is not None:
+        notes.extend(found + config_warnings(config))
+    return config
 
 
 def get_config(
-    args: argparse.Namespace, task: Task | bool = PRETRAIN, *, is_pretrain: bool | None = None
+    args: argparse.Namespace,
+    task: Task | bool = PRETRAIN,
+    *,
+    is_pretrain: bool | None = None,
+    notes: list | None = None,
 ) -> CN:
     """The frozen config for parsed command-line `args` (official name; `get_config(args)` is the
-    official call). `task` (or the official `is_pretrain` flag) says which sections are checked."""
-    return _merged(lambda config: merge_yaml(config, args.cfg), args, task, is_pretrain)
+    official call). `task` (or the official `is_pretrain` flag) says which sections are checked.
+    `notes`, a list, receives the warnings to log when the run starts (what a flag changed besides
+    its key, `config_warnings`)."""
+    return _merged(lambda config: merge_yaml(config, args.cfg), args, task, is_pretrain, notes)
 
 
 def load_config(
@@ -455,12 +627,13 @@ def load_config(
     task: Task | bool = PRETRAIN,
     *,
     is_pretrain: bool | None = None,
+    notes: list | None = None,
     **flags,
 ) -> CN:
     """The frozen config a script would use for `--cfg cfg_path --opts *opts` (plus any flag given
     by its argparse name, e.g. ``batch_size=8``), for notebooks and tools."""
     args = argparse.Namespace(cfg=cfg_path, opts=list(opts), **flags)
-    return get_config(args, task, is_pretrain=is_pretrain)
+    return get_config(args, task, is_pretrain=is_pretrain, notes=notes)
 
 
 def load_config_text(

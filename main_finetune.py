@@ -43,15 +43,16 @@ def main(config: CfgNode, dist_info: DistInfo, logger: logging.Logger, writer=No
 
     if config.EVAL_MODE:
         checkpoint = load_eval_weights(config, model, logger)
-        acc1, acc5, loss, count = evaluate(
-            model, data.val_loader, device, autocast_dtype(config, device), logger
-        )
+        amp_dtype = autocast_dtype(config, device)
+        acc1, acc5, loss, count = evaluate(model, data.val_loader, device, amp_dtype, logger)
         logger.info(f' * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.4f}')
         logger.info(f'Accuracy of the network on the {count} test images: {acc1:.3f}%')
         if isinstance(checkpoint, dict) and 'accuracy' in checkpoint:
             logger.info(
                 f'(the checkpoint recorded {checkpoint["accuracy"]:.3f}% when it was saved)'
             )
+        if config.THROUGHPUT_MODE:  # --eval --throughput: both, with the evaluated weights
+            throughput(model, data.val_loader, device, logger, amp_dtype)
         return
 
     criterion = build_classification_criterion(config, data.mixup_fn)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data.shards import check_fingerprint
 from utils.checksum import sidecar_path
 from utils.errors import CheckpointError
 from utils.safe_load import SIDECAR, load_checkpoint_file
@@ -46,11 +47,16 @@ class TrainingState:
     max_accuracy: float = 0.0
     global_update: int = 0  # optimizer steps taken (skipped non-finite steps included)
     skipped_total: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    # What the training data is (data.shards.ShardDataset.fingerprint; None for other sources):
+    # recorded with the counters, and a resume on another shard set is refused.
+    data_fingerprint: dict | None = None
 
     def counters(self):
-        return {'global_update': self.global_update, 'skipped_total': self.skipped_total}
+        counters = {'global_update': self.global_update, 'skipped_total': self.skipped_total}
+        return {**counters, 'data': self.data_fingerprint} if self.data_fingerprint else counters
 
     def load_counters(self, counters, max_accuracy):
+        check_fingerprint(counters.get('data'), self.data_fingerprint)
         self.global_update = int(counters.get('global_update', 0))
         self.skipped_total = int(counters.get('skipped_total', 0))
         self.max_accuracy = float(max_accuracy)

@@ -29,6 +29,7 @@ from checkpoint.sharded import (
     load_distributed_state,
     verify_sharded_checkpoint,
 )
+from checkpoint.stored_config import require_same_data
 from checkpoint.weights import load_full_state_dict
 from utils.distributed import is_fsdp, on_main_rank
 from utils.errors import CheckpointError, IncompatibleCheckpointError
@@ -95,6 +96,8 @@ def _choose(config, logger):
     path, checkpoint = None, None
     if config.TRAIN.AUTO_RESUME:
         path, checkpoint = find_resume_checkpoint(config.OUTPUT, logger)
+        if path:
+            require_same_data(config, path, checkpoint)
         if path and config.MODEL.RESUME and path != config.MODEL.RESUME:
             logger.warning(
                 f'auto-resume: using {path} instead of MODEL.RESUME {config.MODEL.RESUME}'

@@ -17,6 +17,7 @@ import warnings
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -385,13 +386,22 @@ def read_sharded_checkpoint(path, model_only=False):
         if not model_only or metadata.planner_data[flat][0] == 'model'
     }
     flat = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in wanted.items()}
-    with _quiet_without_process_group():
-        dcp.load(
-            flat,
-            storage_reader=FileSystemReader(path),
-            planner=DefaultLoadPlanner(flatten_state_dict=False),
-            no_dist=True,
-        )
+    try:
+        with _quiet_without_process_group():
+            dcp.load(
+                flat,
+                storage_reader=FileSystemReader(path),
+                planner=DefaultLoadPlanner(flatten_state_dict=False),
+                no_dist=True,
+            )
+    except CheckpointException as e:  # a shard DCP cannot read: truncated or damaged
+        errors = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+        causes = {f'{type(c).__name__}: {c}'.rstrip(': ') for c in errors}
+        raise CheckpointError(
+            f'The sharded checkpoint {path} cannot be read: a shard (.distcp file) is '
+            f'truncated or damaged ({"; ".join(sorted(causes))[:300]}). Use an earlier '
+            f'checkpoint, or copy the whole directory again.'
+        ) from None
     nested = {'model': {}, 'optimizer_state': {}}
     for key, tensor in flat.items():
         top, name, *rest = metadata.planner_data[key]

@@ -1,6 +1,7 @@
 """The config a checkpoint was trained with, whoever wrote it.
 
     checkpoint_config(checkpoint, cfg_path=None, opts=(), is_pretrain=False)   the frozen config
+    require_same_data(config, path, checkpoint)   auto-resume: the run found was on this data
 
 Our checkpoints store the config as YAML text (read back as itself: config.load_config_text);
 official ones pickle a yacs CfgNode, which utils.safe_load reads as a plain dict (never rebuilding
@@ -8,6 +9,8 @@ the class). Only its MODEL, DATA and TEST sections are used (what defines the mo
 evaluation transform), and keys this framework does not know (the Swin-Transformer repo has a few
 more) are left out.
 """
+
+import os
 
 import yaml
 from yacs.config import CfgNode
@@ -53,4 +56,44 @@ def checkpoint_config(checkpoint, cfg_path=None, opts=(), is_pretrain=False, sou
         )
     raise ConfigError(
         f'{source} stores no config. Pass the config it was trained with: --cfg FILE.'
+    )
+
+
+def _data_source(dataset, data_path):
+    """What a run trains on: the built-in set, or an image folder ('imagenet' and 'folder' both
+    read DATA_PATH), its path resolved so that spellings of one folder agree."""
+    if dataset == 'synthetic':
+        return ('synthetic', '')
+    return ('folder', os.path.realpath(os.path.expanduser(data_path)) if data_path else '')
+
+
+def _describe_data(dataset, data_path):
+    if dataset == 'synthetic':
+        return 'the built-in synthetic dataset (DATA.DATASET synthetic)'
+    return f'the image folder {data_path or "(none given)"} (DATA.DATASET {dataset})'
+
+
+def require_same_data(config, path, checkpoint):
+    """Raise ConfigError when `checkpoint` (the dict auto-resume verified at `path`) was trained on
+    other data (DATA.DATASET or DATA.DATA_PATH) than `config`: continuing it would train the old
+    run's weights on new data, or declare a finished run done. A checkpoint without our stored
+    config (official ones) cannot tell and passes."""
+    stored = checkpoint.get('config') if isinstance(checkpoint, dict) else None
+    try:
+        data = (yaml.safe_load(stored) or {}).get('DATA') if isinstance(stored, str) else None
+    except yaml.YAMLError:
+        data = None
+    if not isinstance(data, dict):
+        return
+    defaults = get_defaults().DATA
+    old = (data.get('DATASET', defaults.DATASET), data.get('DATA_PATH', defaults.DATA_PATH))
+    new = (config.DATA.DATASET, config.DATA.DATA_PATH)
+    if _data_source(*old) == _data_source(*new):
+        return
+    raise ConfigError(
+        f'Auto-resume found {path} in {config.OUTPUT}, a run on {_describe_data(*old)}, but this '
+        f"run is configured for {_describe_data(*new)}. Continuing it would train the old run's "
+        f'weights on other data (or call that run finished), so nothing was started. Give this '
+        f'experiment its own folder with --tag NEW_NAME (or --output DIR); to continue the old '
+        f'run, use its data.'
     )

@@ -1,8 +1,9 @@
 """timm model folders and timm models, in and out (the name mappings are in models.timm_mapping).
 
-    export_timm_folder(config, state_dict, out_dir, info=None) -> the timm model written
+    export_timm_folder(config, state_dict, out_dir, info=None, verify=None) -> the timm model
         OUT_DIR/config.json (timm's format) + OUT_DIR/model.safetensors, loadable offline with
-        timm.create_model('local-dir:OUT_DIR', pretrained=True)
+        timm.create_model('local-dir:OUT_DIR', pretrained=True); staged beside OUT_DIR,
+        verify(staging) checked, then published
     load_timm_model(spec, cache_dir=None)        spec: such a folder, or a timm model name whose
                                                  weights are already in the local HF cache
     read_timm_checkpoint(spec, model_type=None)  {'model': its weights under our names}
@@ -13,6 +14,7 @@ Nothing here downloads: a model name is only looked up in the local Hugging Face
 """
 
 import difflib
+import errno
 import json
 import os
 import shutil
@@ -21,13 +23,21 @@ import tempfile
 import timm
 import torch
 from huggingface_hub import try_to_load_from_cache
+from safetensors import SafetensorError
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_pretrained_cfg, save_for_hf
 
 from config import load_config_text
 from models import ARCHITECTURES, build_classifier
 from models.timm_mapping import UnsupportedInTimm
-from utils.errors import CheckpointError, ConfigError, IncompatibleCheckpointError
+from utils.atomic_write import fsync_folder, usual_mode
+from utils.errors import (
+    CheckpointError,
+    CheckpointWriteError,
+    ConfigError,
+    IncompatibleCheckpointError,
+)
+from utils.safetensors_io import check_safetensors_file
 from utils.state_dict import check_fits, num_classes_of
 
 WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')  # timm's names on the Hugging Face hub
@@ -98,47 +108,82 @@ def build_timm_model(config, state_dict):
     return model.eval(), model_args
 
 
-def export_timm_folder(config, state_dict, out_dir, info=None):
+def export_timm_folder(config, state_dict, out_dir, info=None, verify=None):
     """Write `state_dict` (our names) as a timm folder in `out_dir`; return the timm model.
 
-    timm's own save_for_hf writes the files (so config.json is exactly its format), into a
-    staging folder first; the two files then replace any earlier export one by one. `info` goes
-    into config.json's 'simmim' entry, which timm ignores."""
-    created = not os.path.isdir(out_dir)
+    timm's own save_for_hf writes the files (so config.json is exactly its format) into a staging
+    folder beside `out_dir`, with the permissions of any new file (the umask); `verify(staging)`
+    then checks them there, and whatever it raises leaves `out_dir` as it was. Only then are they
+    published: a new `out_dir` is the staging folder renamed, an earlier export gets each file by
+    an atomic rename. `info` goes into config.json's 'simmim' entry, which timm ignores."""
+    target = os.path.normpath(os.path.abspath(out_dir))
+    parent = os.path.dirname(target)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ConfigError(
+            f'{out_dir} is a file, but a timm export is a folder (config.json and '
+            f'model.safetensors). Pass a new folder or an earlier export.'
+        )
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix='.export-', dir=out_dir)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(target)}.export-', dir=parent)
     except OSError as e:
         raise ConfigError(
             f'Cannot write to {out_dir}: {e.strerror or e}. Pick a folder you can write to.'
         ) from None
-    done = False
     try:
         model, model_args = build_timm_model(config, state_dict)
-        save_for_hf(
-            model,
-            staging,
-            model_args=model_args,
-            safe_serialization=True,
-            data_config=eval_data_config(config, model.in_chans),
-        )
-        path = os.path.join(staging, 'config.json')
-        with open(path) as f:
-            hf_config = json.load(f)
-        # The named variant's tag and licence describe timm's weights, not these.
-        hf_config['pretrained_cfg'].update(tag='simmim')
-        hf_config['pretrained_cfg'].pop('license', None)
-        hf_config['simmim'] = dict(info or {})
-        with open(path, 'w') as f:
-            json.dump(hf_config, f, indent=2)
-        for name in ('model.safetensors', 'config.json'):
-            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
-        done = True
+        try:
+            _write_timm_files(model, model_args, config, staging, info)
+        except OSError as e:
+            raise CheckpointWriteError(
+                f'Could not write the timm export {out_dir}: '
+                f'{"the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e}. '
+                f'Nothing was replaced: an earlier export there is intact.'
+            ) from None
+        if verify is not None:
+            verify(staging)
+        _publish(staging, target)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not done:
-            os.rmdir(out_dir)  # a failed export leaves no empty folder behind
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when it became `target`
     return model
+
+
+def _write_timm_files(model, model_args, config, folder, info):
+    save_for_hf(
+        model,
+        folder,
+        model_args=model_args,
+        safe_serialization=True,
+        data_config=eval_data_config(config, model.in_chans),
+    )
+    path = os.path.join(folder, 'config.json')
+    with open(path) as f:
+        hf_config = json.load(f)
+    # The named variant's tag and licence describe timm's weights, not these.
+    hf_config['pretrained_cfg'].update(tag='simmim')
+    hf_config['pretrained_cfg'].pop('license', None)
+    hf_config['simmim'] = dict(info or {})
+    with open(path, 'w') as f:
+        json.dump(hf_config, f, indent=2)
+    for name in os.listdir(folder):
+        file = os.path.join(folder, name)
+        os.chmod(file, usual_mode())  # safetensors writes through a private (0600) file
+        with open(file, 'rb') as f:
+            os.fsync(f.fileno())
+
+
+def _publish(staging, target):
+    """Move the verified files of `staging` to `target`: the whole folder in one rename when
+    `target` is new, else file by file (each rename atomic), so no reader sees a half-written
+    file."""
+    if os.path.isdir(target):
+        for name in sorted(os.listdir(staging), key=lambda n: n == 'config.json'):
+            os.replace(os.path.join(staging, name), os.path.join(target, name))
+        fsync_folder(target)
+    else:
+        os.chmod(staging, usual_mode(folder=True))  # mkdtemp's folder is private (0700)
+        os.rename(staging, target)
+    fsync_folder(os.path.dirname(target))
 
 
 def output_difference(config, state_dict, timm_model, batch_size=2, seed=0):
@@ -201,15 +246,19 @@ def load_timm_model(spec, cache_dir=None):
                 f'folder (tools/export.py --to timm writes one).'
             )
         name, kwargs = f'local-dir:{spec}', {}
+        weights = os.path.join(spec, WEIGHT_FILES[0])
     elif os.sep in spec or not timm.is_model(spec.split('.')[0]):
         close = difflib.get_close_matches(spec, timm.list_models(), n=3)
         hint = f' Did you mean {" or ".join(close)}?' if close else ''
         raise CheckpointError(f'timm:{spec} is neither a folder nor a timm model name.{hint}')
     else:
-        name, kwargs = spec, {'pretrained_cfg_overlay': {'file': _cached_weights(spec, cache_dir)}}
+        weights = _cached_weights(spec, cache_dir)
+        name, kwargs = spec, {'pretrained_cfg_overlay': {'file': weights}}
+    if weights.endswith('.safetensors') and os.path.isfile(weights):
+        check_safetensors_file(weights, f'timm:{spec}: the weights file')
     try:
         return timm.create_model(name, pretrained=True, **kwargs).eval()
-    except (RuntimeError, ValueError, OSError, KeyError) as e:  # timm's own load errors
+    except (RuntimeError, ValueError, OSError, KeyError, SafetensorError) as e:  # timm's loading
         raise CheckpointError(f'timm:{spec} could not be loaded by timm: {e}') from None
 
 

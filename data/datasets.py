@@ -103,12 +103,18 @@ def _scan_images(folder, seen=None):
     return found
 
 
+def open_image_file(path):
+    """A binary file object for `path`: a file path, or a sample in a tar shard (anything with an
+    ``open()`` method, e.g. data.shards.ShardMember)."""
+    return path.open() if hasattr(path, 'open') else open(path, 'rb')
+
+
 def load_image(path, rgb_conversion='careful', before_decode=None):
-    """The image at `path` as RGB (transforms.to_rgb), fully decoded (so a truncated file fails
-    here, not later). `before_decode(image)` is called with the opened image before its pixels are
-    decoded (size, mode and format are known from the header), e.g. to ask for a reduced JPEG
-    decode."""
-    with open(path, 'rb') as f:
+    """The image at `path` (a file or a shard member, see open_image_file) as RGB
+    (transforms.to_rgb), fully decoded (so a truncated file fails here, not later).
+    `before_decode(image)` is called with the opened image before its pixels are decoded (size,
+    mode and format are known from the header), e.g. to ask for a reduced JPEG decode."""
+    with open_image_file(path) as f:
         img = Image.open(f)
         if before_decode is not None:
             before_decode(img)
@@ -116,50 +122,22 @@ def load_image(path, rgb_conversion='careful', before_decode=None):
     return to_rgb(img, rgb_conversion)
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
-    """Images under `root`, returned as (PIL RGB image, label).
+class ImageFileDataset(torch.utils.data.Dataset):
+    """(PIL RGB image, label) pairs read from `samples`, a sequence of (path, label) where a path
+    is a file or a shard member (see open_image_file); subclasses list them.
 
-    Layouts: class sub-folders (labels = index in the sorted class list; sub-folders without images
-    are left out), or images directly in `root` (every file under it gets label 0 and `classes` is
-    empty; pre-training needs no classes). Files that cannot be decoded are, with
-    on_bad_image='skip', replaced by the next readable image and marked in `unreadable` (shared
-    with the DataLoader workers; see unreadable_report), or with 'error' raise BadImageError.
-    `rgb_conversion`: see transforms.to_rgb (DATA.RGB_CONVERSION).
+    Files that cannot be decoded are, with on_bad_image='skip', replaced by the next readable image
+    and marked in `unreadable` (shared with the DataLoader workers; see unreadable_report), or with
+    'error' raise BadImageError. `rgb_conversion`: see transforms.to_rgb (DATA.RGB_CONVERSION).
     """
 
-    def __init__(self, root, on_bad_image='skip', min_size=0, rgb_conversion='careful'):
+    def _set_samples(self, root, samples, on_bad_image, min_size, rgb_conversion):
         check_on_bad_image(on_bad_image)
-        root = os.path.expanduser(root)
-        blocking = _file_in_the_way(root)
-        if blocking:
-            raise DataError(
-                _expected_layout(
-                    root, f'The data path leads through a file ({blocking}), not a folder'
-                )
-            )
-        if not os.path.isdir(root):
-            raise FileNotFoundError(_expected_layout(root, 'Data folder not found'))
-        self.root, self.on_bad_image, self.min_size = root, on_bad_image, min_size
-        self.rgb_conversion = rgb_conversion
-        self.classes, self.samples = [], []
-        with os.scandir(root) as entries:
-            entries = sorted(entries, key=lambda e: e.name)
-        seen = {os.path.realpath(root)}
-        if any(e.is_file() and _is_image(e.name) for e in entries):
-            self.samples = [(path, 0) for path in _scan_images(root)]
-        else:
-            for entry in entries:
-                if not entry.is_dir() or entry.name.startswith('.'):
-                    continue
-                paths = _scan_images(entry.path, seen)
-                if paths:
-                    self.samples += [(path, len(self.classes)) for path in paths]
-                    self.classes.append(entry.name)
-        if not self.samples:
-            raise FileNotFoundError(_expected_layout(root, 'No images found in data folder'))
+        self.root, self.samples, self.on_bad_image = root, samples, on_bad_image
+        self.min_size, self.rgb_conversion = min_size, rgb_conversion
         # Per file: 0 fine (or not read yet), 1 found unreadable, 2 already reported. In shared
         # memory, so what the workers find is seen by the main process.
-        self.unreadable = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+        self.unreadable = torch.zeros(len(samples), dtype=torch.uint8).share_memory_()
 
     def __len__(self):
         return len(self.samples)
@@ -192,9 +170,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 continue
             self._warn_if_small(path, image)
             return image, label, offset == 0
-        raise BadImageError(
-            f'None of the {len(self.samples)} images under {self.root} can be read.'
-        )
+        raise BadImageError(f'None of the {len(self.samples)} images in {self.root} can be read.')
 
     def unreadable_report(self, limit=10):
         """One paragraph naming the files found unreadable (in this process or its DataLoader
@@ -233,6 +209,45 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 *image.size,
                 self.min_size,
             )
+
+
+class ImageFolderDataset(ImageFileDataset):
+    """Images under `root`, returned as (PIL RGB image, label).
+
+    Layouts: class sub-folders (labels = index in the sorted class list; sub-folders without images
+    are left out), or images directly in `root` (every file under it gets label 0 and `classes` is
+    empty; pre-training needs no classes). Unreadable files: see ImageFileDataset.
+    """
+
+    def __init__(self, root, on_bad_image='skip', min_size=0, rgb_conversion='careful'):
+        check_on_bad_image(on_bad_image)
+        root = os.path.expanduser(root)
+        blocking = _file_in_the_way(root)
+        if blocking:
+            raise DataError(
+                _expected_layout(
+                    root, f'The data path leads through a file ({blocking}), not a folder'
+                )
+            )
+        if not os.path.isdir(root):
+            raise FileNotFoundError(_expected_layout(root, 'Data folder not found'))
+        self.classes, samples = [], []
+        with os.scandir(root) as entries:
+            entries = sorted(entries, key=lambda e: e.name)
+        seen = {os.path.realpath(root)}
+        if any(e.is_file() and _is_image(e.name) for e in entries):
+            samples = [(path, 0) for path in _scan_images(root)]
+        else:
+            for entry in entries:
+                if not entry.is_dir() or entry.name.startswith('.'):
+                    continue
+                paths = _scan_images(entry.path, seen)
+                if paths:
+                    samples += [(path, len(self.classes)) for path in paths]
+                    self.classes.append(entry.name)
+        if not samples:
+            raise FileNotFoundError(_expected_layout(root, 'No images found in data folder'))
+        self._set_samples(root, samples, on_bad_image, min_size, rgb_conversion)
 
 
 def _split_key(key):

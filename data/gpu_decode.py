@@ -23,7 +23,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from utils.errors import BadImageError, ConfigError
 
-from .datasets import ImageFolderDataset, MaskedImageDataset, _split_key, load_image
+from .datasets import ImageFileDataset, MaskedImageDataset, _split_key, load_image, open_image_file
 from .pretrain_transform import _MEAN, _STD
 from .transforms import to_rgb
 
@@ -41,7 +41,7 @@ def read_encoded(path, rgb_conversion='careful', before_decode=None):
     """The file at `path` as an EncodedImage: JPEG bytes as they are, anything else decoded to RGB
     pixels by PIL (transforms.to_rgb with `rgb_conversion`). `before_decode(header_image)` runs
     first, as for data.datasets.load_image."""
-    with open(path, 'rb') as f:
+    with open_image_file(path) as f:
         data = f.read()
     image = Image.open(io.BytesIO(data))
     if before_decode is not None:
@@ -151,9 +151,9 @@ def build_device_decode_loader(config, dataset, make_loader):
             'DATA.DECODE cpu (the default).'
         )
     base = dataset.base
-    if not isinstance(base, ImageFolderDataset):
+    if not isinstance(base, ImageFileDataset):
         raise ConfigError(
-            f'DATA.DECODE gpu reads JPEG files from DATA.DATA_PATH; DATA.DATASET '
+            f'DATA.DECODE gpu reads JPEG files or shards from DATA.DATA_PATH; DATA.DATASET '
             f"'{config.DATA.DATASET}' has none. Use DATA.DECODE cpu."
         )
     encoded = EncodedMaskedImageDataset(

@@ -27,13 +27,15 @@ from .datasets import ImageFolderDataset, MaskedImageDataset, SeededTransformDat
 from .gpu_decode import build_device_decode_loader
 from .masking import build_mask_generator
 from .pretrain_transform import build_pretrain_transform
-from .sampler import EvalDistributedSampler, ResumableDistributedSampler
+from .sampler import EvalDistributedSampler, ResumableDistributedSampler, ShardWindowSampler
 from .seeding import sample_seed
+from .shards import ShardDataset, align_classes, find_shards, is_shard_source
 from .synthetic import SyntheticShapes
 from .transforms import build_finetune_transform
 from .worker_signals import shield_worker, worker_start_context
 
 DECODERS = ('cpu', 'gpu')  # DATA.DECODE
+SHARD_SHUFFLES = ('global', 'window')  # DATA.SHARD_SHUFFLE
 
 
 def rank_and_world_size():
@@ -55,20 +57,53 @@ def seed_worker(worker_id, main_pid=None):
     torch.manual_seed(seed)
 
 
-def _image_folder(config, subfolder=''):
+def _image_source(config, logger, split=None):
+    """The images of DATA.DATA_PATH: an image folder or tar shards (detected from the path), for
+    `split` (None: all of it, for pre-training; 'train' or 'val')."""
     data = config.DATA
     if not data.DATA_PATH:
         raise ConfigError(
             f"DATA.DATA_PATH is empty but DATA.DATASET is '{data.DATASET}': pass "
-            f'--data-path DIR (a folder of images) or use the built-in dataset with '
-            f'--opts DATA.DATASET synthetic.'
+            f'--data-path DIR (a folder of images or of .tar shards) or use the built-in dataset '
+            f'with --opts DATA.DATASET synthetic.'
         )
-    return ImageFolderDataset(
-        os.path.join(data.DATA_PATH, subfolder),
+    if is_shard_source(data.DATA_PATH):
+        shards, info = find_shards(data.DATA_PATH, split)
+        dataset = ShardDataset(
+            shards,
+            info,
+            data.ON_BAD_IMAGE,
+            min_size=data.IMG_SIZE,
+            rgb_conversion=data.RGB_CONVERSION,
+            cache_dir=data.SHARD_INDEX_CACHE,
+            require_labels=split is not None,
+            root=data.DATA_PATH,
+        )
+        logger.info(
+            f'Data format: tar shards; {split or "all"}: {len(shards)} shards, {len(dataset)} '
+            f'samples, from {data.DATA_PATH}' + (f' (classes and counts: {info})' if info else '')
+        )
+        return dataset
+    dataset = ImageFolderDataset(
+        os.path.join(data.DATA_PATH, split or ''),
         data.ON_BAD_IMAGE,
         min_size=data.IMG_SIZE,
         rgb_conversion=data.RGB_CONVERSION,
     )
+    logger.info(
+        f'Data format: image folder; {split or "all"}: {len(dataset)} images, from {dataset.root}'
+    )
+    return dataset
+
+
+def _train_sampler(config, base, world_size, rank):
+    """The training sampler: the global permutation, or for shards with DATA.SHARD_SHUFFLE window
+    the one that reads DATA.SHARD_WINDOW shards at a time."""
+    if config.DATA.SHARD_SHUFFLE == 'window' and hasattr(base, 'shard_lengths'):
+        return ShardWindowSampler(
+            base.shard_lengths, config.DATA.SHARD_WINDOW, world_size, rank, True, config.SEED
+        )
+    return ResumableDistributedSampler(len(base), world_size, rank, True, config.SEED)
 
 
 def _synthetic(config, split):
@@ -114,9 +149,14 @@ def _check_classes(config, train_set, val_set):
 
 
 def check_loader_config(config, task):
-    """DATA.DECODE and DATA.PREFETCH_FACTOR."""
+    """DATA.DECODE, DATA.PREFETCH_FACTOR, DATA.SHARD_SHUFFLE and DATA.SHARD_WINDOW."""
     data = config.DATA
     require_choice('DATA.DECODE', data.DECODE, DECODERS, 'decoders')
+    require_choice('DATA.SHARD_SHUFFLE', data.SHARD_SHUFFLE, SHARD_SHUFFLES, 'choices')
+    require(
+        data.SHARD_WINDOW >= 1,
+        f'DATA.SHARD_WINDOW must be at least 1 shard, got {data.SHARD_WINDOW}.',
+    )
     require(
         data.DECODE == 'cpu' or task.masked_image_modeling,
         'DATA.DECODE gpu is for pre-training; fine-tuning augments with PIL (RandAugment). Use '
@@ -176,14 +216,14 @@ def build_pretrain_data(
     logger = logger or logging.getLogger('simmim.data')
     rank, world_size = rank_and_world_size()
     synthetic = config.DATA.DATASET == 'synthetic'
-    base = _synthetic(config, 'train') if synthetic else _image_folder(config)
-    if {'train', 'val'} <= set(base.classes):
+    base = _synthetic(config, 'train') if synthetic else _image_source(config, logger)
+    if isinstance(base, ImageFolderDataset) and {'train', 'val'} <= set(base.classes):
         logger.warning(
             f'DATA.DATA_PATH {config.DATA.DATA_PATH} holds train/ and val/ '
             f'sub-folders, so pre-training reads both (every image under it). '
             f'Pass DATA_PATH/train to pre-train on the training split only.'
         )
-    sampler = ResumableDistributedSampler(len(base), world_size, rank, True, config.SEED)
+    sampler = _train_sampler(config, base, world_size, rank)
     _check_batch_size(config, sampler)
     mask_generator = build_mask_generator(config, model_patch_size)
     dataset_train = MaskedImageDataset(
@@ -216,11 +256,12 @@ def build_finetune_data(config: CfgNode, logger: logging.Logger | None = None) -
     if synthetic:
         train_base, val_base = _synthetic(config, 'train'), _synthetic(config, 'val')
     else:
-        train_base, val_base = _image_folder(config, 'train'), _image_folder(config, 'val')
+        train_base = _image_source(config, logger, 'train')
+        val_base = _image_source(config, logger, 'val')
+        if isinstance(train_base, ShardDataset) and isinstance(val_base, ShardDataset):
+            align_classes(train_base, val_base)
     num_classes = _check_classes(config, train_base, val_base)
-    train_sampler = ResumableDistributedSampler(
-        len(train_base), world_size, rank, True, config.SEED
-    )
+    train_sampler = _train_sampler(config, train_base, world_size, rank)
     _check_batch_size(config, train_sampler)
     dataset_train = SeededTransformDataset(
         train_base, build_finetune_transform(config, True), config.SEED

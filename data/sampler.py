@@ -85,3 +85,44 @@ class EvalDistributedSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return self.stop - self.start
+
+
+class ShardWindowSampler(ResumableDistributedSampler):
+    """ResumableDistributedSampler whose epoch order reads few shards at a time (DATA.SHARD_SHUFFLE
+    window): the shards are shuffled, cut into windows of `window` consecutive shards, and the
+    samples of each window shuffled among themselves; windows follow each other. Every sample
+    comes once per epoch, the order is a pure function of (seed, epoch), and resume and the
+    dealing out to ranks are those of the base class (the ranks read the same window at a time).
+    `shard_lengths`: the samples of each shard, in dataset order."""
+
+    def __init__(self, shard_lengths, window, num_replicas=1, rank=0, shuffle=True, seed=0):
+        super().__init__(int(sum(shard_lengths)), num_replicas, rank, shuffle, seed)
+        if window < 1:
+            raise ValueError(f'window must be at least 1 shard, got {window}.')
+        self.shard_lengths, self.window = list(shard_lengths), window
+        self.shard_starts = [0]
+        for length in self.shard_lengths[:-1]:
+            self.shard_starts.append(self.shard_starts[-1] + length)
+
+    def _permutation(self):
+        if not self.shuffle:
+            return list(range(self.dataset_len))
+        shard_order = torch.randperm(
+            len(self.shard_lengths),
+            generator=torch.Generator().manual_seed(
+                sample_seed(self.seed, self.epoch, 0, 'shard-order')
+            ),
+        ).tolist()
+        order = []
+        for first in range(0, len(shard_order), self.window):
+            members = torch.cat(
+                [
+                    torch.arange(self.shard_lengths[s], dtype=torch.int64) + self.shard_starts[s]
+                    for s in shard_order[first : first + self.window]
+                ]
+            )
+            generator = torch.Generator().manual_seed(
+                sample_seed(self.seed, self.epoch, first, 'shard-window')
+            )
+            order += members[torch.randperm(len(members), generator=generator)].tolist()
+        return order

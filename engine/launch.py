@@ -31,6 +31,22 @@ def prepare_output_dir(path):
         ) from None
 
 
+def prepare_output_file(path, what='the output file', suffixes=None):
+    """Check that a tool can write the file `path` (not a folder; one of `suffixes`, when given)
+    and create its folder, before any work; else raise a ConfigError saying what to pass."""
+    if os.path.isdir(path):
+        raise ConfigError(
+            f'{what} {path} is an existing folder; pass a file path, e.g. '
+            f'{os.path.join(path, "model" + (suffixes[0] if suffixes else ".pth"))}.'
+        )
+    if suffixes and not path.endswith(tuple(suffixes)):
+        raise ConfigError(
+            f'{what} {path}: the suffix says a format this tool does not write; name the file '
+            f'with one of {", ".join(suffixes)}.'
+        )
+    prepare_output_dir(os.path.dirname(os.path.abspath(path)))
+
+
 def setup(argv: Sequence[str] | None, task: Task) -> tuple:
     """Parse `argv` for `task` (utils.tasks), build the frozen config, join the process group,
     prepare OUTPUT and logging.
@@ -39,7 +55,8 @@ def setup(argv: Sequence[str] | None, task: Task) -> tuple:
     when TENSORBOARD is on, else None.
     """
     args = build_arg_parser(finetune=task.finetune_flags).parse_args(argv)
-    config = get_config(args, task)
+    notes = []  # what a flag changed besides its key, config_warnings: logged below
+    config = get_config(args, task, notes=notes)
     dist_info = init_distributed(config.LOCAL_RANK)
     prepare_output_dir(config.OUTPUT)
     takeover = take_output_folder(config.OUTPUT, dist_info)  # before anything is written there
@@ -55,6 +72,8 @@ def setup(argv: Sequence[str] | None, task: Task) -> tuple:
     )
     if takeover:
         logger.warning(takeover)
+    for note in notes:
+        logger.warning(note)
     writer = None
     if dist_info.is_main:
         logger.debug(config.dump())  # config.yaml is written once the run starts (record_config)

@@ -249,8 +249,12 @@ def estimate(
     return Estimate(weights, optimizer, 4 * params * share, rest + sum(kept), other, peak)
 
 
-def largest_batch(fits, limit=4096):
-    """The largest batch b in [1, limit] with fits(b) (monotone), or 0 if none."""
+BATCH_SEARCH_LIMIT = 4096  # largest_batch looks no further: an answer equal to it means ">= it"
+
+
+def largest_batch(fits, limit=BATCH_SEARCH_LIMIT):
+    """The largest batch b in [1, limit] with fits(b) (monotone), or 0 if none; `limit` itself
+    when it fits, so a larger one may fit too."""
     low, high = 0, limit
     while low < high:
         middle = (low + high + 1) // 2

@@ -22,6 +22,15 @@ def autocast_dtype(config, device):
     return getattr(torch, config.AMP_DTYPE)
 
 
+def describe_autocast(config, device, dtype):
+    """What the log says about autocast: the dtype, or why it is off."""
+    if dtype is not None:
+        return str(dtype)
+    if amp_enabled(config) and device.type != 'cuda':
+        return f'off (fp32): mixed precision is only used on CUDA, and this run is on {device.type}'
+    return 'off (fp32)'
+
+
 def build_grad_scaler(dtype):
     """fp16 needs loss scaling; bf16 and fp32 do not."""
     return torch.amp.GradScaler('cuda') if dtype == torch.float16 else None

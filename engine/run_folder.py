@@ -1,13 +1,16 @@
 """What a run keeps in its output folder besides checkpoints and logs: the lock that makes it the
 folder's only writer, and the record of its config.
 
-Lock. Rank 0 holds ``OUTPUT/run.lock`` for the whole run: an exclusive ``flock`` on the file,
-which the kernel releases when the process ends in any way (a crash or SIGKILL included), and in
-the file the holder's host, pid, start time and command, for the message a second run gets. On a
-file system without working ``flock`` the file's content decides instead: a lock naming a process
-that no longer exists on this host is stale and taken over; one naming a live process, or another
-host (whose processes cannot be checked from here), stops the second run. A clean exit removes
-the file; one left behind by a killed run is taken over with a log line.
+Lock. Rank 0 holds ``OUTPUT/run.lock`` for the whole run: an exclusive POSIX record lock
+(``lockf``) on the file, which the kernel releases when the process ends in any way (a crash or
+SIGKILL included), and in the file the holder's host, pid, start time and command, for the message
+a second run gets. A record lock belongs to the process alone: the DataLoader workers forked from
+it do not share it (they would share a ``flock``, and keep the folder locked after a SIGKILL of the
+main process until they notice and exit), so a restart right after a kill takes the folder at
+once. On a file system without working locks the file's content decides instead: a lock
+naming a process that no longer exists on this host is stale and taken over; one naming a live
+process, or another host (whose processes cannot be checked from here), stops the second run. A
+clean exit removes the file; one left behind by a killed run is taken over with a log line.
 
 Config. ``config.yaml`` is written once the run is known to start (data, model and any resume
 checkpoint loaded). When a later start of the same folder uses a different config, the previous
@@ -131,14 +134,14 @@ def _lock(fd, folder, path):
     """(content of a lock left behind, whether the kernel lock is held); or OutputFolderBusy."""
     if fcntl is not None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return _read_holder(fd), True
-        except BlockingIOError:
-            raise _busy_error(folder, path, _read_holder(fd)) from None
         except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):  # POSIX allows either for "held"
+                raise _busy_error(folder, path, _read_holder(fd)) from None
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
-    holder = _read_holder(fd)  # no working flock here: judge by the content
+    holder = _read_holder(fd)  # no working lock here: judge by the content
     if (
         holder
         and holder.get('pid') != os.getpid()

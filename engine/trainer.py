@@ -22,8 +22,9 @@ from yacs.config import CfgNode
 from checkpoint.layout import TrainingState, recorded_samples
 from checkpoint.resume import choose_resume_checkpoint, resume_training
 from checkpoint.weights import load_pretrained
+from data.shards import source_fingerprint
 from engine.checkpoint_policy import CheckpointPolicy
-from engine.precision import autocast, autocast_dtype, build_grad_scaler
+from engine.precision import autocast, autocast_dtype, build_grad_scaler, describe_autocast
 from engine.run_folder import finished_message, record_config
 from engine.sharding import full_tensor, gradient_sync, wrap_model
 from engine.train_stats import (
@@ -66,10 +67,12 @@ def build_trainer(
         f'{sum(p.numel() for p in model.parameters() if p.requires_grad)}'
     )
     amp_dtype = autocast_dtype(config, dist_info.device)
-    logger.info(f'autocast: {amp_dtype or "off (fp32)"}')
+    logger.info(f'autocast: {describe_autocast(config, dist_info.device, amp_dtype)}')
     path, checkpoint = choose_resume_checkpoint(config, logger, dist_info.is_main)
     if path is None and config.MODEL.PRETRAINED and pretrained is not None:
         load_pretrained(config, pretrained, logger)
+    elif config.MODEL.PRETRAINED and pretrained is not None:
+        logger.info(f'MODEL.PRETRAINED is not loaded: {path} continues this run, weights included')
     # FSDP replaces the parameters by their shards in place, so the optimizer comes after it.
     wrapped = wrap_model(config, model, dist_info, amp_dtype, logger)
     optimizer = build_optimizer(config, model, logger, task)
@@ -78,6 +81,7 @@ def build_trainer(
         optimizer,
         build_scheduler(config, optimizer, len(data_loader)),
         build_grad_scaler(amp_dtype),
+        data_fingerprint=source_fingerprint(data_loader.dataset),
     )
     trainer = Trainer(
         config, wrapped, state, data_loader, batch_loss, logger, dist_info, writer, amp_dtype

@@ -57,10 +57,17 @@ def test_missing_data_path(capsys, tmp_path):
 
 
 def test_data_path_naming_a_file(capsys, tmp_path):
-    (tmp_path / 'images.tar').write_text('an archive, not a folder')
-    code, out = pretrain(capsys, tmp_path, opts=folder_opts(str(tmp_path / 'images.tar')))
-    assert code == 2 and f'leads through a file ({tmp_path / "images.tar"}), not a folder' in out
+    (tmp_path / 'images.zip').write_text('an archive, not a folder')
+    code, out = pretrain(capsys, tmp_path, opts=folder_opts(str(tmp_path / 'images.zip')))
+    assert code == 2 and f'leads through a file ({tmp_path / "images.zip"}), not a folder' in out
     assert 'not found' not in out
+
+
+def test_data_path_naming_a_tar_file_that_is_no_tar(capsys, tmp_path):
+    (tmp_path / 'images.tar').write_text('a text file, not a shard')
+    code, out = pretrain(capsys, tmp_path, opts=folder_opts(str(tmp_path / 'images.tar')))
+    assert code == 2 and f'The shard {tmp_path / "images.tar"} is damaged' in out
+    assert 'not a readable tar file' in out and 'Traceback' not in out
 
 
 def test_data_path_not_given_for_an_image_folder_config(capsys, tmp_path):
@@ -284,11 +291,21 @@ def test_pretrained_checkpoint_of_another_architecture(capsys, tmp_path):
     [
         (['--opts', 'TRAIN.EPOCS', '1'], 'Did you mean TRAIN.EPOCHS'),
         (['--opts', 'DATA.MASK_RATIO', '1.2'], 'DATA.MASK_RATIO must lie in (0, 1)'),
+        (['--opts', 'TRAIN.CLIP_GRAD', '-1'], 'TRAIN.CLIP_GRAD must be >= 0 (or None), got -1.0'),
+        (['--opts', 'TRAIN.BASE_LR', '1e999'], 'TRAIN.BASE_LR must be positive, got inf'),
     ],
 )
 def test_unknown_or_mistyped_config_key(capsys, tmp_path, args, expected):
     code = run(main_simmim.main, ['--cfg', TINY, '--output', str(tmp_path), *args])
     assert code == 2 and expected in capsys.readouterr().err
+
+
+def test_eval_with_a_training_only_flag_stops_before_anything_runs(capsys, tmp_path):
+    argv = ['--cfg', TINY, '--output', str(tmp_path), '--eval', '--pretrained', 'p.pth']
+    assert run(main_finetune.main, argv, is_pretrain=False) == 2
+    err = capsys.readouterr().err
+    assert 'would do nothing' in err and 'pass it with --resume instead' in err
+    assert not os.listdir(tmp_path)  # nothing written
 
 
 def test_mistyped_flag(capsys, tmp_path):
@@ -342,3 +359,65 @@ def test_an_unexpected_error_in_a_worker_process_exits_instead_of_hanging(tmp_pa
         timeout=120,
     )
     assert result.returncode == 1 and 'a transform bug' in result.stderr
+
+
+# -----------------------------------------------------------------------------------------------
+# The tools: bad input gets the mains' answer (one paragraph, exit code 2)
+# -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def sharded_source(tmp_path_factory):
+    """A sharded checkpoint of the tiny SwinV2 (tests/test_sharded_checkpoint.py's), kept intact:
+    each test damages a copy."""
+    from tests.test_sharded_checkpoint import save, trained
+
+    return save(str(tmp_path_factory.mktemp('sharded') / 'ckpt_epoch_0'), *trained())
+
+
+def convert(capsys, *argv):
+    from tools import convert_checkpoint
+
+    code = convert_checkpoint.main(list(map(str, argv)))
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    return code, err
+
+
+@pytest.mark.parametrize('records', [True, False], ids=['checksums', 'older-without-checksums'])
+def test_convert_checkpoint_with_a_truncated_shard(capsys, tmp_path, sharded_source, records):
+    import json
+    import shutil
+
+    path = tmp_path / 'ckpt_epoch_0'
+    shutil.copytree(sharded_source, path)
+    shard = path / '__0_0.distcp'
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    if not records:
+        marker = json.loads((path / 'COMPLETE').read_text())
+        del marker['files']
+        (path / 'COMPLETE').write_text(json.dumps(marker))
+    code, err = convert(capsys, path, tmp_path / 'out.pth')
+    assert code == 2 and err.startswith('Checkpoint error: ')
+    assert (str(shard) if records else str(path)) in err and 'truncated' in err, err
+    assert not os.path.exists(tmp_path / 'out.pth')
+
+
+def test_convert_checkpoint_refuses_nonfinite_values_and_a_folder_as_output(
+    capsys, tmp_path, sharded_source, monkeypatch
+):
+    from tools import convert_checkpoint
+
+    (tmp_path / 'out').mkdir()
+    code, err = convert(capsys, sharded_source, tmp_path / 'out')
+    assert code == 2 and err.startswith('Configuration error: ') and 'existing folder' in err
+    assert 'disk' not in err and os.listdir(tmp_path / 'out') == []
+    real = convert_checkpoint.read_sharded_checkpoint
+
+    def diverged(path, model_only=False):  # what a run that diverged before saving leaves
+        checkpoint = real(path, model_only)
+        next(iter(checkpoint['model'].values())).view(-1)[0] = float('nan')
+        return checkpoint
+
+    monkeypatch.setattr(convert_checkpoint, 'read_sharded_checkpoint', diverged)
+    code, err = convert(capsys, sharded_source, tmp_path / 'out.pth')
+    assert code == 2 and err.startswith('Checkpoint error: ') and 'NaN or infinite' in err, err
+    assert not os.path.exists(tmp_path / 'out.pth')

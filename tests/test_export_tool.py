@@ -2,9 +2,11 @@
 checkpoint, MODEL.PRETRAINED timm:..., and bad input (tests/test_timm_interop.py covers the
 timm conversion of each architecture)."""
 
+import copy
 import json
 import os
 import re
+import stat
 import sys
 import types
 
@@ -13,7 +15,9 @@ import timm
 import torch
 from yacs.config import CfgNode
 
+import checkpoint.timm_folder
 import main_simmim
+import utils.safetensors_io
 from checkpoint.layout import verify_checkpoint
 from checkpoint.weights import load_pretrained
 from config import load_config_text
@@ -23,6 +27,7 @@ from models import build_model
 from tests.conftest import ROOT
 from tests.test_timm_interop import CONFIGS, images, randomize, relative_difference
 from tools.export import main as export
+from tools.import_timm import main as import_timm
 from utils.errors import CheckpointError
 from utils.safe_load import load_checkpoint_file
 from utils.safetensors_io import is_safetensors_file
@@ -399,3 +404,161 @@ def test_failed_export_leaves_an_earlier_export_intact(tmp_path):
     (tmp_path / 'vit.yaml').write_text(CONFIGS['vit'])
     assert export([good, '--cfg', str(tmp_path / 'vit.yaml'), '--to', 'timm', str(out)]) == 2
     assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+
+
+def listing(folder):
+    """{name: bytes} of every file under `folder`, hidden ones included."""
+    return {
+        os.path.relpath(os.path.join(root, name), folder): open(
+            os.path.join(root, name), 'rb'
+        ).read()
+        for root, _, names in os.walk(folder)
+        for name in names
+    }
+
+
+def checkpoints_of_two_models(tmp_path):
+    """Two checkpoints of the tiny Swin with other random weights: an earlier export, a new one."""
+    config = load_config_text(CONFIGS['swin'], is_pretrain=True)
+    paths = []
+    for seed in (0, 1):
+        path = str(tmp_path / f'model{seed}.pth')
+        model = randomize(build_model(config), seed)
+        torch.save({'model': model.state_dict(), 'config': config.dump()}, path)
+        paths.append(path)
+    return paths
+
+
+def test_export_failing_its_verification_leaves_the_earlier_export_untouched(
+    tmp_path, monkeypatch, capsys
+):
+    first, second = checkpoints_of_two_models(tmp_path)
+    out = tmp_path / 'exports' / 'timm'
+    assert export([first, '--to', 'timm', str(out)]) == 0
+    before = listing(tmp_path / 'exports')
+    real = checkpoint.timm_folder.save_for_hf
+
+    def damaged(model, folder, **kwargs):  # what a disk or library fault would write
+        broken = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in broken.parameters():
+                p.mul_(1.5)
+        real(broken, folder, **kwargs)
+
+    monkeypatch.setattr(checkpoint.timm_folder, 'save_for_hf', damaged)
+    assert export([second, '--to', 'timm', str(out)]) == 1
+    assert 'the export is wrong' in capsys.readouterr().err
+    assert listing(tmp_path / 'exports') == before  # no file replaced, no staging folder left
+
+
+def test_safetensors_export_failing_to_read_back_leaves_the_earlier_file(tmp_path, monkeypatch):
+    first, second = checkpoints_of_two_models(tmp_path)
+    out = tmp_path / 'exports' / 'model.safetensors'
+    assert export([first, '--to', 'safetensors', str(out)]) == 0
+    before = listing(tmp_path / 'exports')
+    assert sorted(before) == ['model.safetensors', 'model.safetensors.checksum']
+    real = utils.safetensors_io.serialize
+
+    def damaged(tensors, metadata):
+        return real(
+            {k: v + 1 if v.is_floating_point() else v for k, v in tensors.items()}, metadata
+        )
+
+    monkeypatch.setattr(utils.safetensors_io, 'serialize', damaged)
+    assert export([second, '--to', 'safetensors', str(out)]) == 1
+    assert listing(tmp_path / 'exports') == before
+
+
+@pytest.mark.parametrize('fmt, name', [('timm', 'timm'), ('safetensors', 'x.safetensors')])
+def test_checkpoint_with_nonfinite_weights_is_bad_input_and_replaces_nothing(
+    tmp_path, capsys, fmt, name
+):
+    first, second = checkpoints_of_two_models(tmp_path)
+    out = tmp_path / 'exports' / name
+    assert export([first, '--to', fmt, str(out)]) == 0
+    before = listing(tmp_path / 'exports')
+    damaged = torch.load(second, weights_only=True)
+    damaged['model']['encoder.norm.weight'][3] = float('nan')
+    damaged['model']['decoder.0.bias'][0] = float('inf')
+    torch.save(damaged, second)
+    assert export([second, '--to', fmt, str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('Checkpoint error: ') and 'NaN or infinite' in err
+    assert '2 tensors (encoder.norm.weight, decoder.' in err
+    assert listing(tmp_path / 'exports') == before
+
+
+def test_exported_files_get_the_permissions_of_the_umask(tmp_path):
+    first, second = checkpoints_of_two_models(tmp_path)
+    previous = os.umask(0o027)
+    try:
+        for path in (first, second):  # a new folder, then files replaced in an existing one
+            assert export([path, '--to', 'timm', str(tmp_path / 'timm')]) == 0
+            assert export([path, '--to', 'safetensors', str(tmp_path / 'x.safetensors')]) == 0
+            assert import_timm([str(tmp_path / 'timm'), str(tmp_path / 'y.pth')]) == 0
+            modes = {
+                name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)
+                for name in (
+                    'timm',
+                    'timm/config.json',
+                    'timm/model.safetensors',
+                    'x.safetensors',
+                    'x.safetensors.checksum',
+                    'y.pth',
+                    'y.pth.checksum',
+                )
+            }
+            assert modes == {
+                'timm': 0o750,
+                'timm/config.json': 0o640,
+                'timm/model.safetensors': 0o640,
+                'x.safetensors': 0o640,
+                'x.safetensors.checksum': 0o640,
+                'y.pth': 0o640,
+                'y.pth.checksum': 0o640,
+            }
+    finally:
+        os.umask(previous)
+
+
+def test_pretrained_timm_folder_or_cached_name_with_a_truncated_file_names_it(
+    tmp_path, monkeypatch
+):
+    first, _ = checkpoints_of_two_models(tmp_path)
+    folder = tmp_path / 'timm'
+    assert export([first, '--to', 'timm', str(folder)]) == 0
+    weights = folder / 'model.safetensors'
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    config = load_config_text(CONFIGS['swin'])
+    config.defrost()
+    config.MODEL.PRETRAINED = f'timm:{folder}'
+    with pytest.raises(CheckpointError, match=f'{re.escape(str(weights))}.*truncated or damaged'):
+        load_pretrained(config, build_model(config, is_pretrain=False))
+    # A timm name whose weights in the Hugging Face cache were cut short by a download.
+    monkeypatch.setattr(timm.models._hub, 'hf_hub_download', no_network)
+    monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'hub'))
+    name = 'vit_tiny_patch16_224'
+    hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id
+    fake_hf_cache(tmp_path / 'hub', hub_id, timm.create_model(name).state_dict())
+    (cached,) = (tmp_path / 'hub').rglob('model.safetensors')
+    cached.write_bytes(cached.read_bytes()[: cached.stat().st_size // 2])
+    config.MODEL.PRETRAINED = f'timm:{name}'
+    with pytest.raises(CheckpointError, match=f'{re.escape(str(cached))}.*truncated or damaged'):
+        load_pretrained(config, build_model(config, is_pretrain=False))
+
+
+def test_an_output_of_the_wrong_kind_is_a_usage_error(tmp_path, capsys):
+    first, _ = checkpoints_of_two_models(tmp_path)
+    (tmp_path / 'folder.safetensors').mkdir()
+    (tmp_path / 'file').write_text('mine')
+    assert export([first, '--to', 'safetensors', str(tmp_path / 'folder.safetensors')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('Configuration error: ') and 'is an existing folder' in err
+    assert 'disk' not in err and os.listdir(tmp_path / 'folder.safetensors') == []
+    assert export([first, '--to', 'timm', str(tmp_path / 'file')]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith('Configuration error: ')
+        and 'is a file, but a timm export is a folder' in err
+    )
+    assert (tmp_path / 'file').read_text() == 'mine'

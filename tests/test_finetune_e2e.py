@@ -167,6 +167,13 @@ def test_linear_probe_trains_only_the_head(tmp_path, pretrained, image_folder):
         == loaded['encoder.layers.0.blocks.0.mlp.fc1.weight']
     ).all()
     assert 'head.1.weight' in final and 'head.0.running_mean' in final
+    # ... and it trains: epoch 1 moved it from where epoch 0 left it.
+    first = load_checkpoint_file(os.path.join(run_dir, 'ckpt_epoch_0.pth'))['model']
+    assert not torch.equal(first['head.1.weight'], final['head.1.weight'])
+    assert torch.equal(
+        first['encoder.layers.0.blocks.0.mlp.fc1.weight'],
+        final['encoder.layers.0.blocks.0.mlp.fc1.weight'],
+    )
 
 
 def test_class_count_mismatch_names_both_numbers(tmp_path, image_folder, capsys):

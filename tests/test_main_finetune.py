@@ -9,8 +9,10 @@ import sys
 import pytest
 import torch
 
+import main_finetune
 from config import load_config
 from engine.evaluation import load_eval_weights
+from engine.launch import run
 from models import build_model
 from tests.conftest import ROOT
 
@@ -116,3 +118,16 @@ def test_eval_of_a_pretraining_checkpoint_is_refused_with_the_pretrained_hint(tm
     assert 'missing: ' in output and 'head.*' in output  # named model tensors it lacks
     assert 'unexpected: ' in output and 'decoder.*' in output  # and tensors the model lacks
     assert 'pass it with --pretrained' in output
+
+
+@pytest.mark.slow
+def test_eval_with_throughput_does_both(tmp_path, capsys):
+    config = load_config(TINY, ['MODEL.NUM_CLASSES', '4'], is_pretrain=False)
+    path = str(tmp_path / 'finetuned.pth')
+    torch.save({'model': classifier(config, seed=0).state_dict()}, path)
+    argv = ['--cfg', TINY, '--output', str(tmp_path / 'out'), '--eval', '--throughput']
+    argv += ['--resume', path, '--opts', 'MODEL.NUM_CLASSES', '4']
+    assert run(main_finetune.main, argv, is_pretrain=False) == 0
+    out = capsys.readouterr().out
+    assert 'Accuracy of the network on the 24 test images' in out  # --eval
+    assert 'throughput averaged with 30 times' in out  # and --throughput, no longer ignored

@@ -3,6 +3,7 @@ tracker measures for a real training step, and the planner's command line. Large
 FSDP are compared in benchmarks/memory_check.py (results in benchmarks/RESULTS.md)."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -117,3 +118,30 @@ def test_planner_prints_a_row_per_setting(capsys):
 def test_planner_names_a_bad_config_key(capsys):
     assert plan_memory.main(['--cfg', TINY_V2, '--opts', 'TRAIN.SHARDINGG', 'fsdp']) == 2
     assert 'TRAIN.SHARDING' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    'args, message',
+    [
+        (['--batch-size', '0'], '--batch-size must be >= 1'),
+        (['--batch-size', '-4'], '--batch-size must be >= 1'),
+        (['--gpu-memory', 'nan'], '--gpu-memory a finite number.*got nan'),
+        (['--gpu-memory', 'inf'], '--gpu-memory a finite number.*got inf'),
+        (['--gpu-memory', '0'], '--gpu-memory a finite number.*got 0'),
+        (['--reserve', 'nan'], 'got nan'),
+    ],
+)
+def test_planner_refuses_an_impossible_batch_or_memory(capsys, args, message):
+    with pytest.raises(SystemExit) as info:
+        plan_memory.main(['--cfg', TINY_V2, '--device', 'cpu', *args])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and re.search(message, err), err
+
+
+def test_planner_marks_a_largest_batch_at_the_search_cap_as_a_lower_bound(capsys):
+    # 10^6 GiB per GPU hold far more than the 4096 images searched: the answer is a bound.
+    argv = ['--cfg', TINY_V2, '--gpu-memory', '1e6', '--precision', 'fp32', '--device', 'cpu']
+    assert plan_memory.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line.startswith(('| ddp', '| fsdp'))]
+    assert len(rows) == 4 and all(row.split('|')[-2].strip() == '>= 4096' for row in rows), rows

@@ -321,7 +321,9 @@ def test_vit_layer_scale_of_zero_is_refused():
     # timm's Beit reads 0 as "no layer scale"; the official code as gammas fixed at 0.
     with pytest.raises(ValueError, match='MODEL.VIT.INIT_VALUES 0.0: use a positive layer scale'):
         build_model(tiny_config('vit', INIT_VALUES=0.0), is_pretrain=False)
-    with pytest.raises(ConfigError, match='MODEL.VIT.INIT_VALUES 0.0: use a positive layer scale'):
+    with pytest.raises(
+        ConfigError, match=r'MODEL.VIT.INIT_VALUES must be positive \(or None\), got 0.0'
+    ):
         load_config(
             os.path.join(
                 ROOT, 'configs/vit_base__800ep/simmim_pretrain__vit_base__img224__800ep.yaml'

@@ -47,7 +47,11 @@ def test_pretraining_writes_checkpoint_log_tensorboard_and_reconstructions(tmp_p
         'max_accuracy',
         'config',
     } <= checkpoint.keys()
-    assert checkpoint['epoch'] == 0 and checkpoint['position'] == {'epoch': 1, 'step': 0}
+    assert checkpoint['epoch'] == 0 and checkpoint['position'] == {
+        'epoch': 1,
+        'step': 0,
+        'samples': 0,
+    }
     assert 'TYPE: swin' in checkpoint['config']  # YAML text, not a pickled object
     assert any(k.startswith('encoder.') for k in checkpoint['model'])
     log = open(os.path.join(run_dir, 'log_rank0.txt')).read()
@@ -94,8 +98,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
         torchrun,
         '--nproc_per_node',
         '2',
-        '--master_port',
-        '29533',
+        '--standalone',
         os.path.join(ROOT, 'main_simmim.py'),
         '--cfg',
         TINY,

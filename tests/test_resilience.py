@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import main_simmim
+from data.synthetic import SyntheticShapes
 from engine.launch import run
 from tests.conftest import ROOT
+from tools.make_shards import convert
 from utils.errors import EXIT_PREEMPTED
 from utils.safe_load import load_checkpoint_file
 
@@ -120,22 +122,42 @@ def reference_weights(tmp_path_factory):
     return load_checkpoint_file(path)['model']
 
 
-def assert_same_weights(a, b):
+def assert_same_tree(a, b):
+    """Equal nested dicts / lists of tensors and plain values, bit for bit (NaN never equal)."""
+    if torch.is_tensor(a):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_tree(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same_tree(x, y)
+    else:
+        assert a == b
+
+
+def assert_same_weights(a, b, context=''):
     different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert a.keys() == b.keys() and not different, f'differ: {different[:3]}'
+    assert a.keys() == b.keys() and not different, f'{context} differ: {different[:3]}'
 
 
 def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(tmp_path, reference_weights):
-    kill_after = random.Random().randint(1, 10)  # any of the 12 steps but the last
+    # Any of the 12 steps but the last; the seed is printed on failure and can be replayed with
+    # SIMMIM_TEST_SEED=N.
+    seed = int(os.environ.get('SIMMIM_TEST_SEED', random.randrange(2**31)))
+    kill_after = random.Random(seed).randint(1, 10)
+    where = f'killed after checkpoint {kill_after} (SIMMIM_TEST_SEED={seed})'
     proc = launch(tmp_path, 'slow:0.1', 'CHECKPOINT.STEP_FREQ', 1, wait=False)
     wait_for(proc, os.path.join(run_dir(tmp_path), 'log_rank0.txt'), '.pth saved', count=kill_after)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     code, out = launch(tmp_path, '', 'CHECKPOINT.STEP_FREQ', 1)
-    assert code == 0, out[-2000:]
-    assert 'resumed from' in out
+    assert code == 0, f'{where}: {out[-2000:]}'
+    assert 'resumed from' in out, where
     final = load_checkpoint_file(os.path.join(run_dir(tmp_path), 'ckpt_epoch_1.pth'))['model']
-    assert_same_weights(reference_weights, final)
+    assert_same_weights(reference_weights, final, where)
 
 
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, reference_weights):
@@ -165,6 +187,25 @@ def test_sigterm_writes_a_checkpoint_and_exits_with_the_requeue_code(tmp_path, r
     assert len(step_files) == 1
     code, out = launch(tmp_path)
     assert code == 0 and f'resumed from {os.path.join(run_dir(tmp_path), step_files[0])}' in out
+    final = load_checkpoint_file(os.path.join(run_dir(tmp_path), 'ckpt_epoch_1.pth'))['model']
+    assert_same_weights(reference_weights, final)
+
+
+def test_a_restart_right_after_sigkill_of_the_main_process_resumes(tmp_path, reference_weights):
+    """SIGKILL of the main process alone orphans its DataLoader workers, which live on until they
+    notice; the folder lock is the main process's own, so the same command started at once takes
+    the folder and resumes (a lock the workers shared would refuse it with exit 2)."""
+    opts = ('CHECKPOINT.STEP_FREQ', 1, 'DATA.NUM_WORKERS', 2, 'DATA.PERSISTENT_WORKERS', True)
+    proc = launch(tmp_path, 'slow:0.1', *opts, wait=False)
+    wait_for(proc, os.path.join(run_dir(tmp_path), 'log_rank0.txt'), '.pth saved', count=3)
+    proc.send_signal(signal.SIGKILL)  # the main process only, not its group
+    proc.wait(timeout=60)
+    workers = subprocess.run(
+        ['pgrep', '-g', str(proc.pid)], capture_output=True, text=True
+    ).stdout.split()
+    code, out = launch(tmp_path, '', *opts)
+    assert code == 0, f'{len(workers)} orphaned workers at the restart: {out[-2000:]}'
+    assert 'resumed from' in out and 'in use by another run' not in out
     final = load_checkpoint_file(os.path.join(run_dir(tmp_path), 'ckpt_epoch_1.pth'))['model']
     assert_same_weights(reference_weights, final)
 
@@ -205,10 +246,49 @@ def test_ctrl_c_to_the_process_group_with_workers_saves_a_step_checkpoint(tmp_pa
     assert len(step_files) == 1
 
 
-def test_a_nan_loss_is_skipped_and_counted(tmp_path):
-    code, out = launch(tmp_path, 'nan:3', 'PRINT_FREQ', 1)
+def test_a_nan_loss_is_skipped_without_touching_weights_or_optimizer_state(tmp_path):
+    code, out = launch(
+        tmp_path,
+        'nan:3',
+        'PRINT_FREQ',
+        1,
+        'CHECKPOINT.STEP_FREQ',
+        1,
+        'CHECKPOINT.KEEP_STEP_CKPTS',
+        20,
+    )
     assert code == 0, out[-2000:]
     assert 'skipped 1' in out
+    # Update 3 was skipped: the state after it is the state after update 2, bit for bit; update 4
+    # trains again.
+    after = [
+        load_checkpoint_file(os.path.join(run_dir(tmp_path), f'ckpt_epoch_0_step_{k}.pth'))
+        for k in (2, 3, 4)
+    ]
+    assert_same_tree(after[0]['model'], after[1]['model'])
+    assert_same_tree(after[0]['optimizer']['state'], after[1]['optimizer']['state'])
+    assert not torch.equal(
+        after[1]['model']['encoder.patch_embed.proj.weight'],
+        after[2]['model']['encoder.patch_embed.proj.weight'],
+    )
+
+
+def test_a_run_whose_last_window_was_all_skipped_never_ends_well(tmp_path):
+    """Every step of the 12 non-finite, fewer than TRAIN.MAX_NONFINITE_STEPS: exit 3, and no final
+    checkpoint of the weights that trained nothing."""
+    code, out = launch(
+        tmp_path, 'nan:' + ','.join(map(str, range(1, 13))), 'TRAIN.MAX_NONFINITE_STEPS', 100
+    )
+    assert code == 3, out[-2000:]
+    assert '12 consecutive optimizer steps (since update 0, epoch 1)' in out
+    assert not os.path.exists(os.path.join(run_dir(tmp_path), 'ckpt_epoch_1.pth'))
+
+
+def test_consecutive_nan_losses_are_counted_across_an_epoch_boundary(tmp_path):
+    """Updates 5-8 skipped (6 per epoch: the last two of epoch 0, the first two of epoch 1)."""
+    code, out = launch(tmp_path, 'nan:5,6,7,8', 'TRAIN.MAX_NONFINITE_STEPS', 4, 'PRINT_FREQ', 100)
+    assert code == 3, out[-2000:]
+    assert '4 consecutive optimizer steps (since update 4, epoch 1)' in out
 
 
 def test_consecutive_nan_losses_stop_the_run_with_remedies(tmp_path):
@@ -245,8 +325,7 @@ def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step(tmp_path):
             torchrun,
             '--nproc_per_node',
             '2',
-            '--master_port',
-            '29541',
+            '--standalone',
             os.path.join(ROOT, 'main_simmim.py'),
             '--cfg',
             TINY,
@@ -279,3 +358,32 @@ def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step(tmp_path):
     assert messages[0].split(' after ', 1)[1] == messages[1].split(' after ', 1)[1]
     step_files = [n for n in os.listdir(logs) if '_step_' in n and n.endswith('.pth')]
     assert len(step_files) == 1 and step_files[0] in messages[0]
+
+
+def test_sigterm_and_resume_on_shards_in_window_order_match_an_uninterrupted_run(tmp_path):
+    """The tiny run on tar shards (written by tools.make_shards from the synthetic images) in the
+    window order: stopped by SIGTERM mid-epoch and resumed, it ends with the weights of the run
+    left alone, and its checkpoints record the shard set."""
+    images = tmp_path / 'images'
+    for index in range(48):
+        image, label = SyntheticShapes(48, 4, 64)[index]
+        os.makedirs(images / str(label), exist_ok=True)
+        image.save(images / str(label) / f'{index:02d}.png')
+    convert(str(images), str(tmp_path / 'shards'), shard_size=8, log=lambda _: None)
+    opts = ['DATA.DATASET', 'folder', 'DATA.DATA_PATH', str(tmp_path / 'shards')]
+    opts += ['DATA.SHARD_SHUFFLE', 'window', 'DATA.SHARD_WINDOW', '2']
+    reference = tmp_path / 'reference'
+    assert run(main_simmim.main, ['--cfg', TINY, '--output', str(reference), '--opts', *opts]) == 0
+    path = os.path.join(str(reference), 'simmim_pretrain', 'tiny', 'ckpt_epoch_1.pth')
+    reference_checkpoint = load_checkpoint_file(path)
+    assert reference_checkpoint['train_state']['data']['samples'] == 48
+    proc = launch(tmp_path, 'slow:0.1', *opts, wait=False)
+    wait_for(proc, os.path.join(run_dir(tmp_path), 'log_rank0.txt'), 'Train: [0/2][2/6]')
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, out[-2000:]
+    assert 'Data format: tar shards; all: 6 shards, 48 samples' in out
+    code, out = launch(tmp_path, '', *opts)
+    assert code == 0 and 'resumed from' in out, out[-2000:]
+    final = load_checkpoint_file(os.path.join(run_dir(tmp_path), 'ckpt_epoch_1.pth'))['model']
+    assert_same_weights(reference_checkpoint['model'], final)

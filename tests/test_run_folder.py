@@ -14,9 +14,13 @@ import time
 import pytest
 
 import main_simmim
+from checkpoint.stored_config import require_same_data
+from config import load_config
+from data.synthetic import SyntheticShapes
 from engine import run_folder
 from engine.launch import run
 from tests.conftest import ROOT
+from utils.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -127,8 +131,8 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_log_line(tmp_path):
 @pytest.mark.parametrize(
     'holder, busy', [('live pid here', True), ('dead pid here', False), ('another host', True)]
 )
-def test_without_flock_the_lock_file_content_decides(tmp_path, monkeypatch, holder, busy):
-    """On a file system without working flock, a lock naming a live process (or one on another
+def test_without_working_locks_the_lock_file_content_decides(tmp_path, monkeypatch, holder, busy):
+    """On a file system without working locks, a lock naming a live process (or one on another
     host, which cannot be checked) stops the run; one naming a dead process here is stale."""
     monkeypatch.setattr(run_folder, 'fcntl', None)
     pid = {'live pid here': os.getppid(), 'dead pid here': dead_pid(), 'another host': 1}[holder]
@@ -212,6 +216,19 @@ def test_a_finished_run_started_again_says_so_and_trains_nothing(finished, tmp_p
     assert files == {n: os.path.getmtime(os.path.join(run_dir(output), n)) for n in files}
 
 
+def test_pretrained_weights_given_to_a_run_that_continues_are_said_to_be_unused(
+    finished, tmp_path, capsys
+):
+    output = copy_of(finished, tmp_path)
+    capsys.readouterr()
+    opts = ('TENSORBOARD', True, 'VIS_FREQ', 1, 'PRINT_FREQ', 1, 'MODEL.PRETRAINED', 'enc.pth')
+    assert pretrain(output, *opts) == 0
+    out = capsys.readouterr().out
+    assert (
+        'MODEL.PRETRAINED is not loaded: ' in out and 'ckpt_epoch_1.pth continues this run' in out
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # What the log and TensorBoard show
 # ------------------------------------------------------------------------------------------------
@@ -254,3 +271,72 @@ def test_reconstructions_are_on_the_training_scalars_step_axis(finished):
     assert loss_steps == list(range(12))  # epoch * 6 + index, one per step
     # Each grid sits at the last training step of its epoch, beside that step's scalars.
     assert [e.step for e in events.Images('reconstruction')] == [5, 11]
+
+
+# ------------------------------------------------------------------------------------------------
+# Which run a start continues: the data it trained on, its own config.yaml
+# ------------------------------------------------------------------------------------------------
+def image_folder(root, count=16):
+    images = SyntheticShapes(count, 2, 64, seed=0)
+    os.makedirs(root)
+    for i in range(count):
+        images[i][0].save(os.path.join(root, f'{i:03d}.png'))
+    return str(root)
+
+
+def test_a_new_experiment_on_other_data_in_the_same_folder_stops_naming_both(
+    finished, tmp_path, capsys
+):
+    # --data-path with the synthetic quickstart config switches to that folder; the folder's run
+    # was trained on the built-in set, so auto-resume must not continue (nor call it finished).
+    output = copy_of(finished, tmp_path)
+    images = image_folder(tmp_path / 'images')
+    files = {  # checkpoints and config untouched (the log gains the message)
+        n: os.path.getmtime(os.path.join(run_dir(output), n))
+        for n in os.listdir(run_dir(output))
+        if n.endswith(('.pth', '.yaml', '.checksum'))
+    }
+    capsys.readouterr()
+    assert pretrain(output, 'TENSORBOARD', True, extra=['--data-path', images]) == 2
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert 'Auto-resume found' in out and 'ckpt_epoch_1.pth' in out
+    assert 'the built-in synthetic dataset' in out and f'the image folder {images}' in out
+    assert '--tag NEW_NAME' in out and 'already finished' not in out and 'Traceback' not in out
+    assert files == {n: os.path.getmtime(os.path.join(run_dir(output), n)) for n in files}
+    # Under its own tag the same command trains on the folder, and the log says why.
+    assert pretrain(output, 'TRAIN.EPOCHS', 1, extra=['--data-path', images, '--tag', 'new']) == 0
+    log = open(os.path.join(str(output), 'simmim_pretrain', 'new', 'log_rank0.txt')).read()
+    assert 'DATA.DATASET is now folder' in log and f'16 images from {images}' in log
+    assert 'TRAIN.WARMUP_EPOCHS 1 is not shorter than TRAIN.EPOCHS 1' in log
+
+
+def test_a_run_started_again_from_its_config_yaml_continues_in_its_folder(tmp_path):
+    output = tmp_path / 'out'
+    assert pretrain(output, 'TRAIN.EPOCHS', 1) == 0
+    config_yaml = os.path.join(run_dir(output), 'config.yaml')
+    before = open(config_yaml).read()
+    argv = ['--cfg', config_yaml, '--opts', 'TRAIN.EPOCHS', '2']  # no --output: the stored one
+    assert run(main_simmim.main, argv) == 0
+    log = open(os.path.join(run_dir(output), 'log_rank0.txt')).read()
+    assert f'resumed from {os.path.join(run_dir(output), "ckpt_epoch_0.pth")}' in log
+    assert 'Train: [1/2]' in log and os.path.isfile(
+        os.path.join(run_dir(output), 'ckpt_epoch_1.pth')
+    )
+    # The learning rates and OUTPUT read back as they were: only the epochs changed.
+    assert log.split('Changed: ')[1].splitlines()[0] == 'TRAIN.EPOCHS 1 -> 2'
+    assert open(config_yaml).read() == before.replace('\n  EPOCHS: 1\n', '\n  EPOCHS: 2\n')
+
+
+def test_the_same_data_spelled_differently_is_the_same_run(tmp_path):
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    stored = load_config(TINY, opts=['DATA.DATASET', 'imagenet', 'DATA.DATA_PATH', str(folder)])
+    checkpoint = {'config': stored.dump()}
+    for dataset, path in [('folder', f'{folder}/'), ('imagenet', str(tmp_path / '.' / 'images'))]:
+        config = load_config(TINY, opts=['DATA.DATASET', dataset, 'DATA.DATA_PATH', path])
+        require_same_data(config, 'ckpt_epoch_0.pth', checkpoint)  # passes
+    other = load_config(TINY, opts=['DATA.DATASET', 'folder', 'DATA.DATA_PATH', str(tmp_path)])
+    with pytest.raises(ConfigError, match=f'the image folder {tmp_path} '):
+        require_same_data(other, 'ckpt_epoch_0.pth', checkpoint)
+    require_same_data(other, 'official.pth', {'config': {'DATA': {}}})  # official: cannot tell

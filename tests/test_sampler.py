@@ -2,7 +2,7 @@ import collections
 
 import pytest
 
-from data.sampler import EvalDistributedSampler, ResumableDistributedSampler
+from data.sampler import EvalDistributedSampler, ResumableDistributedSampler, ShardWindowSampler
 
 
 def _all_ranks(dataset_len, world_size, epoch=0, seed=0, shuffle=True):
@@ -57,3 +57,55 @@ def test_eval_sampler_covers_every_index_exactly_once_with_uneven_shards(dataset
         len(EvalDistributedSampler(dataset_len, world_size, r)) for r in range(world_size)
     ]
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+SHARD_LENGTHS = [5, 3, 6, 4, 5, 2, 6]  # 31 samples in 7 shards
+
+
+def _window_order(epoch=0, seed=0, window=2, world_size=1, rank=0, start_sample=0):
+    sampler = ShardWindowSampler(SHARD_LENGTHS, window, world_size, rank, True, seed)
+    sampler.set_epoch(epoch, start_sample=start_sample)
+    return [index for _, index in sampler]
+
+
+def _shard_of(index):
+    starts = [sum(SHARD_LENGTHS[:s]) for s in range(len(SHARD_LENGTHS))]
+    return max(s for s, start in enumerate(starts) if start <= index)
+
+
+def test_window_order_covers_every_sample_once_reading_few_shards_at_a_time():
+    order = _window_order(epoch=3, window=2)
+    assert sorted(order) == list(range(sum(SHARD_LENGTHS)))
+    # Consecutive runs of the order come from at most `window` shards: the shards of one window
+    # are read together, then the next window's.
+    shards = [_shard_of(i) for i in order]
+    windows, current = [], set()
+    for shard in shards:
+        if shard not in current and len(current) == 2:
+            windows.append(current)
+            current = set()
+        current.add(shard)
+    windows.append(current)
+    assert len(windows) == 4 and set().union(*windows) == set(range(7))
+    assert all(not a & b for a in windows for b in windows if a is not b)  # each shard once
+
+
+def test_window_order_is_a_pure_function_of_seed_and_epoch():
+    assert _window_order(epoch=1) == _window_order(epoch=1)
+    assert _window_order(epoch=1) != _window_order(epoch=2)
+    assert _window_order(epoch=1) != _window_order(epoch=1, seed=1)
+    assert _window_order(window=100) != list(range(31))  # one window: a plain shuffle
+    unshuffled = ShardWindowSampler(SHARD_LENGTHS, 2, shuffle=False)
+    assert [i for _, i in unshuffled] == list(range(31))
+
+
+def test_window_order_resumes_mid_epoch_with_the_same_remaining_order_on_any_world_size():
+    full = _window_order(epoch=2, window=3)
+    for start in (0, 7, 30):
+        assert _window_order(epoch=2, window=3, start_sample=start) == full[start:]
+    # Two ranks after 10 global samples: together they continue the single-rank order.
+    ranks = [
+        _window_order(epoch=2, window=3, world_size=2, rank=r, start_sample=10) for r in (0, 1)
+    ]
+    interleaved = [ranks[i % 2][i // 2] for i in range(len(ranks[0]) * 2)]
+    assert interleaved[: 31 - 10] == full[10:]

@@ -129,7 +129,14 @@ def test_resume_restores_model_optimizer_and_schedule_exactly(saved):
     assert (epoch, step, state.counters()) == (1, 2, {'global_update': 2, 'skipped_total': 0})
     assert_equal_trees(model.state_dict(), single['model'])
     assert_equal_trees(optimizer.state_dict(), single['optimizer'])
-    assert scheduler.state_dict() == single['lr_scheduler']
+    # The schedule comes from the config (the position from the returned epoch and step); the
+    # checkpoint's is compared with it, so a changed schedule is reported, not silently taken.
+    assert checkpoint['lr_scheduler']['settings'] == single['lr_scheduler']['settings']
+    assert scheduler.load_state_dict(checkpoint['lr_scheduler']) == []
+    longer = build_scheduler(load_config(TINY_V2, ['TRAIN.EPOCHS', '4']), optimizer, 6)
+    assert any(
+        line.startswith('num_steps:') for line in longer.load_state_dict(single['lr_scheduler'])
+    )
 
 
 def test_a_single_file_loads_through_the_same_path(saved):

@@ -145,3 +145,78 @@ def test_command_must_start_with_the_training_script(capsys):
     with pytest.raises(SystemExit) as info:
         slurm.main(['--', 'torchrun', 'main_simmim.py'])
     assert info.value.code == 2 and 'must start with the training script' in capsys.readouterr().err
+
+
+@pytest.fixture
+def job_folder(tmp_path, monkeypatch):
+    """A folder holding the training script, as the repository the job is submitted from."""
+    (tmp_path / 'main_simmim.py').write_text('')
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def refused(capsys, *options, command=('main_simmim.py',)):
+    """The message of slurm.main refusing `options` (exit code 2, no script written)."""
+    with pytest.raises(SystemExit) as info:
+        slurm.main([*options, '--', *command])
+    captured = capsys.readouterr()
+    assert info.value.code == 2 and captured.out == ''
+    return captured.err
+
+
+@pytest.mark.parametrize(
+    'limit, seconds',
+    [
+        ('90', 90 * 60),
+        ('30:15', 30 * 60 + 15),
+        ('2:00:00', 2 * 3600),
+        ('1-12', 36 * 3600),
+        ('1-12:30', 36 * 3600 + 30 * 60),
+        ('2-00:00:05', 48 * 3600 + 5),
+    ],
+)
+def test_every_slurm_time_form_is_accepted(job_folder, capsys, limit, seconds):
+    assert slurm.time_limit_seconds(limit) == seconds
+    assert slurm.main(['--time', limit, '--signal-seconds', '60', '--', 'main_simmim.py']) == 0
+    assert f'#SBATCH --time={limit}' in capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize('limit', ['24h', '1:2:3:4', '1-', '-5', '1-2-3', '12:', '', '0:0:0'])
+def test_a_time_limit_slurm_does_not_take_is_refused(job_folder, capsys, limit):
+    err = refused(capsys, '--time', limit)
+    assert f'--time {limit!r}' in err and ('MM, MM:SS, HH:MM:SS' in err or 'no time' in err)
+
+
+def test_a_warning_signal_not_shorter_than_the_time_limit_is_refused(job_folder, capsys):
+    err = refused(capsys, '--time', '5', '--signal-seconds', '300')  # 5 minutes
+    assert '--signal-seconds 300 is not shorter than the time limit' in err
+    assert 'between 1 and 65535' in refused(capsys, '--time', '2-00', '--signal-seconds', '70000')
+    assert slurm.main(['--time', '6', '--signal-seconds', '300', '--', 'main_simmim.py']) == 0
+
+
+def test_a_training_script_that_does_not_exist_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    err = refused(capsys, command=('main_simmmim.py', '--cfg', 'x.yaml'))
+    assert 'main_simmmim.py does not exist' in err
+
+
+@pytest.mark.parametrize(
+    'options',
+    [
+        ['--job-name', 'my run'],
+        ['--partition', 'gpu\n#SBATCH --exclusive'],
+        ['--log-dir', 'my logs'],
+        ['--sbatch-option', '--comment=two words'],
+        ['--sbatch-option=--account=a\tb'],
+        ['--job-name', ''],
+    ],
+)
+def test_sbatch_values_with_whitespace_are_refused(job_folder, capsys, options):
+    assert 'an #SBATCH value may not be empty or hold spaces' in refused(capsys, *options)
+
+
+def test_the_log_folder_is_created_with_the_script(job_folder, capsys):
+    assert not (job_folder / 'runs').exists()
+    assert slurm.main(['--log-dir', 'runs/logs', '--', 'main_simmim.py']) == 0
+    assert (job_folder / 'runs' / 'logs').is_dir()
+    assert '#SBATCH --output=runs/logs/%x-%j.out' in capsys.readouterr().out.splitlines()

@@ -296,3 +296,53 @@ def test_timm_model_our_layout_cannot_hold_is_refused_and_nothing_written(
     err = capsys.readouterr().err
     assert re.match(r'(Configuration |Checkpoint )?[Ee]rror: ', err) and message in err, err
     assert not os.path.exists(tmp_path / 'ours.pth')
+
+
+def test_import_refuses_what_it_cannot_write_and_keeps_an_earlier_file(tmp_path, capsys):
+    _, source = timm_folder(tmp_path, 'swin')
+    earlier = tmp_path / 'ours.pth'
+    assert import_timm([source, str(earlier)]) == 0
+    before = earlier.read_bytes()
+    (tmp_path / 'folder.pth').mkdir()
+    cases = [
+        (str(tmp_path / 'ours.txt'), r'suffix.*\.safetensors, \.pth, \.pt'),
+        (str(tmp_path / 'ours.ckpt'), r'suffix.*\.safetensors, \.pth, \.pt'),
+        (str(tmp_path / 'folder.pth'), 'is an existing folder; pass a file path'),
+    ]
+    for out, message in cases:
+        assert import_timm([source, out]) == 2, out
+        err = capsys.readouterr().err
+        assert err.startswith('Configuration error: ') and re.search(message, err), err
+        assert 'disk' not in err
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ['timm_swin', 'ours.pth', 'ours.pth.checksum', 'folder.pth']
+    )
+    assert os.listdir(tmp_path / 'folder.pth') == []
+    # Weights holding NaN or Inf are bad input too, and the earlier file stays.
+    model, source = timm_folder(tmp_path / 'nan', 'swin')
+    state = model.state_dict()
+    state['head.fc.weight'][0, 0] = float('inf')
+    state['layers.0.blocks.0.attn.qkv.weight'][1, 1] = float('nan')
+    model.load_state_dict(state)
+    timm.models.save_for_hf(
+        model, source, model_args=TIMM_MODELS['swin'][1], safe_serialization=True
+    )
+    assert import_timm([source, str(earlier)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('Checkpoint error: ') and 'NaN or infinite values in 2 tensors' in err
+    assert earlier.read_bytes() == before
+
+
+def test_import_of_a_truncated_model_safetensors_names_the_file(tmp_path, capsys):
+    _, source = timm_folder(tmp_path, 'swin')
+    weights = os.path.join(source, 'model.safetensors')
+    with open(weights, 'rb') as f:
+        data = f.read()
+    for cut in (len(data) - 1, 100, 5):  # the tensors, the header, the header's length cut short
+        with open(weights, 'wb') as f:
+            f.write(data[:cut])
+        assert import_timm([source, str(tmp_path / 'ours.safetensors')]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith('Checkpoint error: ') and 'Traceback' not in err
+        assert f'{weights} ({cut} bytes) is truncated or damaged' in err, err
+        assert not os.path.exists(tmp_path / 'ours.safetensors')

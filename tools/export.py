@@ -12,9 +12,11 @@ is read as plain data, never executed). The model config comes from the checkpoi
 --cfg FILE when it stores none. A timm export holds the encoder (and the classifier head of a
 fine-tuned checkpoint); the SimMIM decoder and mask token are left out because they exist only for
 masked-image pre-training and timm's models have no place for them. It is checked by running
-ours and the exported timm model on a random batch (--no-verify skips that).
-Exit codes: 0 done, 2 bad input (the message says which and how to fix it), 1 an export that does
-not reproduce the model.
+ours and timm's model read from the written files on a random batch (--no-verify skips that);
+a safetensors export is checked by reading it back. Both are written beside OUT first and
+replace an earlier export only once checked, so a failed export leaves it untouched.
+Exit codes: 0 done, 2 bad input (the message says which and how to fix it; a checkpoint holding
+NaN or infinite weights is one), 1 an export that does not reproduce the model.
 """
 
 import argparse
@@ -22,16 +24,19 @@ import numbers
 import os
 import sys
 
-import torch
-
 from checkpoint.sharded import read_checkpoint
 from checkpoint.stored_config import checkpoint_config
-from checkpoint.timm_folder import MAX_RELATIVE_DIFFERENCE, export_timm_folder, output_difference
-from engine.launch import prepare_output_dir, run_tool
+from checkpoint.timm_folder import (
+    MAX_RELATIVE_DIFFERENCE,
+    export_timm_folder,
+    load_timm_model,
+    output_difference,
+)
+from engine.launch import prepare_output_file, run_tool
 from utils.errors import ToolFailure
-from utils.safe_load import load_checkpoint_file
+from utils.safe_load import check_reads_back
 from utils.safetensors_io import SCALAR_KEYS, save_safetensors_checkpoint
-from utils.state_dict import encoder_weights, summarize_keys, unwrap_state_dict
+from utils.state_dict import check_finite, encoder_weights, summarize_keys, unwrap_state_dict
 
 FORMATS = ('timm', 'safetensors')
 
@@ -44,7 +49,20 @@ def export_timm(checkpoint, args, out_dir):
         'model_type': config.MODEL.TYPE,
         'left_out': dropped,
     }
-    model = export_timm_folder(config, weights, out_dir, info)
+    differences = []
+
+    def verify(folder):  # the files as written, read back by timm, before they replace any
+        if args.verify:
+            differences.append(output_difference(config, weights, load_timm_model(folder)))
+            if not differences[-1] <= MAX_RELATIVE_DIFFERENCE:
+                raise ToolFailure(
+                    f"The exported timm model's output differs from ours by "
+                    f'{differences[-1]:.1e} (relative); the export is wrong, so it was not '
+                    f'written (an earlier export in {out_dir} is untouched). Please report it '
+                    f"with the checkpoint's config."
+                )
+
+    model = export_timm_folder(config, weights, out_dir, info, verify)
     print(
         f'Wrote {out_dir}/config.json and model.safetensors: timm '
         f'{model.pretrained_cfg["architecture"]} ({type(model).__name__}, '
@@ -53,15 +71,11 @@ def export_timm(checkpoint, args, out_dir):
     )
     if dropped:
         print(f'Left out (pre-training or probing only): {summarize_keys(dropped, dropped)}')
-    if args.verify:
-        difference = output_difference(config, weights, model)
-        print(f"timm's output vs ours on a random batch: max relative difference {difference:.1e}.")
-        if not difference <= MAX_RELATIVE_DIFFERENCE:
-            raise ToolFailure(
-                f"The exported timm model's output differs from ours by "
-                f'{difference:.1e} (relative); the export is wrong. Please report it '
-                f"with the checkpoint's config."
-            )
+    if differences:
+        print(
+            f"timm's output (read from the written files) vs ours on a random batch: max "
+            f'relative difference {differences[-1]:.1e}.'
+        )
     print(
         f"Load it: timm.create_model('local-dir:{out_dir}', pretrained=True). Upload it: "
         f"hf upload USER/REPO {out_dir}, then timm.create_model('hf-hub:USER/REPO', "
@@ -85,13 +99,14 @@ def export_safetensors(checkpoint, args, out_file):
         for k in SCALAR_KEYS
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(k), numbers.Number)
     }
-    prepare_output_dir(os.path.dirname(os.path.abspath(out_file)))
-    save_safetensors_checkpoint(out_file, state_dict, config_text, info)
-    written = load_checkpoint_file(out_file, 'the exported file')['model']
-    if written.keys() != state_dict.keys() or not all(
-        torch.equal(written[k], state_dict[k].cpu()) for k in state_dict
-    ):
-        raise ToolFailure(f'{out_file} does not read back equal to {args.checkpoint}.')
+    prepare_output_file(out_file, 'OUT')
+    save_safetensors_checkpoint(
+        out_file,
+        state_dict,
+        config_text,
+        info,
+        verify=lambda tmp: check_reads_back(tmp, state_dict, f'The export {out_file}'),
+    )
     print(
         f'Wrote {out_file}: {len(state_dict)} tensors'
         f'{", the config" if config_text else " (no config: pass --cfg to include one)"}'
@@ -136,6 +151,7 @@ def _main(argv):
     if fmt not in FORMATS:
         parser.error(f'--to {fmt}: unknown format; use one of {", ".join(FORMATS)}.')
     checkpoint = read_checkpoint(args.checkpoint, 'CHECKPOINT', model_only=True)
+    check_finite(unwrap_state_dict(checkpoint), f'CHECKPOINT {args.checkpoint}')
     (export_timm if fmt == 'timm' else export_safetensors)(checkpoint, args, out)
     return 0
 

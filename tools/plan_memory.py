@@ -9,20 +9,30 @@ Weights, gradients and AdamW state are counted from the model built on the meta 
 activations are measured by one forward pass of a copy with one block per stage (on this machine's
 GPU if it has one, else on the CPU with the fused-attention stand-in; see engine/memory_plan.py for
 the model and benchmarks/RESULTS.md for how it compares with measured peaks). "Fits" keeps
---reserve of the card free for the CUDA context, cuBLAS/NCCL workspaces and fragmentation.
-Exit codes: 0 done, 2 usage or config error.
+--reserve of the card free for the CUDA context, cuBLAS/NCCL workspaces and fragmentation. The
+largest batch is searched up to 4096 images per GPU; a batch at that cap is shown as ">= 4096".
+Exit codes: 0 done, 2 usage or config error (a batch below 1, a NaN, infinite or non-positive
+--gpu-memory among them).
 """
 
 import argparse
+import math
 import os
 import sys
 
 import torch
 
 from config import load_config
-from engine.memory_plan import GIB, estimate, largest_batch, measure_activations, model_stats
+from engine.launch import run_tool
+from engine.memory_plan import (
+    BATCH_SEARCH_LIMIT,
+    GIB,
+    estimate,
+    largest_batch,
+    measure_activations,
+    model_stats,
+)
 from engine.precision import amp_enabled
-from utils.errors import ConfigError
 
 SETTINGS = [('ddp', False), ('ddp', True), ('fsdp', False), ('fsdp', True)]
 
@@ -41,18 +51,19 @@ def plan_table(stats, activations, gpus, budget, batch, precision):
 
         e = estimate(stats, activations, batch, gpus, sharding, checkpointing, precision)
         best = largest_batch(lambda b: peak(b) <= budget)
+        best = f'>= {best}' if best == BATCH_SEARCH_LIMIT else best or 'none'  # search capped
         gib = [
             f'{v / GIB:.1f}'
             for v in (e.weights, e.gradients, e.optimizer, e.activations, e.other, e.peak)
         ]
         lines.append(
             f'| {sharding} | {"on" if checkpointing else "off"} | {" | ".join(gib)} | '
-            f'{"yes" if e.peak <= budget else "no"} | {best or "none"} |'
+            f'{"yes" if e.peak <= budget else "no"} | {best} |'
         )
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--cfg', required=True, metavar='FILE', help='pre-training config')
     parser.add_argument('--gpus', type=int, default=8, help='total number of GPUs (ranks)')
@@ -73,13 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument('--opts', nargs='+', default=[], metavar='KEY VALUE')
     args = parser.parse_args(argv)
-    if args.gpus < 1 or args.gpu_memory <= 0 or not 0 <= args.reserve < 1:
-        parser.error('--gpus must be >= 1, --gpu-memory > 0 and --reserve in [0, 1).')
-    try:
-        config = load_config(args.cfg, args.opts)
-    except ConfigError as e:
-        print(f'Configuration error: {e}', file=sys.stderr)
-        return 2
+    # NaN fails every comparison and inf passes `> 0`: both are refused by name.
+    if args.gpus < 1 or not 0 < args.gpu_memory < math.inf or not 0 <= args.reserve < 1:
+        parser.error(
+            f'--gpus must be >= 1 (got {args.gpus}), --gpu-memory a finite number of GiB > 0 '
+            f'(got {args.gpu_memory:g}) and --reserve in [0, 1) (got {args.reserve:g}).'
+        )
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f'--batch-size must be >= 1 image per GPU (got {args.batch_size}).')
+    config = load_config(args.cfg, args.opts)
     precision = args.precision or ('bf16' if amp_enabled(config) else 'fp32')
     batch = args.batch_size or config.DATA.BATCH_SIZE
     stats = model_stats(config)
@@ -94,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print('\n'.join(plan_table(stats, activations, args.gpus, budget, batch, precision)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit code: 0 done, 2 usage or config error; failures print one paragraph."""
+    return run_tool(_main, argv)
 
 
 if __name__ == '__main__':

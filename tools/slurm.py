@@ -18,6 +18,7 @@ file system every node sees (sharded checkpoints are written by every rank).
 """
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -46,6 +47,78 @@ if [ "$stopped" -eq 1 ] || [ "$code" -eq 75 ]; then
 fi
 exit "$code"
 """
+
+
+MAX_SIGNAL_SECONDS = 65535  # the most --signal's @sig_time takes
+
+
+def time_limit_seconds(text):
+    """Seconds of a SLURM time limit in one of its forms (sbatch(1): MM, MM:SS, HH:MM:SS, D-HH,
+    D-HH:MM, D-HH:MM:SS), or None when `text` is in none of them."""
+    days, _, clock = text.rpartition('-')
+    parts = clock.split(':')
+    numbers = [days] * bool(days or '-' in text) + parts
+    if len(parts) > 3 or not all(n.isascii() and n.isdigit() for n in numbers):
+        return None
+    if '-' in text:  # D-HH[:MM[:SS]]
+        hours, minutes, seconds = (*map(int, parts), 0, 0)[:3]
+        return int(days) * 86400 + hours * 3600 + minutes * 60 + seconds
+    if len(parts) == 3:
+        hours, minutes, seconds = map(int, parts)
+        return hours * 3600 + minutes * 60 + seconds
+    minutes, seconds = (*map(int, parts), 0)[:2]  # MM[:SS]
+    return minutes * 60 + seconds
+
+
+def check_args(args):
+    """The messages (one per problem) for arguments sbatch would reject or misread, or that
+    would make the job fail without a log; empty when all are fine."""
+    problems = []
+    script = args.command[0]
+    if not script.endswith('.py'):
+        problems.append(
+            f'the command after -- must start with the training script (main_simmim.py or '
+            f'main_finetune.py), got {script!r}'
+        )
+    elif not os.path.isfile(script):
+        problems.append(
+            f'the training script {script} does not exist (from {os.getcwd()}); run this in the '
+            f"repository the job runs in, or give the script's path"
+        )
+    if args.nodes < 1 or args.gpus_per_node < 1 or args.cpus_per_task < 1:
+        problems.append('--nodes, --gpus-per-node and --cpus-per-task must be positive')
+    limit = time_limit_seconds(args.time)
+    if limit is None:
+        problems.append(
+            f'--time {args.time!r} is not a SLURM time limit; use MM, MM:SS, HH:MM:SS, D-HH, '
+            f'D-HH:MM or D-HH:MM:SS (e.g. 24:00:00 or 1-00:00:00)'
+        )
+    elif limit == 0:
+        problems.append(f'--time {args.time!r} is no time at all')
+    if not 1 <= args.signal_seconds <= MAX_SIGNAL_SECONDS:
+        problems.append(
+            f"--signal-seconds must be between 1 and {MAX_SIGNAL_SECONDS} (SLURM's limit), got "
+            f'{args.signal_seconds}'
+        )
+    elif limit and args.signal_seconds >= limit:
+        problems.append(
+            f'--signal-seconds {args.signal_seconds} is not shorter than the time limit '
+            f'--time {args.time} ({limit} s): the job would be told to stop as it starts; give '
+            f'a longer --time or a shorter --signal-seconds'
+        )
+    values = {
+        '--job-name': args.job_name,
+        '--partition': args.partition,
+        '--log-dir': args.log_dir,
+        **{f'--sbatch-option {o!r}': o for o in args.sbatch_option},
+    }
+    for flag, value in values.items():
+        if value is not None and (value == '' or any(c.isspace() for c in value)):
+            problems.append(
+                f'{flag}: an #SBATCH value may not be empty or hold spaces, tabs or newlines '
+                f'(sbatch stops reading it there, and a newline would add a line to the script)'
+            )
+    return problems
 
 
 def sbatch_lines(args):
@@ -101,7 +174,11 @@ def build_parser():
     parser.add_argument('--nodes', type=int, default=1)
     parser.add_argument('--gpus-per-node', type=int, default=8)
     parser.add_argument('--cpus-per-task', type=int, default=64, help='CPU cores per node')
-    parser.add_argument('--time', default='24:00:00', help='time limit of one job (HH:MM:SS)')
+    parser.add_argument(
+        '--time',
+        default='24:00:00',
+        help='time limit of one job: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS',
+    )
     parser.add_argument(
         '--signal-seconds',
         type=int,
@@ -111,7 +188,11 @@ def build_parser():
     )
     parser.add_argument('--job-name', default='simmim')
     parser.add_argument('--partition')
-    parser.add_argument('--log-dir', default='logs')
+    parser.add_argument(
+        '--log-dir',
+        default='logs',
+        help='folder of the job logs (relative: to where sbatch runs); created here',
+    )
     parser.add_argument(
         '--sbatch-option',
         action='append',
@@ -126,16 +207,18 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Write the script to stdout and create its log folder; exit code 2 for bad arguments."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.command[0].endswith('.py'):
-        parser.error(
-            f'the command after -- must start with the training script (main_simmim.py '
-            f'or main_finetune.py), got {args.command[0]!r}.'
-        )
-    if args.nodes < 1 or args.gpus_per_node < 1 or args.signal_seconds < 1:
-        parser.error('--nodes, --gpus-per-node and --signal-seconds must be positive.')
+    problems = check_args(args)
+    if problems:
+        parser.error('; '.join(problems) + '.')
+    try:  # sbatch does not create it: without it the job fails before writing a line of log
+        os.makedirs(args.log_dir, exist_ok=True)
+    except OSError as e:
+        parser.error(f'--log-dir {args.log_dir}: cannot create it ({e.strerror or e}).')
     sys.stdout.write(build_script(args))
+    print(f'log folder {os.path.abspath(args.log_dir)} is ready', file=sys.stderr)
     return 0
 
 

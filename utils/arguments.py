@@ -2,12 +2,26 @@
 keys.
 
 build_arg_parser(finetune=False)   the parser (fine-tuning adds --pretrained --eval --throughput)
-apply_args(config, args)           flags given -> their config keys (after YAML and --opts)
+apply_args(config, args)           flags given -> their config keys (after YAML and --opts);
+                                   returns notes for the log on what a flag changed besides
+
+A flag the config would make meaningless is never ignored silently: it takes effect (--data-path
+with the built-in synthetic dataset switches DATA.DATASET to folder, with a note) or the run stops
+with a paragraph saying why (--eval with a training-only flag).
 """
 
 import argparse
 import difflib
 import os
+
+from utils.errors import ConfigError
+
+# Flags that only change how a model trains: --eval trains nothing, so they would do nothing.
+TRAINING_ONLY_FLAGS = {
+    'pretrained': '--pretrained (the weights fine-tuning starts from)',
+    'accumulation_steps': '--accumulation-steps',
+    'use_checkpoint': '--use-checkpoint',
+}
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -100,8 +114,24 @@ def build_arg_parser(finetune=False):
     return parser
 
 
+def _refuse_training_flags_with_eval(args):
+    given = [text for name, text in TRAINING_ONLY_FLAGS.items() if getattr(args, name, None)]
+    if getattr(args, 'eval', None) and given:
+        hint = ''
+        if getattr(args, 'pretrained', None):
+            hint = f' To evaluate {args.pretrained}, pass it with --resume instead.'
+        raise ConfigError(
+            f"--eval only evaluates (the checkpoint --resume names, else OUTPUT's model_best.pth "
+            f'or newest checkpoint) and trains nothing, so {" and ".join(given)} would do nothing '
+            f'there. Leave {"them" if len(given) > 1 else "it"} out of the --eval command.{hint}'
+        )
+
+
 def apply_args(config, args):
-    """Write the flags given in `args` (an argparse Namespace) into their config keys."""
+    """Write the flags given in `args` (an argparse Namespace) into their config keys; return
+    notes (strings) for the log about what a flag changed besides its own key."""
+    notes = []
+    _refuse_training_flags_with_eval(args)
 
     # Like the official update_config: each flag applies only when given.
     def given(name):
@@ -111,6 +141,13 @@ def apply_args(config, args):
         config.DATA.BATCH_SIZE = args.batch_size
     if given('data_path'):
         config.DATA.DATA_PATH = args.data_path
+        if config.DATA.DATASET == 'synthetic':  # which reads no folder: the flag would do nothing
+            config.DATA.DATASET = 'folder'
+            notes.append(
+                f'--data-path {args.data_path}: the config trains on the built-in synthetic '
+                f'dataset (DATA.DATASET synthetic), which reads no folder, so DATA.DATASET is now '
+                f'folder and the images of {args.data_path} are used.'
+            )
     if given('resume'):
         config.MODEL.RESUME = args.resume
     if given('pretrained'):
@@ -136,3 +173,4 @@ def apply_args(config, args):
         config.THROUGHPUT_MODE = True
     local_rank = os.environ.get('LOCAL_RANK', given('local_rank'))
     config.LOCAL_RANK = int(local_rank) if local_rank is not None else 0
+    return notes

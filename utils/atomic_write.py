@@ -1,8 +1,9 @@
 """Writing files so that a crash at any moment leaves either the old file or the new, and the one
 message a failed checkpoint write gets.
 
-    atomic_save(obj, path, write=None, checksum=False)   temporary file, fsync, rename, fsync of
-                                                        the folder; a checksum record beside it
+    atomic_save(obj, path, write=None, checksum=False, verify=None)   temporary file, fsync,
+                                         verify, rename, fsync of the folder; a checksum record
+    usual_mode(folder=False)             the permissions a new file (folder) gets under the umask
     fsync_folder(path)                   make a rename inside `path` survive a power loss
     write_error(path, errors, ...)       the CheckpointWriteError for a write that failed
 """
@@ -45,7 +46,23 @@ def write_error(path, errors, what='checkpoint', where='a larger disk'):
     )
 
 
-def atomic_save(obj, path, write=None, checksum=False):
+def usual_mode(folder=False):
+    """The permission bits open() (os.makedirs) gives a new file (folder) under the current umask:
+    what a file written through a private temporary name (mkstemp, mkdtemp: 0600 / 0700) is
+    given back before it is published."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def atomic_save(obj, path, write=None, checksum=False, verify=None):
     """Write `obj` to `path` so that a crash at any moment leaves either the old file or the new.
 
     The bytes go to a temporary file in the same folder, which is flushed, fsynced and renamed over
@@ -54,7 +71,8 @@ def atomic_save(obj, path, write=None, checksum=False):
     produces the bytes: torch.save (looked up at call time) unless given. With `checksum`, the
     bytes are hashed as they are written and the record goes beside the file
     (utils/checksum.py); an earlier record is removed before the rename, so a crash never pairs
-    the new file with the old record.
+    the new file with the old record. `verify(tmp)`, when given, checks the written temporary file
+    before it replaces `path`; whatever it raises leaves `path` (and its record) untouched.
     """
     tmp = f'{path}.{secrets.token_hex(6)}.tmp'
     try:
@@ -63,6 +81,8 @@ def atomic_save(obj, path, write=None, checksum=False):
             (write or torch.save)(obj, target)
             f.flush()
             os.fsync(f.fileno())
+        if verify is not None:
+            verify(tmp)
         if checksum and os.path.exists(sidecar_path(path)):
             os.remove(sidecar_path(path))
         os.replace(tmp, path)
@@ -70,6 +90,9 @@ def atomic_save(obj, path, write=None, checksum=False):
             write_sidecar(path, target.record())
         fsync_folder(os.path.dirname(os.path.abspath(path)))
     except OSError as e:
-        if os.path.exists(tmp) and not isinstance(e, FileExistsError):
-            os.remove(tmp)
+        if not isinstance(e, FileExistsError):
+            _remove(tmp)
         raise write_error(path, [e]) from e
+    except BaseException:  # a failed verification, an interrupt: the temporary file goes
+        _remove(tmp)
+        raise

@@ -16,7 +16,7 @@ import pickle
 import torch
 
 from utils.checksum import check_file, read_sidecar
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, ToolFailure
 from utils.safetensors_io import is_safetensors_file, load_safetensors_checkpoint
 
 # Classes official checkpoints pickle, mapped to the harmless type that stands in for them.
@@ -56,6 +56,20 @@ def load_checkpoint_file(path, purpose='checkpoint', record=SIDECAR):
     if record is not None:
         check_file(path, record, purpose)
     return checkpoint
+
+
+def check_reads_back(path, state_dict, what):
+    """Raise ToolFailure unless the checkpoint file `path`, just written (e.g. the temporary file
+    of utils.atomic_write.atomic_save), reads back with exactly the tensors of `state_dict` under
+    'model'; `what` names the intended file in the message."""
+    written = load_checkpoint_file(path, what, record=None).get('model', {})
+    if written.keys() != state_dict.keys() or not all(
+        torch.equal(written[k], state_dict[k].detach().cpu()) for k in state_dict
+    ):
+        raise ToolFailure(
+            f'{what} does not read back with the tensors that were written; nothing was '
+            f'replaced. Check the disk, then run the command again.'
+        )
 
 
 def _load(path, purpose):

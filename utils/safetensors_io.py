@@ -1,8 +1,11 @@
 """Checkpoints as safetensors files: tensors and string metadata, no pickle at all.
 
-    save_safetensors_checkpoint(path, state_dict, config_text='', info=None)   atomic write
+    save_safetensors_checkpoint(path, state_dict, config_text='', info=None, verify=None)
+                                                   atomic write (verify(tmp) before the rename)
     load_safetensors_checkpoint(path) -> {'model': state_dict, 'config': YAML text, **info}
-    is_safetensors_file(path)                                                  by the header
+    is_safetensors_file(path)                      by the header
+    check_safetensors_file(path, what)             a CheckpointError for a truncated or damaged
+                                                   file (its header and the extent it claims)
 
 Our layout: the tensors are a checkpoint's 'model' state dict under its own names; the metadata
 holds 'config' (the run's YAML text, as in our .pth checkpoints) and 'simmim' (JSON: format
@@ -15,10 +18,11 @@ import json
 import os
 import struct
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as serialize
 
 from utils.atomic_write import atomic_save
+from utils.errors import CheckpointError
 
 FORMAT_VERSION = 1
 SCALAR_KEYS = ('epoch', 'max_accuracy', 'accuracy', 'acc5')  # kept from a .pth checkpoint
@@ -49,14 +53,32 @@ def _without_shared_storage(state_dict):
     return out
 
 
-def save_safetensors_checkpoint(path, state_dict, config_text='', info=None):
+def check_safetensors_file(path, what='safetensors file'):
+    """Raise a CheckpointError naming `path` unless it opens as safetensors: a header that parses
+    and tensors that fit in the file (a truncated copy fails here; the library reads nothing
+    else until a tensor is asked for)."""
+    try:
+        with safe_open(path, framework='pt', device='cpu') as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        raise CheckpointError(
+            f'{what} {path} ({size} bytes) is truncated or damaged: safetensors cannot read it '
+            f'({detail}). The copy or download was probably interrupted: copy or download it '
+            f'again.'
+        ) from None
+
+
+def save_safetensors_checkpoint(path, state_dict, config_text='', info=None, verify=None):
     """Write `state_dict` with the config YAML text and JSON-able scalars `info` to `path`,
-    atomically (utils.atomic_write.atomic_save)."""
+    atomically (utils.atomic_write.atomic_save; `verify(tmp)` checks the written file before it
+    replaces `path`)."""
     metadata = {'simmim': json.dumps({'format_version': FORMAT_VERSION, **(info or {})})}
     if config_text:
         metadata['config'] = config_text
     data = serialize(_without_shared_storage(state_dict), metadata=metadata)
-    atomic_save(data, path, write=lambda payload, f: f.write(payload), checksum=True)
+    atomic_save(data, path, write=lambda payload, f: f.write(payload), checksum=True, verify=verify)
 
 
 def load_safetensors_checkpoint(path):
