@@ -416,7 +416,7 @@ NUMERIC_RANGES = {
     'TRAIN.EPOCHS': _POSITIVE,
     'TRAIN.WARMUP_EPOCHS': _AT_LEAST_0,
     'TRAIN.WEIGHT_DECAY': _AT_LEAST_0,
-    'TRAIN.BASE_LR': _POSITIVE,
+    'TRAIN.BASE_LR': Range(0, note='(0 trains nothing: a check of what was loaded.)'),
     'TRAIN.WARMUP_LR': _AT_LEAST_0,
     'TRAIN.MIN_LR': _AT_LEAST_0,
     'TRAIN.CLIP_GRAD': Range(0, none_ok=True, note='0 or None: no clipping.'),

@@ -292,7 +292,7 @@ def test_pretrained_checkpoint_of_another_architecture(capsys, tmp_path):
         (['--opts', 'TRAIN.EPOCS', '1'], 'Did you mean TRAIN.EPOCHS'),
         (['--opts', 'DATA.MASK_RATIO', '1.2'], 'DATA.MASK_RATIO must lie in (0, 1)'),
         (['--opts', 'TRAIN.CLIP_GRAD', '-1'], 'TRAIN.CLIP_GRAD must be >= 0 (or None), got -1.0'),
-        (['--opts', 'TRAIN.BASE_LR', '1e999'], 'TRAIN.BASE_LR must be positive, got inf'),
+        (['--opts', 'TRAIN.BASE_LR', '1e999'], 'TRAIN.BASE_LR must be >= 0, got inf'),
     ],
 )
 def test_unknown_or_mistyped_config_key(capsys, tmp_path, args, expected):

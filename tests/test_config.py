@@ -327,11 +327,11 @@ def test_each_numeric_key_rejects_values_outside_its_range(key):
 @pytest.mark.parametrize(
     'yaml_value, key, expected',
     [
-        ('TRAIN:\n  BASE_LR: .nan\n', 'TRAIN.BASE_LR', 'TRAIN.BASE_LR must be positive, got nan'),
+        ('TRAIN:\n  BASE_LR: .nan\n', 'TRAIN.BASE_LR', 'TRAIN.BASE_LR must be >= 0, got nan'),
         ('TRAIN:\n  MIN_LR: .inf\n', 'TRAIN.MIN_LR', 'TRAIN.MIN_LR must be >= 0, got inf'),
         ('TRAIN:\n  WARMUP_LR: -.inf\n', 'TRAIN.WARMUP_LR', 'must be >= 0, got -inf'),
-        ('TRAIN:\n  BASE_LR: -1e-3\n', 'TRAIN.BASE_LR', 'must be positive, got -0.001'),
-        ('TRAIN:\n  BASE_LR: null\n', 'TRAIN.BASE_LR', 'must be positive, got None'),
+        ('TRAIN:\n  BASE_LR: -1e-3\n', 'TRAIN.BASE_LR', 'must be >= 0, got -0.001'),
+        ('TRAIN:\n  BASE_LR: null\n', 'TRAIN.BASE_LR', 'must be >= 0, got None'),
         ('TRAIN:\n  CLIP_GRAD: -1.0\n', 'TRAIN.CLIP_GRAD', '0 or None: no clipping'),
         ('TRAIN:\n  WEIGHT_DECAY: -0.05\n', 'TRAIN.WEIGHT_DECAY', 'must be >= 0, got -0.05'),
         ('TRAIN:\n  LAYER_DECAY: 1.5\n', 'TRAIN.LAYER_DECAY', 'must lie in (0, 1], got 1.5'),
@@ -355,7 +355,7 @@ def test_bad_numbers_from_opts_stop_too():
         load_config(TINY, opts=['TRAIN.CLIP_GRAD', '-5'])
     with pytest.raises(ConfigError, match='TRAIN.EPOCHS must be positive, got 0'):
         load_config(TINY, opts=['TRAIN.EPOCHS', '0'])
-    with pytest.raises(ConfigError, match='TRAIN.BASE_LR must be positive, got inf'):
+    with pytest.raises(ConfigError, match='TRAIN.BASE_LR must be >= 0, got inf'):
         load_config(TINY, opts=['TRAIN.BASE_LR', '1e999'])  # overflows to inf
     for off in ('0', 'None'):  # both turn clipping off, and are accepted
         assert load_config(TINY, opts=['TRAIN.CLIP_GRAD', off]).TRAIN.CLIP_GRAD in (0.0, None)

@@ -21,6 +21,7 @@ import main_simmim
 from checkpoint.sharded import read_sharded_checkpoint
 from engine import batch_loss as tasks
 from engine.launch import run
+from models.dvae import DiscreteVAE, save_tokenizer
 from tests.conftest import ROOT
 from tools import convert_checkpoint
 from utils.errors import EXIT_PREEMPTED
@@ -253,3 +254,36 @@ def test_converted_checkpoint_fine_tunes(fsdp_run, tmp_path):
     log = open(os.path.join(str(tmp_path), 'simmim_pretrain', 'tiny_v2', 'log_rank0.txt')).read()
     assert 'Newly initialised (not in checkpoint): head.*' in log
     assert 'Accuracy of the network on the 24 test images' in log
+
+
+@pytest.fixture(scope='module')
+def token_runs(tmp_path_factory):
+    """The dVAE-token target (a frozen tokenizer outside the model) on two ranks: DDP, and FSDP
+    with compiled blocks (aot_eager), from one tokenizer file."""
+    tmp = tmp_path_factory.mktemp('tokens')
+    tokenizer = str(tmp / 'tok.safetensors')
+    torch.manual_seed(0)
+    save_tokenizer(DiscreteVAE(vocab_size=32, hidden_dim=8, num_groups=2), tokenizer)
+    tokens = [
+        'MODEL.SIMMIM.TARGET.NAME',
+        'dvae_tokens',
+        'MODEL.SIMMIM.TARGET.TOKENIZER',
+        tokenizer,
+        'MODEL.SIMMIM.TARGET.VOCAB_SIZE',
+        '32',
+        'MODEL.SIMMIM.TARGET.DOWNSAMPLE',
+        '16',
+    ]
+    ddp = torchrun(tmp / 'ddp', tmp / 'ddp' / 'out', *tokens)
+    compiled = ['TRAIN.COMPILE', 'blocks', 'TRAIN.COMPILE_BACKEND', 'aot_eager']
+    fsdp = torchrun(tmp / 'fsdp', tmp / 'fsdp' / 'out', *tokens, *FSDP, *compiled)
+    return ddp, fsdp
+
+
+def test_the_token_target_trains_the_same_under_ddp_and_compiled_fsdp(token_runs):
+    ddp, fsdp = token_runs
+    curve = progress_lines(ddp)
+    assert len(curve) == 12 and curve == progress_lines(fsdp)
+    final = model_weights(os.path.join(ddp, 'ckpt_epoch_1.pth'))
+    assert not any('tokenizer' in k for k in final)
+    assert max_difference(final, model_weights(os.path.join(fsdp, 'ckpt_epoch_1'))) < 1e-6
