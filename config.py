@@ -292,6 +292,15 @@ _C.CHECKPOINT.STEP_FREQ = 0
 _C.CHECKPOINT.KEEP_STEP_CKPTS = 2  # how many of the newest step checkpoints to keep
 
 _C.TENSORBOARD = True  # TensorBoard scalars on rank 0, in OUTPUT/tensorboard
+# Weights & Biases (engine/tracking.py), rank 0: the same scalars and reconstruction images as
+# TensorBoard. The run id is kept in OUTPUT/wandb_run_id, so an auto-resume continues the W&B run.
+# WANDB_MODE=offline (environment) keeps everything on the machine. OUTPUT/metrics.jsonl is
+# written by every run regardless.
+_C.LOGGING = CN()
+_C.LOGGING.WANDB = False  # also --wandb
+_C.LOGGING.WANDB_PROJECT = 'simmim'
+_C.LOGGING.WANDB_ENTITY = ''  # '' = the account's default entity
+_C.LOGGING.WANDB_NAME = ''  # display name; '' = MODEL.NAME/TAG
 # Reconstruction grid (original | masked | prediction | prediction pasted into the visible pixels)
 # of a fixed batch, written as PNG and to TensorBoard every VIS_FREQ epochs (0 = never) and at the
 # end of pre-training when > 0.
@@ -366,6 +375,10 @@ def check_common_keys(config: CN) -> None:
         'CHECKPOINT.STEP_FREQ must be >= 0 and CHECKPOINT.KEEP_STEP_CKPTS >= 1.',
     )
     require(config.TRAIN.MAX_NONFINITE_STEPS >= 1, 'TRAIN.MAX_NONFINITE_STEPS must be >= 1.')
+    require(
+        not config.LOGGING.WANDB or bool(config.LOGGING.WANDB_PROJECT),
+        'LOGGING.WANDB is on but LOGGING.WANDB_PROJECT is empty; name the W&B project.',
+    )
     crop = list(config.AUG.CROP_SCALE)
     require(
         len(crop) == 2 and 0 < crop[0] <= crop[1] <= 1,

@@ -77,6 +77,11 @@ def build_arg_parser(finetune=False):
     )
     parser.add_argument('--tag', help='tag of experiment (TAG)')
     parser.add_argument(
+        '--wandb',
+        action='store_true',
+        help='also log to Weights & Biases, rank 0 (LOGGING.WANDB)',
+    )
+    parser.add_argument(
         '--compile',
         choices=['blocks', 'model'],
         default=None,
@@ -128,6 +133,8 @@ def apply_args(config, args):
         config.OUTPUT = args.output
     if given('tag'):
         config.TAG = args.tag
+    if given('wandb'):
+        config.LOGGING.WANDB = True
     if given('compile'):
         config.TRAIN.COMPILE = args.compile
     if given('eval'):
