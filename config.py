@@ -103,8 +103,9 @@ _C.MODEL = CN()
 _C.MODEL.TYPE = 'swin'  # a registered architecture (models/architectures.py): swin | swinv2 | vit
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'  # logger name and output sub-folder
 # Weights to start from (Swin-Transformer key): fine-tuning's model, or pre-training's encoder. A
-# checkpoint (.pth or .safetensors), or timm:NAME_OR_FOLDER for a timm model
-# (checkpoint/timm_folder.py).
+# checkpoint (.pth or .safetensors), timm:NAME_OR_FOLDER for a timm model
+# (checkpoint/timm_folder.py), or hf:FOLDER for a transformers Swin / SwinV2 folder
+# (checkpoint/hf_folder.py).
 _C.MODEL.PRETRAINED = ''
 _C.MODEL.RESUME = ''  # checkpoint to resume from
 # Fine-tuning classes. 0 = the number of class sub-folders found in the data (the official code

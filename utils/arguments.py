@@ -98,7 +98,10 @@ def build_arg_parser(finetune=False):
     )
     if finetune:
         parser.add_argument(
-            '--pretrained', type=str, help='SimMIM checkpoint to fine-tune from (MODEL.PRETRAINED)'
+            '--pretrained',
+            type=str,
+            help='checkpoint to fine-tune from, or timm:NAME_OR_FOLDER or hf:FOLDER '
+            '(MODEL.PRETRAINED)',
         )
         parser.add_argument('--eval', action='store_true', help='evaluate only')
         parser.add_argument('--throughput', action='store_true', help='measure throughput only')
