@@ -1,10 +1,11 @@
-"""Hugging Face transformers model folders in and out (the name mapping is checkpoint.hf_mapping).
+"""Hugging Face transformers model folders in and out (the names: checkpoint.hf_mapping).
 
-    export_hf_folder(config, state_dict, out_dir, verify=None) -> the transformers model
+    export_hf_folder(config, state_dict, out_dir, verify=None) -> (model, keys left out)
         OUT_DIR/config.json + model.safetensors + preprocessor_config.json: a pre-training
-        checkpoint as Swin(v2)ForMaskedImageModeling (encoder and linear decoder), a fine-tuned
-        one as Swin(v2)ForImageClassification; staged beside OUT_DIR, verify(staging) checked,
-        then published (checkpoint.folder_export)
+        checkpoint as Swin(v2)ForMaskedImageModeling (encoder and linear decoder) or, for the
+        ViT, BeitModel (the encoder); a fine-tuned one as Swin(v2)ForImageClassification or
+        BeitForImageClassification; staged beside OUT_DIR, verify(staging) checked, then
+        published (checkpoint.folder_export)
     load_hf_model(folder)                      from_pretrained, refusing missing/unexpected keys
     output_difference(config, state_dict, hf)  ours vs transformers on a random batch (and mask)
     read_hf_checkpoint(folder, model_type)     {'model': its weights under our names}
@@ -18,6 +19,8 @@ import os
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers import (
+    BeitForImageClassification,
+    BeitModel,
     BitImageProcessor,
     SwinForImageClassification,
     SwinForMaskedImageModeling,
@@ -44,9 +47,19 @@ from utils.state_dict import check_fits, num_classes_of
 
 MAX_RELATIVE_DIFFERENCE = 1e-4
 EVAL_RESIZE = 256 / 224  # TEST.CROP: resize the short side to 256/224 of the input, centre-crop
-MIM_CLASSES = {'swin': SwinForMaskedImageModeling, 'swinv2': Swinv2ForMaskedImageModeling}
-CLASSIFIERS = {'swin': SwinForImageClassification, 'swinv2': Swinv2ForImageClassification}
-BASE_PREFIX = {'swin': 'swin.', 'swinv2': 'swinv2.'}  # the base model's attribute in both classes
+# What a pre-training checkpoint becomes: transformers' SimMIM classes for Swin; for the ViT the
+# encoder alone (transformers' BeitForMaskedImageModeling predicts BEiT's visual tokens instead).
+MIM_CLASSES = {
+    'swin': SwinForMaskedImageModeling,
+    'swinv2': Swinv2ForMaskedImageModeling,
+    'vit': BeitModel,
+}
+CLASSIFIERS = {
+    'swin': SwinForImageClassification,
+    'swinv2': Swinv2ForImageClassification,
+    'vit': BeitForImageClassification,
+}
+BASE_PREFIX = {'swin': 'swin.', 'swinv2': 'swinv2.', 'vit': 'beit.'}  # the base model's attribute
 KNOWN_CLASSES = {cls.__name__: (t, cls) for d in (MIM_CLASSES, CLASSIFIERS) for t, cls in d.items()}
 
 
@@ -70,32 +83,42 @@ def _check_mim_config(config):
             )
 
 
+def _prefix(cls, model_type):
+    """Where the base model's weights sit in `cls` ('' in the base model itself)."""
+    return '' if cls is BeitModel else BASE_PREFIX[model_type]
+
+
 def hf_weights(config, state_dict):
-    """(transformers class, its config, its state dict) for our `state_dict` of `config`."""
+    """(transformers class, its config, its state dict, our keys left out) for our `state_dict`
+    of `config`."""
     model_type = config.MODEL.TYPE
+    left_out = []
     if _is_pretraining(state_dict):
-        _check_mim_config(config)
         encoder = {k[len('encoder.') :]: v for k, v in state_dict.items() if k[:8] == 'encoder.'}
         rest = {k: v for k, v in state_dict.items() if not k.startswith('encoder.')}
-        hf = hf_config(config)
         cls = MIM_CLASSES[model_type]
+        if cls is BeitModel:
+            left_out, rest = sorted(rest), {}  # the decoder: BeitModel has no place for it
+        else:
+            _check_mim_config(config)
+        hf = hf_config(config)
     else:
         rest = {k: v for k, v in state_dict.items() if k.startswith('head.')}
         encoder = {k: v for k, v in state_dict.items() if k not in rest}
         rest = {'classifier.' + k[len('head.') :]: v for k, v in rest.items()}
         hf = hf_config(config, num_classes_of(state_dict))
         cls = CLASSIFIERS[model_type]
-    prefix = BASE_PREFIX[model_type]
+    prefix = _prefix(cls, model_type)
     weights = {prefix + k: v for k, v in to_hf(encoder, model_type).items()} | rest
-    return cls, hf, weights
+    return cls, hf, weights, left_out
 
 
 def _loaded_fully(result, what):
     missing = [k for k in result.missing_keys if not k.endswith(REBUILT)]
     if missing or result.unexpected_keys:
         raise UnsupportedInTransformers(
-            f'{what}: transformers lacks {sorted(result.unexpected_keys)[:5]} and has no value '
-            f'for {missing[:5]}.'
+            f"{what}: transformers' model has no place for {sorted(result.unexpected_keys)[:5]} "
+            f'and no value from ours for {missing[:5]}; this model cannot be exported.'
         )
 
 
@@ -122,16 +145,17 @@ def image_processor(config):
 
 
 def export_hf_folder(config, state_dict, out_dir, verify=None):
-    """Write `state_dict` (ours) as a transformers folder in `out_dir`; return the model."""
+    """Write `state_dict` (ours) as a transformers folder in `out_dir`; return (the model, our
+    keys it has no place for)."""
 
     def write(folder):
         transformers_logging.disable_progress_bar()
-        cls, hf, weights = hf_weights(config, state_dict)
+        cls, hf, weights, left_out = hf_weights(config, state_dict)
         model = cls(hf).eval()
         _loaded_fully(model.load_state_dict(weights, strict=False), 'The export')
         model.save_pretrained(folder)
         image_processor(config).save_pretrained(folder)
-        return model
+        return model, left_out
 
     return export_folder(out_dir, 'transformers', write, verify)
 
@@ -193,8 +217,12 @@ def output_difference(config, state_dict, hf_model, batch_size=2, seed=0):
         if _is_pretraining(state_dict):
             grid = size // hf_model.config.patch_size
             mask = (torch.rand(batch_size, grid, grid, generator=generator) < 0.6).float()
-            expected = ours.reconstruct(x, mask)
-            got = hf_model(pixel_values=x, bool_masked_pos=mask.flatten(1).bool()).reconstruction
+            output = hf_model(pixel_values=x, bool_masked_pos=mask.flatten(1).bool())
+            if isinstance(hf_model, BeitModel):  # the patch tokens, as our encoder gives them
+                expected = ours.encoder(x, mask).flatten(2).transpose(1, 2)
+                got = output.last_hidden_state[:, 1:]
+            else:
+                expected, got = ours.reconstruct(x, mask), output.reconstruction
         else:
             expected, got = ours(x), hf_model(pixel_values=x).logits
     return ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
@@ -211,7 +239,7 @@ def read_hf_checkpoint(folder, model_type=None):
     """{'model': weights under our names} for MODEL.PRETRAINED hf:FOLDER: a MIM model gives our
     pre-training names (encoder.*, decoder.*), a classifier our classifier's (head.*)."""
     hf_model = load_hf_model(folder)
-    found = hf_model.config.model_type
+    found = {'beit': 'vit'}.get(hf_model.config.model_type, hf_model.config.model_type)
     if model_type is not None and found != model_type:
         raise IncompatibleCheckpointError(
             f"hf:{folder} is transformers' {type(hf_model).__name__} (our MODEL.TYPE {found}), "
@@ -221,7 +249,7 @@ def read_hf_checkpoint(folder, model_type=None):
         config = load_config_text(hf_config_yaml(hf_model))
     except UnsupportedInTransformers as e:
         raise IncompatibleCheckpointError(f'hf:{folder}: {e}') from None
-    prefix = BASE_PREFIX[found]
+    prefix = _prefix(type(hf_model), found)
     sd = hf_model.state_dict()
     base = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     rest = {k: v for k, v in sd.items() if not k.startswith(prefix)}

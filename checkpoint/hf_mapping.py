@@ -27,11 +27,12 @@ order, so no weight is permuted. Ours -> transformers (block names after
 import re
 
 import torch
-from transformers import SwinConfig, Swinv2Config
+from transformers import BeitConfig, SwinConfig, Swinv2Config
 
 from utils.errors import ConfigError
 
-LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which the official models use
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which the official Swin models use
+VIT_LAYER_NORM_EPS = 1e-6  # the official ViT's (models/vision_transformer.py)
 
 
 class UnsupportedInTransformers(ConfigError):
@@ -44,6 +45,7 @@ def _require(condition, message):
 
 
 # (our regex, transformers' template) per architecture; block-level names after the block prefix.
+SHARED_RPB = r'rel_pos_bias\.relative_position_bias_table'
 _BLOCK = r'layers\.(\d+)\.blocks\.(\d+)\.'
 _HF_BLOCK = r'encoder.layers.\1.blocks.\2.'
 _COMMON = [
@@ -78,14 +80,41 @@ RENAMES = {
         (_BLOCK + r'mlp\.fc1\.(\w+)', _HF_BLOCK + r'intermediate.dense.\3'),
         (_BLOCK + r'mlp\.fc2\.(\w+)', _HF_BLOCK + r'output.dense.\3'),
     ],
+    'vit': [
+        (r'(cls_token|mask_token)', r'embeddings.\1'),
+        (r'pos_embed', 'embeddings.position_embeddings'),
+        (r'patch_embed\.proj\.(\w+)', r'embeddings.patch_embeddings.projection.\1'),
+        (SHARED_RPB, 'shared_position_bias.relative_position_bias_table'),
+        (r'blocks\.(\d+)\.gamma_(\d)', r'layers.\1.lambda_\2'),
+        (r'blocks\.(\d+)\.norm1\.(\w+)', r'layers.\1.layernorm_before.\2'),
+        (r'blocks\.(\d+)\.norm2\.(\w+)', r'layers.\1.layernorm_after.\2'),
+        (r'blocks\.(\d+)\.attn\.(q|v)_bias', r'layers.\1.attention.\2_proj.bias'),
+        (r'blocks\.(\d+)\.attn\.proj\.(\w+)', r'layers.\1.attention.o_proj.\2'),
+        (
+            r'blocks\.(\d+)\.attn\.relative_position_bias_table',
+            r'layers.\1.relative_position_bias.relative_position_bias_table',
+        ),
+        (r'blocks\.(\d+)\.mlp\.(fc\d)\.(\w+)', r'layers.\1.mlp.\2.\3'),
+        (r'norm\.(\w+)', r'layernorm.\1'),
+        (r'fc_norm\.(\w+)', r'pooler.layernorm.\1'),
+    ],
 }
-# Where the fused qkv of block (i, j) goes: the q, k and v row blocks.
-QKV_TARGETS = {
-    'swin': ('attention.q_proj', 'attention.k_proj', 'attention.v_proj'),
-    'swinv2': ('attention.self.query', 'attention.self.key', 'attention.self.value'),
+# A fused qkv tensor: (our regex, transformers' block prefix, the q, k and v names in the block).
+FUSED_QKV = {
+    'swin': (_BLOCK, _HF_BLOCK, ('attention.q_proj', 'attention.k_proj', 'attention.v_proj')),
+    'swinv2': (
+        _BLOCK,
+        _HF_BLOCK,
+        ('attention.self.query', 'attention.self.key', 'attention.self.value'),
+    ),
+    'vit': (
+        r'blocks\.(\d+)\.',
+        r'layers.\1.',
+        ('attention.q_proj', 'attention.k_proj', 'attention.v_proj'),
+    ),
 }
-HF_CONFIGS = {'swin': SwinConfig, 'swinv2': Swinv2Config}
-ARCH_KEYS = {'swin': 'SWIN', 'swinv2': 'SWINV2'}
+HF_CONFIGS = {'swin': SwinConfig, 'swinv2': Swinv2Config, 'vit': BeitConfig}
+ARCH_KEYS = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'vit': 'VIT'}
 REBUILT = ('relative_position_index', 'relative_coords_table', 'attn_mask')  # buffers, not saved
 
 
@@ -95,11 +124,11 @@ def hf_names(key, model_type):
     rebuilt buffer. Raises UnsupportedInTransformers for a tensor with no counterpart."""
     if key.endswith(REBUILT):
         return None
-    fused = re.fullmatch(_BLOCK + r'attn\.qkv\.(weight|bias)', key)
+    block, hf_block, names = FUSED_QKV[model_type]
+    fused = re.fullmatch(block + r'attn\.qkv\.(weight|bias)', key)
     if fused:
-        stage, block, kind = fused.groups()
-        prefix = f'encoder.layers.{stage}.blocks.{block}.'
-        return [f'{prefix}{name}.{kind}' for name in QKV_TARGETS[model_type]]
+        prefix = fused.expand(hf_block)
+        return [f'{prefix}{name}.{fused.groups()[-1]}' for name in names]
     for pattern, template in RENAMES[model_type]:
         if re.fullmatch(pattern, key):
             return [re.sub(f'^{pattern}$', template, key)]
@@ -142,13 +171,14 @@ def _stage_sizes(config, arch):
 
 
 def hf_config(config, num_classes=0):
-    """transformers' config equal to our MODEL.TYPE swin / swinv2 model of `config`."""
+    """transformers' config equal to our model of `config` (MODEL.TYPE swin, swinv2, vit)."""
     model_type = config.MODEL.TYPE
     _require(
         model_type in HF_CONFIGS,
-        f"MODEL.TYPE '{model_type}': the transformers export covers swin and swinv2 "
-        f'(SwinFor* / Swinv2For* classes); a ViT goes to timm (--to timm).',
+        f"MODEL.TYPE '{model_type}': the transformers export covers swin, swinv2 and vit.",
     )
+    if model_type == 'vit':
+        return _beit_config(config, num_classes)
     key = ARCH_KEYS[model_type]
     arch = config.MODEL[key]
     _require(
@@ -200,10 +230,74 @@ def hf_config(config, num_classes=0):
     return HF_CONFIGS[model_type](**kwargs)
 
 
+def _beit_config(config, num_classes):
+    """BeitConfig of our ViT (timm's Beit plus the mask token: the same model as transformers')."""
+    vit = config.MODEL.VIT
+    _require(
+        vit.QKV_BIAS,
+        "MODEL.VIT.QKV_BIAS False: transformers' Beit always has query and value biases.",
+    )
+    _require(
+        float(vit.MLP_RATIO * vit.EMBED_DIM).is_integer(),
+        f'MODEL.VIT.MLP_RATIO {vit.MLP_RATIO}: the hidden width must be a whole number.',
+    )
+    kwargs = dict(
+        image_size=config.DATA.IMG_SIZE,
+        patch_size=vit.PATCH_SIZE,
+        num_channels=vit.IN_CHANS,
+        hidden_size=vit.EMBED_DIM,
+        num_hidden_layers=vit.DEPTH,
+        num_attention_heads=vit.NUM_HEADS,
+        intermediate_size=int(vit.MLP_RATIO * vit.EMBED_DIM),
+        hidden_act='gelu',
+        hidden_dropout_prob=config.MODEL.DROP_RATE,
+        attention_probs_dropout_prob=0.0,
+        drop_path_rate=config.MODEL.DROP_PATH_RATE,
+        layer_norm_eps=VIT_LAYER_NORM_EPS,
+        use_mask_token=not num_classes,  # SimMIM's encoder has one, the classifier not
+        use_absolute_position_embeddings=vit.USE_APE,
+        use_relative_position_bias=vit.USE_RPB,
+        use_shared_relative_position_bias=vit.USE_SHARED_RPB,
+        layer_scale_init_value=vit.INIT_VALUES or 0.0,
+        use_mean_pooling=vit.USE_MEAN_POOLING,
+    )
+    if num_classes:
+        kwargs['num_labels'] = num_classes
+    return BeitConfig(**kwargs)
+
+
+def _whole_if_whole(number):
+    return int(number) if float(number).is_integer() else number  # MODEL.VIT.MLP_RATIO is an int
+
+
+def _config_from_beit(hf):
+    _require(hf.hidden_act == 'gelu', f"hidden_act '{hf.hidden_act}': ours is exact GELU")
+    _require(
+        abs(hf.layer_norm_eps - VIT_LAYER_NORM_EPS) < 1e-12,
+        f'layer_norm_eps {hf.layer_norm_eps}: ours is {VIT_LAYER_NORM_EPS}',
+    )
+    vit = {
+        'PATCH_SIZE': hf.patch_size,
+        'IN_CHANS': hf.num_channels,
+        'EMBED_DIM': hf.hidden_size,
+        'DEPTH': hf.num_hidden_layers,
+        'NUM_HEADS': hf.num_attention_heads,
+        'MLP_RATIO': _whole_if_whole(hf.intermediate_size / hf.hidden_size),
+        'INIT_VALUES': hf.layer_scale_init_value or None,
+        'USE_APE': bool(hf.use_absolute_position_embeddings),
+        'USE_RPB': bool(hf.use_relative_position_bias),
+        'USE_SHARED_RPB': bool(hf.use_shared_relative_position_bias),
+        'USE_MEAN_POOLING': bool(hf.use_mean_pooling),
+    }
+    return {'MODEL': {'TYPE': 'vit', 'VIT': vit}, 'DATA': {'IMG_SIZE': hf.image_size}}
+
+
 def config_from_hf(hf):
     """Our config keys ({'MODEL': ..., 'DATA': ...}) for transformers' Swin / Swinv2 config."""
+    if hf.model_type == 'beit':
+        return _config_from_beit(hf)
     model_type = {'swin': 'swin', 'swinv2': 'swinv2'}.get(hf.model_type)
-    _require(model_type is not None, f"transformers model_type '{hf.model_type}': not swin/swinv2")
+    _require(model_type is not None, f"transformers model_type '{hf.model_type}': not ours")
     _require(not hf.use_absolute_embeddings, 'use_absolute_embeddings: not in our Swin')
     _require(hf.hidden_act == 'gelu', f"hidden_act '{hf.hidden_act}': ours is exact GELU")
     _require(

@@ -1,9 +1,10 @@
 """checkpoint/hf_mapping.py, checkpoint/hf_folder.py, tools/export.py --to hf and MODEL.PRETRAINED
-hf:DIR: our Swin / SwinV2 in Hugging Face transformers and back, on tiny models, offline.
+hf:DIR: our Swin / SwinV2 / ViT in Hugging Face transformers and back, on tiny models, offline.
 
 What is compared (float32, CPU, eval mode, relative to the largest reference value): transformers'
-reconstruction against SimMIM.reconstruct on the same images and mask (pre-training), its logits
-against ours (fine-tuning), and the stage outputs of Swin(v2)Backbone against our stages' outputs.
+reconstruction against SimMIM.reconstruct on the same images and mask (Swin pre-training), its
+logits against ours (fine-tuning), BeitModel's patch tokens against our ViT encoder's, and the
+stage outputs of Swin(v2)Backbone against our stages' outputs.
 """
 
 import os
@@ -12,6 +13,8 @@ import pytest
 import torch
 from transformers import (
     AutoImageProcessor,
+    BeitForImageClassification,
+    BeitModel,
     SwinBackbone,
     SwinForImageClassification,
     SwinForMaskedImageModeling,
@@ -239,3 +242,58 @@ def test_an_export_that_does_not_reproduce_the_model_is_not_published(
     assert export([path, '--to', 'hf', str(tmp_path / 'hf')]) == 1
     assert 'differs from ours by 5.0e-01' in capsys.readouterr().err
     assert not (tmp_path / 'hf').exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# ViT -> BeitModel / BeitForImageClassification
+# ------------------------------------------------------------------------------------------------
+VIT = (
+    'MODEL:\n  TYPE: vit\n{classes}  VIT:\n    PATCH_SIZE: 8\n    EMBED_DIM: 24\n    DEPTH: 2\n'
+    '    NUM_HEADS: 2\n{extra}DATA:\n  IMG_SIZE: 32\n  MASK_PATCH_SIZE: 16\n'
+)
+VIT_VARIANTS = {
+    'shared_rpb': '',
+    'rpb_mean_pooling': (
+        '    USE_RPB: True\n    USE_SHARED_RPB: False\n    USE_MEAN_POOLING: True\n'
+    ),
+    'ape': '    USE_APE: True\n    USE_SHARED_RPB: False\n    INIT_VALUES: None\n',
+}
+
+
+@pytest.mark.parametrize('variant', list(VIT_VARIANTS))
+def test_vit_exports_as_beit_with_our_features_logits_and_round_trip(tmp_path, variant):
+    outputs = {}
+    for pretrain in (True, False):
+        text = VIT.format(
+            classes='' if pretrain else f'  NUM_CLASSES: {NUM_CLASSES}\n',
+            extra=VIT_VARIANTS[variant],
+        )
+        config = load_config_text(text, is_pretrain=pretrain)
+        model = randomize(build_model(config, is_pretrain=pretrain))
+        path = str(tmp_path / f'{pretrain}.pth')
+        torch.save({'model': model.state_dict(), 'config': config.dump()}, path)
+        out = str(tmp_path / f'hf_{pretrain}')
+        assert export([path, '--to', 'hf', out]) == 0
+        cls = BeitModel if pretrain else BeitForImageClassification
+        hf_model, info = from_pretrained(cls, out)
+        assert not info['missing_keys'] and not info['unexpected_keys']
+        generator = torch.Generator().manual_seed(3)
+        x = torch.randn(2, 3, 32, 32, generator=generator)
+        mask = (torch.rand(2, 4, 4, generator=generator) < 0.5).float()
+        with torch.no_grad():
+            if pretrain:
+                expected = model.encoder(x, mask).flatten(2).transpose(1, 2)  # patch tokens
+                got = hf_model(pixel_values=x, bool_masked_pos=mask.flatten(1).bool())
+                got = got.last_hidden_state[:, 1:]
+            else:
+                expected, got = model(x), hf_model(pixel_values=x).logits
+        outputs[pretrain] = relative_difference(got, expected)
+        back = read_hf_checkpoint(out, 'vit')['model']
+        ours = {
+            k: v
+            for k, v in model.state_dict().items()
+            if not k.endswith(REBUILT) and not k.startswith('decoder.')  # BeitModel: no decoder
+        }
+        assert back.keys() == ours.keys()
+        assert all(torch.equal(back[k], ours[k]) for k in ours)
+    assert outputs[True] < 1e-4 and outputs[False] < 1e-4

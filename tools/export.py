@@ -106,22 +106,25 @@ def export_hf(checkpoint, args, out_dir):
                     f"with the checkpoint's config."
                 )
 
-    model = hf_folder.export_hf_folder(config, weights, out_dir, verify)
+    model, left_out = hf_folder.export_hf_folder(config, weights, out_dir, verify)
     print(
         f'Wrote {out_dir}/config.json, model.safetensors and preprocessor_config.json: '
         f'transformers {type(model).__name__} '
         f'({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters).'
     )
+    if left_out:
+        print(f'Left out (no place in {type(model).__name__}): {", ".join(left_out)}')
     if differences:
-        what = 'reconstruction' if 'Masked' in type(model).__name__ else 'logits'
+        name = type(model).__name__
+        what = 'reconstruction' if 'Masked' in name else 'logits' if 'For' in name else 'features'
         print(
             f"transformers' {what} (read from the written files) vs ours on a random batch: "
             f'max relative difference {differences[-1]:.1e}.'
         )
     print(
         f"Load it: transformers.{type(model).__name__}.from_pretrained('{out_dir}') (the "
-        f'encoder alone: {type(model).__name__.split("For")[0]}Model or '
-        f'{type(model).__name__.split("For")[0]}Backbone), or --pretrained hf:{out_dir}.'
+        f'encoder alone: {type(model).__name__.split("For")[0].replace("Model", "")}Model or '
+        f'...Backbone), or --pretrained hf:{out_dir}.'
     )
 
 
