@@ -113,7 +113,8 @@ def test_finetuned_export_is_transformers_classifier_with_our_logits(tmp_path, m
     assert processor.size == {'shortest_edge': 73}
 
 
-@pytest.mark.parametrize(('model_type', 'pretrain'), [('swin', True), ('swinv2', False)])
+@pytest.mark.parametrize('pretrain', [True, False])
+@pytest.mark.parametrize('model_type', ['swin', 'swinv2'])
 def test_ours_to_transformers_to_ours_gives_identical_tensors(tmp_path, model_type, pretrain):
     _, model, path = make_checkpoint(tmp_path, model_type, pretrain)
     assert export([path, '--to', 'hf', str(tmp_path / 'hf')]) == 0
