@@ -18,6 +18,9 @@ import uuid
 
 import numpy as np
 import wandb
+import yaml
+
+from utils.errors import ConfigError
 
 METRICS_FILE = 'metrics.jsonl'
 WANDB_ID_FILE = 'wandb_run_id'
@@ -86,18 +89,26 @@ def _wandb_run_id(output):
 
 
 def start_wandb(config):
-    """A W&B run for this run folder (resumed when it has one), logging under LOGGING.*."""
+    """A W&B run for this run folder (resumed when it has one), logging under LOGGING.*; a
+    ConfigError saying what to do when W&B cannot start."""
     logging_config = config.LOGGING
-    return wandb.init(
-        project=logging_config.WANDB_PROJECT,
-        entity=logging_config.WANDB_ENTITY or None,
-        name=logging_config.WANDB_NAME or f'{config.MODEL.NAME}/{config.TAG}',
-        id=_wandb_run_id(config.OUTPUT),
-        resume='allow',
-        # WANDB_DIR, when set, decides; else the W&B files stay in the run folder.
-        dir=None if os.environ.get('WANDB_DIR') else config.OUTPUT,
-        config={'yaml': config.dump()},
-    )
+    try:
+        return wandb.init(
+            project=logging_config.WANDB_PROJECT,
+            entity=logging_config.WANDB_ENTITY or None,
+            name=logging_config.WANDB_NAME or f'{config.MODEL.NAME}/{config.TAG}',
+            id=_wandb_run_id(config.OUTPUT),
+            resume='allow',
+            # WANDB_DIR, when set, decides; else the W&B files stay in the run folder.
+            dir=None if os.environ.get('WANDB_DIR') else config.OUTPUT,
+            config=yaml.safe_load(config.dump()),
+        )
+    except (wandb.errors.Error, ValueError) as e:  # ValueError: a bad WANDB_* setting
+        raise ConfigError(
+            f'LOGGING.WANDB is on, but Weights & Biases could not start: {e}. Log in once '
+            f'(`wandb login`, or set WANDB_API_KEY), set WANDB_MODE=offline to keep the run on '
+            f'this machine (`wandb sync` uploads it later), or drop --wandb.'
+        ) from None
 
 
 class Tracker:
@@ -139,6 +150,7 @@ class Tracker:
             self.tensorboard.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+            wandb.teardown()  # ends W&B's service process and forgets its settings
 
 
 def build_tracker(config, logger):

@@ -149,6 +149,17 @@ def test_wandb_offline_logs_the_scalars_and_images_and_resumes_the_same_run(tmp_
         assert glob.glob(os.path.join(folder, 'files', 'media', 'images', f'*_{step}_*.png'))
 
 
+def test_wandb_that_cannot_start_is_one_paragraph_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv('WANDB_MODE', 'sideways')  # not a mode: W&B refuses to start
+    monkeypatch.setenv('WANDB_DIR', str(tmp_path))
+    code, _ = pretrain(tmp_path / 'out', 'TRAIN.EPOCHS', 1, extra=['--wandb'])
+    assert code == 2
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert 'LOGGING.WANDB is on, but Weights & Biases could not start' in out
+    assert 'WANDB_MODE=offline' in out and 'Traceback' not in out
+
+
 # ------------------------------------------------------------------------------------------------
 # tools/plot_curves.py
 # ------------------------------------------------------------------------------------------------
