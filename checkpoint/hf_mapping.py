@@ -1,27 +1,17 @@
-"""Our Swin / SwinV2 state dicts (the official SimMIM names) and Hugging Face transformers' (5.x).
+"""Our Swin / SwinV2 / ViT (the official SimMIM names and configs) and Hugging Face
+transformers' Swin / Swinv2 / Beit (5.x), both ways.
 
-    hf_config(config, num_classes)      transformers' SwinConfig / Swinv2Config equal to ours;
-                                        raises UnsupportedInTransformers naming a key it lacks
-    to_hf(state_dict, model_type)       our names -> transformers' (one model's prefix-free keys)
-    from_hf(state_dict, model_type)     transformers' -> ours (to_hf's inverse)
+    hf_config(config, num_classes=0)    transformers' config equal to ours; raises
+                                        UnsupportedInTransformers naming a key it lacks
+    hf_names(key, model_type)           transformers' name(s) of one of our encoder tensors
+    to_hf(state_dict, model_type)       our encoder's names -> transformers' base model's
+    from_hf(state_dict, our_keys, model_type)   the inverse, for the keys our model has
     config_from_hf(hf_config)           our config keys ({'MODEL': ..., 'DATA': ...})
 
-The mapping, read off transformers' modeling_swin.py / modeling_swinv2.py. Both down-sample at the
-end of stage i like the official code and concatenate each 2x2 neighbourhood in the official
-order, so no weight is permuted. Ours -> transformers (block names after
-`encoder.layers.i.blocks.j.`; Swin | SwinV2 where they differ):
-
-    mask_token, patch_embed.proj, patch_embed.norm -> embeddings.mask_token,
-        embeddings.patch_embeddings.projection, embeddings.norm
-    norm1, norm2 -> layernorm_before, layernorm_after (SwinV2's post-norms: the same places)
-    attn.qkv (rows q, k, v) -> attention.{q,k,v}_proj | attention.self.{query,key,value}
-    attn.q_bias, attn.v_bias (SwinV2) -> attention.self.query.bias, attention.self.value.bias
-    attn.proj -> attention.o_proj | attention.output.dense
-    attn.relative_position_bias_table (Swin) -> attention.relative_position_bias.(same)
-    attn.logit_scale, attn.cpb_mlp (SwinV2) -> attention.self.logit_scale,
-        attention.self.continuous_position_bias_mlp
-    mlp.fc1, mlp.fc2 -> mlp.fc1, mlp.fc2 | intermediate.dense, output.dense
-    layers.i.downsample, norm -> encoder.layers.i.downsample, layernorm
+The names were read off transformers' modeling_swin.py, modeling_swinv2.py and modeling_beit.py;
+the table of what maps to what is in docs/interop.md (Hugging Face transformers). Both libraries
+down-sample at the end of a stage and concatenate each 2x2 neighbourhood in the official order, so
+no weight is permuted; only the fused qkv is split into three projections.
 """
 
 import re
@@ -270,12 +260,17 @@ def _whole_if_whole(number):
     return int(number) if float(number).is_integer() else number  # MODEL.VIT.MLP_RATIO is an int
 
 
-def _config_from_beit(hf):
+def _check_layers(hf, layer_norm_eps):
+    """The activation and LayerNorm eps transformers' config may vary and ours fixes."""
     _require(hf.hidden_act == 'gelu', f"hidden_act '{hf.hidden_act}': ours is exact GELU")
     _require(
-        abs(hf.layer_norm_eps - VIT_LAYER_NORM_EPS) < 1e-12,
-        f'layer_norm_eps {hf.layer_norm_eps}: ours is {VIT_LAYER_NORM_EPS}',
+        abs(hf.layer_norm_eps - layer_norm_eps) < 1e-12,
+        f'layer_norm_eps {hf.layer_norm_eps}: ours is {layer_norm_eps}',
     )
+
+
+def _config_from_beit(hf):
+    _check_layers(hf, VIT_LAYER_NORM_EPS)
     vit = {
         'PATCH_SIZE': hf.patch_size,
         'IN_CHANS': hf.num_channels,
@@ -293,17 +288,14 @@ def _config_from_beit(hf):
 
 
 def config_from_hf(hf):
-    """Our config keys ({'MODEL': ..., 'DATA': ...}) for transformers' Swin / Swinv2 config."""
+    """Our config keys ({'MODEL': ..., 'DATA': ...}) for transformers' Swin / Swinv2 / Beit
+    config."""
     if hf.model_type == 'beit':
         return _config_from_beit(hf)
     model_type = {'swin': 'swin', 'swinv2': 'swinv2'}.get(hf.model_type)
     _require(model_type is not None, f"transformers model_type '{hf.model_type}': not ours")
     _require(not hf.use_absolute_embeddings, 'use_absolute_embeddings: not in our Swin')
-    _require(hf.hidden_act == 'gelu', f"hidden_act '{hf.hidden_act}': ours is exact GELU")
-    _require(
-        abs(hf.layer_norm_eps - LAYER_NORM_EPS) < 1e-12,
-        f'layer_norm_eps {hf.layer_norm_eps}: ours is {LAYER_NORM_EPS}',
-    )
+    _check_layers(hf, LAYER_NORM_EPS)
     arch = {
         'PATCH_SIZE': hf.patch_size,
         'IN_CHANS': hf.num_channels,
