@@ -43,6 +43,7 @@ from checkpoint.hf_mapping import (
 from config import load_config_text
 from models import build_classifier, build_simmim
 from utils.errors import CheckpointError, IncompatibleCheckpointError
+from utils.safetensors_io import check_safetensors_file
 from utils.state_dict import check_fits, num_classes_of
 
 MAX_RELATIVE_DIFFERENCE = 1e-4
@@ -176,6 +177,9 @@ def load_hf_model(folder):
             f'{", ".join(KNOWN_CLASSES)}.'
         )
     cls = KNOWN_CLASSES[architectures[0]][1]
+    weights = os.path.join(folder, 'model.safetensors')
+    if os.path.isfile(weights):
+        check_safetensors_file(weights, f'hf:{folder}: the weights file')
     transformers_logging.disable_progress_bar()
     try:
         model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True)

@@ -30,7 +30,7 @@ from config import load_config_text
 from models import build_model
 from tests.test_timm_interop import randomize, relative_difference
 from tools.export import main as export
-from utils.errors import IncompatibleCheckpointError
+from utils.errors import CheckpointError, IncompatibleCheckpointError
 
 # Three stages on 64-px images: 16, 8 and 4-patch maps, none smaller than the 4-patch window.
 SWIN = (
@@ -298,3 +298,14 @@ def test_vit_exports_as_beit_with_our_features_logits_and_round_trip(tmp_path, v
         assert back.keys() == ours.keys()
         assert all(torch.equal(back[k], ours[k]) for k in ours)
     assert outputs[True] < 1e-4 and outputs[False] < 1e-4
+
+
+def test_a_missing_or_damaged_folder_names_the_problem(tmp_path):
+    _, _, path = make_checkpoint(tmp_path, 'swin', pretrain=False)
+    assert export([path, '--to', 'hf', str(tmp_path / 'hf')]) == 0
+    with pytest.raises(CheckpointError, match='has no config.json'):
+        read_hf_checkpoint(str(tmp_path / 'nowhere'), 'swin')
+    weights = tmp_path / 'hf' / 'model.safetensors'
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a cut-off copy
+    with pytest.raises(CheckpointError, match='the weights file'):
+        read_hf_checkpoint(str(tmp_path / 'hf'), 'swin')
