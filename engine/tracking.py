@@ -67,11 +67,18 @@ class MetricsFile:
 
 
 def read_metrics(path):
-    """The records of a metrics.jsonl file (a folder: its metrics.jsonl), in file order."""
+    """The records of a metrics.jsonl file (a folder: its metrics.jsonl), in file order; a last
+    line cut short by a kill is left out (any other bad line raises ValueError)."""
     if os.path.isdir(path):
         path = os.path.join(path, METRICS_FILE)
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    if lines and not lines[-1].endswith('\n'):
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+    return [json.loads(line) for line in lines]
 
 
 def _wandb_run_id(output):

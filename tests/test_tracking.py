@@ -68,6 +68,7 @@ def test_metrics_file_drops_a_line_cut_short_and_lines_past_the_first_new_step(t
     path = tmp_path / METRICS_FILE
     lines = [json.dumps({'kind': 'train', 'step': s, 'epoch': 0, 'loss': s}) for s in range(5)]
     path.write_text('\n'.join(lines) + '\n{"kind": "train", "st')  # killed mid-write
+    assert [r['step'] for r in read_metrics(str(path))] == [0, 1, 2, 3, 4]  # what a plot reads
     metrics = MetricsFile(str(path))
     metrics.write({'kind': 'train', 'step': 3, 'epoch': 0, 'loss': 30.0})
     metrics.close()
