@@ -12,6 +12,7 @@ All values sit on one step axis: the global training step `epoch * steps_per_epo
 """
 
 import json
+import logging
 import math
 import os
 import uuid
@@ -24,6 +25,7 @@ from utils.errors import ConfigError
 
 METRICS_FILE = 'metrics.jsonl'
 WANDB_ID_FILE = 'wandb_run_id'
+logger = logging.getLogger('simmim.tracking')
 
 
 class MetricsFile:
@@ -34,13 +36,23 @@ class MetricsFile:
     def __init__(self, path):
         self.path = path
         self._file = None
+        self._failed = False
 
     def write(self, record):
-        if self._file is None:
-            self._drop_lines_from(record['step'])
-            self._file = open(self.path, 'a')
-        self._file.write(json.dumps(record, allow_nan=True) + '\n')
-        self._file.flush()
+        if self._failed:
+            return
+        try:
+            if self._file is None:
+                self._drop_lines_from(record['step'])
+                self._file = open(self.path, 'a')
+            self._file.write(json.dumps(record, allow_nan=True) + '\n')
+            self._file.flush()
+        except OSError as e:  # e.g. a full disk: the record is lost, never the training run
+            self._failed = True
+            logger.warning(
+                f'{self.path}: cannot write ({e.strerror or e}); no more lines are written there '
+                f'in this run. TensorBoard, W&B and checkpoints go on.'
+            )
 
     def _drop_lines_from(self, step):
         if not os.path.exists(self.path):

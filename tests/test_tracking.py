@@ -1,8 +1,10 @@
 """engine/tracking.py: OUTPUT/metrics.jsonl across resumes, W&B in offline mode (nothing leaves
 the machine), and tools/plot_curves.py drawing runs from their metrics.jsonl."""
 
+import errno
 import glob
 import json
+import logging
 import os
 
 import numpy as np
@@ -78,6 +80,22 @@ def test_metrics_file_drops_a_line_cut_short_and_lines_past_the_first_new_step(t
         (2, 2),
         (3, 30.0),
     ]
+
+
+def test_a_metrics_file_that_cannot_be_written_warns_once_and_training_goes_on(tmp_path, caplog):
+    metrics = MetricsFile(str(tmp_path / METRICS_FILE))
+    metrics.write({'kind': 'train', 'step': 0, 'epoch': 0})
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+
+    metrics._file = FullDisk()
+    with caplog.at_level(logging.WARNING, logger='simmim.tracking'):
+        for step in (1, 2):
+            metrics.write({'kind': 'train', 'step': step, 'epoch': 0})  # raises nothing
+    assert [r.getMessage().count('No space left on device') for r in caplog.records] == [1]
+    assert [r['step'] for r in read_metrics(str(tmp_path))] == [0]
 
 
 # ------------------------------------------------------------------------------------------------
