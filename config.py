@@ -113,8 +113,9 @@ _C.MODEL = CN()
 _C.MODEL.TYPE = 'swin'  # a registered architecture (models/architectures.py): swin | swinv2 | vit
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'  # logger name and output sub-folder
 # Weights to start from (Swin-Transformer key): fine-tuning's model, or pre-training's encoder. A
-# checkpoint (.pth or .safetensors), or timm:NAME_OR_FOLDER for a timm model
-# (checkpoint/timm_folder.py).
+# checkpoint (.pth or .safetensors), timm:NAME_OR_FOLDER for a timm model
+# (checkpoint/timm_folder.py), or hf:FOLDER for a transformers Swin / SwinV2 folder
+# (checkpoint/hf_folder.py).
 _C.MODEL.PRETRAINED = ''
 _C.MODEL.RESUME = ''  # checkpoint to resume from
 # Fine-tuning classes. 0 = the number of class sub-folders found in the data (the official code
@@ -307,6 +308,15 @@ _C.CHECKPOINT.STEP_FREQ = 0
 _C.CHECKPOINT.KEEP_STEP_CKPTS = 2  # how many of the newest step checkpoints to keep
 
 _C.TENSORBOARD = True  # TensorBoard scalars on rank 0, in OUTPUT/tensorboard
+# Weights & Biases (engine/tracking.py), rank 0: the same scalars and reconstruction images as
+# TensorBoard. The run id is kept in OUTPUT/wandb_run_id, so an auto-resume continues the W&B run.
+# WANDB_MODE=offline (environment) keeps everything on the machine. OUTPUT/metrics.jsonl is
+# written by every run regardless.
+_C.LOGGING = CN()
+_C.LOGGING.WANDB = False  # also --wandb
+_C.LOGGING.WANDB_PROJECT = 'simmim'
+_C.LOGGING.WANDB_ENTITY = ''  # '' = the account's default entity
+_C.LOGGING.WANDB_NAME = ''  # display name; '' = MODEL.NAME/TAG
 # Reconstruction grid (original | masked | prediction | prediction pasted into the visible pixels)
 # of a fixed batch, written as PNG and to TensorBoard every VIS_FREQ epochs (0 = never) and at the
 # end of pre-training when > 0.
@@ -476,6 +486,10 @@ def check_common_keys(config: CN) -> None:
     require_choice('TRAIN.COMPILE', config.TRAIN.COMPILE, COMPILE_MODES, 'modes')
     require_choice(
         'TRAIN.COMPILE_BACKEND', config.TRAIN.COMPILE_BACKEND, COMPILE_BACKENDS, 'backends'
+    )
+    require(
+        not config.LOGGING.WANDB or bool(config.LOGGING.WANDB_PROJECT),
+        'LOGGING.WANDB is on but LOGGING.WANDB_PROJECT is empty; name the W&B project.',
     )
     crop = list(config.AUG.CROP_SCALE)
     require(

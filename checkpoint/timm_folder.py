@@ -14,11 +14,8 @@ Nothing here downloads: a model name is only looked up in the local Hugging Face
 """
 
 import difflib
-import errno
 import json
 import os
-import shutil
-import tempfile
 
 import timm
 import torch
@@ -27,16 +24,11 @@ from safetensors import SafetensorError
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_pretrained_cfg, save_for_hf
 
+from checkpoint.folder_export import export_folder
 from config import load_config_text
 from models import ARCHITECTURES, build_classifier
 from models.timm_mapping import UnsupportedInTimm
-from utils.atomic_write import fsync_folder, usual_mode
-from utils.errors import (
-    CheckpointError,
-    CheckpointWriteError,
-    ConfigError,
-    IncompatibleCheckpointError,
-)
+from utils.errors import CheckpointError, ConfigError, IncompatibleCheckpointError
 from utils.safetensors_io import check_safetensors_file
 from utils.state_dict import check_fits, num_classes_of
 
@@ -112,39 +104,17 @@ def export_timm_folder(config, state_dict, out_dir, info=None, verify=None):
     """Write `state_dict` (our names) as a timm folder in `out_dir`; return the timm model.
 
     timm's own save_for_hf writes the files (so config.json is exactly its format) into a staging
-    folder beside `out_dir`, with the permissions of any new file (the umask); `verify(staging)`
-    then checks them there, and whatever it raises leaves `out_dir` as it was. Only then are they
-    published: a new `out_dir` is the staging folder renamed, an earlier export gets each file by
-    an atomic rename. `info` goes into config.json's 'simmim' entry, which timm ignores."""
-    target = os.path.normpath(os.path.abspath(out_dir))
-    parent = os.path.dirname(target)
-    if os.path.exists(target) and not os.path.isdir(target):
-        raise ConfigError(
-            f'{out_dir} is a file, but a timm export is a folder (config.json and '
-            f'model.safetensors). Pass a new folder or an earlier export.'
-        )
-    try:
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(target)}.export-', dir=parent)
-    except OSError as e:
-        raise ConfigError(
-            f'Cannot write to {out_dir}: {e.strerror or e}. Pick a folder you can write to.'
-        ) from None
-    try:
+    folder beside `out_dir` (checkpoint.folder_export): `verify(staging)` checks them there, and
+    whatever it raises leaves `out_dir` as it was. `info` goes into config.json's 'simmim' entry,
+    which timm ignores."""
+    model, model_args = None, None
+
+    def write(folder):
+        nonlocal model, model_args
         model, model_args = build_timm_model(config, state_dict)
-        try:
-            _write_timm_files(model, model_args, config, staging, info)
-        except OSError as e:
-            raise CheckpointWriteError(
-                f'Could not write the timm export {out_dir}: '
-                f'{"the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e}. '
-                f'Nothing was replaced: an earlier export there is intact.'
-            ) from None
-        if verify is not None:
-            verify(staging)
-        _publish(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already when it became `target`
+        _write_timm_files(model, model_args, config, folder, info)
+
+    export_folder(out_dir, 'timm', write, verify)
     return model
 
 
@@ -165,25 +135,6 @@ def _write_timm_files(model, model_args, config, folder, info):
     hf_config['simmim'] = dict(info or {})
     with open(path, 'w') as f:
         json.dump(hf_config, f, indent=2)
-    for name in os.listdir(folder):
-        file = os.path.join(folder, name)
-        os.chmod(file, usual_mode())  # safetensors writes through a private (0600) file
-        with open(file, 'rb') as f:
-            os.fsync(f.fileno())
-
-
-def _publish(staging, target):
-    """Move the verified files of `staging` to `target`: the whole folder in one rename when
-    `target` is new, else file by file (each rename atomic), so no reader sees a half-written
-    file."""
-    if os.path.isdir(target):
-        for name in sorted(os.listdir(staging), key=lambda n: n == 'config.json'):
-            os.replace(os.path.join(staging, name), os.path.join(target, name))
-        fsync_folder(target)
-    else:
-        os.chmod(staging, usual_mode(folder=True))  # mkdtemp's folder is private (0700)
-        os.rename(staging, target)
-    fsync_folder(os.path.dirname(target))
 
 
 def output_difference(config, state_dict, timm_model, batch_size=2, seed=0):

@@ -19,6 +19,7 @@ from timm.utils import unwrap_model
 from torch import nn
 from yacs.config import CfgNode
 
+from checkpoint.hf_folder import read_hf_checkpoint
 from checkpoint.timm_folder import read_timm_checkpoint
 from models.registry import get_architecture
 from utils.errors import IncompatibleCheckpointError
@@ -135,13 +136,16 @@ def load_pretrained(
     """Load config.MODEL.PRETRAINED into `model` (strict=False after adapting names and shapes)
     and log what was loaded, what is newly initialised and what was ignored. Returns a
     LoadReport; raises IncompatibleCheckpointError for a checkpoint of another model.
-    'timm:NAME_OR_FOLDER' reads a timm model's weights (checkpoint.timm_folder) under our names."""
+    'timm:NAME_OR_FOLDER' reads a timm model's weights (checkpoint.timm_folder) under our names,
+    'hf:FOLDER' a transformers Swin / SwinV2 folder's (checkpoint.hf_folder)."""
     path = config.MODEL.PRETRAINED
     log_info(logger, f'Loading pre-trained weights from {path}')
     model = unwrap_model(model)
     model_state = model.state_dict()
     if path.startswith('timm:'):
         checkpoint = read_timm_checkpoint(path[len('timm:') :], config.MODEL.TYPE)
+    elif path.startswith('hf:'):
+        checkpoint = read_hf_checkpoint(path[len('hf:') :], config.MODEL.TYPE)
     else:
         checkpoint = load_checkpoint_file(path, 'MODEL.PRETRAINED')
     sd = adapt_state_dict(checkpoint, model_state, config.MODEL.TYPE, _patch_grid(model), logger)

@@ -4,7 +4,7 @@
     ValidateAndKeepBest    fine-tuning: validation accuracy, and OUTPUT/model_best.pth on a new best
 
 Both put their values on the global step of the epoch's last training step, the axis of the
-training scalars in TensorBoard.
+training scalars (engine/tracking.py).
 """
 
 import os
@@ -21,7 +21,8 @@ from utils.atomic_write import atomic_save
 
 class ReconstructionLogger:
     """Writes the grid of a fixed batch every VIS_FREQ epochs (and after the last epoch), as
-    OUTPUT/reconstructions/epoch_{e}.png and to TensorBoard, at the epoch's last training step
+    OUTPUT/reconstructions/epoch_{e}.png and to TensorBoard / W&B (`writer`, an
+    engine.tracking.Tracker), at the epoch's last training step
     when `steps_per_epoch` is given. With `write` False it only runs the model (the other ranks of
     a sharded model, which must join every forward)."""
 
@@ -48,11 +49,12 @@ class ReconstructionLogger:
         self.images = torch.stack([s[0] for s in samples]).to(device)
         self.mask = torch.stack([s[1] for s in samples]).to(device)
         if logger is not None and write:
+            images = writer is not None and writer.logs_images
             logger.info(
                 f'reconstruction grids of {count} fixed images every {config.VIS_FREQ} '
                 f'epochs and after the last: {self.folder}/epoch_N.png (columns: '
                 f'{", ".join(COLUMNS)})'
-                f'{" and TensorBoard images" if writer is not None else ""}'
+                f'{" and to TensorBoard / W&B" if images else ""}'
             )
 
     def __call__(self, epoch):
@@ -68,7 +70,7 @@ class ReconstructionLogger:
         save_png(grid, path, min_cell=128, labels=True)
         if self.writer is not None:
             step = epoch_end_step(epoch, self.steps_per_epoch) if self.steps_per_epoch else epoch
-            self.writer.add_image('reconstruction', grid, step)
+            self.writer.image('reconstruction', grid, step)
         return path
 
 
@@ -111,7 +113,5 @@ class ValidateAndKeepBest:
         logger.info(f'Max accuracy: {state.max_accuracy:.2f}%')
         if self.writer is not None:
             step = epoch_end_step(epoch, trainer.steps_per_epoch)
-            self.writer.add_scalar('val/acc1', acc1, step)
-            self.writer.add_scalar('val/acc5', acc5, step)
-            self.writer.add_scalar('val/loss', loss, step)
+            self.writer.log('val', step, epoch, {'acc1': acc1, 'acc5': acc5, 'loss': loss})
         return acc1

@@ -1,5 +1,6 @@
 """What both entry scripts do before and around training: config, process group, output folder,
-logger, TensorBoard, and turning known failures into one clear paragraph and an exit code."""
+logger, the trackers (engine/tracking.py), and turning known failures into one clear paragraph
+and an exit code."""
 
 import os
 import sys
@@ -9,6 +10,7 @@ import torch
 
 from config import get_config
 from engine.run_folder import release_output_folders, take_output_folder
+from engine.tracking import build_tracker
 from logger import create_logger
 from utils.arguments import build_arg_parser
 from utils.distributed import cleanup, init_distributed, seed_everything
@@ -51,8 +53,8 @@ def setup(argv: Sequence[str] | None, task: Task) -> tuple:
     """Parse `argv` for `task` (utils.tasks), build the frozen config, join the process group,
     prepare OUTPUT and logging.
 
-    Returns (config, dist_info, logger, writer); `writer` is a TensorBoard SummaryWriter on rank 0
-    when TENSORBOARD is on, else None.
+    Returns (config, dist_info, logger, writer); `writer` is an engine.tracking.Tracker on rank 0
+    (metrics.jsonl, TensorBoard when TENSORBOARD is on, W&B when LOGGING.WANDB is), else None.
     """
     args = build_arg_parser(finetune=task.finetune_flags).parse_args(argv)
     notes = []  # what a flag changed besides its key, config_warnings: logged below
@@ -77,15 +79,7 @@ def setup(argv: Sequence[str] | None, task: Task) -> tuple:
     writer = None
     if dist_info.is_main:
         logger.debug(config.dump())  # config.yaml is written once the run starts (record_config)
-        if config.TENSORBOARD:
-            from torch.utils.tensorboard import SummaryWriter
-
-            log_dir = os.path.join(config.OUTPUT, 'tensorboard')
-            writer = SummaryWriter(log_dir=log_dir)
-            logger.info(
-                f'TensorBoard scalars (and reconstruction images) in {log_dir}: '
-                f'tensorboard --logdir {log_dir}'
-            )
+        writer = build_tracker(config, logger)
     return config, dist_info, logger, writer
 
 

@@ -1,4 +1,5 @@
-"""Training statistics kept on the device, and the log line and TensorBoard scalars made from them.
+"""Training statistics kept on the device, and the log line made from them
+(the scalars go through engine/tracking.py).
 
 The loop adds to these every step without reading them back; a log line (every PRINT_FREQ steps)
 is the only host-device sync of its window.
@@ -119,9 +120,3 @@ def epoch_end_step(epoch, steps_per_epoch):
     """The global step of epoch `epoch`'s last training step: where per-epoch values (validation,
     reconstructions) go on the axis of the training scalars."""
     return (epoch + 1) * steps_per_epoch - 1
-
-
-def write_train_scalars(writer, step, scalars):
-    """`scalars` ({name: value}) under train/ in TensorBoard at `step`."""
-    for name, value in scalars.items():
-        writer.add_scalar(f'train/{name}', value, step)

@@ -33,7 +33,6 @@ from engine.train_stats import (
     WindowTiming,
     peak_memory_mb,
     progress_line,
-    write_train_scalars,
 )
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer, supports_found_inf
@@ -257,9 +256,10 @@ class Trainer:
         covered = (
             f' (steps {start_step}-{last_step}: this epoch since the resume)' if start_step else ''
         )
-        self.logger.info(
-            f'EPOCH {epoch} training takes {took}, loss avg {stats.read()["loss_avg"]:.4f}{covered}'
-        )
+        loss_avg = stats.read()['loss_avg']
+        self.logger.info(f'EPOCH {epoch} training takes {took}, loss avg {loss_avg:.4f}{covered}')
+        if self.writer is not None:
+            self.writer.log('epoch', last_step + epoch * num_steps, epoch, {'loss_avg': loss_avg})
         bad_images = getattr(self.data_loader.dataset, 'unreadable_report', lambda: '')()
         if bad_images:
             self.logger.warning(f'EPOCH {epoch}: {bad_images}')
@@ -335,10 +335,12 @@ class Trainer:
         )
         self.logger.info(line)
         if self.writer is not None:
-            write_train_scalars(
-                self.writer,
+            self.writer.log(
+                'train',
                 epoch * num_steps + idx,
+                epoch,
                 {
+                    'update': self.state.global_update,
                     'loss': values['loss'],
                     'lr': lr,
                     'grad_norm': values['grad_norm'],

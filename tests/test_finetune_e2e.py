@@ -12,6 +12,7 @@ import main_finetune
 import main_simmim
 from data.synthetic import SyntheticShapes
 from engine.launch import run
+from engine.tracking import read_metrics
 from tests.conftest import ROOT
 from utils.safe_load import load_checkpoint_file
 
@@ -133,6 +134,10 @@ def test_finetune_from_our_pretraining_then_eval_reproduces_accuracy(
         for a in re.findall(r'Accuracy of the network on the 18 test images: ([\d.]+)%', log)
     ]
     assert len(logged) == 2
+    metrics = read_metrics(os.path.join(str(tmp_path), 'simmim_finetune', FT_TAG))
+    val = [r for r in metrics if r['kind'] == 'val']
+    assert [round(r['acc1'], 3) for r in val] == logged  # one line per epoch, as logged
+    assert [r['epoch'] for r in val] == [0, 1] and all('acc5' in r for r in val)
     best = load_checkpoint_file(
         os.path.join(str(tmp_path), 'simmim_finetune', FT_TAG, 'model_best.pth')
     )

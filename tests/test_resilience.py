@@ -15,6 +15,7 @@ import torch
 import main_simmim
 from data.synthetic import SyntheticShapes
 from engine.launch import run
+from engine.tracking import read_metrics
 from tests.conftest import ROOT
 from tools.make_shards import convert
 from utils.errors import EXIT_PREEMPTED
@@ -143,6 +144,13 @@ def assert_same_weights(a, b, context=''):
     assert a.keys() == b.keys() and not different, f'{context} differ: {different[:3]}'
 
 
+def assert_each_logged_step_once(run_folder):
+    """metrics.jsonl after interruptions and resumes: every step the tiny run logs (PRINT_FREQ 2
+    and each epoch's last of 6 steps) exactly once, in order."""
+    steps = [r['step'] for r in read_metrics(run_folder) if r['kind'] == 'train']
+    assert steps == [e * 6 + i for e in (0, 1) for i in range(6) if i % 2 == 0 or i == 5]
+
+
 def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(tmp_path, reference_weights):
     # Any of the 12 steps but the last; the seed is printed on failure and can be replayed with
     # SIMMIM_TEST_SEED=N.
@@ -158,6 +166,7 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(tmp_path, re
     assert 'resumed from' in out, where
     final = load_checkpoint_file(os.path.join(run_dir(tmp_path), 'ckpt_epoch_1.pth'))['model']
     assert_same_weights(reference_weights, final, where)
+    assert_each_logged_step_once(run_dir(tmp_path))
 
 
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, reference_weights):
@@ -189,6 +198,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_with_the_requeue_code(tmp_path, r
     assert code == 0 and f'resumed from {os.path.join(run_dir(tmp_path), step_files[0])}' in out
     final = load_checkpoint_file(os.path.join(run_dir(tmp_path), 'ckpt_epoch_1.pth'))['model']
     assert_same_weights(reference_weights, final)
+    assert_each_logged_step_once(run_dir(tmp_path))
 
 
 def test_a_restart_right_after_sigkill_of_the_main_process_resumes(tmp_path, reference_weights):

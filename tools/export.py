@@ -1,8 +1,12 @@
-"""Export a checkpoint: its encoder as a timm model folder, or the whole checkpoint without pickle.
+"""Export a checkpoint: as a timm or a transformers model folder, or whole without pickle.
 
     # OUT_DIR/config.json + OUT_DIR/model.safetensors: timm.create_model('local-dir:OUT_DIR',
     # pretrained=True) builds the matching timm model (swin_*, swinv2_*, beit_* or vit_*)
     python -m tools.export output/.../ckpt_epoch_799.pth --to timm exports/simmim_swin_base
+    # OUT_DIR/config.json + model.safetensors + preprocessor_config.json: transformers'
+    # Swin(v2)ForMaskedImageModeling (pre-training: encoder and linear decoder) or
+    # Swin(v2)ForImageClassification (fine-tuned), from_pretrained(OUT_DIR)
+    python -m tools.export output/.../ckpt_epoch_799.pth --to hf exports/simmim_swin_base_hf
     # our layout, no pickle: the 'model' weights plus the config YAML in the file's metadata;
     # --pretrained and --eval --resume read it
     python -m tools.export output/.../ckpt_epoch_799.pth --to safetensors ckpt_epoch_799.safetensors
@@ -13,8 +17,9 @@ is read as plain data, never executed). The model config comes from the checkpoi
 fine-tuned checkpoint); the SimMIM decoder and mask token are left out because they exist only for
 masked-image pre-training and timm's models have no place for them. It is checked by running
 ours and timm's model read from the written files on a random batch (--no-verify skips that);
-a safetensors export is checked by reading it back. Both are written beside OUT first and
-replace an earlier export only once checked, so a failed export leaves it untouched.
+a transformers export by comparing transformers' reconstruction (pre-training, on a random mask)
+or logits with ours; a safetensors export is checked by reading it back. All are written beside
+OUT first and replace an earlier export only once checked, so a failed export leaves it untouched.
 Exit codes: 0 done, 2 bad input (the message says which and how to fix it; a checkpoint holding
 NaN or infinite weights is one), 1 an export that does not reproduce the model.
 """
@@ -24,6 +29,7 @@ import numbers
 import os
 import sys
 
+from checkpoint import hf_folder
 from checkpoint.sharded import read_checkpoint
 from checkpoint.stored_config import checkpoint_config
 from checkpoint.timm_folder import (
@@ -38,7 +44,7 @@ from utils.safe_load import check_reads_back
 from utils.safetensors_io import SCALAR_KEYS, save_safetensors_checkpoint
 from utils.state_dict import check_finite, encoder_weights, summarize_keys, unwrap_state_dict
 
-FORMATS = ('timm', 'safetensors')
+FORMATS = ('timm', 'hf', 'safetensors')
 
 
 def export_timm(checkpoint, args, out_dir):
@@ -80,6 +86,45 @@ def export_timm(checkpoint, args, out_dir):
         f"Load it: timm.create_model('local-dir:{out_dir}', pretrained=True). Upload it: "
         f"hf upload USER/REPO {out_dir}, then timm.create_model('hf-hub:USER/REPO', "
         f'pretrained=True).'
+    )
+
+
+def export_hf(checkpoint, args, out_dir):
+    weights = unwrap_state_dict(checkpoint)
+    config = checkpoint_config(checkpoint, args.cfg, args.opts, source=args.checkpoint)
+    differences = []
+
+    def verify(folder):  # read back by transformers from the written files, before publishing
+        if args.verify:
+            model = hf_folder.load_hf_model(folder)
+            differences.append(hf_folder.output_difference(config, weights, model))
+            if not differences[-1] <= hf_folder.MAX_RELATIVE_DIFFERENCE:
+                raise ToolFailure(
+                    f"The exported transformers model's output differs from ours by "
+                    f'{differences[-1]:.1e} (relative); the export is wrong, so it was not '
+                    f'written (an earlier export in {out_dir} is untouched). Please report it '
+                    f"with the checkpoint's config."
+                )
+
+    model, left_out = hf_folder.export_hf_folder(config, weights, out_dir, verify)
+    print(
+        f'Wrote {out_dir}/config.json, model.safetensors and preprocessor_config.json: '
+        f'transformers {type(model).__name__} '
+        f'({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters).'
+    )
+    if left_out:
+        print(f'Left out (no place in {type(model).__name__}): {", ".join(left_out)}')
+    if differences:
+        name = type(model).__name__
+        what = 'reconstruction' if 'Masked' in name else 'logits' if 'For' in name else 'features'
+        print(
+            f"transformers' {what} (read from the written files) vs ours on a random batch: "
+            f'max relative difference {differences[-1]:.1e}.'
+        )
+    print(
+        f"Load it: transformers.{type(model).__name__}.from_pretrained('{out_dir}') (the "
+        f'encoder alone: {type(model).__name__.split("For")[0].replace("Model", "")}Model or '
+        f'...Backbone), or --pretrained hf:{out_dir}.'
     )
 
 
@@ -126,7 +171,7 @@ def _main(argv):
         nargs=2,
         required=True,
         metavar=('FORMAT', 'OUT'),
-        help=f'FORMAT: {" or ".join(FORMATS)}; OUT: a folder for timm, a file for safetensors',
+        help=f'FORMAT: {", ".join(FORMATS)}; OUT: a folder for timm and hf, a file for safetensors',
     )
     parser.add_argument(
         '--cfg',
@@ -144,7 +189,7 @@ def _main(argv):
         '--no-verify',
         dest='verify',
         action='store_false',
-        help='skip comparing the exported timm model with ours',
+        help='skip comparing the exported timm / transformers model with ours',
     )
     args = parser.parse_args(argv)
     fmt, out = args.to
@@ -152,7 +197,9 @@ def _main(argv):
         parser.error(f'--to {fmt}: unknown format; use one of {", ".join(FORMATS)}.')
     checkpoint = read_checkpoint(args.checkpoint, 'CHECKPOINT', model_only=True)
     check_finite(unwrap_state_dict(checkpoint), f'CHECKPOINT {args.checkpoint}')
-    (export_timm if fmt == 'timm' else export_safetensors)(checkpoint, args, out)
+    {'timm': export_timm, 'hf': export_hf, 'safetensors': export_safetensors}[fmt](
+        checkpoint, args, out
+    )
     return 0
 
 

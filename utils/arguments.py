@@ -91,6 +91,11 @@ def build_arg_parser(finetune=False):
     )
     parser.add_argument('--tag', help='tag of experiment (TAG)')
     parser.add_argument(
+        '--wandb',
+        action='store_true',
+        help='also log to Weights & Biases, rank 0 (LOGGING.WANDB)',
+    )
+    parser.add_argument(
         '--compile',
         choices=['blocks', 'model'],
         default=None,
@@ -107,7 +112,10 @@ def build_arg_parser(finetune=False):
     )
     if finetune:
         parser.add_argument(
-            '--pretrained', type=str, help='SimMIM checkpoint to fine-tune from (MODEL.PRETRAINED)'
+            '--pretrained',
+            type=str,
+            help='checkpoint to fine-tune from, or timm:NAME_OR_FOLDER or hf:FOLDER '
+            '(MODEL.PRETRAINED)',
         )
         parser.add_argument('--eval', action='store_true', help='evaluate only')
         parser.add_argument('--throughput', action='store_true', help='measure throughput only')
@@ -165,6 +173,8 @@ def apply_args(config, args):
         config.OUTPUT = args.output
     if given('tag'):
         config.TAG = args.tag
+    if given('wandb'):
+        config.LOGGING.WANDB = True
     if given('compile'):
         config.TRAIN.COMPILE = args.compile
     if given('eval'):
