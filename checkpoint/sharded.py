@@ -27,6 +27,7 @@ from utils.atomic_write import atomic_save, fsync_folder, write_error
 from utils.checksum import check_file, file_record
 from utils.distributed import agree_on_failure, all_gather_objects, barrier
 from utils.errors import CheckpointError, CheckpointWriteError
+from utils.json_file import read_json
 from utils.safe_load import SHARDED_MARKER as MARKER
 from utils.safe_load import folder_error, load_checkpoint_file
 from utils.state_dict import canonical_keys, check_finite, check_fits
@@ -249,14 +250,11 @@ def read_marker(path):
     marker_file = os.path.join(path, MARKER)
     if not os.path.isfile(marker_file):  # interrupted, or no sharded checkpoint
         raise folder_error(path, 'resume checkpoint')
-    try:
-        with open(marker_file) as f:
-            marker = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(
-            f'{marker_file} is unreadable ({e}): the sharded checkpoint {path} cannot be '
-            f'verified. Use an earlier checkpoint.'
-        ) from None
+    marker = read_json(
+        marker_file,
+        CheckpointError,
+        f'The sharded checkpoint {path} cannot be verified without it; use an earlier checkpoint.',
+    )
     return marker if isinstance(marker, dict) else {}
 
 

@@ -12,7 +12,6 @@ naming: ``*-train-*.tar`` and ``*-validation-*.tar`` beside an ``_info.json``.
 """
 
 import glob
-import json
 import logging
 import os
 import re
@@ -20,6 +19,7 @@ import re
 import numpy as np
 
 from utils.errors import DataError
+from utils.json_file import read_json
 
 from .datasets import ImageFileDataset
 from .shard_index import ShardMember, damaged_shard_message, shard_indexes
@@ -141,14 +141,12 @@ def read_class_names(info_file):
     none), or None."""
     if not info_file:
         return None
-    try:
-        with open(info_file) as f:
-            info = json.load(f)
-    except (OSError, ValueError) as err:
-        raise DataError(
-            f'{info_file} cannot be read as JSON ({err}). Fix or remove it (it is optional: '
-            f'without it the classes are numbered from the .cls labels).'
-        ) from err
+    info = read_json(
+        info_file,
+        DataError,
+        'Fix or remove it (it is optional: without it the classes are numbered from the .cls '
+        'labels).',
+    )
     names = info.get('classes') or info.get('class_names')
     return list(names) if names else None
 

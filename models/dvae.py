@@ -98,6 +98,26 @@ def _group_widths(hidden_dim, num_groups):
     return [hidden_dim * 2**g for g in range(num_groups)]
 
 
+def _stages(first, width, widths, blocks_per_group, between, out_dim):
+    """DALL-E's stage layout: `first` as `input`, then one group of `blocks_per_group` residual
+    blocks per entry of `widths` (`between` = (name, module factory) after every group but the
+    last: the encoder's pooling, the decoder's up-sampling), then `output` (ReLU, 1x1 conv to
+    `out_dim`)."""
+    num_layers = len(widths) * blocks_per_group
+    stages = [('input', first)]
+    for g, out in enumerate(widths):
+        group = []
+        for k in range(blocks_per_group):
+            group.append((f'block_{k + 1}', ResidualBlock(width, out, num_layers)))
+            width = out
+        if g < len(widths) - 1:
+            group.append((between[0], between[1]()))
+        stages.append((f'group_{g + 1}', nn.Sequential(OrderedDict(group))))
+    output = OrderedDict([('relu', nn.ReLU()), ('conv', nn.Conv2d(width, out_dim, 1))])
+    stages.append(('output', nn.Sequential(output)))
+    return nn.Sequential(OrderedDict(stages))
+
+
 class TokenEncoder(nn.Module):
     """(B, in_chans, H, W) mapped pixels -> (B, vocab_size, H/f, W/f) code logits, f = 2 **
     (num_groups - 1). State-dict names follow DALL-E's (`blocks.input`, `blocks.group_G.block_K`,
@@ -105,21 +125,15 @@ class TokenEncoder(nn.Module):
 
     def __init__(self, vocab_size, hidden_dim, num_groups, blocks_per_group, in_chans=3):
         super().__init__()
-        num_layers = num_groups * blocks_per_group
         widths = _group_widths(hidden_dim, num_groups)
-        stages = [('input', nn.Conv2d(in_chans, hidden_dim, 7, 1, 3))]
-        width = hidden_dim
-        for g, out in enumerate(widths):
-            group = []
-            for k in range(blocks_per_group):
-                group.append((f'block_{k + 1}', ResidualBlock(width, out, num_layers)))
-                width = out
-            if g < num_groups - 1:
-                group.append(('pool', nn.MaxPool2d(2)))
-            stages.append((f'group_{g + 1}', nn.Sequential(OrderedDict(group))))
-        output = OrderedDict([('relu', nn.ReLU()), ('conv', nn.Conv2d(width, vocab_size, 1))])
-        stages.append(('output', nn.Sequential(output)))
-        self.blocks = nn.Sequential(OrderedDict(stages))
+        self.blocks = _stages(
+            nn.Conv2d(in_chans, hidden_dim, 7, 1, 3),
+            hidden_dim,
+            widths,
+            blocks_per_group,
+            ('pool', lambda: nn.MaxPool2d(2)),
+            vocab_size,
+        )
 
     def forward(self, x):
         return self.blocks(x)
@@ -131,21 +145,15 @@ class TokenDecoder(nn.Module):
 
     def __init__(self, codebook_dim, hidden_dim, num_groups, blocks_per_group, in_chans=3):
         super().__init__()
-        num_layers = num_groups * blocks_per_group
         widths = _group_widths(hidden_dim, num_groups)[::-1]
-        stages = [('input', nn.Conv2d(codebook_dim, widths[0], 1))]
-        width = widths[0]
-        for g, out in enumerate(widths):
-            group = []
-            for k in range(blocks_per_group):
-                group.append((f'block_{k + 1}', ResidualBlock(width, out, num_layers)))
-                width = out
-            if g < num_groups - 1:
-                group.append(('upsample', nn.Upsample(scale_factor=2, mode='nearest')))
-            stages.append((f'group_{g + 1}', nn.Sequential(OrderedDict(group))))
-        output = OrderedDict([('relu', nn.ReLU()), ('conv', nn.Conv2d(width, in_chans, 1))])
-        stages.append(('output', nn.Sequential(output)))
-        self.blocks = nn.Sequential(OrderedDict(stages))
+        self.blocks = _stages(
+            nn.Conv2d(codebook_dim, widths[0], 1),
+            widths[0],
+            widths,
+            blocks_per_group,
+            ('upsample', lambda: nn.Upsample(scale_factor=2, mode='nearest')),
+            in_chans,
+        )
 
     def forward(self, z):
         return self.blocks(z)

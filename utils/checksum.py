@@ -18,6 +18,7 @@ import os
 import xxhash
 
 from utils.errors import CheckpointError
+from utils.json_file import read_json
 
 ALGORITHM = 'xxh3_64'
 SIDECAR_SUFFIX = '.checksum'
@@ -101,14 +102,12 @@ def read_sidecar(path):
     target = sidecar_path(path)
     if not os.path.isfile(target):
         return None
-    try:
-        with open(target) as f:
-            record = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(
-            f'{target}, the checksum record of {path}, is unreadable ({e}). Delete it to load '
-            f'the file unverified, or use an earlier checkpoint.'
-        ) from None
+    record = read_json(
+        target,
+        CheckpointError,
+        f'It is the checksum record of {path}: delete it to load the file unverified, or use an '
+        f'earlier checkpoint.',
+    )
     if not isinstance(record, dict):
         raise CheckpointError(f'{target} is not a checksum record (a JSON object expected).')
     return record
