@@ -67,6 +67,19 @@ def _data_source(dataset, data_path):
     return ('folder', os.path.realpath(os.path.expanduser(data_path)) if data_path else '')
 
 
+def _same_source(old, new):
+    """The same data: one kind, and one resolved path or the same last two components of it (the
+    same folder staged elsewhere, e.g. to node-local scratch under a per-job path: a requeued job
+    must continue; a new experiment names its data differently)."""
+    if old[0] != new[0]:
+        return False
+    return old[1] == new[1] or _tail(old[1]) == _tail(new[1])
+
+
+def _tail(path):
+    return os.path.join(*path.split(os.sep)[-2:]) if path else ''
+
+
 def _describe_data(dataset, data_path):
     if dataset == 'synthetic':
         return 'the built-in synthetic dataset (DATA.DATASET synthetic)'
@@ -88,7 +101,7 @@ def require_same_data(config, path, checkpoint):
     defaults = get_defaults().DATA
     old = (data.get('DATASET', defaults.DATASET), data.get('DATA_PATH', defaults.DATA_PATH))
     new = (config.DATA.DATASET, config.DATA.DATA_PATH)
-    if _data_source(*old) == _data_source(*new):
+    if _same_source(_data_source(*old), _data_source(*new)):
         return
     raise ConfigError(
         f'Auto-resume found {path} in {config.OUTPUT}, a run on {_describe_data(*old)}, but this '

@@ -339,4 +339,21 @@ def test_the_same_data_spelled_differently_is_the_same_run(tmp_path):
     other = load_config(TINY, opts=['DATA.DATASET', 'folder', 'DATA.DATA_PATH', str(tmp_path)])
     with pytest.raises(ConfigError, match=f'the image folder {tmp_path} '):
         require_same_data(other, 'ckpt_epoch_0.pth', checkpoint)
+
+
+def test_the_same_folder_staged_elsewhere_continues_and_another_one_does_not(tmp_path):
+    """A requeued job that copies its data to /scratch/JOB_ID/... resumes; same-named folders of
+    other datasets do not."""
+    stored = load_config(
+        TINY, opts=['DATA.DATASET', 'folder', 'DATA.DATA_PATH', '/data/in1k/train']
+    )
+    checkpoint = {'config': stored.dump()}
+    staged = load_config(
+        TINY, opts=['DATA.DATASET', 'folder', 'DATA.DATA_PATH', '/scratch/4242/in1k/train/']
+    )
+    require_same_data(staged, 'ckpt_epoch_0.pth', checkpoint)  # passes
+    for path in ('/data/in22k/train', '/data/in1k/val'):
+        other = load_config(TINY, opts=['DATA.DATASET', 'folder', 'DATA.DATA_PATH', path])
+        with pytest.raises(ConfigError, match='--tag NEW_NAME'):
+            require_same_data(other, 'ckpt_epoch_0.pth', checkpoint)
     require_same_data(other, 'official.pth', {'config': {'DATA': {}}})  # official: cannot tell
