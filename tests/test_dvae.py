@@ -33,6 +33,7 @@ from models.dvae_target import DVAETokens
 from models.targets import check_target_config, normalized_to_rgb, rgb_to_normalized
 from optimizer import build_optimizer
 from tests.conftest import ROOT
+from tools import make_shards
 from tools.train_dvae import main as train_dvae
 from utils.errors import ConfigError
 from utils.safe_load import load_checkpoint_file
@@ -254,6 +255,22 @@ def test_training_on_an_image_folder_lowers_the_reconstruction_error(tmp_path):
     assert after < 0.6 * before, (before, after)
     assert os.path.isfile(str(tmp_path / 'tok.png'))
     assert os.path.isfile(out + '.train_state.pt')
+
+
+def test_training_on_shards_gives_the_tokenizer_trained_on_their_folder(tmp_path):
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    shapes = SyntheticShapes(8, 4, 40, seed=5)
+    for i in range(8):
+        shapes[i][0].save(folder / f'{i}.png')
+    make_shards.convert(str(folder), str(tmp_path / 'shards'), shard_size=3, log=lambda *a: None)
+    tokenizers = []
+    for source in (folder, tmp_path / 'shards'):
+        out = str(tmp_path / f'{source.name}.safetensors')
+        assert train_dvae([str(source), out, '--steps', '4', *TRAIN_FLAGS]) == 0
+        tokenizers.append(load_tokenizer(out).state_dict())
+    a, b = tokenizers
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_training_resumes_exactly(tmp_path):

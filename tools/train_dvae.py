@@ -6,14 +6,15 @@ images, and write it as safetensors with its architecture in the metadata.
     python -m tools.train_dvae synthetic dvae_small.safetensors --vocab-size 64 --hidden-dim 32 \
         --num-groups 3 --blocks-per-group 1 --image-size 32 --steps 300
 
-DATA_PATH is an image folder (searched recursively) or `synthetic` (the built-in shapes). Every
-step draws a batch of random crops (--image-size pixels, as the tokenizer will see them: 112 for
-BEiT's 14x14 tokens with 8x down-sampling), relaxes the code choice with Gumbel-softmax at a
-temperature annealed from --temperature-start to --temperature-end over the first
---anneal-fraction of the steps, and minimises the reconstruction MSE (+ --kl-weight x KL to the
-uniform prior). Every --checkpoint-every steps the training state goes to OUT.train_state.pt
-(--resume continues from it, exactly: each step's batch and noise are a function of --seed and the
-step), and a reconstruction figure (original | tokens decoded, one row per image) to OUT.png.
+DATA_PATH is an image folder (searched recursively), tar shards (docs/data.md) or `synthetic`
+(the built-in shapes). Every step draws a batch of random crops (--image-size pixels, as the
+tokenizer will see them: 112 for BEiT's 14x14 tokens with 8x down-sampling), relaxes the code
+choice with Gumbel-softmax at a temperature annealed from --temperature-start to --temperature-end
+over the first --anneal-fraction of the steps, and minimises the reconstruction MSE (+ --kl-weight
+x KL to the uniform prior). Every --checkpoint-every steps the training state goes to
+OUT.train_state.pt (--resume continues from it, exactly: each step's batch and noise are a
+function of --seed and the step), and a reconstruction figure (original | tokens decoded, one row
+per image) to OUT.png.
 """
 
 import argparse
@@ -28,6 +29,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from data.datasets import ImageFolderDataset
+from data.shards import ShardDataset, find_shards, is_shard_source
 from data.synthetic import SyntheticShapes
 from engine.figures import save_png
 from engine.launch import prepare_output_dir, run_tool
@@ -71,10 +73,13 @@ class CroppedImages(torch.utils.data.Dataset):
 def build_images(data_path, image_size):
     if data_path == SYNTHETIC:
         return SyntheticShapes(SYNTHETIC_IMAGES, 10, max(2 * image_size, 64), seed=0)
+    if is_shard_source(data_path):  # every sample of the shards, in order, as a folder reads
+        shards, info = find_shards(data_path, None)
+        return ShardDataset(shards, info, 'skip', min_size=image_size, root=data_path)
     if not os.path.isdir(data_path):
         raise ConfigError(
             f'DATA_PATH {data_path} is not a folder. Pass a folder of images (searched '
-            f'recursively) or `{SYNTHETIC}` for the built-in shapes.'
+            f'recursively), of .tar shards, or `{SYNTHETIC}` for the built-in shapes.'
         )
     return ImageFolderDataset(data_path, on_bad_image='skip', min_size=image_size)
 
@@ -144,7 +149,9 @@ def resume(path, model, optimizer, args):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('data_path', metavar='DATA_PATH', help=f'image folder or `{SYNTHETIC}`')
+    parser.add_argument(
+        'data_path', metavar='DATA_PATH', help=f'image folder, tar shards or `{SYNTHETIC}`'
+    )
     parser.add_argument('out', metavar='OUT', help='tokenizer file to write (.safetensors)')
     parser.add_argument('--vocab-size', type=int, default=8192)
     parser.add_argument('--hidden-dim', type=int, default=256, help='width of the first group')
