@@ -551,6 +551,11 @@ def _validate_and_derive(config, world_size, task):
     return config
 
 
+def _batch(config):
+    """(DATA.BATCH_SIZE, accumulation steps): what the learning rates were scaled for."""
+    return config.DATA.BATCH_SIZE, max(1, config.TRAIN.ACCUMULATION_STEPS)
+
+
 def _follow_a_finalized_config(config, stored):
     """A FINALIZED config (a run's own config.yaml) continues its run; after --opts and the flags,
     --tag / --output (or MODEL.NAME) given anew take effect: OUTPUT becomes ROOT/MODEL.NAME/TAG
@@ -574,7 +579,7 @@ def _follow_a_finalized_config(config, stored):
             f'OUTPUT given, this run uses {config.OUTPUT} instead (same settings, learning rates '
             f'as stored).'
         )
-    batch = (config.DATA.BATCH_SIZE, max(1, config.TRAIN.ACCUMULATION_STEPS))
+    batch = _batch(config)
     if batch != old_batch:
         notes.append(
             f'DATA.BATCH_SIZE x ACCUMULATION_STEPS is {batch[0]} x {batch[1]} here and '
@@ -610,7 +615,7 @@ def _merged(merge_source, args, task, is_pretrain, notes=None):
             config.OUTPUT,
             config.MODEL.NAME,
             config.TAG,
-            (config.DATA.BATCH_SIZE, max(1, config.TRAIN.ACCUMULATION_STEPS)),
+            _batch(config),
         )
     merge_opts(config, args.opts)
     found = apply_args(config, args)

@@ -19,13 +19,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor
 
 from checkpoint.layout import REQUIRED_KEYS
 from checkpoint.optimizer_state import named_optimizer_state
 from utils.atomic_write import atomic_save, fsync_folder, write_error
 from utils.checksum import check_file, file_record
-from utils.distributed import agree_on_failure, all_gather_objects, barrier
+from utils.distributed import agree_on_failure, all_gather_objects, barrier, local_tensor
 from utils.errors import CheckpointError, CheckpointWriteError
 from utils.json_file import read_json
 from utils.safe_load import SHARDED_MARKER as MARKER
@@ -341,24 +340,19 @@ def load_distributed_state(path, checkpoint, state, config=None, logger=None):
         model_state_dict=weights,
         optim_state_dict=named,
         options=StateDictOptions(full_state_dict=True),
-    )
-    _agree_on_finite_state(state, path)
+    )  # a single file's values were checked finite when it was verified (verify_checkpoint)
 
 
 def _agree_on_finite_state(state, path):
     """Collective: raise on every rank if the weights or optimizer state any rank holds now are
     not finite (each rank checks its own shards)."""
-
-    def local(tensor):
-        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
     error = None
     try:
         check_finite(
             {
-                'model': {k: local(v) for k, v in state.model.state_dict().items()},
+                'model': {k: local_tensor(v) for k, v in state.model.state_dict().items()},
                 'optimizer': {
-                    str(i): {k: local(v) for k, v in s.items()}
+                    str(i): {k: local_tensor(v) for k, v in s.items()}
                     for i, s in enumerate(state.optimizer.state.values())
                 },
             },

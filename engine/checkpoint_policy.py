@@ -11,12 +11,11 @@
 import contextlib
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from checkpoint.layout import epoch_checkpoint_path, prune_step_checkpoints, step_checkpoint_path
 from checkpoint.save import save_training_state
 from engine.preemption import PreemptionHandler
-from utils.distributed import all_reduce_max
+from utils.distributed import all_reduce_max, local_tensor
 from utils.errors import NonFiniteLossError, Preempted
 from utils.state_dict import nonfinite_tensors, summarize_keys
 
@@ -54,11 +53,8 @@ class CheckpointPolicy:
 
     def _refuse_nonfinite_weights(self, path):
         """Collective: raise NonFiniteLossError on every rank if any rank's weights hold NaN/Inf."""
-
-        def local(tensor):
-            return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-        bad = nonfinite_tensors({n: local(p) for n, p in self.state.model.named_parameters()})
+        params = self.state.model.named_parameters()
+        bad = nonfinite_tensors({n: local_tensor(p) for n, p in params})
         flag = torch.tensor([float(bool(bad))], device=self.dist_info.device)
         if all_reduce_max(flag).item():
             last = self.last_checkpoint or 'none written yet'

@@ -184,11 +184,9 @@ class Trainer:
         with self.checkpoints.stop_signals_caught():
             start_time = time.time()
             for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-                step, sample = 0, 0
-                if epoch == start_epoch:  # the resume's position is in samples (any world size)
-                    step = start_step
-                    sample = self.start_sample if resumed_here else step * self.samples_per_step
-                self.train_epoch(epoch, step, sample)
+                first = epoch == start_epoch  # a resume's position is in samples (any world size)
+                sample = self.start_sample if first and resumed_here else None
+                self.train_epoch(epoch, start_step if first else 0, sample)
                 self._check_nonfinite(epoch, run_ended=epoch == config.TRAIN.EPOCHS - 1)
                 if after_epoch is not None:
                     after_epoch(epoch)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from utils.errors import ConfigError
@@ -182,6 +183,11 @@ def on_main_rank(fn, is_main):
 def is_fsdp(model):
     """Whether `model` is sharded by FSDP2 (`fully_shard`)."""
     return isinstance(model, FSDPModule)
+
+
+def local_tensor(tensor):
+    """This rank's part of `tensor`: the local shard of a DTensor (FSDP), else the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def cleanup():
