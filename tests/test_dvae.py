@@ -234,12 +234,18 @@ def hard_reconstruction_error(model, rgb):
     return F.mse_loss(model.decode_tokens(model.tokens(rgb)), rgb).item()
 
 
-def test_training_on_an_image_folder_lowers_the_reconstruction_error(tmp_path):
+def shape_folder(tmp_path):
+    """8 synthetic shapes of 40 px as PNGs in tmp_path/images."""
     folder = tmp_path / 'images'
     folder.mkdir()
     shapes = SyntheticShapes(8, 4, 40, seed=5)
     for i in range(8):
         shapes[i][0].save(folder / f'{i}.png')
+    return folder
+
+
+def test_training_on_an_image_folder_lowers_the_reconstruction_error(tmp_path):
+    folder = shape_folder(tmp_path)
     out = str(tmp_path / 'tok.safetensors')
     assert train_dvae([str(folder), out, '--steps', '30', *TRAIN_FLAGS]) == 0
     rgb = torch.stack(
@@ -258,11 +264,7 @@ def test_training_on_an_image_folder_lowers_the_reconstruction_error(tmp_path):
 
 
 def test_training_on_shards_gives_the_tokenizer_trained_on_their_folder(tmp_path):
-    folder = tmp_path / 'images'
-    folder.mkdir()
-    shapes = SyntheticShapes(8, 4, 40, seed=5)
-    for i in range(8):
-        shapes[i][0].save(folder / f'{i}.png')
+    folder = shape_folder(tmp_path)
     make_shards.convert(str(folder), str(tmp_path / 'shards'), shard_size=3, log=lambda *a: None)
     tokenizers = []
     for source in (folder, tmp_path / 'shards'):
