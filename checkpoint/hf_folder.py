@@ -33,7 +33,6 @@ from transformers.utils import logging as transformers_logging
 
 from checkpoint.folder_export import export_folder
 from checkpoint.hf_mapping import (
-    REBUILT,
     UnsupportedInTransformers,
     config_from_hf,
     from_hf,
@@ -44,7 +43,7 @@ from config import load_config_text
 from models import build_classifier, build_simmim
 from utils.errors import CheckpointError, IncompatibleCheckpointError
 from utils.safetensors_io import check_safetensors_file
-from utils.state_dict import check_fits, num_classes_of
+from utils.state_dict import REBUILT_BUFFERS, check_fits, num_classes_of
 
 MAX_RELATIVE_DIFFERENCE = 1e-4
 EVAL_RESIZE = 256 / 224  # TEST.CROP: resize the short side to 256/224 of the input, centre-crop
@@ -115,7 +114,7 @@ def hf_weights(config, state_dict):
 
 
 def _loaded_fully(result, what):
-    missing = [k for k in result.missing_keys if not k.endswith(REBUILT)]
+    missing = [k for k in result.missing_keys if not k.endswith(REBUILT_BUFFERS)]
     if missing or result.unexpected_keys:
         raise UnsupportedInTransformers(
             f"{what}: transformers' model has no place for {sorted(result.unexpected_keys)[:5]} "
@@ -185,7 +184,7 @@ def load_hf_model(folder):
         model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f'hf:{folder} could not be loaded by transformers: {e}') from None
-    lacking = [k for k in info['missing_keys'] if not k.endswith(REBUILT)]
+    lacking = [k for k in info['missing_keys'] if not k.endswith(REBUILT_BUFFERS)]
     if lacking or info['unexpected_keys'] or info['mismatched_keys']:
         raise CheckpointError(
             f'hf:{folder}: transformers found missing {sorted(lacking)[:5]}, unexpected '

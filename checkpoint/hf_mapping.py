@@ -20,6 +20,7 @@ import torch
 from transformers import BeitConfig, SwinConfig, Swinv2Config
 
 from utils.errors import ConfigError
+from utils.state_dict import REBUILT_BUFFERS
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which the official Swin models use
 VIT_LAYER_NORM_EPS = 1e-6  # the official ViT's (models/vision_transformer.py)
@@ -105,14 +106,13 @@ FUSED_QKV = {
 }
 HF_CONFIGS = {'swin': SwinConfig, 'swinv2': Swinv2Config, 'vit': BeitConfig}
 ARCH_KEYS = {'swin': 'SWIN', 'swinv2': 'SWINV2', 'vit': 'VIT'}
-REBUILT = ('relative_position_index', 'relative_coords_table', 'attn_mask')  # buffers, not saved
 
 
 def hf_names(key, model_type):
     """transformers' name(s) of our encoder tensor `key` (no 'encoder.' prefix; base model, no
     'swin.' prefix): one, or the q, k, v names a fused qkv tensor is split into; None for a
     rebuilt buffer. Raises UnsupportedInTransformers for a tensor with no counterpart."""
-    if key.endswith(REBUILT):
+    if key.endswith(REBUILT_BUFFERS):
         return None
     block, hf_block, names = FUSED_QKV[model_type]
     fused = re.fullmatch(block + r'attn\.qkv\.(weight|bias)', key)
@@ -152,7 +152,7 @@ def from_hf(state_dict, our_keys, model_type):
             torch.cat([state_dict[n] for n in names]) if len(names) > 1 else state_dict[names[0]]
         )
         used.update(names)
-    return out, [k for k in state_dict if k not in used and not k.endswith(REBUILT)]
+    return out, [k for k in state_dict if k not in used and not k.endswith(REBUILT_BUFFERS)]
 
 
 def _stage_sizes(config, arch):
