@@ -5,8 +5,8 @@
 #  1. benchmarks.speed: official SimMIM (fp16 + GradScaler, eager) vs ours eager (bf16) vs ours
 #     compiled (TRAIN.COMPILE blocks / model) for Swin-B/192, ViT-B/224, SwinV2-B/192, batch 128:
 #     images/s, ms/step, peak memory, TFLOP/s, MFU, ratios to the official row;
-#  2. benchmarks.loader_speed: the data path per worker, CPU cores per GPU with and without
-#     DATA.DECODE gpu;
+#  2. benchmarks.loader_speed: the data path per worker against the official pipeline, CPU cores
+#     per GPU with and without DATA.DECODE gpu, the GPU's share of the 8-bit hand-over;
 #  3. benchmarks.ddp_compile_check: DDP (NCCL, one rank) + compile, no recompilation after
 #     warm-up; then main_simmim.py --compile blocks end to end (synthetic data, Swin-B YAML);
 #  4. benchmarks.attention_speed: Swin window attention formulations (sdpa, flex, ...);
@@ -55,7 +55,7 @@ if command -v nvidia-smi >/dev/null && $PY -c "import torch; assert torch.cuda.i
     CUDA=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/machine.txt"
     SPEED=(--budget 270 --row-timeout 240)
-    LOADER=(--num-images 192 --batch-size 64 --workers 8)
+    LOADER=(--num-images 512 --batch-size 32 --workers 8 --rounds 2)
     DDP=()
     ATTN=()
     PROFILE=(--device cuda --batch-size 128 --model swin_b --steps 3)
@@ -64,7 +64,7 @@ else
     echo "no CUDA GPU: CPU smoke test with tiny sizes" > "$OUT/machine.txt"
     SPEED=(--device cpu --models vit_tiny --variants official,eager --steps 1 --rounds 1
            --warmup 1 --threads 1)
-    LOADER=(--num-images 16 --batch-size 8 --workers 1)
+    LOADER=(--num-images 16 --batch-size 8 --workers 1 --rounds 1)
     DDP=(--cfg tests/configs/tiny_swin_pretrain.yaml --backend aot_eager --steps 2)
     ATTN=(--rounds 1 --reps 1 --variants textbook,sdpa --threads 1)
     PROFILE=(--device cpu --batch-size 2 --model vit_tiny --steps 1 --threads 1)
@@ -73,7 +73,7 @@ $PY -c "import torch, torchvision, timm, PIL; print('torch', torch.__version__, 
 torchvision.__version__, 'timm', timm.__version__, 'Pillow', PIL.__version__)" >> "$OUT/machine.txt"
 
 run speed 300 $PY -m benchmarks.speed "${SPEED[@]}" "${OFFICIAL_FLAG[@]}" --out "$OUT/speed.md"
-run loader 75 $PY -m benchmarks.loader_speed "${LOADER[@]}" --out "$OUT/loader.md"
+run loader 75 $PY -m benchmarks.loader_speed "${LOADER[@]}" "${OFFICIAL_FLAG[@]}" --out "$OUT/loader.md"
 run ddp_compile 60 $PY -m benchmarks.ddp_compile_check --mode blocks "${DDP[@]}" --out "$OUT/ddp_compile.md"
 if [ "$CUDA" = 1 ]; then
     run e2e_compiled 75 $PY main_simmim.py \

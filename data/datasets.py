@@ -1,6 +1,7 @@
 """Image-folder dataset and the wrappers that make each training sample a pure function of
 (seed, epoch, index)."""
 
+import copy
 import logging
 import os
 
@@ -293,20 +294,42 @@ class SeededTransformDataset(torch.utils.data.Dataset):
 
 class MaskedImageDataset(SeededTransformDataset):
     """Pre-training samples (image tensor, mask, label); the mask is drawn from its own generator
-    seeded by (seed, epoch, index), independent of the image augmentation."""
+    seeded by (seed, epoch, index), independent of the image augmentation.
+
+    `handing_over_pixels()` gives the same samples before normalisation, for DataLoader workers.
+    """
+
+    pixels_only = False
 
     def __init__(self, base, transform, mask_generator, seed=0):
         super().__init__(base, transform, seed)
         self.mask_generator = mask_generator
 
+    def handing_over_pixels(self):
+        """This dataset with samples (uint8 crop (3, H, W), uint8 mask, label): what DataLoader
+        workers hand over under DATA.NORMALIZE_ON_DEVICE (a quarter of the bytes).
+        data.device_loader.normalize_batch turns a batch of them into a batch of this dataset's own
+        samples, bit for bit. Needs a PretrainTransform (its plan and pixels)."""
+        view = copy.copy(self)
+        view.pixels_only = True
+        return view
+
     def _transformed(self, key):
-        # An image folder and a PretrainTransform: the crop is planned from the file's header, so
-        # a JPEG can be decoded at reduced scale (DATA.JPEG_DRAFT, data/pretrain_transform.py).
-        if not (hasattr(self.base, 'load') and hasattr(self.transform, 'plan')):
+        # A PretrainTransform is drawn as a plan, then applied; for an image file the plan comes
+        # from its header, so a JPEG can be decoded at reduced scale (DATA.JPEG_DRAFT,
+        # data/pretrain_transform.py).
+        if not hasattr(self.transform, 'plan'):
             return super()._transformed(key)
         epoch, index = _split_key(key)
-        img, label, (plan, reduction) = self.planned_load(epoch, index)
-        return self.transform.apply(img, plan, reduction), label, epoch, index
+        if hasattr(self.base, 'load'):
+            img, label, (plan, reduction) = self.planned_load(epoch, index)
+        else:  # the draws of transform(img): conversion, then the plan
+            img, label = self.base[index]
+            img = to_rgb(img, self.transform.rgb_conversion)
+            with seeded_global_rngs(sample_seed(self.seed, epoch, index, 'augment')):
+                plan, reduction = self.transform.plan(img.size), 1
+        finish = self.transform.pixels if self.pixels_only else self.transform.apply
+        return finish(img, plan, reduction), label, epoch, index
 
     def planned_load(self, epoch, index, reader=load_image, draft=True):
         """(image, label, (plan, JPEG reduction)) with the transform's plan drawn, under this
@@ -337,4 +360,5 @@ class MaskedImageDataset(SeededTransformDataset):
 
     def __getitem__(self, key):
         img, label, epoch, index = self._transformed(key)
-        return img, self.mask(epoch, index), label
+        mask = self.mask(epoch, index)
+        return img, mask.to(torch.uint8) if self.pixels_only else mask, label

@@ -24,7 +24,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from utils.errors import BadImageError, ConfigError
 
 from .datasets import ImageFileDataset, MaskedImageDataset, _split_key, load_image, open_image_file
-from .pretrain_transform import _MEAN, _STD
+from .device_loader import DeviceLoader, training_device
+from .pretrain_transform import normalize_pixels
 from .transforms import to_rgb
 
 
@@ -118,27 +119,10 @@ def decode_batch(datas, paths, plans, size, device):
             TF.resized_crop(image.float(), top, left, height, width, [size, size], antialias=True)
             .round_()
             .clamp_(0, 255)
+            .to(torch.uint8)
         )
         out.append(crop.flip(-1) if flip else crop)
-    batch = torch.stack(out).div_(255)
-    return batch.sub_(_MEAN.to(device)).div_(_STD.to(device))
-
-
-class DeviceDecodeLoader:
-    """Wraps the DataLoader of EncodedMaskedImageDataset: yields (images (B, 3, size, size) on
-    `device`, mask (B, h, w), label (B,)) like the CPU pipeline's loader, and exposes the
-    `sampler`, `dataset` and len() that the training loop uses."""
-
-    def __init__(self, loader, size, device):
-        self.loader, self.size, self.device = loader, size, torch.device(device)
-        self.sampler, self.dataset = loader.sampler, loader.dataset
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        for datas, paths, plans, masks, labels in self.loader:
-            yield decode_batch(datas, paths, plans, self.size, self.device), masks, labels
+    return normalize_pixels(torch.stack(out))
 
 
 def build_device_decode_loader(config, dataset, make_loader):
@@ -159,5 +143,10 @@ def build_device_decode_loader(config, dataset, make_loader):
     encoded = EncodedMaskedImageDataset(
         base, dataset.transform, dataset.mask_generator, dataset.seed
     )
-    device = torch.device('cuda', torch.cuda.current_device())
-    return DeviceDecodeLoader(make_loader(encoded, collate_encoded), config.DATA.IMG_SIZE, device)
+    size = config.DATA.IMG_SIZE
+
+    def decode(batch, device):
+        datas, paths, plans, masks, labels = batch
+        return decode_batch(datas, paths, plans, size, device), masks, labels
+
+    return DeviceLoader(make_loader(encoded, collate_encoded), decode, training_device())

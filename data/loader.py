@@ -24,9 +24,10 @@ from utils.registry import require_choice
 from utils.tasks import PRETRAIN, Task, as_task
 
 from .datasets import ImageFolderDataset, MaskedImageDataset, SeededTransformDataset
+from .device_loader import DeviceLoader, normalize_batch, training_device
 from .gpu_decode import build_device_decode_loader
 from .masking import build_mask_generator
-from .pretrain_transform import build_pretrain_transform
+from .pretrain_transform import build_pretrain_transform, check_resize_backend
 from .sampler import EvalDistributedSampler, ResumableDistributedSampler, ShardWindowSampler
 from .seeding import sample_seed
 from .shards import ShardDataset, align_classes, find_shards, is_shard_source
@@ -149,9 +150,11 @@ def _check_classes(config, train_set, val_set):
 
 
 def check_loader_config(config, task):
-    """DATA.DECODE, DATA.PREFETCH_FACTOR, DATA.SHARD_SHUFFLE and DATA.SHARD_WINDOW."""
+    """DATA.DECODE, DATA.RESIZE_BACKEND, DATA.PREFETCH_FACTOR, DATA.SHARD_SHUFFLE and
+    DATA.SHARD_WINDOW."""
     data = config.DATA
     require_choice('DATA.DECODE', data.DECODE, DECODERS, 'decoders')
+    check_resize_backend(data.RESIZE_BACKEND)
     require_choice('DATA.SHARD_SHUFFLE', data.SHARD_SHUFFLE, SHARD_SHUFFLES, 'choices')
     require(
         data.SHARD_WINDOW >= 1,
@@ -241,6 +244,10 @@ def build_pretrain_data(
                 ),
             ),
         )
+    if config.DATA.NORMALIZE_ON_DEVICE:  # uint8 through the workers, normalised in this process
+        handed_over = dataset_train.handing_over_pixels()
+        loader = _data_loader(config, handed_over, sampler, rank, drop_last=True)
+        return PretrainData(dataset_train, DeviceLoader(loader, normalize_batch, training_device()))
     return PretrainData(
         dataset_train, _data_loader(config, dataset_train, sampler, rank, drop_last=True)
     )

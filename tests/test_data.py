@@ -285,9 +285,10 @@ def _first_batch(loader):
 
 
 def test_build_loader_pretrain_batches_match_for_zero_and_two_workers(tmp_path):
+    # ... and whether the workers hand over 8-bit crops, normalised here, or normalise themselves.
     batches = []
-    for workers in (0, 2):
-        config = _config(tmp_path, DATA__NUM_WORKERS=workers)
+    for workers, on_device in ((0, True), (2, True), (2, False)):
+        config = _config(tmp_path, DATA__NUM_WORKERS=workers, DATA__NORMALIZE_ON_DEVICE=on_device)
         dataset, loader = build_loader(config, is_pretrain=True)
         loader.sampler.set_epoch(1)
         batches.append(_first_batch(loader))
@@ -296,8 +297,9 @@ def test_build_loader_pretrain_batches_match_for_zero_and_two_workers(tmp_path):
     assert mask.shape == (4, 12, 12) and mask.dtype == torch.int64
     assert label.shape == (4,) and label.dtype == torch.int64
     assert len(dataset) == 16 and len(loader) == 4
-    for a, b in zip(*batches, strict=True):
-        assert torch.equal(a, b)
+    for other in batches[1:]:
+        for a, b in zip(batches[0], other, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 def test_build_loader_finetune_on_synthetic_data(tmp_path):

@@ -1,14 +1,17 @@
-"""data/pretrain_transform.py: the planned pre-training transform equals torchvision's, and the
-JPEG draft decode (DATA.JPEG_DRAFT) keeps every crop and flip, only refiltering the pixels."""
+"""data/pretrain_transform.py: the planned pre-training transform equals torchvision's, the JPEG
+draft decode (DATA.JPEG_DRAFT) keeps every crop and flip, only refiltering the pixels, the 8-bit
+hand-over normalises to the same values, and the tensor resize stays within one level of PIL's."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
 from data.datasets import ImageFolderDataset, MaskedImageDataset
+from data.device_loader import normalize_batch
 from data.masking import MaskGenerator
-from data.pretrain_transform import PretrainTransform, draft_jpeg
+from data.pretrain_transform import PretrainTransform, draft_jpeg, looked_up, normalize_pixels
 from data.seeding import sample_seed, seeded_global_rngs
 from data.transforms import ToRGB, normalize
 from tests.conftest import smooth_photo
@@ -105,3 +108,68 @@ def test_planned_samples_equal_the_transform_applied_after_a_full_decode(tmp_pat
         with seeded_global_rngs(sample_seed(3, epoch, index, 'augment')):
             expected = transform(reference[index][0])
         assert torch.equal(dataset[(epoch, index)][0], expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# 8-bit hand-over (DATA.NORMALIZE_ON_DEVICE) and the tensor resize (DATA.RESIZE_BACKEND)
+# ------------------------------------------------------------------------------------------------
+def test_normalize_pixels_is_torchvision_to_tensor_and_normalize_for_every_value():
+    values = np.stack([np.roll(np.arange(256, dtype=np.uint8), 85 * c) for c in range(3)], -1)
+    image = Image.fromarray(values.reshape(16, 16, 3))  # each channel takes all 256 values
+    expected = normalize()(T.ToTensor()(image))
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    assert torch.equal(normalize_pixels(pixels), expected)
+    assert torch.equal(looked_up(pixels), expected)  # the table other devices use
+    batch = torch.stack([pixels, pixels.flip(-1)])  # batched: each image as on its own
+    assert torch.equal(normalize_pixels(batch)[1], normalize()(T.ToTensor()(image)).flip(-1))
+
+
+def grainy_photo(width, height, seed):
+    """Smooth colours plus strong grain: every resize rounding case shows up."""
+    noise = np.random.default_rng(seed).normal(0, 40, (height, width, 3))
+    pixels = np.asarray(smooth_photo(width, height, seed), dtype=np.float64) + noise
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def test_tensor_resize_keeps_crops_and_flips_and_is_within_one_level_of_pil():
+    images = [grainy_photo(500, 375, seed) for seed in range(4)] + [smooth_photo(90, 70)]
+    pil, tensor = PretrainTransform(192), PretrainTransform(192, resize='tensor')
+    differences = []
+    for i, image in enumerate(images * 2):
+        with seeded_global_rngs(i):
+            plan = pil.plan(image.size)
+        a, b = pil.pixels(image, plan), tensor.pixels(image, plan)
+        assert a.shape == b.shape == (3, 192, 192) and b.dtype == torch.uint8
+        differences.append((a.int() - b.int()).abs().flatten())
+    difference = torch.cat(differences)
+    # A wrong box or flip moves edges and grain: most values change by tens of levels.
+    assert difference.max() <= 1
+    assert 0 < (difference > 0).float().mean() < 0.01  # measured about 0.3 %
+
+
+def test_tensor_resize_leaves_a_reduced_jpeg_decode_to_pil(tmp_path):
+    image = grainy_photo(400, 300, 0)
+    plan = PretrainTransform(SIZE).plan(image.size)
+    pil, tensor = PretrainTransform(SIZE), PretrainTransform(SIZE, resize='tensor')
+    assert torch.equal(pil.pixels(image, plan, 4), tensor.pixels(image, plan, 4))
+
+
+def test_handed_over_pixels_normalise_to_the_datasets_own_samples(tmp_path):
+    smooth_photo(400, 300).save(tmp_path / 'a.jpg', quality=95)
+    grainy_photo(120, 90, 1).save(tmp_path / 'b.png')
+    for resize in ('pil', 'tensor'):
+        dataset = MaskedImageDataset(
+            ImageFolderDataset(str(tmp_path)),
+            PretrainTransform(SIZE, jpeg_draft=True, resize=resize),
+            MaskGenerator(SIZE, 16, 4, 0.5),
+            seed=3,
+        )
+        handed = dataset.handing_over_pixels()
+        for key in [(0, 0), (1, 1), (4, 0)]:
+            image, mask, label = dataset[key]
+            pixels, small_mask, same_label = handed[key]
+            assert pixels.dtype == small_mask.dtype == torch.uint8
+            finished = normalize_batch((pixels[None], small_mask[None], label), torch.device('cpu'))
+            assert torch.equal(finished[0][0], image) and torch.equal(finished[1][0], mask)
+            assert finished[1].dtype == mask.dtype and same_label == label
+        assert not dataset.pixels_only  # the dataset itself is unchanged
