@@ -51,7 +51,7 @@ from data.device_loader import DeviceLoader, normalize_batch
 from data.gpu_decode import EncodedMaskedImageDataset, collate_encoded, decode_batch
 from data.masking import MaskGenerator
 from data.pretrain_transform import PretrainTransform, draft_jpeg, normalize_pixels
-from data.seeding import sample_seed, seeded_global_rngs
+from data.seeding import sample_seed, seeded_torch_rng
 from data.transforms import to_rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,7 +153,7 @@ def time_ours(paths, transform, mask_generator, handover, batch_size, gpu_share=
             data = f.read()
         clock.lap('read')
         image = Image.open(io.BytesIO(data))
-        with seeded_global_rngs(sample_seed(0, 0, index, 'augment')):
+        with seeded_torch_rng(sample_seed(0, 0, index, 'augment')):
             plan = transform.plan(image.size)
         if gpu_share:  # bytes and plan, no pixels
             sample = (torch.frombuffer(bytearray(data), dtype=torch.uint8), plan)
@@ -193,7 +193,7 @@ def decoder_rates(paths, img_size):
     datas = [open(p, 'rb').read() for p in paths]
     crops = []  # the smallest side of each crop, for the DCT-scaled decode
     for index, data in enumerate(datas):
-        with seeded_global_rngs(sample_seed(0, 0, index, 'augment')):
+        with seeded_torch_rng(sample_seed(0, 0, index, 'augment')):
             plan = PretrainTransform(img_size).plan(Image.open(io.BytesIO(data)).size)
         crops.append(min(plan.width, plan.height))
 
@@ -240,7 +240,7 @@ def resize_difference(paths, img_size):
     differences = []
     for index, path in enumerate(paths):
         image = load_image(path)
-        with seeded_global_rngs(sample_seed(0, 0, index, 'augment')):
+        with seeded_torch_rng(sample_seed(0, 0, index, 'augment')):
             plan = pil.plan(image.size)
         differences.append(
             (pil.pixels(image, plan).int() - tensor.pixels(image, plan).int()).abs().flatten()
@@ -253,7 +253,7 @@ def draft_difference(paths, transform):
     """Mean and 99th percentile |full decode - draft decode| of the resized crops, 8-bit units."""
     differences = []
     for index, path in enumerate(paths):
-        with seeded_global_rngs(sample_seed(0, 0, index, 'augment')):
+        with seeded_torch_rng(sample_seed(0, 0, index, 'augment')):
             plan = transform.plan(Image.open(path).size)
         full = transform.pixels(load_image(path), plan).double()
         reduced = []
@@ -459,8 +459,10 @@ def main():
     if official is not None:
         loaders = {OFFICIAL: loader_config(imagenet, args)} | loaders
     rates = {label: [] for label in loaders}
-    for _ in range(args.rounds):  # alternating rounds: the machine's load hits every pipeline
-        for label, config in loaders.items():
+    for round_ in range(args.rounds):  # alternating rounds, each starting one pipeline later
+        labels = list(loaders)[round_ % len(loaders) :] + list(loaders)[: round_ % len(loaders)]
+        for label in labels:
+            config = loaders[label]
             loader = (
                 official_loader(official, config)
                 if label == OFFICIAL
@@ -470,8 +472,8 @@ def main():
             print(f'{label}: {rates[label][-1]:.0f} images/s', flush=True)
     lines += [
         f'DataLoader on the ImageNet-sized set ({args.num_images} images, batch {args.batch_size}, '
-        f'{args.workers} workers, {args.rounds} alternating rounds; the batches as the workers '
-        f'hand them over): images/s, median of the rounds (fastest in brackets).',
+        f'{args.workers} workers, {args.rounds} rounds in rotating order; the batches as the '
+        f'workers hand them over): images/s, median of the rounds (fastest in brackets).',
         '',
         f'| pipeline | images/s | per worker | vs official | cores per GPU at '
         f'{args.model_rate:.0f} img/s |',

@@ -12,7 +12,7 @@ from utils.errors import BadImageError, DataError
 from utils.registry import require_choice
 
 from .pretrain_transform import draft_jpeg
-from .seeding import sample_seed, seeded_global_rngs
+from .seeding import sample_seed, seeded_global_rngs, seeded_torch_rng
 from .transforms import to_rgb
 
 IMG_EXTENSIONS = (
@@ -326,7 +326,7 @@ class MaskedImageDataset(SeededTransformDataset):
         else:  # the draws of transform(img): conversion, then the plan
             img, label = self.base[index]
             img = to_rgb(img, self.transform.rgb_conversion)
-            with seeded_global_rngs(sample_seed(self.seed, epoch, index, 'augment')):
+            with seeded_torch_rng(sample_seed(self.seed, epoch, index, 'augment')):
                 plan, reduction = self.transform.plan(img.size), 1
         finish = self.transform.pixels if self.pixels_only else self.transform.apply
         return finish(img, plan, reduction), label, epoch, index
@@ -340,7 +340,7 @@ class MaskedImageDataset(SeededTransformDataset):
         planned = []
 
         def plan_from_header(header):
-            with seeded_global_rngs(seed):
+            with seeded_torch_rng(seed):
                 plan = self.transform.plan(header.size)
             planned.append(
                 (plan, draft_jpeg(header, self.transform.reduction(plan)) if draft else 1)
@@ -348,7 +348,7 @@ class MaskedImageDataset(SeededTransformDataset):
 
         item, label, prepared = self.base.load(index, plan_from_header, reader)
         if not prepared:
-            with seeded_global_rngs(seed):
+            with seeded_torch_rng(seed):
                 planned.append((self.transform.plan(item.size), 1))
         return item, label, planned[-1]
 

