@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from utils.atomic_write import atomic_write
 from utils.errors import DataError
 
 from .datasets import IMG_EXTENSIONS, check_on_bad_image
@@ -176,18 +177,13 @@ def _load(path, stamp):
 
 
 def _save_arrays(path, **arrays):
-    """Write `arrays` as the npz file `path` atomically (temporary name, then rename); False if it
-    cannot be written (a read-only folder, a full disk)."""
-    temporary = f'{path}.{os.getpid()}.tmp'
+    """Write `arrays` as the npz file `path` atomically (utils.atomic_write); False if it cannot be
+    written (a read-only folder, a full disk)."""
     try:
         os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-        with open(temporary, 'wb') as f:
-            np.savez(f, **arrays)
-        os.replace(temporary, path)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
         return True
     except OSError:
-        if os.path.exists(temporary):
-            os.remove(temporary)
         return False
 
 
