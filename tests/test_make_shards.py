@@ -142,3 +142,24 @@ def test_every_file_written_is_fsynced_under_a_temporary_name_then_renamed(tmp_p
         temporary = re.compile(re.escape(f'{out / name}.') + '[0-9a-f]{12}\\.tmp')
         assert any(temporary.fullmatch(p) for p in fsynced), name
     assert str(out) in fsynced
+
+
+def test_each_image_is_read_once_and_a_broken_one_is_named_in_its_reason(tmp_path, monkeypatch):
+    source = _folder(tmp_path / 'src', per_class=(2, 1, 1))
+    (source / 'bee' / 'broken.jpg').write_bytes(b'not an image')
+    opened, real_open = [], open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file).startswith(str(source)):
+            opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr('builtins.open', counting_open)
+    info = convert(str(source), str(tmp_path / 'out'), shard_size=10, log=lambda _: None)
+    monkeypatch.undo()
+    images = sorted(str(p) for p in source.rglob('*') if p.is_file())
+    assert sorted(opened) == images and len(images) == 5  # once each, the broken one too
+    [(file, reason)] = info['skipped']
+    assert file == str(source / 'bee' / 'broken.jpg') and 'broken.jpg' in reason
+    members = _members(tmp_path / 'out' / 'src-train-0000.tar')
+    assert members[0] == ('ant/p_0.jpeg', (source / 'ant' / 'p.0.JPEG').read_bytes())

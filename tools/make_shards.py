@@ -69,12 +69,29 @@ def member_base(path, root):
     return os.path.join(folder, name.replace('.', '_')), extension.lstrip('.').lower()
 
 
-def check_image(path):
-    """(bytes, '') for a file that decodes, (None, reason) otherwise."""
-    try:
-        load_image(path)
+class _FileInMemory(io.BytesIO):
+    """The bytes of the file `path`, read once, that load_image takes in place of the path (it has
+    the open() data.datasets.open_image_file looks for); PIL's messages name the file."""
+
+    def __init__(self, path):
         with open(path, 'rb') as f:
-            return f.read(), ''
+            super().__init__(f.read())
+        self.name = path
+
+    def open(self):
+        return self
+
+    def __repr__(self):
+        return f'<file {self.name!r}>'
+
+
+def check_image(path):
+    """(bytes, '') for a file that decodes, (None, reason) otherwise; the file is read once."""
+    try:
+        file = _FileInMemory(path)
+        data = file.getvalue()
+        load_image(file)
+        return data, ''
     except Exception as err:  # PIL raises many types for broken files
         return None, f'{type(err).__name__}: {err}'
 
