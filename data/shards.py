@@ -11,10 +11,11 @@ Fine-tuning reads DATA_PATH/train and DATA_PATH/val, or one folder with the timm
 naming: ``*-train-*.tar`` and ``*-validation-*.tar`` beside an ``_info.json``.
 """
 
-import glob
 import logging
 import os
 import re
+import stat
+import time
 
 import numpy as np
 
@@ -28,6 +29,8 @@ logger = logging.getLogger('simmim.data')
 INFO_FILE = '_info.json'
 SPLIT_NAMES = {'train': ('train',), 'val': ('validation', 'val')}  # timm/HF names first
 _BRACE = re.compile(r'\{([^{}]*)\}')
+_listings = {}  # folder -> (its device, inode and modification time, its .tar names): _tar_names
+_RACY_NS = 2 * 10**9
 
 
 def expand_braces(pattern):
@@ -47,8 +50,34 @@ def expand_braces(pattern):
     return [path for choice in choices for path in expand_braces(head + choice + tail)]
 
 
+def _tar_names(folder):
+    """The sorted names of the .tar entries in `folder` (not hidden, as glob's '*.tar'); [] when
+    it is no readable folder. One start-up asks several times (is_shard_source, find_shards, once
+    per split), so a listing is kept while the folder's stat stays the same. A folder changed less
+    than _RACY_NS before it was listed is listed again next time: a change within the same tick of
+    the file system's clock may leave its modification time as it was (git's "racy clean")."""
+    try:
+        folder_stat = os.stat(folder)
+        if not stat.S_ISDIR(folder_stat.st_mode):
+            return []
+        stamp = (folder_stat.st_dev, folder_stat.st_ino, folder_stat.st_mtime_ns)
+        kept = _listings.get(folder)
+        if kept is not None and kept[0] == stamp:
+            return kept[1]
+        listed_at = time.time_ns()
+        with os.scandir(folder) as entries:
+            names = sorted(
+                e.name for e in entries if e.name.endswith('.tar') and not e.name.startswith('.')
+            )
+    except OSError:
+        return []
+    if folder_stat.st_mtime_ns < listed_at - _RACY_NS:
+        _listings[folder] = (stamp, names)
+    return names
+
+
 def _tars_in(folder):
-    return sorted(glob.glob(os.path.join(glob.escape(folder), '*.tar')))
+    return [os.path.join(folder, name) for name in _tar_names(folder)]
 
 
 def _split_folders(path):
@@ -80,10 +109,11 @@ def _info_beside(shards):
     return info if os.path.isfile(info) else ''
 
 
-def _named_split(path, split):
-    """The shards of `split` in a folder with timm/HF naming (NAME-train-NNNN.tar)."""
+def _named_split(tars, split):
+    """The shards of `split` among `tars`, a folder's shards with timm/HF naming
+    (NAME-train-NNNN.tar)."""
     for name in SPLIT_NAMES[split]:
-        shards = [s for s in _tars_in(path) if f'-{name}-' in os.path.basename(s)]
+        shards = [s for s in tars if f'-{name}-' in os.path.basename(s)]
         if shards:
             return shards
     return []
@@ -111,20 +141,21 @@ def find_shards(path, split=None):
                 )
             )
     elif split is None:
-        shards = _tars_in(path) or [s for folder in _split_folders(path) for s in _tars_in(folder)]
-        if shards and not _tars_in(path):
+        top = _tars_in(path)
+        shards = top or [s for folder in _split_folders(path) for s in _tars_in(folder)]
+        if shards and not top:
             logger.warning(
                 f'DATA.DATA_PATH {path} holds train/ and val/ shard folders, so pre-training '
                 f'reads both. Pass DATA_PATH/train to pre-train on the training split only.'
             )
-        elif _named_split(path, 'train') and _named_split(path, 'val'):
+        elif _named_split(top, 'train') and _named_split(top, 'val'):
             logger.warning(
                 f'DATA.DATA_PATH {path} holds train and validation shards (timm/HF naming), so '
                 f'pre-training reads both. Pass a brace pattern of the train shards (e.g. '
                 f'{path}/NAME-train-{{0000..1023}}.tar) to pre-train on the training split only.'
             )
     else:
-        shards = _tars_in(os.path.join(path, split)) or _named_split(path, split)
+        shards = _tars_in(os.path.join(path, split)) or _named_split(_tars_in(path), split)
     if not shards:
         where = os.path.join(path, split) if split and not _tars_in(path) else path
         raise DataError(
@@ -215,7 +246,7 @@ class ShardDataset(ImageFileDataset):
             shards, [i.index_file for i in indexes], starts, offsets, sizes, labels
         )
         self.shard_names = [os.path.basename(s) for s in shards]
-        self.shard_bytes = [os.path.getsize(s) for s in shards]
+        self.shard_bytes = [i.shard_bytes for i in indexes]  # from the stat the index checked
         if require_labels:
             samples, lengths = _drop_unlabelled(samples, lengths, on_bad_image)
         if not len(samples):
