@@ -23,6 +23,7 @@ from utils.errors import DataError
 from utils.json_file import read_json
 
 from .datasets import ImageFileDataset
+from .sampler import shard_starts
 from .shard_index import ShardMember, damaged_shard_message, shard_indexes
 
 logger = logging.getLogger('simmim.data')
@@ -183,20 +184,23 @@ def read_class_names(info_file):
 
 
 class _ShardSamples:
-    """(ShardMember, label) by sample index, from flat arrays (no Python object per sample)."""
+    """(ShardMember, label) by sample index, from flat arrays (no Python object per sample): the
+    shards' samples one after another, `lengths` per shard. `ordinals`, when samples were left
+    out, gives each kept sample's position within its shard."""
 
-    def __init__(self, shards, index_files, starts, offsets, sizes, labels):
-        self.shards, self.index_files, self.starts = shards, index_files, starts
-        self.offsets, self.sizes, self.labels = offsets, sizes, labels
-        self.ordinals = None  # set when samples were dropped: position within the shard
+    def __init__(self, shards, index_files, lengths, offsets, sizes, labels, ordinals=None):
+        self.shards, self.index_files = shards, index_files
+        self.lengths, self.starts = lengths, shard_starts(lengths)
+        self.offsets, self.sizes, self.labels, self.ordinals = offsets, sizes, labels, ordinals
 
     def __len__(self):
         return len(self.offsets)
 
     def __getitem__(self, index):
         shard = int(np.searchsorted(self.starts, index, side='right')) - 1
-        ordinal = index - int(self.starts[shard])
-        if self.ordinals is not None:
+        if self.ordinals is None:
+            ordinal = index - int(self.starts[shard])
+        else:
             ordinal = int(self.ordinals[index])
         member = ShardMember(
             self.shards[shard],
@@ -237,23 +241,22 @@ class ShardDataset(ImageFileDataset):
                     '%s Its readable samples are used.', damaged_shard_message(shard, index)
                 )
         lengths = np.array([len(i.offsets) for i in indexes], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         offsets, sizes, labels = (
             np.concatenate([getattr(i, field) for i in indexes])
             for field in ('offsets', 'sizes', 'labels')
         )
         samples = _ShardSamples(
-            shards, [i.index_file for i in indexes], starts, offsets, sizes, labels
+            shards, [i.index_file for i in indexes], lengths, offsets, sizes, labels
         )
         self.shard_names = [os.path.basename(s) for s in shards]
         self.shard_bytes = [i.shard_bytes for i in indexes]  # from the stat the index checked
         if require_labels:
-            samples, lengths = _drop_unlabelled(samples, lengths, on_bad_image)
+            samples = _drop_unlabelled(samples, on_bad_image)
         if not len(samples):
             raise DataError(
                 no_shards_message(root or shards[0], 'The shards hold no image samples')
             )
-        self.shard_lengths = lengths.tolist()
+        self.shard_lengths = samples.lengths.tolist()
         names = read_class_names(info_file)
         self.classes = names if names else [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
         self.info_file = info_file
@@ -271,11 +274,11 @@ class ShardDataset(ImageFileDataset):
         }
 
 
-def _drop_unlabelled(samples, lengths, on_bad_image):
+def _drop_unlabelled(samples, on_bad_image):
     """`samples` without those lacking a .cls label (on_bad_image 'skip'), or DataError."""
     unlabelled = np.flatnonzero(samples.labels < 0)
     if not len(unlabelled):
-        return samples, lengths
+        return samples
     first = samples[int(unlabelled[0])][0]
     if on_bad_image == 'error':
         raise DataError(
@@ -293,18 +296,15 @@ def _drop_unlabelled(samples, lengths, on_bad_image):
     )
     keep = np.flatnonzero(samples.labels >= 0)
     shard_of = np.searchsorted(samples.starts, keep, side='right') - 1
-    ordinals = keep - samples.starts[shard_of]
-    new_lengths = np.bincount(shard_of, minlength=len(lengths)).astype(np.int64)
-    kept = _ShardSamples(
+    return _ShardSamples(
         samples.shards,
         samples.index_files,
-        np.concatenate([[0], np.cumsum(new_lengths)[:-1]]).astype(np.int64),
+        np.bincount(shard_of, minlength=len(samples.lengths)).astype(np.int64),
         samples.offsets[keep],
         samples.sizes[keep],
         samples.labels[keep],
+        ordinals=keep - samples.starts[shard_of],
     )
-    kept.ordinals = ordinals
-    return kept, new_lengths
 
 
 def align_classes(train_set, val_set):
