@@ -15,11 +15,13 @@ no weight is permuted; only the fused qkv is split into three projections.
 """
 
 import re
+from functools import partial
 
 import torch
 from transformers import BeitConfig, SwinConfig, Swinv2Config
 
-from utils.errors import ConfigError
+from models.vision_transformer import mlp_ratio_of
+from utils.errors import ConfigError, require
 from utils.state_dict import REBUILT_BUFFERS
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which the official Swin models use
@@ -30,9 +32,7 @@ class UnsupportedInTransformers(ConfigError):
     """A feature of our model that transformers' classes cannot represent; names the key."""
 
 
-def _require(condition, message):
-    if not condition:
-        raise UnsupportedInTransformers(message)
+_require = partial(require, error=UnsupportedInTransformers)
 
 
 # (our regex, transformers' template) per architecture; block-level names after the block prefix.
@@ -256,10 +256,6 @@ def _beit_config(config, num_classes):
     return BeitConfig(**kwargs)
 
 
-def _whole_if_whole(number):
-    return int(number) if float(number).is_integer() else number  # MODEL.VIT.MLP_RATIO is an int
-
-
 def _check_layers(hf, layer_norm_eps):
     """The activation and LayerNorm eps transformers' config may vary and ours fixes."""
     _require(hf.hidden_act == 'gelu', f"hidden_act '{hf.hidden_act}': ours is exact GELU")
@@ -277,7 +273,7 @@ def _config_from_beit(hf):
         'EMBED_DIM': hf.hidden_size,
         'DEPTH': hf.num_hidden_layers,
         'NUM_HEADS': hf.num_attention_heads,
-        'MLP_RATIO': _whole_if_whole(hf.intermediate_size / hf.hidden_size),
+        'MLP_RATIO': mlp_ratio_of(hf.intermediate_size, hf.hidden_size),
         'INIT_VALUES': hf.layer_scale_init_value or None,
         'USE_APE': bool(hf.use_absolute_position_embeddings),
         'USE_RPB': bool(hf.use_relative_position_bias),

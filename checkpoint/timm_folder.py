@@ -107,15 +107,13 @@ def export_timm_folder(config, state_dict, out_dir, info=None, verify=None):
     folder beside `out_dir` (checkpoint.folder_export): `verify(staging)` checks them there, and
     whatever it raises leaves `out_dir` as it was. `info` goes into config.json's 'simmim' entry,
     which timm ignores."""
-    model, model_args = None, None
 
     def write(folder):
-        nonlocal model, model_args
         model, model_args = build_timm_model(config, state_dict)
         _write_timm_files(model, model_args, config, folder, info)
+        return model
 
-    export_folder(out_dir, 'timm', write, verify)
-    return model
+    return export_folder(out_dir, 'timm', write, verify)
 
 
 def _write_timm_files(model, model_args, config, folder, info):

@@ -1,8 +1,17 @@
-"""Distributed samplers: a resumable training sampler and an exact (unpadded) evaluation sampler."""
+"""Distributed samplers: a resumable training sampler and an exact (unpadded) evaluation sampler;
+the window sampler for shards and `shard_starts`, where each shard's samples begin."""
 
+import numpy as np
 import torch
 
 from .seeding import sample_seed
+
+
+def shard_starts(shard_lengths):
+    """The dataset index of each shard's first sample when shards of `shard_lengths` samples
+    follow each other (int64 array: the lengths summed before each shard)."""
+    lengths = np.asarray(shard_lengths, dtype=np.int64)
+    return np.cumsum(lengths) - lengths
 
 
 class ResumableDistributedSampler(torch.utils.data.Sampler):
@@ -100,9 +109,7 @@ class ShardWindowSampler(ResumableDistributedSampler):
         if window < 1:
             raise ValueError(f'window must be at least 1 shard, got {window}.')
         self.shard_lengths, self.window = list(shard_lengths), window
-        self.shard_starts = [0]
-        for length in self.shard_lengths[:-1]:
-            self.shard_starts.append(self.shard_starts[-1] + length)
+        self.shard_starts = shard_starts(self.shard_lengths).tolist()
 
     def _permutation(self):
         if not self.shuffle:

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from utils.atomic_write import atomic_write
 from utils.errors import DataError
 
 from .datasets import IMG_EXTENSIONS, check_on_bad_image
@@ -51,6 +52,7 @@ class ShardIndex(NamedTuple):
     labels: np.ndarray  # int64
     problem: str
     index_file: str  # where the index is stored ('' when it could not be written)
+    shard_bytes: int  # the shard's size when this index was checked against it
 
 
 def member_key(name):
@@ -164,6 +166,7 @@ def _load(path, stamp):
                 stored['labels'].astype(np.int64),
                 str(stored['problem']),
                 path,
+                int(stamp[1]),
             )
     except Exception as err:  # zip, pickle and key errors: any damage means rebuild
         logger.warning(
@@ -176,18 +179,13 @@ def _load(path, stamp):
 
 
 def _save_arrays(path, **arrays):
-    """Write `arrays` as the npz file `path` atomically (temporary name, then rename); False if it
-    cannot be written (a read-only folder, a full disk)."""
-    temporary = f'{path}.{os.getpid()}.tmp'
+    """Write `arrays` as the npz file `path` atomically (utils.atomic_write); False if it cannot be
+    written (a read-only folder, a full disk)."""
     try:
         os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-        with open(temporary, 'wb') as f:
-            np.savez(f, **arrays)
-        os.replace(temporary, path)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
         return True
     except OSError:
-        if os.path.exists(temporary):
-            os.remove(temporary)
         return False
 
 
@@ -208,8 +206,11 @@ def shard_index(shard, cache_dir='', on_bad_image='skip'):
     modification time, else built (and cached beside the shard, or in `cache_dir` when that
     folder is read-only). A damaged shard raises DataError with on_bad_image='error'; with 'skip'
     its readable samples are kept and `problem` says what was lost."""
+    return _shard_index(shard, _stamp(shard), cache_dir, on_bad_image)
+
+
+def _shard_index(shard, stamp, cache_dir, on_bad_image):
     check_on_bad_image(on_bad_image)
-    stamp = _stamp(shard)
     candidates = index_files(shard, cache_dir)
     index = next((i for i in (_load(p, stamp) for p in candidates) if i is not None), None)
     if index is None:
@@ -228,6 +229,7 @@ def shard_index(shard, cache_dir='', on_bad_image='skip'):
             *(np.array(values, dtype=np.int64) for values in (offsets, sizes, labels)),
             problem,
             written,
+            int(stamp[1]),
         )
     if index.problem and on_bad_image == 'error':
         raise DataError(damaged_shard_message(shard, index))
@@ -252,9 +254,9 @@ def _load_set(path, stamps):
             ends = np.cumsum(stored['lengths'])[:-1]
             columns = [np.split(stored[k], ends) for k in ('offsets', 'sizes', 'labels')]
             return [
-                ShardIndex(offsets, sizes, labels, str(problem), str(index_file))
-                for offsets, sizes, labels, problem, index_file in zip(
-                    *columns, stored['problems'], stored['index_files'], strict=True
+                ShardIndex(offsets, sizes, labels, str(problem), str(index_file), int(stamp[1]))
+                for offsets, sizes, labels, problem, index_file, stamp in zip(
+                    *columns, stored['problems'], stored['index_files'], stamps, strict=True
                 )
             ]
     except Exception as err:  # zip, pickle and key errors: any damage means rebuild
@@ -282,7 +284,10 @@ def shard_indexes(shards, cache_dir='', on_bad_image='skip'):
     candidates = _set_files(shards, stamps, cache_dir)
     indexes = next((i for i in (_load_set(p, stamps) for p in candidates) if i is not None), None)
     if indexes is None:
-        indexes = [shard_index(s, cache_dir, 'skip') for s in shards]
+        indexes = [
+            _shard_index(s, stamp, cache_dir, 'skip')
+            for s, stamp in zip(shards, stamps, strict=True)
+        ]
         next((p for p in candidates if _save_set(p, stamps, indexes)), None)
     for shard, index in zip(shards, indexes, strict=True):
         if index.problem and on_bad_image == 'error':

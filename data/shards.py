@@ -11,10 +11,11 @@ Fine-tuning reads DATA_PATH/train and DATA_PATH/val, or one folder with the timm
 naming: ``*-train-*.tar`` and ``*-validation-*.tar`` beside an ``_info.json``.
 """
 
-import glob
 import logging
 import os
 import re
+import stat
+import time
 
 import numpy as np
 
@@ -22,12 +23,15 @@ from utils.errors import DataError
 from utils.json_file import read_json
 
 from .datasets import ImageFileDataset
+from .sampler import shard_starts
 from .shard_index import ShardMember, damaged_shard_message, shard_indexes
 
 logger = logging.getLogger('simmim.data')
 INFO_FILE = '_info.json'
 SPLIT_NAMES = {'train': ('train',), 'val': ('validation', 'val')}  # timm/HF names first
 _BRACE = re.compile(r'\{([^{}]*)\}')
+_listings = {}  # folder -> (its device, inode and modification time, its .tar names): _tar_names
+_RACY_NS = 2 * 10**9
 
 
 def expand_braces(pattern):
@@ -47,8 +51,34 @@ def expand_braces(pattern):
     return [path for choice in choices for path in expand_braces(head + choice + tail)]
 
 
+def _tar_names(folder):
+    """The sorted names of the .tar entries in `folder` (not hidden, as glob's '*.tar'); [] when
+    it is no readable folder. One start-up asks several times (is_shard_source, find_shards, once
+    per split), so a listing is kept while the folder's stat stays the same. A folder changed less
+    than _RACY_NS before it was listed is listed again next time: a change within the same tick of
+    the file system's clock may leave its modification time as it was (git's "racy clean")."""
+    try:
+        folder_stat = os.stat(folder)
+        if not stat.S_ISDIR(folder_stat.st_mode):
+            return []
+        stamp = (folder_stat.st_dev, folder_stat.st_ino, folder_stat.st_mtime_ns)
+        kept = _listings.get(folder)
+        if kept is not None and kept[0] == stamp:
+            return kept[1]
+        listed_at = time.time_ns()
+        with os.scandir(folder) as entries:
+            names = sorted(
+                e.name for e in entries if e.name.endswith('.tar') and not e.name.startswith('.')
+            )
+    except OSError:
+        return []
+    if folder_stat.st_mtime_ns < listed_at - _RACY_NS:
+        _listings[folder] = (stamp, names)
+    return names
+
+
 def _tars_in(folder):
-    return sorted(glob.glob(os.path.join(glob.escape(folder), '*.tar')))
+    return [os.path.join(folder, name) for name in _tar_names(folder)]
 
 
 def _split_folders(path):
@@ -80,10 +110,11 @@ def _info_beside(shards):
     return info if os.path.isfile(info) else ''
 
 
-def _named_split(path, split):
-    """The shards of `split` in a folder with timm/HF naming (NAME-train-NNNN.tar)."""
+def _named_split(tars, split):
+    """The shards of `split` among `tars`, a folder's shards with timm/HF naming
+    (NAME-train-NNNN.tar)."""
     for name in SPLIT_NAMES[split]:
-        shards = [s for s in _tars_in(path) if f'-{name}-' in os.path.basename(s)]
+        shards = [s for s in tars if f'-{name}-' in os.path.basename(s)]
         if shards:
             return shards
     return []
@@ -111,20 +142,21 @@ def find_shards(path, split=None):
                 )
             )
     elif split is None:
-        shards = _tars_in(path) or [s for folder in _split_folders(path) for s in _tars_in(folder)]
-        if shards and not _tars_in(path):
+        top = _tars_in(path)
+        shards = top or [s for folder in _split_folders(path) for s in _tars_in(folder)]
+        if shards and not top:
             logger.warning(
                 f'DATA.DATA_PATH {path} holds train/ and val/ shard folders, so pre-training '
                 f'reads both. Pass DATA_PATH/train to pre-train on the training split only.'
             )
-        elif _named_split(path, 'train') and _named_split(path, 'val'):
+        elif _named_split(top, 'train') and _named_split(top, 'val'):
             logger.warning(
                 f'DATA.DATA_PATH {path} holds train and validation shards (timm/HF naming), so '
                 f'pre-training reads both. Pass a brace pattern of the train shards (e.g. '
                 f'{path}/NAME-train-{{0000..1023}}.tar) to pre-train on the training split only.'
             )
     else:
-        shards = _tars_in(os.path.join(path, split)) or _named_split(path, split)
+        shards = _tars_in(os.path.join(path, split)) or _named_split(_tars_in(path), split)
     if not shards:
         where = os.path.join(path, split) if split and not _tars_in(path) else path
         raise DataError(
@@ -152,20 +184,23 @@ def read_class_names(info_file):
 
 
 class _ShardSamples:
-    """(ShardMember, label) by sample index, from flat arrays (no Python object per sample)."""
+    """(ShardMember, label) by sample index, from flat arrays (no Python object per sample): the
+    shards' samples one after another, `lengths` per shard. `ordinals`, when samples were left
+    out, gives each kept sample's position within its shard."""
 
-    def __init__(self, shards, index_files, starts, offsets, sizes, labels):
-        self.shards, self.index_files, self.starts = shards, index_files, starts
-        self.offsets, self.sizes, self.labels = offsets, sizes, labels
-        self.ordinals = None  # set when samples were dropped: position within the shard
+    def __init__(self, shards, index_files, lengths, offsets, sizes, labels, ordinals=None):
+        self.shards, self.index_files = shards, index_files
+        self.lengths, self.starts = lengths, shard_starts(lengths)
+        self.offsets, self.sizes, self.labels, self.ordinals = offsets, sizes, labels, ordinals
 
     def __len__(self):
         return len(self.offsets)
 
     def __getitem__(self, index):
         shard = int(np.searchsorted(self.starts, index, side='right')) - 1
-        ordinal = index - int(self.starts[shard])
-        if self.ordinals is not None:
+        if self.ordinals is None:
+            ordinal = index - int(self.starts[shard])
+        else:
             ordinal = int(self.ordinals[index])
         member = ShardMember(
             self.shards[shard],
@@ -206,23 +241,22 @@ class ShardDataset(ImageFileDataset):
                     '%s Its readable samples are used.', damaged_shard_message(shard, index)
                 )
         lengths = np.array([len(i.offsets) for i in indexes], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         offsets, sizes, labels = (
             np.concatenate([getattr(i, field) for i in indexes])
             for field in ('offsets', 'sizes', 'labels')
         )
         samples = _ShardSamples(
-            shards, [i.index_file for i in indexes], starts, offsets, sizes, labels
+            shards, [i.index_file for i in indexes], lengths, offsets, sizes, labels
         )
         self.shard_names = [os.path.basename(s) for s in shards]
-        self.shard_bytes = [os.path.getsize(s) for s in shards]
+        self.shard_bytes = [i.shard_bytes for i in indexes]  # from the stat the index checked
         if require_labels:
-            samples, lengths = _drop_unlabelled(samples, lengths, on_bad_image)
+            samples = _drop_unlabelled(samples, on_bad_image)
         if not len(samples):
             raise DataError(
                 no_shards_message(root or shards[0], 'The shards hold no image samples')
             )
-        self.shard_lengths = lengths.tolist()
+        self.shard_lengths = samples.lengths.tolist()
         names = read_class_names(info_file)
         self.classes = names if names else [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
         self.info_file = info_file
@@ -240,11 +274,11 @@ class ShardDataset(ImageFileDataset):
         }
 
 
-def _drop_unlabelled(samples, lengths, on_bad_image):
+def _drop_unlabelled(samples, on_bad_image):
     """`samples` without those lacking a .cls label (on_bad_image 'skip'), or DataError."""
     unlabelled = np.flatnonzero(samples.labels < 0)
     if not len(unlabelled):
-        return samples, lengths
+        return samples
     first = samples[int(unlabelled[0])][0]
     if on_bad_image == 'error':
         raise DataError(
@@ -262,18 +296,15 @@ def _drop_unlabelled(samples, lengths, on_bad_image):
     )
     keep = np.flatnonzero(samples.labels >= 0)
     shard_of = np.searchsorted(samples.starts, keep, side='right') - 1
-    ordinals = keep - samples.starts[shard_of]
-    new_lengths = np.bincount(shard_of, minlength=len(lengths)).astype(np.int64)
-    kept = _ShardSamples(
+    return _ShardSamples(
         samples.shards,
         samples.index_files,
-        np.concatenate([[0], np.cumsum(new_lengths)[:-1]]).astype(np.int64),
+        np.bincount(shard_of, minlength=len(samples.lengths)).astype(np.int64),
         samples.offsets[keep],
         samples.sizes[keep],
         samples.labels[keep],
+        ordinals=keep - samples.starts[shard_of],
     )
-    kept.ordinals = ordinals
-    return kept, new_lengths
 
 
 def align_classes(train_set, val_set):

@@ -21,6 +21,7 @@ import numpy as np
 import wandb
 import yaml
 
+from utils.atomic_write import atomic_write
 from utils.errors import ConfigError
 
 METRICS_FILE = 'metrics.jsonl'
@@ -67,10 +68,7 @@ class MetricsFile:
             except (ValueError, KeyError, TypeError):
                 pass  # a line cut short by a kill: dropped
         if len(kept) != len(lines) or (lines and not lines[-1].endswith('\n')):
-            tmp = f'{self.path}.tmp'
-            with open(tmp, 'w') as f:
-                f.writelines(kept)
-            os.replace(tmp, self.path)
+            atomic_write(self.path, lambda f: f.write(''.join(kept).encode()))
 
     def close(self):
         if self._file is not None:

@@ -27,13 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save as serialize_safetensors
 
-from utils.atomic_write import atomic_save
 from utils.checksum import check_file, read_sidecar
 from utils.errors import CheckpointError, ConfigError
 from utils.safe_load import load_checkpoint_file
-from utils.safetensors_io import is_safetensors_file
+from utils.safetensors_io import is_safetensors_file, save_safetensors
 
 PIXEL_EPS = 0.1  # DALL-E's logit-Laplace epsilon: pixels are mapped into [eps, 1 - eps]
 METADATA_KEY = 'simmim_dvae'  # the safetensors metadata entry holding the architecture (JSON)
@@ -256,11 +254,9 @@ def dvae_loss(model, rgb, temperature, kl_weight=0.0):
 def save_tokenizer(model, path):
     """Write `model`'s weights with its architecture in the metadata, atomically, with a checksum
     record beside the file."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     info = {'format_version': FORMAT_VERSION, **model.architecture}
-    data = serialize_safetensors(state, metadata={METADATA_KEY: json.dumps(info)})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_save(data, path, write=lambda payload, f: f.write(payload), checksum=True)
+    save_safetensors(path, model.state_dict(), {METADATA_KEY: json.dumps(info)})
 
 
 def _expected(path, purpose, problem):

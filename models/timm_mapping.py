@@ -23,6 +23,7 @@ The mappings:
 
 import re
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import timm
@@ -33,7 +34,9 @@ from timm.models.swin_transformer import SwinTransformer as TimmSwin
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-from utils.errors import ConfigError
+from utils.errors import ConfigError, require
+
+from .vision_transformer import mlp_ratio_of
 
 # Size words of timm's model names, by (embed_dim, depths) of Swin and (embed_dim, depth) of ViT.
 SWIN_SIZES = {
@@ -55,9 +58,7 @@ class UnsupportedInTimm(ConfigError):
     """A model feature the other side cannot represent; the message names the key."""
 
 
-def _require(condition, message):
-    if not condition:
-        raise UnsupportedInTimm(message)
+_require = partial(require, error=UnsupportedInTimm)
 
 
 def _first_registered(candidates):
@@ -286,10 +287,6 @@ def _vit_from_timm(state_dict):
     return out
 
 
-def _int_if_whole(value):
-    return int(value) if float(value).is_integer() else value  # MODEL.VIT.MLP_RATIO is an int
-
-
 def _vit_config(model):
     embed, first = model.patch_embed, model.blocks[0]
     _require(
@@ -334,7 +331,7 @@ def _vit_config(model):
                 'EMBED_DIM': model.embed_dim,
                 'DEPTH': len(model.blocks),
                 'NUM_HEADS': first.attn.num_heads,
-                'MLP_RATIO': _int_if_whole(first.mlp.fc1.out_features / model.embed_dim),
+                'MLP_RATIO': mlp_ratio_of(first.mlp.fc1.out_features, model.embed_dim),
                 'QKV_BIAS': _has_qkv_bias(first.attn),
                 'INIT_VALUES': init_values if layer_scale else None,
                 'USE_APE': ape,

@@ -23,6 +23,13 @@ from .attention import ignore_saved_copy
 LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)  # the official ViT's norm layer
 
 
+def mlp_ratio_of(hidden_features, embed_dim):
+    """MODEL.VIT.MLP_RATIO for an MLP of `hidden_features` on `embed_dim` channels: an int when
+    whole (the key's default is the int 4), as another library's model is read into our config."""
+    ratio = hidden_features / embed_dim
+    return int(ratio) if float(ratio).is_integer() else ratio
+
+
 def check_init_values(init_values):
     """MODEL.VIT.INIT_VALUES: None (no layer scale) or positive. timm's Beit reads 0 as "no layer
     scale" (no gamma parameters); the official code would build gammas fixed at 0, which silence

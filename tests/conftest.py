@@ -46,3 +46,17 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def fsynced(monkeypatch):
+    """The paths os.fsync is called on from now on (files by the name they had then, folders),
+    as a list that grows: for tests that a write goes through utils.atomic_write."""
+    paths, real_fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        paths.append(os.readlink(f'/proc/self/fd/{fd}'))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, 'fsync', recording_fsync)
+    return paths

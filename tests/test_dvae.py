@@ -486,3 +486,15 @@ def test_beit_geometry_14x14_tokens_from_112_px_for_a_224_px_vit_b_16(tmp_path):
     criterion.tokenizer.encoder.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
     target = criterion.target(torch.randn(1, 3, 224, 224))
     assert target.shape == (1, 14, 14) and seen == [(1, 3, 112, 112)]
+
+
+def test_a_tokenizer_with_tied_weights_is_saved_and_reads_back(tmp_path):
+    model = tiny_tokenizer(seed=4)
+    blocks = 'encoder.blocks.group_1.block_1.res_path'
+    tied = model.get_submodule(f'{blocks}.conv_2').weight
+    model.get_submodule(f'{blocks}.conv_3').weight = tied  # two names, one storage
+    path = str(tmp_path / 'tok.safetensors')
+    save_tokenizer(model, path)
+    loaded = load_tokenizer(path, vocab_size=16)
+    for name in ('conv_2', 'conv_3'):
+        assert torch.equal(loaded.get_submodule(f'{blocks}.{name}').weight, tied)

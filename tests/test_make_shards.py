@@ -3,6 +3,7 @@ left out, an interrupted conversion continued, another source refused."""
 
 import json
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -125,3 +126,40 @@ def test_a_shuffle_seed_mixes_classes_across_shards_keeping_bytes_and_labels(tmp
     assert in_order != mixed and sorted(in_order) == sorted(mixed)
     pairs = dict(zip(mixed[::2], mixed[1::2], strict=True))  # (image, its .cls) stay together
     assert pairs == dict(zip(in_order[::2], in_order[1::2], strict=True))
+
+
+def test_every_file_written_is_fsynced_under_a_temporary_name_then_renamed(tmp_path, fsynced):
+    source = _folder(tmp_path / 'src')
+    out = tmp_path / 'out'
+    convert(str(source), str(out), shard_size=4, log=lambda _: None)
+    written = sorted(os.listdir(out))
+    assert written == [
+        '_info.json',
+        '_progress.json',
+        *(f'src-train-000{i}{end}' for i in range(3) for end in ('.tar', '.tar.index.npz')),
+    ]
+    for name in written:  # the file's bytes, then its rename in the folder, reach the disk
+        temporary = re.compile(re.escape(f'{out / name}.') + '[0-9a-f]{12}\\.tmp')
+        assert any(temporary.fullmatch(p) for p in fsynced), name
+    assert str(out) in fsynced
+
+
+def test_each_image_is_read_once_and_a_broken_one_is_named_in_its_reason(tmp_path, monkeypatch):
+    source = _folder(tmp_path / 'src', per_class=(2, 1, 1))
+    (source / 'bee' / 'broken.jpg').write_bytes(b'not an image')
+    opened, real_open = [], open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file).startswith(str(source)):
+            opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr('builtins.open', counting_open)
+    info = convert(str(source), str(tmp_path / 'out'), shard_size=10, log=lambda _: None)
+    monkeypatch.undo()
+    images = sorted(str(p) for p in source.rglob('*') if p.is_file())
+    assert sorted(opened) == images and len(images) == 5  # once each, the broken one too
+    [(file, reason)] = info['skipped']
+    assert file == str(source / 'bee' / 'broken.jpg') and 'broken.jpg' in reason
+    members = _members(tmp_path / 'out' / 'src-train-0000.tar')
+    assert members[0] == ('ant/p_0.jpeg', (source / 'ant' / 'p.0.JPEG').read_bytes())

@@ -2,7 +2,12 @@ import collections
 
 import pytest
 
-from data.sampler import EvalDistributedSampler, ResumableDistributedSampler, ShardWindowSampler
+from data.sampler import (
+    EvalDistributedSampler,
+    ResumableDistributedSampler,
+    ShardWindowSampler,
+    shard_starts,
+)
 
 
 def _all_ranks(dataset_len, world_size, epoch=0, seed=0, shuffle=True):
@@ -71,6 +76,12 @@ def _window_order(epoch=0, seed=0, window=2, world_size=1, rank=0, start_sample=
 def _shard_of(index):
     starts = [sum(SHARD_LENGTHS[:s]) for s in range(len(SHARD_LENGTHS))]
     return max(s for s, start in enumerate(starts) if start <= index)
+
+
+def test_shard_starts_are_the_lengths_summed_before_each_shard_empty_ones_too():
+    assert shard_starts([3, 0, 2, 4]).tolist() == [0, 3, 3, 5]
+    assert shard_starts([]).tolist() == []
+    assert ShardWindowSampler([3, 0, 2], window=1).shard_starts == [0, 3, 3]
 
 
 def test_window_order_covers_every_sample_once_reading_few_shards_at_a_time():

@@ -4,6 +4,7 @@ the same order as the image folder they were written from, bad input, the resume
 import io
 import logging
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -16,6 +17,7 @@ from config import load_config
 from data import build_finetune_data, build_pretrain_data
 from data import shard_index as index_module
 from data.gpu_decode import EncodedMaskedImageDataset, collate_encoded, decode_batch
+from data.loader import _image_source
 from data.shard_index import INDEX_SUFFIX, ShardMember, index_files, shard_index
 from data.shards import ShardDataset, check_fingerprint, expand_braces, find_shards
 from data.tar_members import tarfile_members
@@ -310,6 +312,67 @@ def test_paths_without_shards_name_the_path_and_the_fix(tmp_path, folder_and_sha
     with pytest.raises(DataError, match='No val shards found') as err:
         build_finetune_data(_config(tmp_path, only_train, False))
     assert str(only_train) in str(err.value) and exit_code_of(err.value) == 2
+
+
+def _count_file_system_calls(monkeypatch, folder):
+    """{'listings': listings of `folder`, 'stats': {shard name: os.stat calls}} from now on."""
+    counts = {'listings': 0, 'stats': {}}
+    real_scandir, real_listdir, real_stat = os.scandir, os.listdir, os.stat
+
+    def listing(real):
+        def counted(path='.'):
+            counts['listings'] += os.path.realpath(path) == str(folder)
+            return real(path)
+
+        return counted
+
+    def stat(path, *args, **kwargs):
+        if str(path).endswith('.tar'):
+            name = os.path.basename(path)
+            counts['stats'][name] = counts['stats'].get(name, 0) + 1
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, 'scandir', listing(real_scandir))
+    monkeypatch.setattr(os, 'listdir', listing(real_listdir))
+    monkeypatch.setattr(os, 'stat', stat)
+    return counts
+
+
+def test_a_start_lists_the_shard_folder_once_and_stats_each_shard_once(
+    tmp_path, folder_and_shards, monkeypatch
+):
+    folder = tmp_path / 'shards'
+    shutil.copytree(folder_and_shards[1], folder)
+    config = _config(tmp_path, folder, is_pretrain=False)
+    log = logging.getLogger('test')
+    for split in ('train', 'val'):  # the first start writes the set indexes
+        _image_source(config, log, split)
+    hour_ago = os.stat(folder).st_mtime_ns - 3600 * 10**9
+    os.utime(folder, ns=(hour_ago, hour_ago))  # a data set folder is not written as it is read
+    counts = _count_file_system_calls(monkeypatch, folder)
+    datasets = [_image_source(config, log, split) for split in ('train', 'val')]  # fine-tuning
+    monkeypatch.undo()
+    names = sorted(p.name for p in folder.glob('*.tar'))
+    assert sorted(n for d in datasets for n in d.shard_names) == names and len(names) == 6
+    assert counts == {'listings': 1, 'stats': {name: 1 for name in names}}
+    assert [len(d) for d in datasets] == [12, 5]
+    assert datasets[0].fingerprint['shards'][0][1] == os.path.getsize(folder / names[0])
+
+
+def test_shards_added_to_a_folder_already_listed_are_found(tmp_path):
+    folder = tmp_path / 'shards'
+    folder.mkdir()
+    _write_tar(folder / 'a.tar', [('x.jpg', _jpeg(0))])
+    assert find_shards(str(folder))[0] == [str(folder / 'a.tar')]
+    before = os.stat(folder).st_mtime_ns
+    _write_tar(folder / 'b.tar', [('x.jpg', _jpeg(1))])
+    os.utime(folder, ns=(before, before))  # as when both land within one tick of the clock
+    assert find_shards(str(folder))[0] == [str(folder / 'a.tar'), str(folder / 'b.tar')]
+    hour_ago = before - 3600 * 10**9
+    os.utime(folder, ns=(hour_ago, hour_ago))
+    assert len(find_shards(str(folder))[0]) == 2  # listed now, and kept
+    _write_tar(folder / 'c.tar', [('x.jpg', _jpeg(2))])  # the folder's time moves on
+    assert [os.path.basename(s) for s in find_shards(str(folder))[0]] == ['a.tar', 'b.tar', 'c.tar']
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 
 from config import load_config_text
 from models import build_model
+from tools import export as export_tool
 from tools.export import main as export
 from tools.import_timm import main as import_timm
 from utils.safe_load import load_checkpoint_file
@@ -112,6 +113,18 @@ def test_pretraining_encoder_exported_to_timm_gives_our_features(tmp_path, name)
     else:
         expected, got = feature_map.permute(0, 2, 3, 1), features
     assert relative_difference(got, expected) < 1e-5
+
+
+def test_a_timm_export_that_does_not_reproduce_the_model_is_not_published(
+    tmp_path, capsys, monkeypatch
+):
+    _, _, path = make_checkpoint(tmp_path, 'vit', pretrain=False)
+    monkeypatch.setattr(export_tool, 'output_difference', lambda *args: 0.5)
+    assert export([path, '--to', 'timm', str(tmp_path / 'timm')]) == 1
+    assert "timm model's output differs from ours by 5.0e-01" in capsys.readouterr().err
+    assert not (tmp_path / 'timm').exists()
+    assert export([path, '--to', 'timm', str(tmp_path / 'timm'), '--no-verify']) == 0
+    assert sorted(os.listdir(tmp_path / 'timm')) == ['config.json', 'model.safetensors']
 
 
 @pytest.mark.parametrize('name', list(CONFIGS))

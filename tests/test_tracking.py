@@ -217,3 +217,14 @@ def test_plot_curves_refuses_a_folder_without_metrics(tmp_path, capsys):
     assert code == 2
     assert 'no metrics.jsonl there' in capsys.readouterr().err
     assert not (tmp_path / 'c.png').exists()
+
+
+def test_dropping_the_lines_of_an_earlier_run_writes_the_file_atomically(tmp_path, fsynced):
+    path = tmp_path / METRICS_FILE
+    path.write_text(''.join(json.dumps({'kind': 'train', 'step': s}) + '\n' for s in range(3)))
+    metrics = MetricsFile(str(path))
+    metrics.write({'kind': 'train', 'step': 1})
+    metrics.close()
+    assert [r['step'] for r in read_metrics(str(path))] == [0, 1]
+    assert any(p.startswith(f'{path}.') and p.endswith('.tmp') for p in fsynced)  # then renamed
+    assert str(tmp_path) in fsynced and os.listdir(tmp_path) == [METRICS_FILE]

@@ -47,27 +47,42 @@ from utils.state_dict import check_finite, encoder_weights, summarize_keys, unwr
 FORMATS = ('timm', 'hf', 'safetensors')
 
 
-def export_timm(checkpoint, args, out_dir):
-    weights, dropped = encoder_weights(checkpoint)
+def _verifier(args, out_dir, library, difference, limit):
+    """(verify, differences) for an export folder: verify(folder) appends `difference(folder)`,
+    ours vs the model `library` reads from the files as written (before they replace any), to
+    `differences`, and raises ToolFailure when it exceeds `limit`; with --no-verify it does
+    nothing."""
+    differences = []
+
+    def verify(folder):
+        if args.verify:
+            differences.append(difference(folder))
+            if not differences[-1] <= limit:
+                raise ToolFailure(
+                    f"The exported {library} model's output differs from ours by "
+                    f'{differences[-1]:.1e} (relative); the export is wrong, so it was not '
+                    f'written (an earlier export in {out_dir} is untouched). Please report it '
+                    f"with the checkpoint's config."
+                )
+
+    return verify, differences
+
+
+def export_timm(checkpoint, state_dict, args, out_dir):
+    weights, dropped = encoder_weights(state_dict)
     config = checkpoint_config(checkpoint, args.cfg, args.opts, source=args.checkpoint)
     info = {
         'exported_from': os.path.basename(args.checkpoint),
         'model_type': config.MODEL.TYPE,
         'left_out': dropped,
     }
-    differences = []
-
-    def verify(folder):  # the files as written, read back by timm, before they replace any
-        if args.verify:
-            differences.append(output_difference(config, weights, load_timm_model(folder)))
-            if not differences[-1] <= MAX_RELATIVE_DIFFERENCE:
-                raise ToolFailure(
-                    f"The exported timm model's output differs from ours by "
-                    f'{differences[-1]:.1e} (relative); the export is wrong, so it was not '
-                    f'written (an earlier export in {out_dir} is untouched). Please report it '
-                    f"with the checkpoint's config."
-                )
-
+    verify, differences = _verifier(
+        args,
+        out_dir,
+        'timm',
+        lambda folder: output_difference(config, weights, load_timm_model(folder)),
+        MAX_RELATIVE_DIFFERENCE,
+    )
     model = export_timm_folder(config, weights, out_dir, info, verify)
     print(
         f'Wrote {out_dir}/config.json and model.safetensors: timm '
@@ -89,23 +104,17 @@ def export_timm(checkpoint, args, out_dir):
     )
 
 
-def export_hf(checkpoint, args, out_dir):
-    weights = unwrap_state_dict(checkpoint)
+def export_hf(checkpoint, weights, args, out_dir):
     config = checkpoint_config(checkpoint, args.cfg, args.opts, source=args.checkpoint)
-    differences = []
-
-    def verify(folder):  # read back by transformers from the written files, before publishing
-        if args.verify:
-            model = hf_folder.load_hf_model(folder)
-            differences.append(hf_folder.output_difference(config, weights, model))
-            if not differences[-1] <= hf_folder.MAX_RELATIVE_DIFFERENCE:
-                raise ToolFailure(
-                    f"The exported transformers model's output differs from ours by "
-                    f'{differences[-1]:.1e} (relative); the export is wrong, so it was not '
-                    f'written (an earlier export in {out_dir} is untouched). Please report it '
-                    f"with the checkpoint's config."
-                )
-
+    verify, differences = _verifier(
+        args,
+        out_dir,
+        'transformers',
+        lambda folder: hf_folder.output_difference(
+            config, weights, hf_folder.load_hf_model(folder)
+        ),
+        hf_folder.MAX_RELATIVE_DIFFERENCE,
+    )
     model, left_out = hf_folder.export_hf_folder(config, weights, out_dir, verify)
     print(
         f'Wrote {out_dir}/config.json, model.safetensors and preprocessor_config.json: '
@@ -128,8 +137,7 @@ def export_hf(checkpoint, args, out_dir):
     )
 
 
-def export_safetensors(checkpoint, args, out_file):
-    state_dict = unwrap_state_dict(checkpoint)
+def export_safetensors(checkpoint, state_dict, args, out_file):
     stored = checkpoint.get('config') if isinstance(checkpoint, dict) else None
     if isinstance(stored, str) and not args.cfg and not args.opts:
         config_text = stored  # ours, kept verbatim
@@ -196,9 +204,10 @@ def _main(argv):
     if fmt not in FORMATS:
         parser.error(f'--to {fmt}: unknown format; use one of {", ".join(FORMATS)}.')
     checkpoint = read_checkpoint(args.checkpoint, 'CHECKPOINT', model_only=True)
-    check_finite(unwrap_state_dict(checkpoint), f'CHECKPOINT {args.checkpoint}')
+    state_dict = unwrap_state_dict(checkpoint)  # once; each export reads it from here
+    check_finite(state_dict, f'CHECKPOINT {args.checkpoint}')
     {'timm': export_timm, 'hf': export_hf, 'safetensors': export_safetensors}[fmt](
-        checkpoint, args, out
+        checkpoint, state_dict, args, out
     )
     return 0
 

@@ -20,6 +20,7 @@ training start does not spend that time on every rank.
 """
 
 import argparse
+import glob
 import io
 import json
 import os
@@ -34,6 +35,7 @@ from data.datasets import ImageFolderDataset, load_image
 from data.shard_index import shard_index
 from data.shards import INFO_FILE, find_shards
 from engine.launch import run_tool
+from utils.atomic_write import atomic_write
 from utils.errors import DataError
 
 PROGRESS_FILE = '_progress.json'
@@ -67,12 +69,29 @@ def member_base(path, root):
     return os.path.join(folder, name.replace('.', '_')), extension.lstrip('.').lower()
 
 
-def check_image(path):
-    """(bytes, '') for a file that decodes, (None, reason) otherwise."""
-    try:
-        load_image(path)
+class _FileInMemory(io.BytesIO):
+    """The bytes of the file `path`, read once, that load_image takes in place of the path (it has
+    the open() data.datasets.open_image_file looks for); PIL's messages name the file."""
+
+    def __init__(self, path):
         with open(path, 'rb') as f:
-            return f.read(), ''
+            super().__init__(f.read())
+        self.name = path
+
+    def open(self):
+        return self
+
+    def __repr__(self):
+        return f'<file {self.name!r}>'
+
+
+def check_image(path):
+    """(bytes, '') for a file that decodes, (None, reason) otherwise; the file is read once."""
+    try:
+        file = _FileInMemory(path)
+        data = file.getvalue()
+        load_image(file)
+        return data, ''
     except Exception as err:  # PIL raises many types for broken files
         return None, f'{type(err).__name__}: {err}'
 
@@ -84,32 +103,33 @@ def _add(archive, name, data, mtime):
 
 
 def write_shard(path, samples, root, labelled, pool):
-    """Write `samples` [(file, label)] as the shard `path` (via a temporary name); return
-    (sample count, per-label counts, [[file, reason]] of files left out)."""
-    temporary = path + '.tmp'
+    """Write `samples` [(file, label)] as the shard `path` (atomically: a temporary name, fsynced,
+    then renamed); return (sample count, per-label counts, [[file, reason]] of files left out)."""
+    for stale in glob.glob(glob.escape(path) + '*.tmp'):  # left by a run killed while writing it
+        os.remove(stale)
     counts, skipped = {}, []
     files = [file for file, _ in samples]
-    checked = pool.map(check_image, files, chunksize=8) if pool else map(check_image, files)
-    with tarfile.open(temporary, 'w', format=tarfile.PAX_FORMAT) as archive:
-        for (file, label), (data, reason) in zip(samples, checked, strict=True):
-            if data is None:
-                skipped.append([file, reason])
-                continue
-            key, extension = member_base(file, root)
-            mtime = int(os.stat(file).st_mtime)
-            _add(archive, f'{key}.{extension}', data, mtime)
-            if labelled:
-                _add(archive, f'{key}.cls', str(label).encode(), mtime)
-            counts[label] = counts.get(label, 0) + 1
-    os.replace(temporary, path)
+
+    def write(f):
+        checked = pool.map(check_image, files, chunksize=8) if pool else map(check_image, files)
+        with tarfile.open(fileobj=f, mode='w', format=tarfile.PAX_FORMAT) as archive:
+            for (file, label), (data, reason) in zip(samples, checked, strict=True):
+                if data is None:
+                    skipped.append([file, reason])
+                    continue
+                key, extension = member_base(file, root)
+                mtime = int(os.stat(file).st_mtime)
+                _add(archive, f'{key}.{extension}', data, mtime)
+                if labelled:
+                    _add(archive, f'{key}.cls', str(label).encode(), mtime)
+                counts[label] = counts.get(label, 0) + 1
+
+    atomic_write(path, write)
     return len(samples) - len(skipped), counts, skipped
 
 
 def _write_json(path, value):
-    temporary = path + '.tmp'
-    with open(temporary, 'w') as f:
-        json.dump(value, f, indent=1)
-    os.replace(temporary, path)
+    atomic_write(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
 
 
 def _load_progress(out, plan):

@@ -3,6 +3,8 @@ message a failed checkpoint write gets.
 
     atomic_save(obj, path, write=None, checksum=False, verify=None)   temporary file, fsync,
                                          verify, rename, fsync of the folder; a checksum record
+    atomic_write(path, write, checksum=False, verify=None)   the same for any file: `write(f)`
+                                         fills it, and an OSError is raised as it is
     usual_mode(folder=False)             the permissions a new file (folder) gets under the umask
     fsync_folder(path)                   make a rename inside `path` survive a power loss
     write_error(path, errors, ...)       the CheckpointWriteError for a write that failed
@@ -72,13 +74,25 @@ def atomic_save(obj, path, write=None, checksum=False, verify=None):
     bytes are hashed as they are written and the record goes beside the file
     (utils/checksum.py); an earlier record is removed before the rename, so a crash never pairs
     the new file with the old record. `verify(tmp)`, when given, checks the written temporary file
-    before it replaces `path`; whatever it raises leaves `path` (and its record) untouched.
+    before it replaces `path`; whatever it raises leaves `path` (and its record) untouched. A
+    failed write raises the CheckpointWriteError of write_error.
     """
+    try:
+        atomic_write(path, lambda f: (write or torch.save)(obj, f), checksum, verify)
+    except OSError as e:
+        raise write_error(path, [e]) from e
+
+
+def atomic_write(path, write, checksum=False, verify=None):
+    """atomic_save for files that are not checkpoints (shards, indexes, JSON and text records):
+    `write(file)` fills the temporary file (opened in binary mode), and an OSError is raised as it
+    is, for the caller to report in its own words. The temporary file is removed on any failure
+    but a clash of temporary names (FileExistsError: another writer's file)."""
     tmp = f'{path}.{secrets.token_hex(6)}.tmp'
     try:
         with open(tmp, 'xb') as f:  # exclusive create; permissions follow the umask
             target = HashingWriter(f) if checksum else f
-            (write or torch.save)(obj, target)
+            write(target)
             f.flush()
             os.fsync(f.fileno())
         if verify is not None:
@@ -89,10 +103,8 @@ def atomic_save(obj, path, write=None, checksum=False, verify=None):
         if checksum:
             write_sidecar(path, target.record())
         fsync_folder(os.path.dirname(os.path.abspath(path)))
-    except OSError as e:
-        if not isinstance(e, FileExistsError):
-            _remove(tmp)
-        raise write_error(path, [e]) from e
-    except BaseException:  # a failed verification, an interrupt: the temporary file goes
+    except FileExistsError:
+        raise
+    except BaseException:  # a full disk, a failed verification, an interrupt: the file goes
         _remove(tmp)
         raise

@@ -106,8 +106,8 @@ def title_of(error):
     return getattr(error, 'title', 'Error')
 
 
-def require(condition, message):
-    """Raise ConfigError(message) unless `condition` holds: the one-line form of every config
-    check."""
+def require(condition, message, error=None):
+    """Raise `error`(message) (default ConfigError) unless `condition` holds: the one-line form of
+    every config check."""
     if not condition:
-        raise ConfigError(message)
+        raise (error or ConfigError)(message)

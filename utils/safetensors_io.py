@@ -2,6 +2,7 @@
 
     save_safetensors_checkpoint(path, state_dict, config_text='', info=None, verify=None)
                                                    atomic write (verify(tmp) before the rename)
+    save_safetensors(path, state_dict, metadata, verify=None)   the same with any string metadata
     load_safetensors_checkpoint(path) -> {'model': state_dict, 'config': YAML text, **info}
     is_safetensors_file(path)                      by the header
     check_safetensors_file(path, what)             a CheckpointError for a truncated or damaged
@@ -77,6 +78,12 @@ def save_safetensors_checkpoint(path, state_dict, config_text='', info=None, ver
     metadata = {'simmim': json.dumps({'format_version': FORMAT_VERSION, **(info or {})})}
     if config_text:
         metadata['config'] = config_text
+    save_safetensors(path, state_dict, metadata, verify)
+
+
+def save_safetensors(path, state_dict, metadata, verify=None):
+    """Write `state_dict` (tensors sharing memory copied apart) with the string dict `metadata` to
+    `path`, atomically and with a checksum record beside it (utils.atomic_write.atomic_save)."""
     data = serialize(_without_shared_storage(state_dict), metadata=metadata)
     atomic_save(data, path, write=lambda payload, f: f.write(payload), checksum=True, verify=verify)
 
