@@ -384,6 +384,56 @@ def stage_table(name, paths, args, official, mask_generator):
     return lines + ['']
 
 
+def dataloader_table(imagenet, args, official):
+    """The DataLoaders of every pipeline on the folder `imagenet`, in rotating rounds (run before
+    anything else, so the workers fork from a small process)."""
+    loaders = {label: loader_config(imagenet, args, *setting) for label, setting in OURS.items()}
+    if official is not None:
+        loaders = {OFFICIAL: loader_config(imagenet, args)} | loaders
+    rates = {label: [] for label in loaders}
+    for round_ in range(args.rounds):  # alternating rounds, each starting one pipeline later
+        labels = list(loaders)[round_ % len(loaders) :] + list(loaders)[: round_ % len(loaders)]
+        for label in labels:
+            config = loaders[label]
+            loader = (
+                official_loader(official, config)
+                if label == OFFICIAL
+                else build_loader(config, is_pretrain=True)[1]
+            )
+            rates[label].append(loader_rate(loader))
+            print(f'{label}: {rates[label][-1]:.0f} images/s', flush=True)
+    lines = [
+        f'DataLoader on the ImageNet-sized set ({args.num_images} images, batch {args.batch_size}, '
+        f'{args.workers} workers, {args.rounds} rounds in rotating order; the batches as the '
+        f'workers hand them over): images/s, median of the rounds (fastest in brackets).',
+        '',
+        f'| pipeline | images/s | per worker | vs official | each round vs official | cores per '
+        f'GPU at {args.model_rate:.0f} img/s |',
+        '|---|---|---|---|---|---|',
+    ]
+    official_rate = statistics.median(rates[OFFICIAL]) if official is not None else float('nan')
+    for label, values in rates.items():
+        rate = statistics.median(values)
+        per_worker = rate / args.workers
+        rounds = [v / o for v, o in zip(values, rates.get(OFFICIAL, values), strict=True)]
+        lines.append(
+            f'| {label} | {rate:.0f} ({max(values):.0f}) | {per_worker:.0f} | '
+            f'{rate / official_rate:.2f}x | {min(rounds):.2f}-{max(rounds):.2f}x | '
+            f'{args.model_rate / per_worker:.1f} |'
+        )
+    batch = next(iter(build_loader(loaders[list(OURS)[-1]], is_pretrain=True)[1].loader))
+    finish = f'{normalise_ms(batch, torch.device("cpu")):.1f} ms on the CPU (1 thread)'
+    if torch.cuda.is_available():
+        finish += f', {normalise_ms(batch, torch.device("cuda")):.2f} ms on the GPU'
+    lines += [
+        '',
+        f'The main process finishing a uint8 batch of {args.batch_size} (to the device, '
+        f'normalise, masks to int64; data.device_loader.normalize_batch): {finish}.',
+        '',
+    ]
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--num-images', type=int, default=512)
@@ -427,6 +477,7 @@ def main():
         f'worker, DATA.JPEG_DRAFT on in our rows.',
         '',
     ]
+    lines += dataloader_table(os.path.join(root, 'imagenet'), args, official)
     for name, paths in sets.items():
         lines += stage_table(name, paths, args, official, mask_generator)
         mean, p99 = draft_difference(paths[:32], PretrainTransform(args.img_size, jpeg_draft=True))
@@ -453,48 +504,6 @@ def main():
         + '; '.join(f'{name} {ms:.3f}' for name, ms in decoders.items())
         + '.',
         '',
-    ]
-    imagenet = os.path.join(root, 'imagenet')
-    loaders = {label: loader_config(imagenet, args, *setting) for label, setting in OURS.items()}
-    if official is not None:
-        loaders = {OFFICIAL: loader_config(imagenet, args)} | loaders
-    rates = {label: [] for label in loaders}
-    for round_ in range(args.rounds):  # alternating rounds, each starting one pipeline later
-        labels = list(loaders)[round_ % len(loaders) :] + list(loaders)[: round_ % len(loaders)]
-        for label in labels:
-            config = loaders[label]
-            loader = (
-                official_loader(official, config)
-                if label == OFFICIAL
-                else build_loader(config, is_pretrain=True)[1]
-            )
-            rates[label].append(loader_rate(loader))
-            print(f'{label}: {rates[label][-1]:.0f} images/s', flush=True)
-    lines += [
-        f'DataLoader on the ImageNet-sized set ({args.num_images} images, batch {args.batch_size}, '
-        f'{args.workers} workers, {args.rounds} rounds in rotating order; the batches as the '
-        f'workers hand them over): images/s, median of the rounds (fastest in brackets).',
-        '',
-        f'| pipeline | images/s | per worker | vs official | cores per GPU at '
-        f'{args.model_rate:.0f} img/s |',
-        '|---|---|---|---|---|',
-    ]
-    official_rate = statistics.median(rates[OFFICIAL]) if official is not None else float('nan')
-    for label, values in rates.items():
-        rate = statistics.median(values)
-        per_worker = rate / args.workers
-        lines.append(
-            f'| {label} | {rate:.0f} ({max(values):.0f}) | {per_worker:.0f} | '
-            f'{rate / official_rate:.2f}x | {args.model_rate / per_worker:.1f} |'
-        )
-    batch = next(iter(build_loader(loaders[list(OURS)[-1]], is_pretrain=True)[1].loader))
-    finish = f'{normalise_ms(batch, torch.device("cpu")):.1f} ms on the CPU (1 thread)'
-    if torch.cuda.is_available():
-        finish += f', {normalise_ms(batch, torch.device("cuda")):.2f} ms on the GPU'
-    lines += [
-        '',
-        f'The main process finishing a uint8 batch of {args.batch_size} (to the device, '
-        f'normalise, masks to int64; data.device_loader.normalize_batch): {finish}.',
     ]
     write_report(lines, args.out)
 

@@ -310,6 +310,8 @@ class MaskedImageDataset(SeededTransformDataset):
         workers hand over under DATA.NORMALIZE_ON_DEVICE (a quarter of the bytes).
         data.device_loader.normalize_batch turns a batch of them into a batch of this dataset's own
         samples, bit for bit. Needs a PretrainTransform (its plan and pixels)."""
+        if not hasattr(self.transform, 'pixels'):
+            raise TypeError(f'{self.transform!r} has no 8-bit pixels to hand over (plan, pixels).')
         view = copy.copy(self)
         view.pixels_only = True
         return view

@@ -189,10 +189,12 @@ def _data_loader(config, dataset, sampler, rank, drop_last, collate_fn=None):
 
 @dataclass
 class PretrainData:
-    """Batches [img (B,3,H,W) float, mask (B,H/p,W/p) int64 with 1 = masked, label (B,) int64]."""
+    """Batches [img (B,3,H,W) float, mask (B,H/p,W/p) int64 with 1 = masked, label (B,) int64];
+    the loader is a data.device_loader.DeviceLoader when the main process finishes the batches
+    (DATA.NORMALIZE_ON_DEVICE, DATA.DECODE gpu), which puts images and masks on the device."""
 
     train_set: MaskedImageDataset
-    train_loader: DataLoader
+    train_loader: DataLoader | DeviceLoader
 
 
 @dataclass

@@ -18,13 +18,13 @@ bilinear shrink by factor f / r, instead of a bilinear shrink by f (measured and
 tests/test_pretrain_transform.py). Images that are not JPEG, and crops smaller than 2 x IMG_SIZE
 (most ImageNet crops at 192: its typical 500x375 images allow no reduction), are decoded in full.
 
-The crop's 8-bit pixels (`pixels`) are what DataLoader workers hand over (DATA.NORMALIZE_ON_DEVICE):
-a quarter of the bytes of float32. `normalize_pixels` turns them into the model's input on any
-device through a table of the 3 x 256 possible values, computed once with torchvision's ToTensor and
-Normalize arithmetic on the CPU, so the result is bit-identical wherever it runs. The resize is
-PIL's (DATA.RESIZE_BACKEND pil: torchvision's resized_crop on a PIL image, bit for bit) or
-torchvision's antialiased bilinear resize of the uint8 tensor ('tensor': about 4x faster; measured
-against PIL, at most 1 of 255 apart on under 1 % of the values, tested).
+The crop's 8-bit pixels (`pixels`) are what DataLoader workers hand over
+(DATA.NORMALIZE_ON_DEVICE): a quarter of the bytes of float32. `normalize_pixels` turns them into
+the model's input on any device, bit-identical to torchvision's ToTensor and Normalize on the CPU.
+The resize is PIL's (DATA.RESIZE_BACKEND pil: torchvision's resized_crop on a PIL image, bit for
+bit) or torchvision's antialiased bilinear resize of the uint8 tensor ('tensor': about 4x faster;
+at most 1 of 255 from PIL's, on under 1 % of the values, tested; on x86 CPUs without AVX2,
+torchvision resizes in float32 and rounds: at most 1 apart on about 14 % of them).
 """
 
 from typing import NamedTuple

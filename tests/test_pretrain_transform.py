@@ -2,6 +2,8 @@
 draft decode (DATA.JPEG_DRAFT) keeps every crop and flip, only refiltering the pixels, the 8-bit
 hand-over normalises to the same values, and the tensor resize stays within one level of PIL's."""
 
+import platform
+
 import numpy as np
 import pytest
 import torch
@@ -144,7 +146,10 @@ def test_tensor_resize_keeps_crops_and_flips_and_is_within_one_level_of_pil():
     difference = torch.cat(differences)
     # A wrong box or flip moves edges and grain: most values change by tens of levels.
     assert difference.max() <= 1
-    assert 0 < (difference > 0).float().mean() < 0.01  # measured about 0.3 %
+    # torchvision's uint8 kernel: about 0.3 % measured; x86 without AVX2 resizes in float, 14 %.
+    native = torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512')
+    native = native or platform.machine() in ('aarch64', 'arm64')
+    assert 0 < (difference > 0).float().mean() < (0.01 if native else 0.2)
 
 
 def test_tensor_resize_leaves_a_reduced_jpeg_decode_to_pil(tmp_path):
