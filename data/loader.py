@@ -246,7 +246,9 @@ def build_pretrain_data(
                 ),
             ),
         )
-    if config.DATA.NORMALIZE_ON_DEVICE:  # uint8 through the workers, normalised in this process
+    # uint8 through the workers, normalised in this process (a transform put in place of the
+    # PretrainTransform, with no 8-bit pixels to hand over, is left to the workers)
+    if config.DATA.NORMALIZE_ON_DEVICE and hasattr(dataset_train.transform, 'pixels'):
         handed_over = dataset_train.handing_over_pixels()
         loader = _data_loader(config, handed_over, sampler, rank, drop_last=True)
         return PretrainData(dataset_train, DeviceLoader(loader, normalize_batch, training_device()))

@@ -27,6 +27,7 @@ at most 1 of 255 from PIL's, on under 1 % of the values, tested; on x86 CPUs wit
 torchvision resizes in float32 and rounds: at most 1 apart on about 14 % of them).
 """
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -69,8 +70,15 @@ def normalize_pixels(pixels):
 
 def looked_up(pixels):
     """normalize_pixels through the table, on the device of `pixels`."""
-    table = _NORMALISED.to(pixels.device).view(-1)
-    return table[pixels.int() + _CHANNEL_ROWS.to(pixels.device)]
+    table, rows = _table_on(pixels.device)
+    return table[pixels.int() + rows]
+
+
+@functools.cache
+def _table_on(device):
+    """The flat table and channel offsets, copied to `device` once: a copy from pageable memory
+    at every batch would wait for the GPU's queued work."""
+    return _NORMALISED.to(device).view(-1), _CHANNEL_ROWS.to(device)
 
 
 class CropPlan(NamedTuple):
