@@ -378,9 +378,9 @@ def stage_table(name, paths, args, official, mask_generator):
                 best[label] = stages
     for label, stages in best.items():
         total = sum(stages.values())
-        ratio = sum(best[OFFICIAL].values()) / total if OFFICIAL in best else float('nan')
+        ratio = f'{sum(best[OFFICIAL].values()) / total:.2f}x' if OFFICIAL in best else '-'
         cells = ' | '.join(f'{1000 * v:.2f}' for v in stages.values())
-        lines.append(f'| {label} | {cells} | {1000 * total:.2f} | {1 / total:.0f} | {ratio:.2f}x |')
+        lines.append(f'| {label} | {cells} | {1000 * total:.2f} | {1 / total:.0f} | {ratio} |')
     return lines + ['']
 
 
@@ -411,14 +411,16 @@ def dataloader_table(imagenet, args, official):
         f'GPU at {args.model_rate:.0f} img/s |',
         '|---|---|---|---|---|---|',
     ]
-    official_rate = statistics.median(rates[OFFICIAL]) if official is not None else float('nan')
+    official_rate = statistics.median(rates[OFFICIAL]) if official is not None else None
     for label, values in rates.items():
         rate = statistics.median(values)
         per_worker = rate / args.workers
-        rounds = [v / o for v, o in zip(values, rates.get(OFFICIAL, values), strict=True)]
+        ratios = '- | -'  # without --official-dir
+        if official is not None:
+            rounds = [v / o for v, o in zip(values, rates[OFFICIAL], strict=True)]
+            ratios = f'{rate / official_rate:.2f}x | {min(rounds):.2f}-{max(rounds):.2f}x'
         lines.append(
-            f'| {label} | {rate:.0f} ({max(values):.0f}) | {per_worker:.0f} | '
-            f'{rate / official_rate:.2f}x | {min(rounds):.2f}-{max(rounds):.2f}x | '
+            f'| {label} | {rate:.0f} ({max(values):.0f}) | {per_worker:.0f} | {ratios} | '
             f'{args.model_rate / per_worker:.1f} |'
         )
     batch = next(iter(build_loader(loaders[list(OURS)[-1]], is_pretrain=True)[1].loader))
