@@ -151,31 +151,33 @@ def _stamp(shard):
     return np.array([INDEX_VERSION, stat.st_size, stat.st_mtime_ns], dtype=np.int64)
 
 
-def _load(path, stamp):
-    """The ShardIndex stored at `path` if it belongs to this version of the shard, else None;
-    a file that cannot be read is reported and treated as absent (it is rebuilt)."""
+def _read_stored(path, stamp_key, stamp, build, what):
+    """build(stored) from the npz file `path` if its `stamp_key` array equals `stamp`, else None;
+    a file that cannot be read is reported as `what` and treated as absent (it is rebuilt)."""
     if not os.path.exists(path):
         return None
     try:
         with np.load(path) as stored:
-            if not np.array_equal(stored['stamp'], stamp):
-                return None
-            return ShardIndex(
-                stored['offsets'].astype(np.int64),
-                stored['sizes'].astype(np.int64),
-                stored['labels'].astype(np.int64),
-                str(stored['problem']),
-                path,
-                int(stamp[1]),
-            )
+            return build(stored) if np.array_equal(stored[stamp_key], stamp) else None
     except Exception as err:  # zip, pickle and key errors: any damage means rebuild
         logger.warning(
-            'The shard index %s cannot be read (%s: %s); it is rebuilt from the shard.',
-            path,
-            type(err).__name__,
-            err,
+            'The %s %s cannot be read (%s: %s); it is rebuilt.', what, path, type(err).__name__, err
         )
         return None
+
+
+def _load(path, stamp):
+    """The ShardIndex stored at `path` if it belongs to this version of the shard, else None."""
+
+    def build(stored):
+        return ShardIndex(
+            *(stored[k].astype(np.int64) for k in ('offsets', 'sizes', 'labels')),
+            str(stored['problem']),
+            path,
+            int(stamp[1]),
+        )
+
+    return _read_stored(path, 'stamp', stamp, build, 'shard index')
 
 
 def _save_arrays(path, **arrays):
@@ -245,23 +247,18 @@ def _set_files(shards, stamps, cache_dir):
 
 def _load_set(path, stamps):
     """The ShardIndexes stored in the set file `path`, or None (absent, stale or unreadable)."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with np.load(path) as stored:
-            if not np.array_equal(stored['stamps'], stamps):
-                return None
-            ends = np.cumsum(stored['lengths'])[:-1]
-            columns = [np.split(stored[k], ends) for k in ('offsets', 'sizes', 'labels')]
-            return [
-                ShardIndex(offsets, sizes, labels, str(problem), str(index_file), int(stamp[1]))
-                for offsets, sizes, labels, problem, index_file, stamp in zip(
-                    *columns, stored['problems'], stored['index_files'], stamps, strict=True
-                )
-            ]
-    except Exception as err:  # zip, pickle and key errors: any damage means rebuild
-        logger.warning('The shard set index %s cannot be read (%s); it is rebuilt.', path, err)
-        return None
+
+    def build(stored):
+        ends = np.cumsum(stored['lengths'])[:-1]
+        columns = [np.split(stored[k], ends) for k in ('offsets', 'sizes', 'labels')]
+        return [
+            ShardIndex(offsets, sizes, labels, str(problem), str(index_file), int(stamp[1]))
+            for offsets, sizes, labels, problem, index_file, stamp in zip(
+                *columns, stored['problems'], stored['index_files'], stamps, strict=True
+            )
+        ]
+
+    return _read_stored(path, 'stamps', stamps, build, 'shard set index')
 
 
 def _save_set(path, stamps, indexes):
